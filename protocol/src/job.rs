@@ -1,0 +1,170 @@
+//! Heartbeats, claims and everything that travels on a job attempt's stream.
+
+use serde::{Deserialize, Serialize};
+
+/// Names one attempt of one job. Attempt numbers start at 1 and grow with every claim, so an
+/// attempt reference is the idempotency key of a result.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+/// Liveness, sent by the agent every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub seq: u64,
+    /// Attempts still running (or with results not yet acknowledged); their leases are renewed.
+    pub running: Vec<AttemptRef>,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatAck {
+    pub seq: u64,
+    /// Attempts from the heartbeat whose lease the control plane did not renew (they were
+    /// settled meanwhile); the agent stops them.
+    pub abandon: Vec<AttemptRef>,
+}
+
+/// The agent asks for up to `slots` jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub slots: u32,
+}
+
+/// Ends the answer to a claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimDone {
+    /// How many [`JobSpec`]s were sent for this claim.
+    pub claimed: u32,
+}
+
+/// The interpreter a script runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScriptKind {
+    Bash,
+    Python,
+    Node,
+}
+
+/// Everything the agent needs to run one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub attempt: u32,
+    pub run_id: String,
+    pub event_id: String,
+    pub kind: ScriptKind,
+    pub script: String,
+    /// Extra environment for the script, on top of the agent's scrubbed base environment.
+    pub env: Vec<(String, String)>,
+    /// The attempt is killed after this long; 0 means no limit.
+    pub timeout_ms: u64,
+    /// JSON text given when the run was triggered, if any.
+    pub input: Option<String>,
+}
+
+/// Stop an attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub job: AttemptRef,
+}
+
+/// First message of a job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOpen {
+    pub job: AttemptRef,
+}
+
+/// Answer to [`JobOpen`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobOpened {
+    /// Continue: the control plane has the log up to `next_offset` (exclusive).
+    Resume { next_offset: u64 },
+    /// The attempt was settled or superseded; the agent stops it and discards its output.
+    Stale,
+}
+
+/// The attempt's process started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStarted {
+    pub pid: u32,
+}
+
+/// Which output a log chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Written by the agent itself (e.g. the truncation marker).
+    System,
+}
+
+/// A contiguous piece of the attempt's combined output, starting at byte `offset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub offset: u64,
+    pub stream: LogStream,
+    pub data: Vec<u8>,
+}
+
+/// The control plane has durably stored output up to `next_offset` (exclusive).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogAck {
+    pub next_offset: u64,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinalStatus {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailReason {
+    /// The script exited with a non-zero code.
+    ExitCode,
+    /// The script ran past its timeout and was killed.
+    Timeout,
+    /// The process could not be started.
+    Spawn,
+    /// The script was killed by a signal it did not ask for.
+    Signal,
+    /// The agent lost track of the attempt (e.g. it restarted while the job ran).
+    Lost,
+    /// The script ran out of memory.
+    Oom,
+}
+
+/// The attempt ended. Sent once the whole log (`log_len` bytes) was sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobFinished {
+    pub status: FinalStatus,
+    pub reason: Option<FailReason>,
+    pub exit_code: Option<i32>,
+    /// Total length of the attempt's log; the control plane checks it has all of it.
+    pub log_len: u64,
+    /// JSON text the script set with the `output` helper, if any.
+    pub result: Option<String>,
+}
+
+/// What the control plane did with a [`JobFinished`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishVerdict {
+    /// The result is recorded.
+    Recorded,
+    /// The same result was recorded before (a replay after a reconnect); nothing changed.
+    Duplicate,
+    /// The attempt was settled or superseded; the result was refused and audited.
+    Stale,
+}
+
+/// Answer to [`JobFinished`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinishAck {
+    pub verdict: FinishVerdict,
+}

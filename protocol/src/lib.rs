@@ -1,0 +1,110 @@
+//! The Cronium wire protocol, shared by the control plane and the agent.
+//!
+//! This crate is *sans-IO*: it defines the messages exchanged over QUIC, their framing and the
+//! version negotiation, and nothing else. It opens no socket and depends on no runtime, so both
+//! sides and the tests can drive it with plain byte slices.
+//!
+//! Every stream starts with one message that says what the stream is for:
+//! [`Message::Hello`] opens the agent's long-lived control stream and [`Message::JobOpen`] opens
+//! the stream that carries one job attempt (logs with byte offsets, then the final result).
+//! See `docs/protocol.md` for the sequence diagrams and the stability policy.
+
+pub mod close;
+pub mod frame;
+pub mod hello;
+pub mod job;
+
+pub use close::CloseCode;
+pub use frame::{FrameDecoder, FrameError, decode, encode};
+pub use hello::{Capabilities, HostInfo, Reject, RejectCode, Welcome, negotiate};
+pub use job::{
+    AttemptRef, Cancel, Claim, ClaimDone, FailReason, FinalStatus, FinishAck, FinishVerdict, Heartbeat,
+    HeartbeatAck, JobFinished, JobOpen, JobOpened, JobSpec, JobStarted, LogAck, LogChunk, LogStream,
+    ScriptKind,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN identifier of the agent ⇄ control plane QUIC protocol.
+pub const ALPN: &[u8] = b"cronium/1";
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard upper bound of one frame's payload, checked before any buffer is allocated.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Largest `data` a [`LogChunk`] may carry; senders split longer output.
+pub const MAX_LOG_CHUNK: usize = 64 * 1024;
+
+/// The name the control plane's QUIC certificate is issued for. Agents pin the CA, so a fixed
+/// name works for every address the control plane is reached at.
+pub const SERVER_NAME: &str = "cronium-control-plane";
+
+/// Every message of the protocol. New variants are only ever appended (the encoding uses the
+/// variant index); changing an existing variant's fields requires a new protocol version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Agent → control plane, first message of the control stream.
+    Hello(hello::Hello),
+    /// Control plane → agent: the session is accepted.
+    Welcome(Welcome),
+    /// Control plane → agent: the session is refused; the connection closes after it.
+    Reject(Reject),
+    /// Agent → control plane, periodically: liveness plus the attempts it is running (renews leases).
+    Heartbeat(Heartbeat),
+    /// Control plane → agent: answer to a heartbeat.
+    HeartbeatAck(HeartbeatAck),
+    /// Control plane → agent: new work is queued for you; send a [`Claim`].
+    WorkAvailable,
+    /// Agent → control plane: claim up to `slots` jobs.
+    Claim(Claim),
+    /// Control plane → agent: one claimed job (zero or more follow a claim).
+    Assign(JobSpec),
+    /// Control plane → agent: the claim is complete.
+    ClaimDone(ClaimDone),
+    /// Control plane → agent: stop this attempt.
+    Cancel(Cancel),
+    /// Agent → control plane, first message of a job stream.
+    JobOpen(JobOpen),
+    /// Control plane → agent: where to resume the log upload, or that the attempt is stale.
+    JobOpened(JobOpened),
+    /// Agent → control plane: the process started.
+    JobStarted(JobStarted),
+    /// Agent → control plane: a piece of output at a byte offset.
+    LogChunk(LogChunk),
+    /// Control plane → agent: output durable up to an offset.
+    LogAck(LogAck),
+    /// Agent → control plane: the attempt ended.
+    JobFinished(JobFinished),
+    /// Control plane → agent: the result was recorded (or refused).
+    FinishAck(FinishAck),
+}
+
+impl Message {
+    /// A short name for logs; never includes payload data.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Reject(_) => "reject",
+            Message::Heartbeat(_) => "heartbeat",
+            Message::HeartbeatAck(_) => "heartbeat_ack",
+            Message::WorkAvailable => "work_available",
+            Message::Claim(_) => "claim",
+            Message::Assign(_) => "assign",
+            Message::ClaimDone(_) => "claim_done",
+            Message::Cancel(_) => "cancel",
+            Message::JobOpen(_) => "job_open",
+            Message::JobOpened(_) => "job_opened",
+            Message::JobStarted(_) => "job_started",
+            Message::LogChunk(_) => "log_chunk",
+            Message::LogAck(_) => "log_ack",
+            Message::JobFinished(_) => "job_finished",
+            Message::FinishAck(_) => "finish_ack",
+        }
+    }
+}
