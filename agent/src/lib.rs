@@ -1,1 +1,275 @@
-//! placeholder
+//! The Cronium agent: dials out to the control plane over QUIC and runs jobs.
+//!
+//! [`enroll`] trades a one-time token for the agent's identity (key and client certificate in the
+//! state dir). [`run`] connects with that identity and serves jobs until the shutdown token is
+//! cancelled: it claims work, runs each attempt through a [`runner::Runner`], buffers the output
+//! in the on-disk [`spool`] and uploads it over a stream per attempt, resuming after reconnects
+//! and restarts. Both functions are used in-process by `cronium dev`, so neither exits the
+//! process nor installs a global tracing subscriber.
+
+mod conn;
+pub mod enroll;
+pub mod frame_io;
+pub mod identity;
+mod jobs;
+pub mod runner;
+pub mod spool;
+
+use std::ffi::CStr;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cronium_protocol::{Capabilities, HostInfo};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use conn::FatalError;
+pub use enroll::{EnrollError, EnrollOptions, LabelError, parse_labels};
+pub use identity::Identity;
+
+use crate::conn::ConnOptions;
+use crate::jobs::{Jobs, JobsOptions};
+use crate::runner::StopReason;
+use crate::runner::process::{ProcessRunner, ProcessRunnerOptions, base_environment};
+use crate::spool::Spool;
+
+/// The agent's release version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The target triple the agent was built for.
+pub const TARGET: &str = env!("CRONIUM_AGENT_TARGET");
+
+/// Time between SIGTERM and SIGKILL when a job is timed out or cancelled.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long killed jobs may take to be reaped during shutdown.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a graceful shutdown waits for results to be uploaded after the jobs ended.
+const UPLOAD_WAIT: Duration = Duration::from_secs(15);
+
+/// How long a forced shutdown waits for results to be uploaded.
+const FORCED_UPLOAD_WAIT: Duration = Duration::from_secs(2);
+
+/// What `cronium-agent run` needs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The state dir holding the identity, the spool and the work dirs.
+    pub state_dir: PathBuf,
+    /// How many jobs run at once.
+    pub capacity: u32,
+    /// Output kept per attempt; the rest is dropped after a marker.
+    pub max_log_bytes: u64,
+    /// Ceiling of the reconnect backoff.
+    pub reconnect_max: Duration,
+    /// After the shutdown token is cancelled, how long running jobs may take before they are
+    /// killed.
+    pub shutdown_grace: Duration,
+    /// Cancelled (after the shutdown token) to kill running jobs at once instead of waiting for
+    /// the grace period, e.g. on a second SIGINT/SIGTERM.
+    pub force_stop: CancellationToken,
+}
+
+/// Installs ring as rustls' process-wide crypto provider, unless one is installed already (the
+/// control plane may run the agent in-process).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Enrolls the agent (see [`enroll::enroll`]) and returns the stored identity.
+pub async fn enroll(options: EnrollOptions) -> anyhow::Result<Identity> {
+    Ok(enroll::enroll(options).await?)
+}
+
+/// Runs the agent until `shutdown` is cancelled (then it claims nothing more, lets running jobs
+/// finish within the grace period, uploads their results and returns), or until the control
+/// plane refuses the agent for good (an error naming the reason).
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    install_crypto_provider();
+    anyhow::ensure!(options.capacity > 0, "the capacity must be at least 1");
+    let state_dir = std::path::absolute(&options.state_dir)
+        .with_context(|| format!("invalid state dir {}", options.state_dir.display()))?;
+    let identity = Identity::load(&state_dir)?;
+    let client_config = identity.quic_client_config()?;
+
+    let work_root = state_dir.join("work");
+    spool::create_private_dir(&work_root)?;
+    let spool = Spool::open(state_dir.join("spool"))?;
+    let recovered = spool.recover(options.max_log_bytes, &work_root)?;
+    remove_leftover_work_dirs(&work_root);
+
+    let base_env = base_environment(|name| std::env::var(name).ok());
+    let path = base_env
+        .iter()
+        .find(|(name, _)| name == "PATH")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default();
+    let capabilities = Capabilities {
+        interpreters: find_interpreters(&path),
+        docker: false,
+    };
+    let runner = Arc::new(ProcessRunner::new(ProcessRunnerOptions {
+        work_root,
+        base_env,
+        kill_grace: KILL_GRACE,
+    }));
+
+    let tracker = TaskTracker::new();
+    let exit = CancellationToken::new();
+    let (connection_sender, connection_receiver) = watch::channel(None);
+    let jobs = Jobs::new(JobsOptions {
+        spool,
+        runner,
+        capacity: options.capacity,
+        max_log_bytes: options.max_log_bytes,
+        tracker: tracker.clone(),
+        exit: exit.clone(),
+        connection: connection_receiver,
+    });
+    if !recovered.is_empty() {
+        tracing::info!(
+            count = recovered.len(),
+            "resuming the upload of attempts from the spool"
+        );
+    }
+    for attempt in recovered {
+        jobs.adopt(attempt);
+    }
+    tracing::info!(
+        agent_id = %identity.agent_id,
+        version = VERSION,
+        capacity = options.capacity,
+        interpreters = ?capabilities.interpreters,
+        "agent starting"
+    );
+
+    let connection_loop = pin!(conn::run(
+        ConnOptions {
+            identity,
+            client_config,
+            agent_version: VERSION.to_owned(),
+            capacity: options.capacity,
+            capabilities,
+            host: host_info(),
+            reconnect_max: options.reconnect_max,
+            connection: connection_sender,
+            shutdown: shutdown.clone(),
+            exit: exit.clone(),
+        },
+        jobs.clone(),
+    ));
+    let mut connection_loop = connection_loop;
+    let drained = pin!(drain(&jobs, &shutdown, &options));
+    let result = tokio::select! {
+        result = &mut connection_loop => match result {
+            Ok(()) => Ok(()),
+            Err(fatal) => {
+                tracing::error!(%fatal, "stopping the agent");
+                jobs.stop_all(StopReason::Shutdown);
+                let _ = tokio::time::timeout(KILL_WAIT, jobs.wait_idle()).await;
+                Err(anyhow::Error::new(fatal))
+            }
+        },
+        () = drained => {
+            exit.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut connection_loop).await;
+            Ok(())
+        }
+    };
+    exit.cancel();
+    tracker.close();
+    if tokio::time::timeout(KILL_WAIT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some job tasks did not end in time");
+    }
+    tracing::info!("agent stopped");
+    result
+}
+
+/// The graceful shutdown sequence; completes when the agent may exit.
+async fn drain(jobs: &Jobs, shutdown: &CancellationToken, options: &AgentOptions) {
+    shutdown.cancelled().await;
+    let force = &options.force_stop;
+    tracing::info!(running = jobs.active(), grace = ?options.shutdown_grace, "stopping: waiting for running jobs");
+    tokio::select! {
+        () = jobs.wait_idle() => {}
+        () = tokio::time::sleep(options.shutdown_grace) => tracing::warn!("the shutdown grace period elapsed; killing running jobs"),
+        () = force.cancelled() => tracing::warn!("stopping now; killing running jobs"),
+    }
+    if jobs.active() > 0 {
+        jobs.stop_all(StopReason::Shutdown);
+        let _ = tokio::time::timeout(KILL_WAIT, jobs.wait_idle()).await;
+    }
+    let upload_wait = if force.is_cancelled() {
+        FORCED_UPLOAD_WAIT
+    } else {
+        UPLOAD_WAIT
+    };
+    tokio::select! {
+        () = jobs.wait_empty() => {}
+        () = tokio::time::sleep(upload_wait) => {
+            tracing::warn!("some results are not uploaded yet; they stay in the spool for the next start");
+        }
+        () = force.cancelled(), if !force.is_cancelled() => {}
+    }
+}
+
+/// Facts about this host for the hello and the enrollment.
+pub(crate) fn host_info() -> HostInfo {
+    HostInfo {
+        hostname: hostname(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+    }
+}
+
+fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the pointer and length describe `buffer`, which outlives the call.
+    let status = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    if status != 0 {
+        return "localhost".to_owned();
+    }
+    // The last byte stays zero (gethostname truncates to len - 1 plus NUL on Linux), so a NUL exists.
+    buffer[buffer.len() - 1] = 0;
+    CStr::from_bytes_until_nul(&buffer)
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+/// The interpreters among `bash`, `python3` and `node` found on `path`.
+fn find_interpreters(path: &str) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    ["bash", "python3", "node"]
+        .into_iter()
+        .filter(|name| {
+            path.split(':').filter(|dir| !dir.is_empty()).any(|dir| {
+                std::fs::metadata(Path::new(dir).join(name)).is_ok_and(|metadata| {
+                    metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+                })
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Removes work dirs left by an earlier agent process (their processes were killed by the spool
+/// recovery).
+fn remove_leftover_work_dirs(work_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(work_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        tracing::info!(dir = %path.display(), "removing a leftover work dir");
+        if let Err(error) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(dir = %path.display(), %error, "could not remove a leftover work dir");
+        }
+    }
+}

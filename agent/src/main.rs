@@ -1,1 +1,192 @@
-fn main(){}
+//! The `cronium-agent` binary: parses the command line, sets up logging and signals, and calls
+//! the library's [`cronium_agent::enroll`] or [`cronium_agent::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cronium_agent::{AgentOptions, EnrollOptions};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// The Cronium agent: connects out to the control plane and runs jobs.
+#[derive(Debug, Parser)]
+#[command(name = "cronium-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trades an enrollment token for an identity (key and client certificate) in the state dir.
+    Enroll(EnrollArgs),
+    /// Connects to the control plane over QUIC and runs jobs until stopped.
+    Run(RunArgs),
+    /// Prints the version, the target triple and the protocol version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// The control plane's public HTTP(S) URL.
+    #[arg(long, env = "CRONIUM_SERVER_URL")]
+    server: String,
+    /// The enrollment token (prefer the environment variable, so it stays out of process listings).
+    #[arg(long, env = "CRONIUM_ENROLL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// SHA-256 (hex) of the control plane's CA certificate; enrollment is refused if it differs.
+    #[arg(long, env = "CRONIUM_CA_SHA256")]
+    ca_sha256: String,
+    /// The agent's name [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Labels, as `key=value,key2=value2`.
+    #[arg(long, value_parser = cronium_agent::parse_labels, default_value = "")]
+    labels: std::collections::BTreeMap<String, String>,
+    /// Where the identity, the spool and the work dirs live.
+    #[arg(
+        long,
+        env = "CRONIUM_AGENT_STATE_DIR",
+        default_value = "/var/lib/cronium-agent"
+    )]
+    state_dir: PathBuf,
+    /// Replace an existing identity in the state dir.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Where the identity, the spool and the work dirs live.
+    #[arg(
+        long,
+        env = "CRONIUM_AGENT_STATE_DIR",
+        default_value = "/var/lib/cronium-agent"
+    )]
+    state_dir: PathBuf,
+    /// How many jobs run at once.
+    #[arg(long, env = "CRONIUM_AGENT_CAPACITY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    capacity: u32,
+    /// Output kept per job attempt, in bytes; the rest is replaced by a truncation marker.
+    #[arg(long, env = "CRONIUM_AGENT_MAX_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_log_bytes: u64,
+    /// Ceiling of the jittered reconnect backoff, in milliseconds.
+    #[arg(long, env = "CRONIUM_AGENT_RECONNECT_MAX_MS", default_value_t = 30_000)]
+    reconnect_max_ms: u64,
+    /// On SIGINT/SIGTERM, how long running jobs may finish before they are killed (a second
+    /// signal kills them at once).
+    #[arg(
+        long,
+        env = "CRONIUM_AGENT_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 30
+    )]
+    shutdown_grace_seconds: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Version = cli.command {
+        println!(
+            "cronium-agent {} ({}), protocol {}..={}",
+            cronium_agent::VERSION,
+            cronium_agent::TARGET,
+            cronium_protocol::MIN_PROTOCOL_VERSION,
+            cronium_protocol::PROTOCOL_VERSION
+        );
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(dispatch(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cronium-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Enroll(args) => {
+            let identity = cronium_agent::enroll(EnrollOptions {
+                server_url: args.server,
+                token: args.token,
+                ca_sha256: args.ca_sha256,
+                name: args.name,
+                labels: args.labels,
+                state_dir: args.state_dir,
+                force: args.force,
+            })
+            .await?;
+            println!(
+                "enrolled as {} ({}) in {}",
+                identity.name,
+                identity.agent_id,
+                identity.state_dir.display()
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let shutdown = CancellationToken::new();
+            let force_stop = CancellationToken::new();
+            let options = AgentOptions {
+                state_dir: args.state_dir,
+                capacity: args.capacity,
+                max_log_bytes: args.max_log_bytes,
+                reconnect_max: Duration::from_millis(args.reconnect_max_ms),
+                shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+                force_stop: force_stop.clone(),
+            };
+            let signals = watch_signals(shutdown.clone(), force_stop);
+            tokio::select! {
+                result = cronium_agent::run(options, shutdown) => result,
+                error = signals => Err(error),
+            }
+        }
+        Command::Version => Ok(()),
+    }
+}
+
+/// The first SIGINT/SIGTERM cancels `shutdown` (graceful stop), the second `force_stop`.
+/// Completes only if the signal handlers cannot be installed.
+async fn watch_signals(
+    shutdown: CancellationToken,
+    force_stop: CancellationToken,
+) -> anyhow::Error {
+    let (mut interrupt, mut terminate) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(interrupt), Ok(terminate)) => (interrupt, terminate),
+        (Err(error), _) | (_, Err(error)) => {
+            return anyhow::Error::new(error).context("cannot install signal handlers");
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        if shutdown.is_cancelled() {
+            tracing::warn!("second stop signal: killing running jobs");
+            force_stop.cancel();
+        } else {
+            tracing::info!("stop signal: finishing running jobs (send it again to kill them)");
+            shutdown.cancel();
+        }
+    }
+}

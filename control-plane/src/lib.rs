@@ -1,1 +1,280 @@
-//! placeholder
+//! The Cronium control plane: HTTP API, QUIC listener for agents, durable job queue.
+//!
+//! [`start`] binds both listeners and spawns every long-lived task under one
+//! [`CancellationToken`] and one [`TaskTracker`]; [`Running::wait`] drains them after the
+//! token is cancelled. `main.rs` only parses the command line and calls into this crate, and
+//! the tests and `cronium dev` use the same entry points.
+
+pub mod agents;
+pub mod cli;
+pub mod crypto;
+pub mod http;
+pub mod queue;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use agents::ca::CertificateAuthority;
+use agents::registry::AgentRegistry;
+use crypto::EncryptionKey;
+use queue::JobEvents;
+use store::Store;
+
+/// Everything `start` needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH`; `None` means `cronium.db` in the data dir.
+    pub database_url: Option<String>,
+    pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    /// The URL agents and install commands use to reach the HTTP API.
+    pub public_url: Option<String>,
+    /// The QUIC address(es) agents are told to dial; derived from the bind address when empty.
+    pub quic_public_addrs: Vec<String>,
+    pub encryption_key: EncryptionKey,
+    /// How long an attempt's lease lasts without a heartbeat.
+    pub lease: Duration,
+    /// How often agents send heartbeats.
+    pub heartbeat: Duration,
+}
+
+/// Settings the request handlers and sessions read.
+#[derive(Debug)]
+pub struct Settings {
+    pub public_url: String,
+    pub quic_public_addrs: Vec<String>,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+}
+
+/// Shared state of every handler and session. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Settings>,
+    pub store: Store,
+    pub registry: AgentRegistry,
+    pub ca: Arc<CertificateAuthority>,
+    pub key: EncryptionKey,
+    pub job_events: JobEvents,
+    /// Wakes the lease sweeper before its next tick.
+    pub lease_reaper: Arc<Notify>,
+    /// Cancelled when the control plane shuts down; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Every spawned task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// A started control plane.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub state: AppState,
+    /// The generated admin password, on first start only.
+    pub admin_password: Option<String>,
+}
+
+impl Running {
+    /// Waits until shutdown was requested and every task has stopped.
+    pub async fn wait(self) {
+        self.state.shutdown.cancelled().await;
+        self.state.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not stop within 10 s");
+        }
+        self.state.store.close().await;
+        info!("control plane stopped");
+    }
+
+    /// The SHA-256 fingerprint of the CA agents must pin.
+    pub fn ca_sha256(&self) -> String {
+        self.state.ca.fingerprint()
+    }
+
+    /// The URL of the HTTP API as reachable from this machine.
+    pub fn local_url(&self) -> String {
+        local_url(self.http_addr)
+    }
+}
+
+fn local_url(address: SocketAddr) -> String {
+    let host = if address.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        address.ip().to_string()
+    };
+    match address {
+        SocketAddr::V6(_) if !address.ip().is_unspecified() => {
+            format!("http://[{host}]:{}", address.port())
+        }
+        _ => format!("http://{host}:{}", address.port()),
+    }
+}
+
+/// Opens the store named by the config (or the default in the data dir).
+pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Store> {
+    let path = match database_url {
+        None => data_dir.join("cronium.db"),
+        Some(url) if url.starts_with("sqlite://") => {
+            PathBuf::from(url.trim_start_matches("sqlite://"))
+        }
+        Some(url) if url.starts_with("postgres") => {
+            bail!(
+                "PostgreSQL is not supported by this build yet; use the embedded SQLite database (omit CRONIUM_DATABASE_URL)"
+            )
+        }
+        Some(_) => bail!("CRONIUM_DATABASE_URL must start with sqlite://"),
+    };
+    Store::open_sqlite(&path)
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))
+}
+
+/// Creates the data dir (mode 0700) if needed.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("creating {}", temporary.display()))?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Starts the control plane: database, key check, CA, listeners and background tasks.
+pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    create_private_dir(&config.data_dir)?;
+    let store = open_store(&config.data_dir, config.database_url.as_deref()).await?;
+    match store.key_check().await? {
+        Some(sealed) => config.encryption_key.verify_key_check(&sealed)?,
+        None => {
+            store
+                .set_key_check(&config.encryption_key.key_check())
+                .await?
+        }
+    }
+    let admin_password = if store.has_users().await? {
+        None
+    } else {
+        let password = crypto::random_token("");
+        let hash = http::auth::hash_password(password.clone()).await?;
+        store
+            .create_user("admin", &hash, store::users::Role::Admin)
+            .await?;
+        Some(password)
+    };
+    let ca = Arc::new(CertificateAuthority::load_or_create(&config.data_dir)?);
+
+    let endpoint = agents::bind_endpoint(config.quic_addr, &ca)?;
+    let quic_addr = endpoint.local_addr().context("QUIC local address")?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+    let http_addr = listener.local_addr()?;
+
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| local_url(http_addr))
+        .trim_end_matches('/')
+        .to_string();
+    let quic_public_addrs = if config.quic_public_addrs.is_empty() {
+        vec![public_quic_addr(quic_addr, &public_url)]
+    } else {
+        config.quic_public_addrs.clone()
+    };
+    // Agents get a full lease to reconnect after a restart before their jobs count as lost.
+    let extended = store
+        .extend_active_leases(store::now_ms() + config.lease.as_millis() as i64)
+        .await?;
+    if extended > 0 {
+        info!(
+            jobs = extended,
+            "extended leases of jobs that were running before the restart"
+        );
+    }
+
+    let state = AppState {
+        config: Arc::new(Settings {
+            public_url,
+            quic_public_addrs,
+            lease: config.lease,
+            heartbeat: config.heartbeat,
+        }),
+        store,
+        registry: AgentRegistry::default(),
+        ca,
+        key: config.encryption_key.clone(),
+        job_events: JobEvents::default(),
+        lease_reaper: Arc::new(Notify::new()),
+        shutdown,
+        tasks: TaskTracker::new(),
+    };
+    state.tasks.spawn(agents::serve(endpoint, state.clone()));
+    state.tasks.spawn(queue::sweep_leases(
+        state.clone(),
+        state.lease_reaper.clone(),
+    ));
+    state.tasks.spawn(queue::record_last_seen(
+        state.clone(),
+        Duration::from_secs(30),
+    ));
+    let router = http::router(state.clone());
+    let http_shutdown = state.shutdown.clone();
+    state.tasks.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "HTTP server failed");
+        }
+    });
+    info!(%http_addr, %quic_addr, "control plane started");
+    Ok(Running {
+        http_addr,
+        quic_addr,
+        state,
+        admin_password,
+    })
+}
+
+/// The QUIC address agents dial: the bind address, or the public URL's host when bound to all
+/// interfaces.
+fn public_quic_addr(bound: SocketAddr, public_url: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = reqwest::Url::parse(public_url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_string))
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    format!("{host}:{}", bound.port())
+}

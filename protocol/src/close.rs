@@ -49,7 +49,10 @@ impl CloseCode {
 
     /// Whether the agent should stop reconnecting (its identity will never be accepted again).
     pub fn is_fatal(self) -> bool {
-        matches!(self, CloseCode::Revoked | CloseCode::UnknownAgent | CloseCode::UnsupportedVersion)
+        matches!(
+            self,
+            CloseCode::Revoked | CloseCode::UnknownAgent | CloseCode::UnsupportedVersion
+        )
     }
 }
 

@@ -28,10 +28,14 @@ pub enum FrameError {
 /// Encodes one message as a frame (header plus payload).
 pub fn encode(message: &Message) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; HEADER_LEN];
-    out = postcard::to_extend(message, out).map_err(|error| FrameError::Malformed(error.to_string()))?;
+    out = postcard::to_extend(message, out)
+        .map_err(|error| FrameError::Malformed(error.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
     }
     // The check above bounds `len` to MAX_FRAME_LEN, which fits in a u32.
     out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
@@ -41,11 +45,17 @@ pub fn encode(message: &Message) -> Result<Vec<u8>, FrameError> {
 /// Decodes one payload (without its header). Trailing bytes are an error.
 pub fn decode(payload: &[u8]) -> Result<Message, FrameError> {
     if payload.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            max: MAX_FRAME_LEN,
+        });
     }
     match postcard::take_from_bytes::<Message>(payload) {
         Ok((message, [])) => Ok(message),
-        Ok((_, rest)) => Err(FrameError::Malformed(format!("{} trailing bytes", rest.len()))),
+        Ok((_, rest)) => Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        ))),
         Err(error) => Err(FrameError::Malformed(error.to_string())),
     }
 }
@@ -76,14 +86,20 @@ impl FrameDecoder {
 
     /// A decoder with a smaller maximum (never larger than [`MAX_FRAME_LEN`]).
     pub fn with_max(max: usize) -> FrameDecoder {
-        FrameDecoder { buffer: Vec::new(), max: max.min(MAX_FRAME_LEN) }
+        FrameDecoder {
+            buffer: Vec::new(),
+            max: max.min(MAX_FRAME_LEN),
+        }
     }
 
     /// Appends received bytes. Fails when the pending frame announces an oversized length.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         if self.buffer.len() > HEADER_LEN + self.max {
             // The caller did not drain complete frames with `next`; refuse to grow further.
-            return Err(FrameError::TooLarge { len: self.buffer.len(), max: self.max });
+            return Err(FrameError::TooLarge {
+                len: self.buffer.len(),
+                max: self.max,
+            });
         }
         self.buffer.extend_from_slice(bytes);
         self.check_header()?;
@@ -110,7 +126,13 @@ impl FrameDecoder {
 
     /// Call at end of stream: fails if a frame was cut off.
     pub fn finish(&self) -> Result<(), FrameError> {
-        if self.buffer.is_empty() { Ok(()) } else { Err(FrameError::Truncated { buffered: self.buffer.len() }) }
+        if self.buffer.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated {
+                buffered: self.buffer.len(),
+            })
+        }
     }
 
     fn check_header(&self) -> Result<Option<usize>, FrameError> {
@@ -133,7 +155,10 @@ mod tests {
     use crate::*;
 
     fn samples() -> Vec<Message> {
-        let attempt = AttemptRef { job_id: "01J-job".into(), attempt: 2 };
+        let attempt = AttemptRef {
+            job_id: "01J-job".into(),
+            attempt: 2,
+        };
         vec![
             Message::Hello(hello::Hello {
                 min_version: 1,
@@ -141,8 +166,15 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 capacity: 4,
                 running: vec![attempt.clone()],
-                capabilities: Capabilities { interpreters: vec!["bash".into()], docker: false },
-                host: HostInfo { hostname: "h".into(), os: "linux".into(), arch: "x86_64".into() },
+                capabilities: Capabilities {
+                    interpreters: vec!["bash".into()],
+                    docker: false,
+                },
+                host: HostInfo {
+                    hostname: "h".into(),
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                },
             }),
             Message::Welcome(Welcome {
                 version: 1,
@@ -151,9 +183,18 @@ mod tests {
                 lease_ms: 30000,
                 abandon: vec![],
             }),
-            Message::Reject(Reject { code: RejectCode::Revoked, message: "revoked".into() }),
-            Message::Heartbeat(Heartbeat { seq: 7, running: vec![attempt.clone()] }),
-            Message::HeartbeatAck(HeartbeatAck { seq: 7, abandon: vec![] }),
+            Message::Reject(Reject {
+                code: RejectCode::Revoked,
+                message: "revoked".into(),
+            }),
+            Message::Heartbeat(Heartbeat {
+                seq: 7,
+                running: vec![attempt.clone()],
+            }),
+            Message::HeartbeatAck(HeartbeatAck {
+                seq: 7,
+                abandon: vec![],
+            }),
             Message::WorkAvailable,
             Message::Claim(Claim { slots: 3 }),
             Message::Assign(JobSpec {
@@ -168,12 +209,18 @@ mod tests {
                 input: Some("{}".into()),
             }),
             Message::ClaimDone(ClaimDone { claimed: 1 }),
-            Message::Cancel(Cancel { job: attempt.clone() }),
+            Message::Cancel(Cancel {
+                job: attempt.clone(),
+            }),
             Message::JobOpen(JobOpen { job: attempt }),
             Message::JobOpened(JobOpened::Resume { next_offset: 10 }),
             Message::JobOpened(JobOpened::Stale),
             Message::JobStarted(JobStarted { pid: 42 }),
-            Message::LogChunk(LogChunk { offset: 10, stream: LogStream::Stderr, data: b"oops\n".to_vec() }),
+            Message::LogChunk(LogChunk {
+                offset: 10,
+                stream: LogStream::Stderr,
+                data: b"oops\n".to_vec(),
+            }),
             Message::LogAck(LogAck { next_offset: 15 }),
             Message::JobFinished(JobFinished {
                 status: FinalStatus::Failed,
@@ -182,7 +229,9 @@ mod tests {
                 log_len: 15,
                 result: None,
             }),
-            Message::FinishAck(FinishAck { verdict: FinishVerdict::Recorded }),
+            Message::FinishAck(FinishAck {
+                verdict: FinishVerdict::Recorded,
+            }),
         ]
     }
 
@@ -209,15 +258,28 @@ mod tests {
     fn an_oversized_length_prefix_is_refused_before_the_payload_arrives() {
         let mut decoder = FrameDecoder::new();
         let error = decoder.push(&u32::MAX.to_be_bytes()).unwrap_err();
-        assert_eq!(error, FrameError::TooLarge { len: u32::MAX as usize, max: MAX_FRAME_LEN });
+        assert_eq!(
+            error,
+            FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: MAX_FRAME_LEN
+            }
+        );
         // Nothing was sized for the announced payload.
         assert!(decoder.buffer.capacity() < 64);
     }
 
     #[test]
     fn encoding_refuses_a_message_over_the_maximum() {
-        let chunk = LogChunk { offset: 0, stream: LogStream::Stdout, data: vec![0; MAX_FRAME_LEN] };
-        assert!(matches!(encode(&Message::LogChunk(chunk)), Err(FrameError::TooLarge { .. })));
+        let chunk = LogChunk {
+            offset: 0,
+            stream: LogStream::Stdout,
+            data: vec![0; MAX_FRAME_LEN],
+        };
+        assert!(matches!(
+            encode(&Message::LogChunk(chunk)),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -233,7 +295,10 @@ mod tests {
         let mut decoder = FrameDecoder::new();
         decoder.push(&frame[..frame.len() - 1]).unwrap();
         assert_eq!(decoder.next(), Ok(None));
-        assert!(matches!(decoder.finish(), Err(FrameError::Truncated { .. })));
+        assert!(matches!(
+            decoder.finish(),
+            Err(FrameError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -255,10 +320,15 @@ mod tests {
     #[test]
     fn random_and_mutated_bytes_never_panic() {
         let mut rng = StdRng::seed_from_u64(0x_c0ff_ee);
-        let valid: Vec<Vec<u8>> = samples().iter().map(|message| encode(message).unwrap()).collect();
+        let valid: Vec<Vec<u8>> = samples()
+            .iter()
+            .map(|message| encode(message).unwrap())
+            .collect();
         for round in 0..20_000 {
             let mut bytes = match round % 3 {
-                0 => (0..rng.gen_range(0..256)).map(|_| rng.r#gen::<u8>()).collect::<Vec<u8>>(),
+                0 => (0..rng.gen_range(0..256))
+                    .map(|_| rng.r#gen::<u8>())
+                    .collect::<Vec<u8>>(),
                 1 => {
                     let frame = &valid[rng.gen_range(0..valid.len())];
                     frame[..rng.gen_range(0..=frame.len())].to_vec()

@@ -76,7 +76,9 @@ pub enum RejectCode {
 
 /// No protocol version is spoken by both sides.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {ours_min}..={ours_max}")]
+#[error(
+    "no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {ours_min}..={ours_max}"
+)]
 pub struct VersionError {
     pub peer_min: u16,
     pub peer_max: u16,
@@ -85,13 +87,23 @@ pub struct VersionError {
 }
 
 /// Picks the newest version both ranges contain.
-pub fn negotiate(peer_min: u16, peer_max: u16, ours_min: u16, ours_max: u16) -> Result<u16, VersionError> {
+pub fn negotiate(
+    peer_min: u16,
+    peer_max: u16,
+    ours_min: u16,
+    ours_max: u16,
+) -> Result<u16, VersionError> {
     let low = peer_min.max(ours_min);
     let high = peer_max.min(ours_max);
     if low <= high && peer_min <= peer_max {
         Ok(high)
     } else {
-        Err(VersionError { peer_min, peer_max, ours_min, ours_max })
+        Err(VersionError {
+            peer_min,
+            peer_max,
+            ours_min,
+            ours_max,
+        })
     }
 }
 

@@ -1,0 +1,276 @@
+//! The attempts the agent holds: running ones and finished ones whose result is not yet
+//! acknowledged by the control plane.
+//!
+//! [`Jobs`] is a cheap handle shared by the connection loop (which starts, cancels and abandons
+//! attempts and reports them in hellos and heartbeats) and the per-attempt tasks. Every attempt
+//! has two tasks, both on the handle's [`TaskTracker`]: the job task runs the script through the
+//! [`Runner`] and stores the result in the spool, and the uploader (see `conn::upload`) streams
+//! the spool to the control plane and deletes it once the result is acknowledged. An attempt
+//! leaves the table only when its uploader is done.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cronium_protocol::{AttemptRef, JobSpec};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::runner::{Runner, StopReason};
+use crate::spool::{AttemptSpool, Spool, SpoolSpec};
+
+/// Shared handle on the agent's attempts.
+#[derive(Clone)]
+pub(crate) struct Jobs {
+    inner: Arc<JobsInner>,
+}
+
+struct JobsInner {
+    spool: Spool,
+    runner: Arc<dyn Runner>,
+    capacity: u32,
+    max_log_bytes: u64,
+    table: watch::Sender<Table>,
+    /// Owns every job and uploader task; `lib::run` waits for it before returning.
+    tracker: TaskTracker,
+    /// Cancelled when the agent exits: uploaders stop waiting for a connection and end.
+    exit: CancellationToken,
+    /// The current connection (`None` while disconnected), published by the connection loop.
+    connection: watch::Receiver<Option<quinn::Connection>>,
+    /// Notified (one permit) whenever a job's process ends and a slot is free again.
+    slot_freed: Notify,
+}
+
+#[derive(Default)]
+struct Table {
+    attempts: BTreeMap<AttemptRef, Arc<Attempt>>,
+    /// Attempts whose job task has not finished yet (they occupy a slot).
+    active: usize,
+}
+
+/// One attempt held by the agent.
+pub(crate) struct Attempt {
+    pub(crate) spool: AttemptSpool,
+    /// Asks the runner to stop the process; the value says why.
+    stop: watch::Sender<Option<StopReason>>,
+    /// Cancelled when the control plane no longer wants the attempt: its uploader stops the
+    /// process, deletes the spool and ends.
+    pub(crate) discard: CancellationToken,
+}
+
+/// Settings of [`Jobs`].
+pub(crate) struct JobsOptions {
+    pub(crate) spool: Spool,
+    pub(crate) runner: Arc<dyn Runner>,
+    pub(crate) capacity: u32,
+    pub(crate) max_log_bytes: u64,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) exit: CancellationToken,
+    pub(crate) connection: watch::Receiver<Option<quinn::Connection>>,
+}
+
+impl Jobs {
+    pub(crate) fn new(options: JobsOptions) -> Jobs {
+        Jobs {
+            inner: Arc::new(JobsInner {
+                spool: options.spool,
+                runner: options.runner,
+                capacity: options.capacity,
+                max_log_bytes: options.max_log_bytes,
+                table: watch::Sender::new(Table::default()),
+                tracker: options.tracker,
+                exit: options.exit,
+                connection: options.connection,
+                slot_freed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Takes over an attempt recovered from the spool (it already has its result) and uploads it.
+    pub(crate) fn adopt(&self, spool: AttemptSpool) {
+        let (stop, _) = watch::channel(None);
+        let attempt = Arc::new(Attempt {
+            spool,
+            stop,
+            discard: CancellationToken::new(),
+        });
+        let reference = attempt.spool.attempt().clone();
+        self.inner.table.send_modify(|table| {
+            table.attempts.insert(reference, attempt.clone());
+        });
+        self.spawn_uploader(attempt);
+    }
+
+    /// Starts an assigned attempt: writes its spool, then spawns the job and its uploader.
+    pub(crate) fn start(&self, spec: JobSpec) {
+        let reference = AttemptRef {
+            job_id: spec.job_id.clone(),
+            attempt: spec.attempt,
+        };
+        if self.inner.table.borrow().attempts.contains_key(&reference) {
+            tracing::warn!(job = %spec.job_id, attempt = spec.attempt, "ignoring a second assignment of the same attempt");
+            return;
+        }
+        let spool_spec = SpoolSpec {
+            job_id: spec.job_id.clone(),
+            attempt: spec.attempt,
+            run_id: spec.run_id.clone(),
+            event_id: spec.event_id.clone(),
+        };
+        let spool = match self
+            .inner
+            .spool
+            .create(&spool_spec, self.inner.max_log_bytes)
+        {
+            Ok(spool) => spool,
+            Err(error) => {
+                // Without a spool the attempt cannot be run or reported; its lease runs out and
+                // the control plane settles it.
+                tracing::error!(job = %spec.job_id, attempt = spec.attempt, %error, "cannot start an assigned job");
+                return;
+            }
+        };
+        let (stop, stop_receiver) = watch::channel(None);
+        let attempt = Arc::new(Attempt {
+            spool: spool.clone(),
+            stop,
+            discard: CancellationToken::new(),
+        });
+        self.inner.table.send_modify(|table| {
+            table.attempts.insert(reference.clone(), attempt.clone());
+            table.active += 1;
+        });
+        tracing::info!(job = %spec.job_id, attempt = spec.attempt, kind = ?spec.kind, "starting job");
+
+        let jobs = self.clone();
+        let span = tracing::info_span!("job", job = %spec.job_id, attempt = spec.attempt);
+        self.inner.tracker.spawn(async move {
+            let outcome = jobs.inner.runner.run(&spec, &spool, stop_receiver).await;
+            if let Err(error) = spool.finish(outcome) {
+                tracing::error!(job = %spec.job_id, attempt = spec.attempt, %error, "could not store a job result");
+            }
+            tracing::info!(job = %spec.job_id, attempt = spec.attempt, status = ?outcome.status, reason = ?outcome.reason, exit_code = ?outcome.exit_code, "job ended");
+            jobs.inner.table.send_modify(|table| table.active = table.active.saturating_sub(1));
+            jobs.inner.slot_freed.notify_one();
+        }
+        .instrument(span));
+        self.spawn_uploader(attempt);
+    }
+
+    /// Every attempt held (running or with an unacknowledged result), for hellos and heartbeats.
+    pub(crate) fn held(&self) -> Vec<AttemptRef> {
+        self.inner.table.borrow().attempts.keys().cloned().collect()
+    }
+
+    /// How many more jobs may run now.
+    pub(crate) fn free_slots(&self) -> u32 {
+        let active = u32::try_from(self.inner.table.borrow().active).unwrap_or(u32::MAX);
+        self.inner.capacity.saturating_sub(active)
+    }
+
+    /// How many job processes are running.
+    pub(crate) fn active(&self) -> usize {
+        self.inner.table.borrow().active
+    }
+
+    /// Completes when a job's process ended since the last call.
+    pub(crate) async fn slot_freed(&self) {
+        self.inner.slot_freed.notified().await;
+    }
+
+    /// Stops an attempt because the control plane cancelled it.
+    pub(crate) fn cancel(&self, reference: &AttemptRef) {
+        match self.lookup(reference) {
+            Some(attempt) => {
+                tracing::info!(job = %reference.job_id, attempt = reference.attempt, "cancelling job");
+                attempt
+                    .stop
+                    .send_if_modified(|stop| set_once(stop, StopReason::Cancel));
+            }
+            None => {
+                tracing::debug!(job = %reference.job_id, "cancel for an attempt this agent does not hold")
+            }
+        }
+    }
+
+    /// Stops an attempt and drops its output because the control plane settled it elsewhere.
+    pub(crate) fn abandon(&self, reference: &AttemptRef) {
+        if let Some(attempt) = self.lookup(reference) {
+            tracing::info!(job = %reference.job_id, attempt = reference.attempt, "abandoning job");
+            attempt.discard.cancel();
+        }
+    }
+
+    /// Stops every running attempt.
+    pub(crate) fn stop_all(&self, reason: StopReason) {
+        let attempts: Vec<Arc<Attempt>> = self
+            .inner
+            .table
+            .borrow()
+            .attempts
+            .values()
+            .cloned()
+            .collect();
+        for attempt in attempts {
+            attempt.stop.send_if_modified(|stop| set_once(stop, reason));
+        }
+    }
+
+    /// Completes when no job process is running.
+    pub(crate) async fn wait_idle(&self) {
+        let mut table = self.inner.table.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = table.wait_for(|table| table.active == 0).await;
+    }
+
+    /// Completes when every attempt was reported (or discarded).
+    pub(crate) async fn wait_empty(&self) {
+        let mut table = self.inner.table.subscribe();
+        let _ = table.wait_for(|table| table.attempts.is_empty()).await;
+    }
+
+    pub(crate) fn connection(&self) -> watch::Receiver<Option<quinn::Connection>> {
+        self.inner.connection.clone()
+    }
+
+    pub(crate) fn exit_token(&self) -> &CancellationToken {
+        &self.inner.exit
+    }
+
+    /// Asks an attempt's runner to stop (used by the uploader for discarded attempts).
+    pub(crate) fn stop(&self, attempt: &Attempt, reason: StopReason) {
+        attempt.stop.send_if_modified(|stop| set_once(stop, reason));
+    }
+
+    /// Forgets an attempt whose uploader is done.
+    pub(crate) fn remove(&self, reference: &AttemptRef) {
+        self.inner.table.send_modify(|table| {
+            table.attempts.remove(reference);
+        });
+    }
+
+    fn lookup(&self, reference: &AttemptRef) -> Option<Arc<Attempt>> {
+        self.inner.table.borrow().attempts.get(reference).cloned()
+    }
+
+    fn spawn_uploader(&self, attempt: Arc<Attempt>) {
+        let reference = attempt.spool.attempt();
+        let span =
+            tracing::info_span!("upload", job = %reference.job_id, attempt = reference.attempt);
+        let jobs = self.clone();
+        self.inner
+            .tracker
+            .spawn(crate::conn::upload::upload_attempt(jobs, attempt).instrument(span));
+    }
+}
+
+/// Records the first stop reason; later ones do not change it.
+fn set_once(stop: &mut Option<StopReason>, reason: StopReason) -> bool {
+    if stop.is_none() {
+        *stop = Some(reason);
+        true
+    } else {
+        false
+    }
+}

@@ -1,0 +1,40 @@
+//! Runners start an attempt's script and report how it ended.
+//!
+//! A runner writes the output into the attempt's spool as it arrives, records the pid, obeys the
+//! stop signal and the spec's timeout, and returns an [`Outcome`]. It never talks to the network.
+//! [`process::ProcessRunner`] runs scripts directly on the host; a Docker runner will implement
+//! the same [`Runner`] trait.
+
+pub mod process;
+
+use cronium_protocol::JobSpec;
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::spool::{AttemptSpool, Outcome};
+
+/// Why the agent stops an attempt before it ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The control plane cancelled the job: the result is `cancelled`.
+    Cancel,
+    /// The control plane settled the attempt elsewhere: the output is discarded anyway.
+    Abandon,
+    /// The agent is stopping and cannot wait any longer: the result is `failed`, reason `lost`.
+    Shutdown,
+}
+
+/// Receives the stop request of one attempt; `None` while it may run on.
+pub type StopSignal = watch::Receiver<Option<StopReason>>;
+
+/// Runs one attempt to its end.
+pub trait Runner: Send + Sync {
+    /// Runs `spec`, appending its output to `spool`, until it exits, times out or `stop` asks it
+    /// to stop. Every process the attempt started is gone when the future completes.
+    fn run<'a>(
+        &'a self,
+        spec: &'a JobSpec,
+        spool: &'a AttemptSpool,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome>;
+}

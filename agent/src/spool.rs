@@ -1,0 +1,927 @@
+//! The on-disk buffer of every attempt the agent runs or still has to report.
+//!
+//! Each attempt gets `<state>/spool/<job_id>-<attempt>/` holding:
+//! - `spec.json`: which job, attempt, run and event this is;
+//! - `pid`: the process id (and process group id) once the process started;
+//! - `log`: append-only records `[u8 stream][u32 BE length][data]`. The log offset of a byte is
+//!   the sum of the data lengths before it, which is the offset the protocol speaks of;
+//! - `result.json`: written with fsync and an atomic rename when the attempt ended.
+//!
+//! Output past `max_log_bytes` is dropped after one [`LogStream::System`] marker record.
+//! The spool outlives connections and agent restarts: uploads resume from the control plane's
+//! offset, and [`Spool::recover`] settles attempts a crashed agent left behind.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cronium_protocol::{AttemptRef, FailReason, FinalStatus, LogStream};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Bytes of a log record header: one stream byte and a 32-bit length.
+const RECORD_HEADER_LEN: u64 = 5;
+
+/// Largest data part of one record the writer produces.
+const MAX_RECORD_DATA: usize = cronium_protocol::MAX_LOG_CHUNK;
+
+/// Marker appended to the log of an attempt that was running when the agent died.
+const RESTART_MARKER: &[u8] = b"\n[cronium: agent restarted while the job ran]\n";
+
+/// Why a spool operation failed.
+#[derive(Debug, Error)]
+pub enum SpoolError {
+    /// The job id cannot be used as a file name.
+    #[error("job id {0:?} is not a safe file name (expected 1 to 64 of A-Z a-z 0-9 _ -)")]
+    UnsafeJobId(String),
+    /// A file of the spool could not be read or written.
+    #[error("spool i/o on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// A spool file does not have the expected format.
+    #[error("corrupt spool file {path}: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    /// The control plane asked for output from an offset past what the log holds.
+    #[error("log offset {requested} is beyond the {available} bytes in the spool")]
+    OffsetBeyondLog { requested: u64, available: u64 },
+}
+
+/// How an attempt ended, as reported by a runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: FinalStatus,
+    pub reason: Option<FailReason>,
+    pub exit_code: Option<i32>,
+}
+
+/// The stored result of an attempt: its outcome plus the final log length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptResult {
+    pub outcome: Outcome,
+    pub log_len: u64,
+}
+
+/// The identifying facts of an attempt, stored in `spec.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolSpec {
+    pub job_id: String,
+    pub attempt: u32,
+    pub run_id: String,
+    pub event_id: String,
+}
+
+/// A consistent view of an attempt's spool at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of the log file that hold complete records.
+    pub file_len: u64,
+    /// Total data bytes in the log (the next log offset).
+    pub log_len: u64,
+    /// The process id, once the process started.
+    pub pid: Option<u32>,
+    /// The result, once the attempt ended.
+    pub result: Option<AttemptResult>,
+}
+
+/// The spool root, `<state>/spool`.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// A cheap handle on one attempt's spool directory, shared by the runner that writes it and the
+/// uploader that reads it.
+#[derive(Debug, Clone)]
+pub struct AttemptSpool {
+    inner: Arc<SpoolInner>,
+}
+
+#[derive(Debug)]
+struct SpoolInner {
+    attempt: AttemptRef,
+    dir: PathBuf,
+    max_log_bytes: u64,
+    state: Mutex<SpoolState>,
+    /// Woken (all waiters) after every append, the pid and the result, so the uploader can
+    /// follow the log without polling.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct SpoolState {
+    /// The log opened for appending; `None` for a spool recovered with its result already written.
+    log: Option<File>,
+    file_len: u64,
+    log_len: u64,
+    truncated: bool,
+    pid: Option<u32>,
+    result: Option<AttemptResult>,
+}
+
+/// Sequential reader of a log from any offset. It reads only bytes the caller says are complete.
+#[derive(Debug)]
+pub struct LogReader {
+    file: File,
+    path: PathBuf,
+    position: u64,
+    offset: u64,
+    record_stream: LogStream,
+    record_remaining: u64,
+}
+
+/// One piece of output read back from the log: all bytes of it come from one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPiece {
+    pub offset: u64,
+    pub stream: LogStream,
+    pub data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SpecFile {
+    job_id: String,
+    attempt: u32,
+    run_id: String,
+    event_id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResultFile {
+    status: FinalStatus,
+    reason: Option<FailReason>,
+    exit_code: Option<i32>,
+    log_len: u64,
+}
+
+/// Checks that a job id can be used as part of a file name.
+pub fn validate_job_id(job_id: &str) -> Result<(), SpoolError> {
+    let safe = (1..=64).contains(&job_id.len())
+        && job_id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if safe {
+        Ok(())
+    } else {
+        Err(SpoolError::UnsafeJobId(job_id.to_owned()))
+    }
+}
+
+/// The directory name of an attempt, shared by the spool and the work dir.
+pub fn attempt_dir_name(attempt: &AttemptRef) -> String {
+    format!("{}-{}", attempt.job_id, attempt.attempt)
+}
+
+impl Spool {
+    /// Opens (and creates, mode 0700) the spool root.
+    pub fn open(root: PathBuf) -> Result<Spool, SpoolError> {
+        create_private_dir(&root)?;
+        Ok(Spool { root })
+    }
+
+    /// Creates the spool of a new attempt and writes its `spec.json`. An existing directory of
+    /// the same attempt is replaced.
+    pub fn create(&self, spec: &SpoolSpec, max_log_bytes: u64) -> Result<AttemptSpool, SpoolError> {
+        validate_job_id(&spec.job_id)?;
+        let attempt = AttemptRef {
+            job_id: spec.job_id.clone(),
+            attempt: spec.attempt,
+        };
+        let dir = self.root.join(attempt_dir_name(&attempt));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|source| io_error(&dir, source))?;
+        }
+        create_private_dir(&dir)?;
+        let spec_file = SpecFile {
+            job_id: spec.job_id.clone(),
+            attempt: spec.attempt,
+            run_id: spec.run_id.clone(),
+            event_id: spec.event_id.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&spec_file).map_err(|error| corrupt(&dir, error))?;
+        write_atomically(&dir.join("spec.json"), &json)?;
+        let log_path = dir.join("log");
+        let log = open_log_for_append(&log_path)?;
+        Ok(AttemptSpool::new(
+            attempt,
+            dir,
+            max_log_bytes,
+            SpoolState {
+                log: Some(log),
+                file_len: 0,
+                log_len: 0,
+                truncated: false,
+                pid: None,
+                result: None,
+            },
+        ))
+    }
+
+    /// Loads every attempt left in the spool by an earlier agent process.
+    ///
+    /// An attempt without a result was running when that agent died: its process group is killed
+    /// if it is still alive (identified by the recorded pid and a working directory inside
+    /// `work_root`), a marker is appended to its log and it is settled as failed, reason `lost`.
+    /// Unreadable directories are removed.
+    pub fn recover(
+        &self,
+        max_log_bytes: u64,
+        work_root: &Path,
+    ) -> Result<Vec<AttemptSpool>, SpoolError> {
+        let mut recovered = Vec::new();
+        let entries = fs::read_dir(&self.root).map_err(|source| io_error(&self.root, source))?;
+        for entry in entries {
+            let entry = entry.map_err(|source| io_error(&self.root, source))?;
+            let dir = entry.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            match self.recover_one(&dir, max_log_bytes, work_root) {
+                Ok(spool) => recovered.push(spool),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "removing an unreadable spool directory");
+                    if let Err(error) = fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), %error, "could not remove the spool directory");
+                    }
+                }
+            }
+        }
+        recovered.sort_by(|left, right| left.attempt().cmp(right.attempt()));
+        Ok(recovered)
+    }
+
+    fn recover_one(
+        &self,
+        dir: &Path,
+        max_log_bytes: u64,
+        work_root: &Path,
+    ) -> Result<AttemptSpool, SpoolError> {
+        let spec_path = dir.join("spec.json");
+        let spec_bytes = fs::read(&spec_path).map_err(|source| io_error(&spec_path, source))?;
+        let spec: SpecFile =
+            serde_json::from_slice(&spec_bytes).map_err(|error| corrupt(&spec_path, error))?;
+        validate_job_id(&spec.job_id)?;
+        let attempt = AttemptRef {
+            job_id: spec.job_id,
+            attempt: spec.attempt,
+        };
+        let dir_name = attempt_dir_name(&attempt);
+        if dir.file_name().and_then(|name| name.to_str()) != Some(dir_name.as_str()) {
+            return Err(corrupt(
+                &spec_path,
+                "spec does not match the directory name",
+            ));
+        }
+
+        let log_path = dir.join("log");
+        let log = open_log_for_append(&log_path)?;
+        let (file_len, log_len) = repair_log(&log, &log_path)?;
+
+        let pid_path = dir.join("pid");
+        let pid = match fs::read_to_string(&pid_path) {
+            Ok(text) => text.trim().parse::<u32>().ok(),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(io_error(&pid_path, source)),
+        };
+
+        let result_path = dir.join("result.json");
+        let result = match fs::read(&result_path) {
+            Ok(bytes) => {
+                let file: ResultFile =
+                    serde_json::from_slice(&bytes).map_err(|error| corrupt(&result_path, error))?;
+                Some(AttemptResult {
+                    outcome: Outcome {
+                        status: file.status,
+                        reason: file.reason,
+                        exit_code: file.exit_code,
+                    },
+                    log_len: file.log_len,
+                })
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(io_error(&result_path, source)),
+        };
+
+        let truncated = log_len >= max_log_bytes;
+        let spool = AttemptSpool::new(
+            attempt,
+            dir.to_path_buf(),
+            max_log_bytes,
+            SpoolState {
+                log: Some(log),
+                file_len,
+                log_len,
+                truncated,
+                pid,
+                result,
+            },
+        );
+        if result.is_none() {
+            if let Some(pid) = pid {
+                kill_orphaned_group(pid, &work_root.join(&dir_name));
+            }
+            spool.append(LogStream::System, RESTART_MARKER)?;
+            spool.finish(Outcome {
+                status: FinalStatus::Failed,
+                reason: Some(FailReason::Lost),
+                exit_code: None,
+            })?;
+            tracing::info!(job = %spool.attempt().job_id, attempt = spool.attempt().attempt, "settled an attempt interrupted by an agent restart");
+        }
+        Ok(spool)
+    }
+}
+
+impl AttemptSpool {
+    fn new(
+        attempt: AttemptRef,
+        dir: PathBuf,
+        max_log_bytes: u64,
+        state: SpoolState,
+    ) -> AttemptSpool {
+        AttemptSpool {
+            inner: Arc::new(SpoolInner {
+                attempt,
+                dir,
+                max_log_bytes,
+                state: Mutex::new(state),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// The attempt this spool belongs to.
+    pub fn attempt(&self) -> &AttemptRef {
+        &self.inner.attempt
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Notified after every change (appended output, pid, result). Call `enable` on the
+    /// `Notified` future before reading [`progress`](Self::progress) so no wake-up is missed.
+    pub fn changed(&self) -> &Notify {
+        &self.inner.changed
+    }
+
+    /// The current lengths, pid and result.
+    pub fn progress(&self) -> Progress {
+        let state = self.lock();
+        Progress {
+            file_len: state.file_len,
+            log_len: state.log_len,
+            pid: state.pid,
+            result: state.result,
+        }
+    }
+
+    /// Appends output. Stdout and stderr count against `max_log_bytes`: the first write past it
+    /// stores what fits plus one truncation marker, later writes are dropped. System records are
+    /// always stored.
+    pub fn append(&self, stream: LogStream, data: &[u8]) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        if stream == LogStream::System {
+            self.write_records(&mut state, stream, data)?;
+        } else if !state.truncated {
+            let room = self.inner.max_log_bytes.saturating_sub(state.log_len);
+            if (data.len() as u64) <= room {
+                self.write_records(&mut state, stream, data)?;
+            } else {
+                // `room` is smaller than `data.len()`, so it fits in usize.
+                self.write_records(&mut state, stream, &data[..room as usize])?;
+                let marker = format!(
+                    "\n[cronium: output truncated after {} bytes]\n",
+                    self.inner.max_log_bytes
+                );
+                self.write_records(&mut state, LogStream::System, marker.as_bytes())?;
+                state.truncated = true;
+            }
+        }
+        drop(state);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Records the process id.
+    pub fn record_pid(&self, pid: u32) -> Result<(), SpoolError> {
+        write_atomically(&self.inner.dir.join("pid"), pid.to_string().as_bytes())?;
+        self.lock().pid = Some(pid);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Stores the result durably (log fsync, then `result.json` with fsync and rename). A spool
+    /// that already has a result keeps it. On a write error the result is still kept in memory.
+    pub fn finish(&self, outcome: Outcome) -> Result<AttemptResult, SpoolError> {
+        let mut state = self.lock();
+        if let Some(result) = state.result {
+            return Ok(result);
+        }
+        if let Some(log) = &state.log
+            && let Err(error) = log.sync_data()
+        {
+            tracing::warn!(dir = %self.inner.dir.display(), %error, "could not sync a spool log");
+        }
+        let result = AttemptResult {
+            outcome,
+            log_len: state.log_len,
+        };
+        let file = ResultFile {
+            status: outcome.status,
+            reason: outcome.reason,
+            exit_code: outcome.exit_code,
+            log_len: state.log_len,
+        };
+        let written = serde_json::to_vec_pretty(&file)
+            .map_err(|error| corrupt(&self.inner.dir, error))
+            .and_then(|json| write_atomically(&self.inner.dir.join("result.json"), &json));
+        // The result is kept in memory even when it could not be stored, so it is still
+        // reported; only a restart of the agent before the upload would lose it.
+        state.result = Some(result);
+        state.log = None;
+        drop(state);
+        self.inner.changed.notify_waiters();
+        written.map(|()| result)
+    }
+
+    /// Opens a reader positioned at log offset `offset`.
+    pub fn reader(&self, offset: u64) -> Result<LogReader, SpoolError> {
+        let progress = self.progress();
+        if offset > progress.log_len {
+            return Err(SpoolError::OffsetBeyondLog {
+                requested: offset,
+                available: progress.log_len,
+            });
+        }
+        LogReader::open(&self.inner.dir.join("log"), offset, progress.file_len)
+    }
+
+    /// Deletes the spool directory.
+    pub fn remove(&self) -> Result<(), SpoolError> {
+        self.lock().log = None;
+        match fs::remove_dir_all(&self.inner.dir) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(io_error(&self.inner.dir, source)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SpoolState> {
+        // A panic while holding this lock leaves the state consistent (every update is a single
+        // assignment after the I/O), so a poisoned lock is still usable.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_records(
+        &self,
+        state: &mut SpoolState,
+        stream: LogStream,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
+        let path = self.inner.dir.join("log");
+        let Some(log) = state.log.as_mut() else {
+            return Err(corrupt(&path, "the attempt already has a result"));
+        };
+        for piece in data.chunks(MAX_RECORD_DATA) {
+            let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + piece.len());
+            record.push(stream_byte(stream));
+            // A piece is at most MAX_RECORD_DATA bytes, far below u32::MAX.
+            record.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+            record.extend_from_slice(piece);
+            if let Err(source) = log.write_all(&record) {
+                // Cut a partly written record off so the log stays a sequence of whole records.
+                let _ = log.set_len(state.file_len);
+                return Err(io_error(&path, source));
+            }
+            state.file_len += record.len() as u64;
+            state.log_len += piece.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+impl LogReader {
+    fn open(path: &Path, offset: u64, file_len: u64) -> Result<LogReader, SpoolError> {
+        let file = File::open(path).map_err(|source| io_error(path, source))?;
+        let mut reader = LogReader {
+            file,
+            path: path.to_path_buf(),
+            position: 0,
+            offset: 0,
+            record_stream: LogStream::Stdout,
+            record_remaining: 0,
+        };
+        while reader.offset < offset {
+            let Some((stream, len)) = reader.read_header(file_len)? else {
+                return Err(SpoolError::OffsetBeyondLog {
+                    requested: offset,
+                    available: reader.offset,
+                });
+            };
+            let skip = len.min(offset - reader.offset);
+            reader.position += skip;
+            reader.offset += skip;
+            reader.record_stream = stream;
+            reader.record_remaining = len - skip;
+        }
+        Ok(reader)
+    }
+
+    /// The log offset of the next byte this reader returns.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Reads up to `max` bytes of one record, looking only at the first `file_len` bytes of the
+    /// file. `Ok(None)` means everything up to `file_len` was read.
+    pub fn next_piece(
+        &mut self,
+        file_len: u64,
+        max: usize,
+    ) -> Result<Option<LogPiece>, SpoolError> {
+        while self.record_remaining == 0 {
+            let Some((stream, len)) = self.read_header(file_len)? else {
+                return Ok(None);
+            };
+            self.record_stream = stream;
+            self.record_remaining = len;
+        }
+        let available = file_len.saturating_sub(self.position);
+        let take = self.record_remaining.min(available).min(max as u64);
+        if take == 0 {
+            return Ok(None);
+        }
+        // `take` is at most `max`, a usize.
+        let mut data = vec![0; take as usize];
+        self.file
+            .read_exact_at(&mut data, self.position)
+            .map_err(|source| io_error(&self.path, source))?;
+        let piece = LogPiece {
+            offset: self.offset,
+            stream: self.record_stream,
+            data,
+        };
+        self.position += take;
+        self.offset += take;
+        self.record_remaining -= take;
+        Ok(Some(piece))
+    }
+
+    fn read_header(&mut self, file_len: u64) -> Result<Option<(LogStream, u64)>, SpoolError> {
+        if self.position + RECORD_HEADER_LEN > file_len {
+            return Ok(None);
+        }
+        let mut header = [0u8; RECORD_HEADER_LEN as usize];
+        self.file
+            .read_exact_at(&mut header, self.position)
+            .map_err(|source| io_error(&self.path, source))?;
+        let stream = parse_stream_byte(header[0])
+            .ok_or_else(|| corrupt(&self.path, "unknown stream byte"))?;
+        let len = u64::from(u32::from_be_bytes([
+            header[1], header[2], header[3], header[4],
+        ]));
+        if self.position + RECORD_HEADER_LEN + len > file_len {
+            return Err(corrupt(&self.path, "record runs past the end of the log"));
+        }
+        self.position += RECORD_HEADER_LEN;
+        Ok(Some((stream, len)))
+    }
+}
+
+fn stream_byte(stream: LogStream) -> u8 {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+        LogStream::System => 2,
+    }
+}
+
+fn parse_stream_byte(byte: u8) -> Option<LogStream> {
+    match byte {
+        0 => Some(LogStream::Stdout),
+        1 => Some(LogStream::Stderr),
+        2 => Some(LogStream::System),
+        _ => None,
+    }
+}
+
+/// Walks the records of a log, cuts off a trailing partial record (left by a crash in the middle
+/// of a write) and returns the file length and the data length.
+fn repair_log(log: &File, path: &Path) -> Result<(u64, u64), SpoolError> {
+    let actual_len = log
+        .metadata()
+        .map_err(|source| io_error(path, source))?
+        .len();
+    let mut position = 0u64;
+    let mut log_len = 0u64;
+    let mut header = [0u8; RECORD_HEADER_LEN as usize];
+    while position + RECORD_HEADER_LEN <= actual_len {
+        log.read_exact_at(&mut header, position)
+            .map_err(|source| io_error(path, source))?;
+        let len = u64::from(u32::from_be_bytes([
+            header[1], header[2], header[3], header[4],
+        ]));
+        if parse_stream_byte(header[0]).is_none() || position + RECORD_HEADER_LEN + len > actual_len
+        {
+            break;
+        }
+        position += RECORD_HEADER_LEN + len;
+        log_len += len;
+    }
+    if position != actual_len {
+        tracing::warn!(path = %path.display(), kept = position, dropped = actual_len - position, "cutting a partial record off a spool log");
+        log.set_len(position)
+            .map_err(|source| io_error(path, source))?;
+    }
+    Ok((position, log_len))
+}
+
+/// Kills the process group `pgid` if one of its members still works inside `work_dir`, which
+/// proves the group is the job's and not an unrelated one that reused the number.
+fn kill_orphaned_group(pgid: u32, work_dir: &Path) {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    let work_dir = work_dir.to_string_lossy().into_owned();
+    let mut belongs_to_job = false;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name is in parentheses and may contain anything, so parse after the last ')'.
+        // The fields after it are: state, ppid, pgrp.
+        let Some((_, after_name)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let process_group = after_name
+            .split_whitespace()
+            .nth(2)
+            .and_then(|field| field.parse::<u32>().ok());
+        if process_group != Some(pgid) {
+            continue;
+        }
+        let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) else {
+            continue;
+        };
+        if cwd.to_string_lossy().starts_with(&work_dir) {
+            belongs_to_job = true;
+            break;
+        }
+    }
+    if belongs_to_job {
+        tracing::warn!(
+            pgid,
+            "killing the process group of a job left running by an earlier agent"
+        );
+        // The pgid came from our own pid file and was verified above; i32 covers every Linux pid.
+        let Ok(pgid) = i32::try_from(pgid) else {
+            return;
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Creates a directory (and its parents) and makes it private to the agent's user.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| io_error(dir, source))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|source| io_error(dir, source))
+}
+
+fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| io_error(path, source))
+}
+
+/// Writes a file through a temporary sibling, fsyncs it and renames it into place, then fsyncs
+/// the directory so the rename itself is durable.
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
+    let temporary = path.with_extension("tmp");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|source| io_error(&temporary, source))?;
+    file.write_all(contents)
+        .map_err(|source| io_error(&temporary, source))?;
+    file.sync_all()
+        .map_err(|source| io_error(&temporary, source))?;
+    fs::rename(&temporary, path).map_err(|source| io_error(path, source))?;
+    if let Some(parent) = path.parent()
+        && let Ok(directory) = File::open(parent)
+    {
+        let _ = directory.sync_all();
+    }
+    Ok(())
+}
+
+fn io_error(path: &Path, source: io::Error) -> SpoolError {
+    SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, detail: impl ToString) -> SpoolError {
+    SpoolError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(job_id: &str) -> SpoolSpec {
+        SpoolSpec {
+            job_id: job_id.into(),
+            attempt: 1,
+            run_id: "run".into(),
+            event_id: "event".into(),
+        }
+    }
+
+    fn read_all(spool: &AttemptSpool, offset: u64, max: usize) -> Vec<LogPiece> {
+        let mut reader = spool.reader(offset).unwrap();
+        let file_len = spool.progress().file_len;
+        let mut pieces = Vec::new();
+        while let Some(piece) = reader.next_piece(file_len, max).unwrap() {
+            pieces.push(piece);
+        }
+        pieces
+    }
+
+    fn concat(pieces: &[LogPiece]) -> Vec<u8> {
+        pieces.iter().flat_map(|piece| piece.data.clone()).collect()
+    }
+
+    #[test]
+    fn records_round_trip_and_can_be_read_from_any_offset() {
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        let attempt = spool.create(&spec("job-1"), 1 << 20).unwrap();
+        attempt.append(LogStream::Stdout, b"hello ").unwrap();
+        attempt.append(LogStream::Stderr, b"oops\n").unwrap();
+        attempt.append(LogStream::Stdout, b"world\n").unwrap();
+        let all = b"hello oops\nworld\n";
+        assert_eq!(attempt.progress().log_len, all.len() as u64);
+
+        let pieces = read_all(&attempt, 0, 1024);
+        let streams: Vec<LogStream> = pieces.iter().map(|piece| piece.stream).collect();
+        assert_eq!(
+            streams,
+            [LogStream::Stdout, LogStream::Stderr, LogStream::Stdout]
+        );
+        assert_eq!(concat(&pieces), all);
+
+        for offset in 0..=all.len() {
+            for max in [1, 2, 5, 1024] {
+                let pieces = read_all(&attempt, offset as u64, max);
+                assert_eq!(concat(&pieces), &all[offset..], "offset {offset} max {max}");
+                let mut expected_offset = offset as u64;
+                for piece in &pieces {
+                    assert_eq!(piece.offset, expected_offset);
+                    assert!(piece.data.len() <= max);
+                    expected_offset += piece.data.len() as u64;
+                }
+            }
+        }
+        assert!(matches!(
+            attempt.reader(all.len() as u64 + 1),
+            Err(SpoolError::OffsetBeyondLog { .. })
+        ));
+    }
+
+    #[test]
+    fn output_past_the_cap_is_replaced_by_one_marker() {
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        let attempt = spool.create(&spec("job-cap"), 10).unwrap();
+        attempt.append(LogStream::Stdout, b"0123456").unwrap();
+        attempt.append(LogStream::Stdout, b"789abcdef").unwrap();
+        attempt.append(LogStream::Stderr, b"dropped").unwrap();
+        attempt.append(LogStream::System, b"[system]").unwrap();
+        let pieces = read_all(&attempt, 0, 1024);
+        let text = String::from_utf8(concat(&pieces)).unwrap();
+        assert_eq!(
+            text,
+            "0123456789\n[cronium: output truncated after 10 bytes]\n[system]"
+        );
+        assert_eq!(pieces[2].stream, LogStream::System);
+        assert_eq!(attempt.progress().log_len, text.len() as u64);
+    }
+
+    #[test]
+    fn unsafe_job_ids_are_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        for job_id in ["", "../x", "a/b", "a b", "x\0", &"a".repeat(65)] {
+            assert!(
+                matches!(
+                    spool.create(&spec(job_id), 10),
+                    Err(SpoolError::UnsafeJobId(_))
+                ),
+                "{job_id:?}"
+            );
+        }
+        assert!(validate_job_id("01J_abc-DEF").is_ok());
+    }
+
+    #[test]
+    fn recovery_settles_an_attempt_without_result_and_keeps_finished_ones() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        let work = temp.path().join("work");
+        {
+            let spool = Spool::open(root.clone()).unwrap();
+            let running = spool.create(&spec("running"), 1 << 20).unwrap();
+            running
+                .append(LogStream::Stdout, b"partial output\n")
+                .unwrap();
+            // The pid of this test process is not in a process group working inside `work`,
+            // so recovery must not kill anything.
+            running.record_pid(std::process::id()).unwrap();
+            let finished = spool.create(&spec("finished"), 1 << 20).unwrap();
+            finished.append(LogStream::Stdout, b"done\n").unwrap();
+            finished
+                .finish(Outcome {
+                    status: FinalStatus::Completed,
+                    reason: None,
+                    exit_code: Some(0),
+                })
+                .unwrap();
+        }
+        // Simulate a crash in the middle of a record write.
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(root.join("running-1/log"))
+            .unwrap();
+        log.write_all(&[0, 0, 0, 0, 9, b'x']).unwrap();
+        drop(log);
+        fs::create_dir_all(root.join("garbage")).unwrap();
+
+        let spool = Spool::open(root.clone()).unwrap();
+        let recovered = spool.recover(1 << 20, &work).unwrap();
+        assert!(!root.join("garbage").exists());
+        let names: Vec<&str> = recovered
+            .iter()
+            .map(|spool| spool.attempt().job_id.as_str())
+            .collect();
+        assert_eq!(names, ["finished", "running"]);
+
+        let finished = &recovered[0];
+        let result = finished.progress().result.unwrap();
+        assert_eq!(result.outcome.status, FinalStatus::Completed);
+        assert_eq!(result.log_len, 5);
+
+        let running = &recovered[1];
+        let progress = running.progress();
+        let result = progress.result.unwrap();
+        assert_eq!(
+            result.outcome,
+            Outcome {
+                status: FinalStatus::Failed,
+                reason: Some(FailReason::Lost),
+                exit_code: None
+            }
+        );
+        let text = String::from_utf8(concat(&read_all(running, 0, 1024))).unwrap();
+        assert_eq!(
+            text,
+            "partial output\n\n[cronium: agent restarted while the job ran]\n"
+        );
+        assert_eq!(result.log_len, text.len() as u64);
+
+        // A second recovery changes nothing.
+        let again = spool.recover(1 << 20, &work).unwrap();
+        assert_eq!(again[1].progress().result, Some(result));
+    }
+}

@@ -1,0 +1,79 @@
+//! The agents' side of the control plane: the CA that identifies them, the QUIC listener with
+//! one session task per connected agent, and the registry of who is online.
+
+pub mod ca;
+mod job_stream;
+pub mod registry;
+mod session;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{Instrument, info, info_span};
+
+use crate::AppState;
+use ca::CertificateAuthority;
+
+/// Binds the QUIC endpoint: server certificate from the CA, client certificates required and
+/// verified against the same CA, ALPN `cronium/1`.
+pub fn bind_endpoint(
+    address: SocketAddr,
+    ca: &CertificateAuthority,
+) -> anyhow::Result<quinn::Endpoint> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.ca_der().clone())
+        .context("adding the CA to the client verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .context("client verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(ca.server_chain.clone(), ca.server_key.clone_key())
+        .context("server certificate")?;
+    tls.alpn_protocols = vec![cronium_protocol::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(20).try_into().context("idle timeout")?,
+    ));
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Streams: one control stream plus one per running job; bound what one agent may open.
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, address).with_context(|| format!("binding QUIC on {address}"))
+}
+
+/// Accepts connections until shutdown; each agent gets its own task.
+pub async fn serve(endpoint: quinn::Endpoint, state: AppState) {
+    let span = info_span!("quic", address = ?endpoint.local_addr().ok());
+    async {
+        loop {
+            let incoming = tokio::select! {
+                incoming = endpoint.accept() => incoming,
+                _ = state.shutdown.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let state_for_task = state.clone();
+            state
+                .tasks
+                .spawn(session::handle_incoming(incoming, state_for_task).in_current_span());
+        }
+        state
+            .registry
+            .disconnect_all(cronium_protocol::CloseCode::Shutdown);
+        endpoint.close(
+            cronium_protocol::CloseCode::Shutdown.to_u32().into(),
+            b"shutdown",
+        );
+        info!("QUIC listener stopped");
+    }
+    .instrument(span)
+    .await
+}

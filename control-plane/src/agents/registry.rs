@@ -1,0 +1,150 @@
+//! Who is connected right now: one entry per online agent, holding its QUIC connection and the
+//! means to reach its session task (wake-ups and cancellations).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cronium_protocol::{AttemptRef, CloseCode};
+use tokio::sync::{Notify, mpsc};
+
+/// A message for an agent's session task to send on the control stream.
+#[derive(Debug)]
+pub enum Outbound {
+    Cancel(AttemptRef),
+}
+
+/// The live agents. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct AgentRegistry {
+    inner: Arc<Mutex<HashMap<String, Link>>>,
+    next_session: Arc<AtomicU64>,
+}
+
+struct Link {
+    session: u64,
+    connection: quinn::Connection,
+    /// Wakes the session task to send `WorkAvailable`; coalesces bursts of new jobs.
+    wake: Arc<Notify>,
+    outbound: mpsc::UnboundedSender<Outbound>,
+    last_seen_at: i64,
+}
+
+/// What a session task receives when it registers.
+pub struct Registration {
+    pub session: u64,
+    pub wake: Arc<Notify>,
+    pub outbound: mpsc::UnboundedReceiver<Outbound>,
+}
+
+impl AgentRegistry {
+    /// Registers a connected agent; an older connection of the same agent is closed.
+    pub fn register(
+        &self,
+        agent_id: &str,
+        connection: quinn::Connection,
+        now: i64,
+    ) -> Registration {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let wake = Arc::new(Notify::new());
+        let (sender, outbound) = mpsc::unbounded_channel();
+        let link = Link {
+            session,
+            connection,
+            wake: wake.clone(),
+            outbound: sender,
+            last_seen_at: now,
+        };
+        let previous = self.lock().insert(agent_id.to_string(), link);
+        if let Some(previous) = previous {
+            previous.connection.close(
+                CloseCode::Replaced.to_u32().into(),
+                b"replaced by a newer connection",
+            );
+        }
+        Registration {
+            session,
+            wake,
+            outbound,
+        }
+    }
+
+    /// Removes the agent if `session` is still its current one; returns its last-seen time.
+    pub fn unregister(&self, agent_id: &str, session: u64) -> Option<i64> {
+        let mut links = self.lock();
+        match links.get(agent_id) {
+            Some(link) if link.session == session => {
+                links.remove(agent_id).map(|link| link.last_seen_at)
+            }
+            _ => None,
+        }
+    }
+
+    /// Tells an online agent that work is queued for it. Offline agents claim when they connect.
+    pub fn wake(&self, agent_id: &str) {
+        if let Some(link) = self.lock().get(agent_id) {
+            link.wake.notify_one();
+        }
+    }
+
+    /// Asks an online agent to stop an attempt; returns whether the agent is online.
+    pub fn cancel(&self, agent_id: &str, attempt: AttemptRef) -> bool {
+        match self.lock().get(agent_id) {
+            Some(link) => link.outbound.send(Outbound::Cancel(attempt)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Closes an agent's connection with `code`.
+    pub fn disconnect(&self, agent_id: &str, code: CloseCode, reason: &str) {
+        if let Some(link) = self.lock().remove(agent_id) {
+            link.connection
+                .close(code.to_u32().into(), reason.as_bytes());
+        }
+    }
+
+    /// Closes every connection (shutdown).
+    pub fn disconnect_all(&self, code: CloseCode) {
+        for (_, link) in self.lock().drain() {
+            link.connection
+                .close(code.to_u32().into(), b"control plane shutting down");
+        }
+    }
+
+    /// Notes that an agent was heard from.
+    pub fn touch(&self, agent_id: &str, now: i64) {
+        if let Some(link) = self.lock().get_mut(agent_id) {
+            link.last_seen_at = now;
+        }
+    }
+
+    /// When an online agent was last heard from; `None` if it is offline.
+    pub fn last_seen(&self, agent_id: &str) -> Option<i64> {
+        self.lock().get(agent_id).map(|link| link.last_seen_at)
+    }
+
+    /// Last-seen times of every online agent.
+    pub fn snapshot(&self) -> Vec<(String, i64)> {
+        self.lock()
+            .iter()
+            .map(|(id, link)| (id.clone(), link.last_seen_at))
+            .collect()
+    }
+
+    /// How many agents are online.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Link>> {
+        // A panic while holding this lock leaves the map consistent (every operation is a
+        // single map call), so a poisoned lock is still safe to use.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

@@ -1,0 +1,296 @@
+//! One connected agent: authenticate its certificate, handle the hello, then serve the control
+//! stream (heartbeats, claims, wake-ups, cancellations) and accept its job streams.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use cronium_protocol::hello::Hello;
+use cronium_protocol::{
+    AttemptRef, ClaimDone, CloseCode, FrameDecoder, HeartbeatAck, JobSpec, MIN_PROTOCOL_VERSION,
+    Message, PROTOCOL_VERSION, Reject, RejectCode, ScriptKind, Welcome, negotiate,
+};
+use rustls_pki_types::CertificateDer;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::job_stream;
+use super::registry::Outbound;
+use super::wire::{read_message, write_message};
+use crate::AppState;
+use crate::crypto::sha256_hex;
+use crate::store::jobs::{Attempt, ClaimedJob};
+use crate::store::now_ms;
+
+/// How long a new connection may take to finish the handshake and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most jobs handed out by one claim.
+const MAX_CLAIM: u32 = 256;
+
+/// Serves one incoming connection until it closes.
+pub async fn handle_incoming(incoming: quinn::Incoming, state: AppState) {
+    let remote = incoming.remote_address();
+    let connection = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            debug!(%remote, %error, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    if let Err(error) = serve_connection(connection.clone(), state).await {
+        warn!(%remote, error = %format!("{error:#}"), "agent session ended with an error");
+        connection.close(CloseCode::ProtocolError.to_u32().into(), b"protocol error");
+    }
+}
+
+fn to_attempt(attempt: &AttemptRef) -> Attempt {
+    Attempt {
+        job_id: attempt.job_id.clone(),
+        attempt: attempt.attempt,
+    }
+}
+
+fn to_ref(attempt: &Attempt) -> AttemptRef {
+    AttemptRef {
+        job_id: attempt.job_id.clone(),
+        attempt: attempt.attempt,
+    }
+}
+
+fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
+    let kind = match job.kind.as_str() {
+        "bash" => ScriptKind::Bash,
+        "python" => ScriptKind::Python,
+        "nodejs" => ScriptKind::Node,
+        other => bail!("job {} has kind {other:?}, which agents do not run", job.id),
+    };
+    Ok(JobSpec {
+        job_id: job.id,
+        attempt: job.attempt,
+        run_id: job.run_id,
+        event_id: job.event_id,
+        kind,
+        script: job.script,
+        env: job.env.into_iter().collect(),
+        timeout_ms: job.timeout_seconds as u64 * 1000,
+        input: job.input,
+    })
+}
+
+async fn serve_connection(connection: quinn::Connection, state: AppState) -> anyhow::Result<()> {
+    let certificate = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned())
+        .ok_or_else(|| anyhow!("connection without a client certificate"))?;
+    let fingerprint = sha256_hex(&certificate);
+    let Some(agent) = state.store.agent_by_certificate(&fingerprint).await? else {
+        connection.close(
+            CloseCode::UnknownAgent.to_u32().into(),
+            b"unknown agent certificate",
+        );
+        return Ok(());
+    };
+    if agent.revoked_at.is_some() {
+        connection.close(CloseCode::Revoked.to_u32().into(), b"agent revoked");
+        return Ok(());
+    }
+    let span = info_span!("agent", id = %agent.id, name = %agent.name);
+    async move {
+        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+            .await
+            .context("no control stream in time")?
+            .context("accepting the control stream")?;
+        let mut decoder = FrameDecoder::new();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut recv, &mut decoder)).await {
+            Ok(Ok(Some(Message::Hello(hello)))) => hello,
+            Ok(Ok(Some(other))) => bail!("expected hello, got {}", other.name()),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(error)) => return Err(error.into()),
+            Err(_) => bail!("no hello in time"),
+        };
+        let version = match negotiate(hello.min_version, hello.max_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION) {
+            Ok(version) => version,
+            Err(error) => {
+                let reject = Reject { code: RejectCode::UnsupportedVersion, message: error.to_string() };
+                write_message(&mut send, &Message::Reject(reject)).await?;
+                let _ = send.finish();
+                connection.close(CloseCode::UnsupportedVersion.to_u32().into(), b"unsupported protocol version");
+                return Ok(());
+            }
+        };
+        let abandon = settle_hello(&state, &agent.id, &hello).await?;
+        let mut registration = state.registry.register(&agent.id, connection.clone(), now_ms());
+        info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
+        let welcome = Welcome {
+            version,
+            agent_id: agent.id.clone(),
+            heartbeat_interval_ms: state.config.heartbeat.as_millis() as u32,
+            lease_ms: state.config.lease.as_millis() as u32,
+            abandon: abandon.abandoned,
+        };
+        write_message(&mut send, &Message::Welcome(welcome)).await?;
+        for attempt in abandon.cancel {
+            write_message(&mut send, &Message::Cancel(cronium_protocol::Cancel { job: attempt })).await?;
+        }
+
+        let streams = {
+            let connection = connection.clone();
+            let state = state.clone();
+            let agent_id = agent.id.clone();
+            state.tasks.clone().spawn(
+                async move {
+                    while let Ok((send, recv)) = connection.accept_bi().await {
+                        let state = state.clone();
+                        let agent_id = agent_id.clone();
+                        state.tasks.clone().spawn(job_stream::serve(send, recv, agent_id, state).in_current_span());
+                    }
+                }
+                .in_current_span(),
+            )
+        };
+
+        let result = async {
+            loop {
+                tokio::select! {
+                    message = read_message(&mut recv, &mut decoder) => {
+                        let Some(message) = message? else { return Ok(()) };
+                        handle_control_message(&state, &agent.id, &mut send, message).await?;
+                    }
+                    _ = registration.wake.notified() => {
+                        write_message(&mut send, &Message::WorkAvailable).await?;
+                    }
+                    Some(outbound) = registration.outbound.recv() => match outbound {
+                        Outbound::Cancel(job) => write_message(&mut send, &Message::Cancel(cronium_protocol::Cancel { job })).await?,
+                    },
+                    _ = state.shutdown.cancelled() => {
+                        connection.close(CloseCode::Shutdown.to_u32().into(), b"control plane shutting down");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        .await;
+        streams.abort();
+        if let Some(last_seen) = state.registry.unregister(&agent.id, registration.session) {
+            if let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await {
+                warn!(%error, "could not record last-seen time");
+            }
+        }
+        info!("agent disconnected");
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the hello changes: attempts the agent must drop, and attempts it must cancel.
+struct HelloSettlement {
+    abandoned: Vec<AttemptRef>,
+    cancel: Vec<AttemptRef>,
+}
+
+async fn settle_hello(
+    state: &AppState,
+    agent_id: &str,
+    hello: &Hello,
+) -> anyhow::Result<HelloSettlement> {
+    state
+        .store
+        .record_agent_hello(
+            agent_id,
+            &hello.agent_version,
+            &hello.host.hostname,
+            &hello.host.os,
+            &hello.host.arch,
+        )
+        .await?;
+    let reported: Vec<Attempt> = hello.running.iter().map(to_attempt).collect();
+    let (abandoned, cancel) = state
+        .store
+        .renew_leases(
+            agent_id,
+            &reported,
+            now_ms() + state.config.lease.as_millis() as i64,
+        )
+        .await?;
+    // Attempts we handed to this agent that it no longer knows (it restarted and lost them, or
+    // never received the claim) are settled now instead of waiting for their lease.
+    let forgotten: Vec<Attempt> = state
+        .store
+        .active_attempts(agent_id)
+        .await?
+        .into_iter()
+        .filter(|attempt| !reported.contains(attempt))
+        .collect();
+    if !forgotten.is_empty() {
+        state
+            .store
+            .expire_attempts_now(agent_id, &forgotten)
+            .await?;
+        state.lease_reaper.notify_one();
+    }
+    Ok(HelloSettlement {
+        abandoned: abandoned.iter().map(to_ref).collect(),
+        cancel: cancel.iter().map(to_ref).collect(),
+    })
+}
+
+async fn handle_control_message(
+    state: &AppState,
+    agent_id: &str,
+    send: &mut quinn::SendStream,
+    message: Message,
+) -> anyhow::Result<()> {
+    match message {
+        Message::Heartbeat(heartbeat) => {
+            let now = now_ms();
+            state.registry.touch(agent_id, now);
+            let running: Vec<Attempt> = heartbeat.running.iter().map(to_attempt).collect();
+            let (abandoned, cancel) = state
+                .store
+                .renew_leases(
+                    agent_id,
+                    &running,
+                    now + state.config.lease.as_millis() as i64,
+                )
+                .await?;
+            let ack = HeartbeatAck {
+                seq: heartbeat.seq,
+                abandon: abandoned.iter().map(to_ref).collect(),
+            };
+            write_message(send, &Message::HeartbeatAck(ack)).await?;
+            for attempt in cancel {
+                write_message(
+                    send,
+                    &Message::Cancel(cronium_protocol::Cancel {
+                        job: to_ref(&attempt),
+                    }),
+                )
+                .await?;
+            }
+        }
+        Message::Claim(claim) => {
+            let lease_until = now_ms() + state.config.lease.as_millis() as i64;
+            let claimed = state
+                .store
+                .claim_jobs(agent_id, claim.slots.min(MAX_CLAIM), lease_until)
+                .await?;
+            let count = claimed.len() as u32;
+            for job in claimed {
+                let job_id = job.id.clone();
+                match job_spec(job) {
+                    Ok(spec) => write_message(send, &Message::Assign(spec)).await?,
+                    Err(error) => warn!(%job_id, %error, "claimed a job the agent cannot run"),
+                }
+                state.job_events.notify(&job_id);
+            }
+            write_message(send, &Message::ClaimDone(ClaimDone { claimed: count })).await?;
+        }
+        other => bail!("unexpected {} on the control stream", other.name()),
+    }
+    Ok(())
+}

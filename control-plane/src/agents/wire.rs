@@ -1,0 +1,45 @@
+//! Reading and writing protocol messages on QUIC streams.
+
+use cronium_protocol::{FrameDecoder, FrameError, Message, encode};
+use thiserror::Error;
+
+/// Why a message could not be read or written.
+#[derive(Debug, Error)]
+pub enum WireError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Reads the next message; `Ok(None)` at a clean end of stream.
+pub async fn read_message(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<Message>, WireError> {
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        if let Some(message) = decoder.next()? {
+            return Ok(Some(message));
+        }
+        match recv.read(&mut buffer).await? {
+            Some(read) => decoder.push(&buffer[..read])?,
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Writes one message.
+pub async fn write_message(
+    send: &mut quinn::SendStream,
+    message: &Message,
+) -> Result<(), WireError> {
+    let frame = encode(message)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}

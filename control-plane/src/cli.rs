@@ -1,0 +1,525 @@
+//! The `cronium` command line: `serve`, `dev`, bootstrap commands that work on the data dir
+//! directly (`user create`, `token create`), and API clients (`enroll-token create`, `run`,
+//! `event`). Every flag's doc comment is its `--help` text.
+
+mod client;
+mod dev;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::crypto::{EncryptionKey, random_token, sha256_hex};
+use crate::store::users::Role;
+use crate::{ServerConfig, open_store};
+
+/// Cronium: run scripts on your servers, on a schedule, across a fleet.
+#[derive(Parser, Debug)]
+#[command(name = "cronium", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane alone (production).
+    Serve(ServeArgs),
+    /// Run everything on one box: control plane on SQLite plus a local agent, enrolled automatically.
+    Dev(DevArgs),
+    /// Manage users (works on the database directly, also while the server runs).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens (works on the database directly, also while the server runs).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage enrollment tokens (through the API).
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(EnrollTokenCommand),
+    /// Manage events (through the API).
+    #[command(subcommand)]
+    Event(EventCommand),
+    /// Trigger an event (through the API); `--wait` follows its logs and exits with the job's exit code.
+    Run(RunArgs),
+}
+
+/// Where the data lives; shared by the commands that open the database directly.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Data directory (database, CA, keys).
+    #[arg(long, env = "CRONIUM_DATA_DIR", default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Database URL (`sqlite://PATH`); default: `cronium.db` in the data directory.
+    #[arg(long, env = "CRONIUM_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Address of the HTTP API and console.
+    #[arg(
+        long = "http",
+        env = "CRONIUM_HTTP_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    http_addr: SocketAddr,
+    /// UDP address agents connect to over QUIC.
+    #[arg(
+        long = "quic",
+        env = "CRONIUM_QUIC_ADDR",
+        default_value = "0.0.0.0:7443"
+    )]
+    quic_addr: SocketAddr,
+    /// URL of this control plane as agents and browsers reach it (e.g. https://cronium.example.com).
+    #[arg(long, env = "CRONIUM_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// QUIC address(es) agents are told to dial (comma-separated host:port); default: derived from --quic and --public-url.
+    #[arg(long, env = "CRONIUM_QUIC_PUBLIC_ADDRS", value_delimiter = ',')]
+    quic_public_addrs: Vec<String>,
+    /// Base64 of 32 bytes that encrypts stored secrets. Required; never logged.
+    #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+    /// Seconds a running job's lease lasts without a heartbeat from its agent.
+    #[arg(long, env = "CRONIUM_LEASE_SECONDS", default_value_t = 30)]
+    lease_seconds: u64,
+    /// Seconds between agent heartbeats.
+    #[arg(long, env = "CRONIUM_HEARTBEAT_SECONDS", default_value_t = 5)]
+    heartbeat_seconds: u64,
+    /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Data directory (database, CA, keys, the local agent's state).
+    #[arg(long, env = "CRONIUM_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+    /// Address of the HTTP API and console.
+    #[arg(
+        long = "http",
+        env = "CRONIUM_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    http_addr: SocketAddr,
+    /// UDP address agents connect to over QUIC.
+    #[arg(
+        long = "quic",
+        env = "CRONIUM_QUIC_ADDR",
+        default_value = "127.0.0.1:7443"
+    )]
+    quic_addr: SocketAddr,
+    /// How many jobs the local agent runs at once.
+    #[arg(long, default_value_t = 8)]
+    agent_capacity: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create a user and print their generated password.
+    Create {
+        /// The new user's name.
+        name: String,
+        /// admin, user or viewer.
+        #[arg(long, default_value = "user")]
+        role: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create an API token for a user; prints the token alone on stdout.
+    Create {
+        /// The user the token acts as.
+        #[arg(long)]
+        user: String,
+        /// A name to recognise the token by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EnrollTokenCommand {
+    /// Create an enrollment token and print it with the commands that use it.
+    Create {
+        /// Labels the enrolled agent gets (k=v,k2=v2).
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Lifetime, e.g. 30m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventCommand {
+    /// Create an event.
+    Create {
+        /// Unique name (per owner).
+        name: String,
+        /// bash, python or nodejs.
+        #[arg(long, default_value = "bash")]
+        kind: String,
+        /// The script itself.
+        #[arg(long, conflicts_with = "script_file")]
+        script: Option<String>,
+        /// Read the script from this file.
+        #[arg(long)]
+        script_file: Option<PathBuf>,
+        /// Agents (ids or names) to run on, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Run on every agent with these labels (k=v,…).
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<String>,
+        /// Seconds before a run is killed (0: no limit).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u32,
+        /// Extra attempts after a failure.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+    /// List events.
+    List {
+        #[command(flatten)]
+        api: client::ApiArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The event, by id or name.
+    event: String,
+    /// Run on this target instead of the event's (agent:ID_OR_NAME).
+    #[arg(long, conflicts_with = "labels")]
+    target: Option<String>,
+    /// Run on every agent with these labels instead of the event's targets (k=v,…).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// JSON input for the script.
+    #[arg(long)]
+    input: Option<String>,
+    /// Follow the logs until the run ends and exit with the job's exit code.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    api: client::ApiArgs,
+}
+
+/// `~/.local/share/cronium` (or `./cronium-data` without a home directory).
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/cronium"),
+        None => PathBuf::from("cronium-data"),
+    }
+}
+
+/// Parses `k=v` pairs.
+pub fn parse_labels(
+    pairs: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+            _ => bail!("label {pair:?} is not of the form key=value"),
+        })
+        .collect()
+}
+
+/// Parses durations like `90s`, `30m`, `1h`, `2d`.
+fn parse_ttl(text: &str) -> anyhow::Result<u64> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("invalid duration {text:?}"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("invalid duration unit in {text:?}; use s, m, h or d"),
+    };
+    Ok(number * factor)
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let level = if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
+            "info"
+        } else {
+            "warn"
+        };
+        tracing_subscriber::EnvFilter::new(format!("{level},sqlx=warn,quinn=warn,rustls=warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Dev(args) => dev::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::User(UserCommand::Create { name, role, data }) => {
+            let role = Role::parse(&role)
+                .with_context(|| format!("unknown role {role:?}; use admin, user or viewer"))?;
+            let store = open_store(&data.data_dir, data.database_url.as_deref()).await?;
+            let password = random_token("");
+            let hash = crate::http::auth::hash_password(password.clone()).await?;
+            store
+                .create_user(&name, &hash, role)
+                .await
+                .map_err(|error| match error {
+                    crate::store::StoreError::Constraint(_) => {
+                        anyhow::anyhow!("a user named {name:?} already exists")
+                    }
+                    other => other.into(),
+                })?;
+            println!(
+                "created {} user {name} with password: {password}",
+                role.as_str()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Create { user, name, data }) => {
+            let store = open_store(&data.data_dir, data.database_url.as_deref()).await?;
+            println!("{}", create_api_token(&store, &user, &name).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnrollToken(EnrollTokenCommand::Create {
+            labels,
+            uses,
+            ttl,
+            api,
+        }) => {
+            let client = api.client()?;
+            let body = serde_json::json!({"labels": parse_labels(&labels)?, "uses": uses, "ttl_seconds": parse_ttl(&ttl)?});
+            let created = client.post("/enrollment-tokens", &body).await?;
+            println!("token:   {}", created["token"].as_str().unwrap_or_default());
+            println!(
+                "expires: {}",
+                created["expires_at"].as_str().unwrap_or_default()
+            );
+            println!();
+            println!("Enroll a host that has the cronium-agent binary:");
+            println!(
+                "  {}",
+                created["enroll_command"].as_str().unwrap_or_default()
+            );
+            println!("  cronium-agent run");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Event(EventCommand::Create {
+            name,
+            kind,
+            script,
+            script_file,
+            agents,
+            labels,
+            timeout,
+            retries,
+            api,
+        }) => {
+            let script = match (script, script_file) {
+                (Some(script), _) => script,
+                (None, Some(path)) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, None) => bail!("give the script with --script or --script-file"),
+            };
+            let body = serde_json::json!({
+                "name": name, "kind": kind, "script": script, "runtime": "host",
+                "targets": {"agents": agents, "labels": parse_labels(&labels)?},
+                "timeout_seconds": timeout, "retries": retries,
+            });
+            let event = api.client()?.post("/events", &body).await?;
+            println!("{}", event["id"].as_str().unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Event(EventCommand::List { api }) => {
+            let events = api.client()?.get("/events").await?;
+            println!("{:<34} {:<24} {:<8} TARGETS", "ID", "NAME", "KIND");
+            for event in events.as_array().into_iter().flatten() {
+                println!(
+                    "{:<34} {:<24} {:<8} {}",
+                    event["id"].as_str().unwrap_or_default(),
+                    event["name"].as_str().unwrap_or_default(),
+                    event["kind"].as_str().unwrap_or_default(),
+                    event["targets"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => client::run_event(args).await,
+    }
+}
+
+/// Creates an API token for `username` and returns it (shown once, stored hashed).
+pub async fn create_api_token(
+    store: &crate::store::Store,
+    username: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let (user, _) = store
+        .user_with_password(username)
+        .await?
+        .with_context(|| format!("no user named {username:?}"))?;
+    let token = random_token("crt_");
+    store
+        .create_api_token(&user.id, &sha256_hex(token.as_bytes()), name)
+        .await?;
+    Ok(token)
+}
+
+/// Reads `KEY=VALUE` lines; blank lines and `#` comments are skipped.
+fn read_config_file(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (key, value) = line
+                .split_once('=')
+                .with_context(|| format!("{}: {line:?} is not KEY=VALUE", path.display()))?;
+            Ok((
+                key.trim().to_string(),
+                value.trim().trim_matches('"').to_string(),
+            ))
+        })
+        .collect()
+}
+
+async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.config {
+        // Flags and the environment win; the file fills what they left unset.
+        let file = read_config_file(path)?;
+        let from_file = |key: &str| {
+            if std::env::var_os(key).is_none() {
+                file.get(key).cloned()
+            } else {
+                None
+            }
+        };
+        if args.encryption_key.is_none() {
+            args.encryption_key = from_file("ENCRYPTION_KEY");
+        }
+        if args.public_url.is_none() {
+            args.public_url = from_file("CRONIUM_PUBLIC_URL");
+        }
+        if args.data.database_url.is_none() {
+            args.data.database_url = from_file("CRONIUM_DATABASE_URL");
+        }
+        if let Some(dir) = from_file("CRONIUM_DATA_DIR") {
+            args.data.data_dir = dir.into();
+        }
+        if let Some(address) = from_file("CRONIUM_HTTP_ADDR") {
+            args.http_addr = address
+                .parse()
+                .context("CRONIUM_HTTP_ADDR in the config file")?;
+        }
+        if let Some(address) = from_file("CRONIUM_QUIC_ADDR") {
+            args.quic_addr = address
+                .parse()
+                .context("CRONIUM_QUIC_ADDR in the config file")?;
+        }
+    }
+    let Some(key) = args.encryption_key.as_deref() else {
+        bail!(
+            "ENCRYPTION_KEY is not set; generate one with `openssl rand -base64 32`, keep it safe, and set it in the environment \
+             (cronium never falls back to storing secrets in plaintext)"
+        );
+    };
+    let config = ServerConfig {
+        data_dir: args.data.data_dir,
+        database_url: args.data.database_url,
+        http_addr: args.http_addr,
+        quic_addr: args.quic_addr,
+        public_url: args.public_url,
+        quic_public_addrs: args.quic_public_addrs,
+        encryption_key: EncryptionKey::from_base64(key)?,
+        lease: Duration::from_secs(args.lease_seconds.max(1)),
+        heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
+    };
+    if config.heartbeat * 2 > config.lease {
+        bail!("--lease-seconds must be at least twice --heartbeat-seconds");
+    }
+    let shutdown = CancellationToken::new();
+    let running = crate::start(config, shutdown.clone()).await?;
+    if let Some(password) = &running.admin_password {
+        println!("first start: created user admin with password {password}");
+    }
+    println!(
+        "cronium ready http={} quic={}",
+        running.local_url(),
+        running.quic_addr
+    );
+    tokio::spawn(watch_signals(shutdown));
+    running.wait().await;
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+pub async fn watch_signals(shutdown: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        _ = shutdown.cancelled() => return,
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

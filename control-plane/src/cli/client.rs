@@ -1,0 +1,327 @@
+//! A small client of the HTTP API for the CLI's operator commands.
+//!
+//! The server URL and token come from `--server`/`--token` (or `CRONIUM_URL`/`CRONIUM_TOKEN`),
+//! else from `cli.json` that `cronium dev` writes into its data directory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use super::{RunArgs, default_data_dir, parse_labels};
+
+/// Name of the file `cronium dev` writes with the URL and a token for the CLI.
+pub const CLI_CONFIG_FILE: &str = "cli.json";
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// URL of the control plane.
+    #[arg(long = "server", env = "CRONIUM_URL")]
+    server: Option<String>,
+    /// API token (see `cronium token create`).
+    #[arg(long, env = "CRONIUM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data directory of a local `cronium dev`, whose cli.json supplies the URL and token when not given.
+    #[arg(long, env = "CRONIUM_DATA_DIR", default_value_os_t = default_data_dir())]
+    data_dir: PathBuf,
+}
+
+/// An authenticated API client.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl ApiArgs {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let saved: Option<Value> = std::fs::read(self.data_dir.join(CLI_CONFIG_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let from_saved = |key: &str| {
+            saved
+                .as_ref()
+                .and_then(|saved| saved[key].as_str().map(str::to_string))
+        };
+        let base = self.server.clone().or_else(|| from_saved("url")).context(
+            "no control plane given: use --server URL (or CRONIUM_URL), or run `cronium dev` with the same --data-dir",
+        )?;
+        let token = self.token.clone().or_else(|| from_saved("token")).context(
+            "no API token given: use --token (or CRONIUM_TOKEN); create one with `cronium token create --user NAME`",
+        )?;
+        Ok(Client {
+            http: http_client()?,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+}
+
+/// A reqwest client on the ring TLS provider.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(certificates) = std::fs::read("/etc/ssl/certs/ca-certificates.crt") {
+        use rustls_pki_types::pem::PemObject;
+        for certificate in rustls_pki_types::CertificateDer::pem_slice_iter(&certificates).flatten()
+        {
+            let _ = roots.add(certificate);
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .context("building the HTTP client")
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    async fn decode(response: reqwest::Response) -> anyhow::Result<Value> {
+        let status = response.status();
+        let body: Value = if status == reqwest::StatusCode::NO_CONTENT {
+            Value::Null
+        } else {
+            response.json().await.unwrap_or(Value::Null)
+        };
+        if status.is_success() {
+            return Ok(body);
+        }
+        match body["error"]["message"].as_str() {
+            Some(message) => match body["error"]["field"].as_str() {
+                Some(field) => bail!("{field}: {message} (HTTP {status})"),
+                None => bail!("{message} (HTTP {status})"),
+            },
+            None => bail!("the server answered HTTP {status}"),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {}", self.url(path)))?;
+        Client::decode(response).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {}", self.url(path)))?;
+        Client::decode(response).await
+    }
+
+    /// Follows a job's logs, writing output as it arrives; returns the final job.
+    pub async fn follow(&self, job_id: &str, prefix: Option<&str>) -> anyhow::Result<Value> {
+        let url = self.url(&format!("/jobs/{job_id}/logs?follow=true"));
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        if !response.status().is_success() {
+            return Client::decode(response).await;
+        }
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::new();
+        let mut at_line_start = true;
+        while let Some(bytes) = body.next().await {
+            buffer.extend_from_slice(&bytes.context("reading the log stream")?);
+            while let Some(end) = buffer.windows(2).position(|window| window == b"\n\n") {
+                let event: Vec<u8> = buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                let mut kind = "message";
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        kind = value.trim();
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                    }
+                }
+                let Ok(value) = serde_json::from_str::<Value>(&data) else {
+                    continue;
+                };
+                match kind {
+                    "log" => {
+                        let text = value["data"].as_str().unwrap_or_default();
+                        let mut out = std::io::stdout().lock();
+                        match prefix {
+                            None => out.write_all(text.as_bytes())?,
+                            Some(prefix) => {
+                                for piece in text.split_inclusive('\n') {
+                                    if at_line_start {
+                                        write!(out, "[{prefix}] ")?;
+                                    }
+                                    out.write_all(piece.as_bytes())?;
+                                    at_line_start = piece.ends_with('\n');
+                                }
+                            }
+                        }
+                        out.flush()?;
+                    }
+                    "end" => return Ok(value),
+                    "error" => bail!(
+                        "{}",
+                        value["message"].as_str().unwrap_or("the log stream failed")
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        bail!("the log stream ended before the job did")
+    }
+}
+
+/// `cronium run`.
+pub async fn run_event(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let client = args.api.client()?;
+    let event = match client.get(&format!("/events/{}", args.event)).await {
+        Ok(event) => event,
+        Err(_) => {
+            let events = client.get("/events").await?;
+            events
+                .as_array()
+                .and_then(|events| {
+                    events
+                        .iter()
+                        .find(|event| event["name"] == args.event.as_str())
+                        .cloned()
+                })
+                .with_context(|| format!("no event with id or name {:?}", args.event))?
+        }
+    };
+    let event_id = event["id"].as_str().context("event without id")?;
+    let mut body = json!({});
+    if let Some(input) = &args.input {
+        body["input"] = serde_json::from_str(input).context("--input is not valid JSON")?;
+    }
+    if let Some(target) = &args.target {
+        let agent = target
+            .strip_prefix("agent:")
+            .with_context(|| format!("--target {target:?} must look like agent:ID_OR_NAME"))?;
+        body["targets"] = json!({"agents": [agent]});
+    } else if !args.labels.is_empty() {
+        body["targets"] = json!({"labels": parse_labels(&args.labels)?});
+    }
+    let run = client
+        .post(&format!("/events/{event_id}/runs"), &body)
+        .await?;
+    let jobs: Vec<(String, String)> = run["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|job| {
+            Some((
+                job["id"].as_str()?.to_string(),
+                job["agent_id"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    let run_id = run["run_id"].as_str().unwrap_or_default().to_string();
+    if !args.wait {
+        println!("run {run_id}");
+        for (job_id, agent_id) in &jobs {
+            println!("job {job_id} on agent {agent_id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("run {run_id}: {} job(s)", jobs.len());
+    if let [(job_id, _)] = jobs.as_slice() {
+        let job = client.follow(job_id, None).await?;
+        return Ok(job_exit_code(&job));
+    }
+    // Fan-out: follow every job at once, prefixing lines with the agent's name.
+    let names: BTreeMap<String, String> = client
+        .get("/agents")
+        .await?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|agent| {
+            Some((
+                agent["id"].as_str()?.to_string(),
+                agent["name"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    let followers = jobs.iter().map(|(job_id, agent_id)| {
+        let name = names
+            .get(agent_id)
+            .cloned()
+            .unwrap_or_else(|| agent_id.clone());
+        let client = &client;
+        async move { (name.clone(), client.follow(job_id, Some(&name)).await) }
+    });
+    let results = futures_util::future::join_all(followers).await;
+    let mut failed = 0;
+    eprintln!("\n{:<24} {:<10} {:<6} REASON", "AGENT", "STATUS", "EXIT");
+    for (name, result) in results {
+        match result {
+            Ok(job) => {
+                if job["status"] != "completed" {
+                    failed += 1;
+                }
+                eprintln!(
+                    "{:<24} {:<10} {:<6} {}",
+                    name,
+                    job["status"].as_str().unwrap_or("?"),
+                    job["exit_code"]
+                        .as_i64()
+                        .map(|code| code.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    job["reason"].as_str().unwrap_or("")
+                );
+            }
+            Err(error) => {
+                failed += 1;
+                eprintln!("{name:<24} error      -      {error:#}");
+            }
+        }
+    }
+    eprintln!("{} of {} host(s) failed", failed, jobs.len());
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The exit code `cronium run --wait` ends with for one job.
+fn job_exit_code(job: &Value) -> ExitCode {
+    match (job["status"].as_str(), job["exit_code"].as_i64()) {
+        (Some("completed"), _) => ExitCode::SUCCESS,
+        (_, Some(code)) if (1..=255).contains(&code) => ExitCode::from(code as u8),
+        (status, _) => {
+            eprintln!(
+                "job {}: {}",
+                status.unwrap_or("ended"),
+                job["reason"].as_str().unwrap_or("unknown reason")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! `/agents`: the fleet, revocation, and enrollment (trading a token and a CSR for a certificate).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cronium_protocol::CloseCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::CurrentUser;
+use super::error::{ApiError, ApiJson, ApiResult};
+use super::{labels_field, timestamp};
+use crate::AppState;
+use crate::crypto::sha256_hex;
+use crate::store::agents::{Agent, NewAgent, TokenRefusal};
+use crate::store::now_ms;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/agents", get(list))
+        .route("/agents/enroll", post(enroll))
+        .route("/agents/{id}", get(show).delete(revoke))
+}
+
+/// The API view of an agent.
+pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
+    let live = state.registry.last_seen(&agent.id);
+    json!({
+        "id": agent.id,
+        "name": agent.name,
+        "labels": agent.labels,
+        "status": if live.is_some() && agent.revoked_at.is_none() { "online" } else { "offline" },
+        "version": agent.version,
+        "hostname": agent.hostname,
+        "last_seen_at": timestamp(live.or(agent.last_seen_at)),
+        "created_at": timestamp(Some(agent.created_at)),
+        "revoked_at": timestamp(agent.revoked_at),
+        "server_id": Value::Null,
+    })
+}
+
+async fn list(State(state): State<AppState>, _user: CurrentUser) -> ApiResult<Json<Value>> {
+    let agents = state.store.agents().await?;
+    Ok(Json(Value::Array(
+        agents
+            .iter()
+            .map(|agent| agent_json(&state, agent))
+            .collect(),
+    )))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    _user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let agent = state
+        .store
+        .agent(&id)
+        .await
+        .map_err(|_| ApiError::NotFound("agent"))?;
+    Ok(Json(agent_json(&state, &agent)))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require_admin()?;
+    if !state.store.revoke_agent(&id).await? {
+        return Err(ApiError::NotFound("agent"));
+    }
+    state
+        .registry
+        .disconnect(&id, CloseCode::Revoked, "agent revoked");
+    state
+        .store
+        .audit(
+            "agent_revoked",
+            Some(&user.0.username),
+            &json!({"agent_id": id}),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    token: String,
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    csr_pem: String,
+    #[serde(default)]
+    host: HostRequest,
+}
+
+#[derive(Deserialize, Default)]
+struct HostRequest {
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    arch: String,
+}
+
+/// Validates an agent name: 1–64 characters of letters, digits, `.`, `_` and `-`.
+pub fn validate_name(field: &str, name: &str) -> ApiResult<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            field,
+            "must be 1-64 characters of letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
+async fn enroll(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<EnrollRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    validate_name("name", &request.name)?;
+    labels_field("labels", &request.labels)?;
+    let token_sha256 = sha256_hex(request.token.as_bytes());
+    let new_agent = NewAgent {
+        token_sha256: &token_sha256,
+        name: &request.name,
+        extra_labels: &request.labels,
+        hostname: truncate(&request.host.hostname, 255),
+        os: truncate(&request.host.os, 64),
+        arch: truncate(&request.host.arch, 64),
+    };
+    let (agent, _grant) = match state.store.enroll_agent(new_agent).await {
+        Ok(Ok(enrolled)) => enrolled,
+        Ok(Err(refusal)) => {
+            let message = match refusal {
+                TokenRefusal::Unknown => "the enrollment token is not valid",
+                TokenRefusal::Expired => "the enrollment token has expired",
+                TokenRefusal::UsedUp => "the enrollment token has already been used",
+            };
+            state
+                .store
+                .audit(
+                    "enrollment_refused",
+                    None,
+                    &json!({"name": request.name, "reason": message}),
+                )
+                .await?;
+            return Err(ApiError::Forbidden(message.into()));
+        }
+        Err(crate::store::StoreError::Constraint(_)) => {
+            return Err(ApiError::Conflict(format!(
+                "an agent named {:?} is already enrolled; revoke it or pick another name",
+                request.name
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let issued = match state
+        .ca
+        .issue_agent_certificate(&request.csr_pem, &agent.id)
+    {
+        Ok(issued) => issued,
+        Err(error) => {
+            state.store.delete_pending_agent(&agent.id).await?;
+            return Err(ApiError::field("csr_pem", format!("{error:#}")));
+        }
+    };
+    state
+        .store
+        .set_agent_certificate(&agent.id, &issued.sha256)
+        .await?;
+    state
+        .store
+        .audit(
+            "agent_enrolled",
+            None,
+            &json!({"agent_id": agent.id, "name": agent.name}),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "agent_id": agent.id,
+            "name": agent.name,
+            "labels": agent.labels,
+            "certificate_pem": issued.pem,
+            "ca_certificate_pem": state.ca.ca_pem(),
+            "quic_addrs": state.config.quic_public_addrs,
+            "server_name": cronium_protocol::SERVER_NAME,
+            "enrolled_at": super::timestamp(Some(now_ms())),
+        })),
+    ))
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}

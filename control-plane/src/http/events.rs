@@ -1,0 +1,390 @@
+//! `/events`: create, read, update, delete, and trigger runs.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::CurrentUser;
+use super::error::{ApiError, ApiJson, ApiResult};
+use super::{labels_field, timestamp};
+use crate::AppState;
+use crate::store::StoreError;
+use crate::store::events::{Event, EventFields, EventKind, Runtime, Targets};
+use crate::store::jobs::NewRun;
+
+/// Largest script accepted, in bytes.
+pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+
+/// Largest `input` accepted, serialized, in bytes.
+const MAX_INPUT_BYTES: usize = 256 * 1024;
+
+/// Default timeout of an event's jobs.
+const DEFAULT_TIMEOUT_SECONDS: u32 = 3600;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/events", get(list).post(create))
+        .route("/events/{id}", get(show).patch(update).delete(remove))
+        .route("/events/{id}/runs", post(trigger))
+}
+
+/// The body of `POST /events` and, with every field optional, `PATCH /events/{id}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventRequest {
+    name: Option<String>,
+    kind: Option<String>,
+    script: Option<String>,
+    runtime: Option<String>,
+    targets: Option<TargetsRequest>,
+    timeout_seconds: Option<u32>,
+    retries: Option<u32>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct TargetsRequest {
+    #[serde(default)]
+    agents: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl From<TargetsRequest> for Targets {
+    fn from(request: TargetsRequest) -> Targets {
+        Targets {
+            agents: request.agents,
+            labels: request.labels,
+        }
+    }
+}
+
+fn event_json(event: &Event) -> Value {
+    json!({
+        "id": event.id,
+        "owner_id": event.owner_id,
+        "name": event.name,
+        "kind": event.kind.as_str(),
+        "script": event.script,
+        "runtime": event.runtime.as_str(),
+        "targets": {"agents": event.targets.agents, "labels": event.targets.labels},
+        "timeout_seconds": event.timeout_seconds,
+        "retries": event.retries,
+        "env": event.env,
+        "next_run_at": Value::Null,
+        "created_at": timestamp(Some(event.created_at)),
+        "updated_at": timestamp(Some(event.updated_at)),
+    })
+}
+
+/// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
+fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
+    let name = request
+        .name
+        .or_else(|| base.map(|event| event.name.clone()))
+        .ok_or_else(|| ApiError::field("name", "is required"))?;
+    if name.trim().is_empty() || name.len() > 128 {
+        return Err(ApiError::field("name", "must be 1-128 characters"));
+    }
+    let kind = match request.kind {
+        Some(kind) => EventKind::parse(&kind).ok_or_else(|| {
+            ApiError::field(
+                "kind",
+                format!("unknown kind {kind:?}; expected bash, python or nodejs"),
+            )
+        })?,
+        None => base
+            .map(|event| event.kind)
+            .ok_or_else(|| ApiError::field("kind", "is required"))?,
+    };
+    if matches!(kind, EventKind::HttpRequest | EventKind::ToolAction) {
+        return Err(ApiError::field(
+            "kind",
+            format!(
+                "{} events are not supported by this version yet",
+                kind.as_str()
+            ),
+        ));
+    }
+    let script = request
+        .script
+        .or_else(|| base.map(|event| event.script.clone()))
+        .ok_or_else(|| ApiError::field("script", "is required"))?;
+    if script.len() > MAX_SCRIPT_BYTES {
+        return Err(ApiError::field(
+            "script",
+            format!("is larger than {MAX_SCRIPT_BYTES} bytes"),
+        ));
+    }
+    if script.contains('\0') {
+        return Err(ApiError::field("script", "must not contain NUL bytes"));
+    }
+    let runtime = match request.runtime {
+        Some(runtime) => Runtime::parse(&runtime).ok_or_else(|| {
+            ApiError::field(
+                "runtime",
+                format!("unknown runtime {runtime:?}; expected host"),
+            )
+        })?,
+        None => base.map(|event| event.runtime).unwrap_or(Runtime::Host),
+    };
+    if runtime == Runtime::Docker {
+        return Err(ApiError::field(
+            "runtime",
+            "the docker runtime is not supported by this version yet",
+        ));
+    }
+    let targets: Targets = match request.targets {
+        Some(targets) => targets.into(),
+        None => base.map(|event| event.targets.clone()).unwrap_or_default(),
+    };
+    if targets.agents.len() > 10_000 {
+        return Err(ApiError::field("targets.agents", "lists too many agents"));
+    }
+    labels_field("targets.labels", &targets.labels)?;
+    let env = request
+        .env
+        .or_else(|| base.map(|event| event.env.clone()))
+        .unwrap_or_default();
+    for (key, value) in &env {
+        let valid_key = !key.is_empty()
+            && key.len() <= 128
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !key.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_key {
+            return Err(ApiError::field(
+                "env",
+                format!("{key:?} is not a valid environment variable name"),
+            ));
+        }
+        if key.starts_with("CRONIUM_") {
+            return Err(ApiError::field(
+                "env",
+                format!("{key} is reserved for Cronium"),
+            ));
+        }
+        if value.contains('\0') || value.len() > 64 * 1024 {
+            return Err(ApiError::field(
+                "env",
+                format!("the value of {key} is invalid (NUL byte or over 64 KiB)"),
+            ));
+        }
+    }
+    let timeout_seconds = request
+        .timeout_seconds
+        .or_else(|| base.map(|event| event.timeout_seconds))
+        .unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+    if timeout_seconds > 7 * 24 * 3600 {
+        return Err(ApiError::field(
+            "timeout_seconds",
+            "must be at most 604800 (7 days); 0 means no timeout",
+        ));
+    }
+    let retries = request
+        .retries
+        .or_else(|| base.map(|event| event.retries))
+        .unwrap_or(0);
+    if retries > 100 {
+        return Err(ApiError::field("retries", "must be at most 100"));
+    }
+    Ok(EventFields {
+        name: name.trim().to_string(),
+        kind,
+        script,
+        runtime,
+        targets,
+        timeout_seconds,
+        retries,
+        env,
+    })
+}
+
+async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<Value>> {
+    let owner = if user.is_admin() {
+        None
+    } else {
+        Some(user.0.id.as_str())
+    };
+    let events = state.store.events(owner).await?;
+    Ok(Json(Value::Array(events.iter().map(event_json).collect())))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(request): ApiJson<EventRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    user.require_writer()?;
+    let fields = event_fields(request, None)?;
+    let event = state
+        .store
+        .create_event(&user.0.id, &fields)
+        .await
+        .map_err(|error| match error {
+            StoreError::Constraint(_) => {
+                ApiError::Conflict(format!("you already have an event named {:?}", fields.name))
+            }
+            other => other.into(),
+        })?;
+    Ok((StatusCode::CREATED, Json(event_json(&event))))
+}
+
+/// Loads an event the caller may see.
+async fn visible_event(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Event> {
+    match state.store.event(id).await {
+        Ok(event) if user.may_access(&event.owner_id) => Ok(event),
+        Ok(_) | Err(StoreError::NotFound) => Err(ApiError::NotFound("event")),
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn show(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(event_json(&visible_event(&state, &user, &id).await?)))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<EventRequest>,
+) -> ApiResult<Json<Value>> {
+    user.require_writer()?;
+    let event = visible_event(&state, &user, &id).await?;
+    let fields = event_fields(request, Some(&event))?;
+    let event = state
+        .store
+        .update_event(&id, &fields)
+        .await
+        .map_err(|error| match error {
+            StoreError::Constraint(_) => {
+                ApiError::Conflict(format!("you already have an event named {:?}", fields.name))
+            }
+            other => other.into(),
+        })?;
+    Ok(Json(event_json(&event)))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require_writer()?;
+    visible_event(&state, &user, &id).await?;
+    state.store.delete_event(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TriggerRequest {
+    input: Option<Value>,
+    targets: Option<TargetsRequest>,
+}
+
+/// Resolves targets to agent ids: named agents (by id or name) must exist; labels select every
+/// agent carrying all of them.
+async fn resolve_targets(state: &AppState, targets: &Targets) -> ApiResult<Vec<String>> {
+    let agents = state.store.agents().await?;
+    let mut chosen = Vec::new();
+    for wanted in &targets.agents {
+        let agent = agents
+            .iter()
+            .find(|agent| &agent.id == wanted || &agent.name == wanted)
+            .ok_or_else(|| {
+                ApiError::field(
+                    "targets.agents",
+                    format!("no enrolled agent is called {wanted:?}"),
+                )
+            })?;
+        chosen.push(agent.id.clone());
+    }
+    if !targets.labels.is_empty() {
+        for agent in &agents {
+            if targets
+                .labels
+                .iter()
+                .all(|(key, value)| agent.labels.get(key) == Some(value))
+            {
+                chosen.push(agent.id.clone());
+            }
+        }
+    }
+    chosen.sort();
+    chosen.dedup();
+    Ok(chosen)
+}
+
+async fn trigger(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<TriggerRequest>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    user.require_writer()?;
+    let event = visible_event(&state, &user, &id).await?;
+    let targets: Targets = match request.targets {
+        Some(targets) => targets.into(),
+        None => event.targets.clone(),
+    };
+    if targets.is_empty() {
+        return Err(ApiError::field(
+            "targets",
+            "the event has no targets; give agents or labels",
+        ));
+    }
+    let agent_ids = resolve_targets(&state, &targets).await?;
+    if agent_ids.is_empty() {
+        return Err(ApiError::field(
+            "targets.labels",
+            "no enrolled agent matches these labels",
+        ));
+    }
+    let input = request.input.map(|input| input.to_string());
+    if input
+        .as_ref()
+        .is_some_and(|input| input.len() > MAX_INPUT_BYTES)
+    {
+        return Err(ApiError::field(
+            "input",
+            format!("is larger than {MAX_INPUT_BYTES} bytes"),
+        ));
+    }
+    let kind = event.kind.as_str();
+    let (run_id, jobs) = state
+        .store
+        .create_run(NewRun {
+            event_id: &event.id,
+            kind,
+            script: &event.script,
+            env: &event.env,
+            input: input.as_deref(),
+            timeout_seconds: event.timeout_seconds,
+            max_attempts: event.retries + 1,
+            created_by: &user.0.id,
+            agent_ids: &agent_ids,
+        })
+        .await?;
+    // The jobs are durable; now wake their agents (no agent polls).
+    for (_, agent_id) in &jobs {
+        state.registry.wake(agent_id);
+    }
+    let jobs: Vec<Value> = jobs
+        .iter()
+        .map(|(job_id, agent_id)| json!({"id": job_id, "agent_id": agent_id}))
+        .collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"run_id": run_id, "jobs": jobs})),
+    ))
+}

@@ -1,0 +1,347 @@
+//! `/runs/{id}` and `/jobs/{id}`: status, logs (whole or followed live over server-sent
+//! events) and cancellation.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use cronium_protocol::AttemptRef;
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::auth::CurrentUser;
+use super::error::{ApiError, ApiResult};
+use super::timestamp;
+use crate::AppState;
+use crate::store::StoreError;
+use crate::store::jobs::{CancelOutcome, Job, JobStatus, LogChunk};
+
+/// How much of the log's end `GET /jobs/{id}` includes as `output`.
+const OUTPUT_TAIL_BYTES: u64 = 64 * 1024;
+
+/// How much log one read from the store fetches.
+const LOG_PAGE_BYTES: u64 = 1024 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/runs/{id}", get(show_run))
+        .route("/jobs/{id}", get(show_job))
+        .route("/jobs/{id}/logs", get(logs))
+        .route("/jobs/{id}/cancel", post(cancel))
+}
+
+/// Cuts chunks overlapping `from` so the result starts exactly at `from`.
+fn trim_chunks(chunks: Vec<LogChunk>, from: u64) -> Vec<LogChunk> {
+    chunks
+        .into_iter()
+        .filter_map(|mut chunk| {
+            if chunk.offset < from {
+                let skip = (from - chunk.offset) as usize;
+                if skip >= chunk.data.len() {
+                    return None;
+                }
+                chunk.data.drain(..skip);
+                chunk.offset = from;
+            }
+            Some(chunk)
+        })
+        .collect()
+}
+
+async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
+    let from = job.log_len.saturating_sub(OUTPUT_TAIL_BYTES);
+    let chunks = trim_chunks(
+        state.store.logs(&job.id, from, OUTPUT_TAIL_BYTES).await?,
+        from,
+    );
+    let output: Vec<u8> = chunks.into_iter().flat_map(|chunk| chunk.data).collect();
+    let result = job
+        .result
+        .as_deref()
+        .and_then(|result| serde_json::from_str::<Value>(result).ok());
+    Ok(json!({
+        "id": job.id,
+        "run_id": job.run_id,
+        "event_id": job.event_id,
+        "agent_id": job.agent_id,
+        "status": job.status.as_str(),
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "exit_code": job.exit_code,
+        "reason": job.reason.map(|reason| reason.as_str()),
+        "output": String::from_utf8_lossy(&output),
+        "output_truncated": from > 0,
+        "log_bytes": job.log_len,
+        "result": result,
+        "cancel_requested": job.cancel_requested,
+        "queued_at": timestamp(Some(job.queued_at)),
+        "claimed_at": timestamp(job.claimed_at),
+        "started_at": timestamp(job.started_at),
+        "finished_at": timestamp(job.finished_at),
+    }))
+}
+
+/// Loads a job the caller may see.
+async fn visible_job(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Job> {
+    let owner = match state.store.job_owner(id).await {
+        Ok(owner) => owner,
+        Err(StoreError::NotFound) => return Err(ApiError::NotFound("job")),
+        Err(error) => return Err(error.into()),
+    };
+    if !user.may_access(&owner) {
+        return Err(ApiError::NotFound("job"));
+    }
+    Ok(state.store.job(id).await?)
+}
+
+async fn show_run(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let run = state.store.run(&id).await.map_err(|error| match error {
+        StoreError::NotFound => ApiError::NotFound("run"),
+        other => other.into(),
+    })?;
+    let event = state.store.event(&run.event_id).await?;
+    if !user.may_access(&event.owner_id) {
+        return Err(ApiError::NotFound("run"));
+    }
+    let count = |statuses: &[JobStatus]| {
+        run.jobs
+            .iter()
+            .filter(|job| statuses.contains(&job.status))
+            .count()
+    };
+    let queued = count(&[JobStatus::Queued]);
+    let running = count(&[JobStatus::Claimed, JobStatus::Running]);
+    let completed = count(&[JobStatus::Completed]);
+    let failed = count(&[JobStatus::Failed]);
+    let cancelled = count(&[JobStatus::Cancelled]);
+    let status = if running > 0 {
+        "running"
+    } else if queued > 0 {
+        if queued == run.jobs.len() {
+            "queued"
+        } else {
+            "running"
+        }
+    } else if failed > 0 {
+        "failed"
+    } else if cancelled > 0 && completed == 0 {
+        "cancelled"
+    } else {
+        "completed"
+    };
+    let mut jobs = Vec::with_capacity(run.jobs.len());
+    for job in &run.jobs {
+        jobs.push(job_json(&state, job).await?);
+    }
+    Ok(Json(json!({
+        "id": run.id,
+        "event_id": run.event_id,
+        "status": status,
+        "input": run.input.as_deref().and_then(|input| serde_json::from_str::<Value>(input).ok()),
+        "created_at": timestamp(Some(run.created_at)),
+        "counts": {"queued": queued, "running": running, "completed": completed, "failed": failed, "cancelled": cancelled},
+        "jobs": jobs,
+    })))
+}
+
+async fn show_job(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let job = visible_job(&state, &user, &id).await?;
+    Ok(Json(job_json(&state, &job).await?))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    /// Start at this byte offset (followers resuming after a reconnect).
+    #[serde(default)]
+    from: u64,
+}
+
+async fn logs(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    let job = visible_job(&state, &user, &id).await?;
+    if query.follow {
+        let events = follow(state, job.id, query.from);
+        return Ok(Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            .into_response());
+    }
+    // Stream the stored log page by page; the whole log never sits in memory.
+    let pages = stream::unfold(
+        (state, job.id, query.from),
+        |(state, job_id, offset)| async move {
+            match state.store.logs(&job_id, offset, LOG_PAGE_BYTES).await {
+                Ok(chunks) => {
+                    let chunks = trim_chunks(chunks, offset);
+                    if chunks.is_empty() {
+                        return None;
+                    }
+                    let bytes: Vec<u8> = chunks.into_iter().flat_map(|chunk| chunk.data).collect();
+                    let next = offset + bytes.len() as u64;
+                    Some((
+                        Ok::<Bytes, std::io::Error>(Bytes::from(bytes)),
+                        (state, job_id, next),
+                    ))
+                }
+                Err(error) => Some((
+                    Err(std::io::Error::other(error.to_string())),
+                    (state, job_id, u64::MAX),
+                )),
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(pages),
+    )
+        .into_response())
+}
+
+/// State of one follower.
+struct Follower {
+    state: AppState,
+    job_id: String,
+    offset: u64,
+    changes: broadcast::Receiver<std::sync::Arc<str>>,
+    ended: bool,
+}
+
+/// Server-sent events of a job's log from `from`: `log` events as output arrives, then one
+/// `end` event with the job when it has ended and every byte was sent.
+fn follow(
+    state: AppState,
+    job_id: String,
+    from: u64,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let changes = state.job_events.subscribe();
+    let follower = Follower {
+        state,
+        job_id,
+        offset: from,
+        changes,
+        ended: false,
+    };
+    stream::unfold(follower, |mut follower| async move {
+        if follower.ended {
+            return None;
+        }
+        loop {
+            // Read the status before the log: if the job is final here, the log read after it is complete.
+            let job = match follower.state.store.job(&follower.job_id).await {
+                Ok(job) => job,
+                Err(error) => {
+                    return Some((
+                        Ok(error_event(&error.to_string())),
+                        Follower {
+                            ended: true,
+                            ..follower
+                        },
+                    ));
+                }
+            };
+            let chunks = match follower
+                .state
+                .store
+                .logs(&follower.job_id, follower.offset, LOG_PAGE_BYTES)
+                .await
+            {
+                Ok(chunks) => trim_chunks(chunks, follower.offset),
+                Err(error) => {
+                    return Some((
+                        Ok(error_event(&error.to_string())),
+                        Follower {
+                            ended: true,
+                            ..follower
+                        },
+                    ));
+                }
+            };
+            if let Some(chunk) = chunks.into_iter().next() {
+                let event = SseEvent::default().event("log").data(
+                    json!({"offset": chunk.offset, "stream": chunk.stream.as_str(), "data": String::from_utf8_lossy(&chunk.data)})
+                        .to_string(),
+                );
+                follower.offset = chunk.offset + chunk.data.len() as u64;
+                return Some((Ok(event), follower));
+            }
+            if job.status.is_final() && follower.offset >= job.log_len {
+                let body = job_json(&follower.state, &job)
+                    .await
+                    .unwrap_or_else(|_| json!({"id": job.id, "status": job.status.as_str()}));
+                return Some((
+                    Ok(SseEvent::default().event("end").data(body.to_string())),
+                    Follower {
+                        ended: true,
+                        ..follower
+                    },
+                ));
+            }
+            // Wait for a change to this job; re-read on lag or after a while regardless.
+            let wait = async {
+                loop {
+                    match follower.changes.recv().await {
+                        Ok(changed) if *changed == *follower.job_id => return,
+                        Ok(_) => continue,
+                        Err(_) => return,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        }
+    })
+}
+
+fn error_event(message: &str) -> SseEvent {
+    SseEvent::default()
+        .event("error")
+        .data(json!({"message": message}).to_string())
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    user.require_writer()?;
+    visible_job(&state, &user, &id).await?;
+    match state.store.request_cancel(&id).await? {
+        CancelOutcome::Cancelled => state.job_events.notify(&id),
+        CancelOutcome::Requested { agent_id, attempt } => {
+            // An offline agent hears about it when it reconnects, or its lease settles the job.
+            state.registry.cancel(
+                &agent_id,
+                AttemptRef {
+                    job_id: id.clone(),
+                    attempt,
+                },
+            );
+        }
+        CancelOutcome::AlreadyFinal => {
+            return Err(ApiError::Conflict("the job has already ended".into()));
+        }
+    }
+    let job = state.store.job(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job).await?)))
+}

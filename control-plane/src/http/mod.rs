@@ -1,0 +1,89 @@
+//! The HTTP API (axum). Each resource lives in its own module exporting `router()`; this file
+//! only merges them under `/api/v1`, adds the unauthenticated routes and the shared limits.
+
+pub mod agents;
+pub mod auth;
+pub mod enrollment;
+pub mod error;
+pub mod events;
+pub mod jobs;
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{StatusCode, header};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::AppState;
+use error::{ApiError, ApiResult};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The OpenAPI document, served at `/api/v1/openapi.json`.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(agents::router())
+        .merge(enrollment::router())
+        .merge(events::router())
+        .merge(jobs::router())
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .fallback(|| async { ApiError::NotFound("route") });
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .nest("/api/v1", api)
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": {"code": "not_found", "message": "route not found"}})),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Formats a stored millisecond timestamp as RFC 3339 (UTC), or null.
+pub fn timestamp(millis: Option<i64>) -> serde_json::Value {
+    millis
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|time| json!(time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Validates a label map: at most 64 labels, keys and values of 1–128 safe characters.
+pub fn labels_field(field: &str, labels: &BTreeMap<String, String>) -> ApiResult<()> {
+    if labels.len() > 64 {
+        return Err(ApiError::field(field, "at most 64 labels"));
+    }
+    let valid = |text: &str| {
+        !text.is_empty()
+            && text.len() <= 128
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+    };
+    for (key, value) in labels {
+        if !valid(key) || !valid(value) {
+            return Err(ApiError::field(
+                field,
+                format!(
+                    "label {key:?}={value:?} must use 1-128 letters, digits, '.', '_', '-' or '/'"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The queue around the store: change notifications for live log followers, and the lease
+//! sweeper that settles attempts whose agents went silent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast};
+use tracing::{info, warn};
+
+use crate::AppState;
+use crate::store::now_ms;
+
+/// Broadcasts the id of every job whose status or log changed. Followers filter by id and
+/// re-read the store, so a lagging receiver only needs to re-read.
+#[derive(Clone)]
+pub struct JobEvents {
+    sender: broadcast::Sender<Arc<str>>,
+}
+
+impl Default for JobEvents {
+    fn default() -> Self {
+        JobEvents {
+            sender: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl JobEvents {
+    pub fn notify(&self, job_id: &str) {
+        // No receiver is fine: nobody follows this job.
+        let _ = self.sender.send(Arc::from(job_id));
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.sender.subscribe()
+    }
+}
+
+/// Settles expired leases: every second, or at once when `wake` is notified. Re-queued jobs
+/// wake their agent; settled ones wake their followers.
+pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wake.notified() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        match state.store.expire_leases(now_ms()).await {
+            Ok(expired) => {
+                for job in expired {
+                    info!(job_id = %job.job_id, agent_id = %job.agent_id, requeued = job.requeued, "lease expired");
+                    if job.requeued {
+                        state.registry.wake(&job.agent_id);
+                    }
+                    state.job_events.notify(&job.job_id);
+                }
+            }
+            Err(error) => warn!(%error, "lease sweep failed"),
+        }
+    }
+}
+
+/// Persists the last-seen times of connected agents every `period`.
+pub async fn record_last_seen(state: AppState, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = state.shutdown.cancelled() => break,
+        }
+        if let Err(error) = state
+            .store
+            .record_last_seen(&state.registry.snapshot())
+            .await
+        {
+            warn!(%error, "could not record last-seen times");
+        }
+    }
+}

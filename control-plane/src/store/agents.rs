@@ -1,0 +1,296 @@
+//! Enrollment tokens and agents.
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{Store, StoreError, StoreResult, new_id, now_ms};
+
+/// Labels are a sorted map of key to value, stored as a JSON object.
+pub type Labels = BTreeMap<String, String>;
+
+/// An enrolled agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    pub last_seen_at: Option<i64>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// What a consumed enrollment token allows.
+#[derive(Debug, Clone)]
+pub struct EnrollmentGrant {
+    pub labels: Labels,
+}
+
+/// Why an enrollment token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token.
+    Unknown,
+    /// The token's lifetime is over.
+    Expired,
+    /// Every use of the token was spent.
+    UsedUp,
+}
+
+/// Input to [`Store::enroll_agent`].
+#[derive(Debug)]
+pub struct NewAgent<'a> {
+    pub token_sha256: &'a str,
+    pub name: &'a str,
+    pub extra_labels: &'a Labels,
+    pub hostname: &'a str,
+    pub os: &'a str,
+    pub arch: &'a str,
+}
+
+pub(crate) fn labels_from_json(text: &str) -> StoreResult<Labels> {
+    serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("labels: {error}")))
+}
+
+pub(crate) fn labels_to_json(labels: &Labels) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+}
+
+fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
+    Ok(Agent {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        labels: labels_from_json(&row.try_get::<String, _>("labels")?)?,
+        version: row.try_get("version")?,
+        hostname: row.try_get("hostname")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+const AGENT_COLUMNS: &str =
+    "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at";
+
+impl Store {
+    /// Stores a new enrollment token (by hash).
+    pub async fn create_enrollment_token(
+        &self,
+        token_sha256: &str,
+        labels: &Labels,
+        uses: u32,
+        expires_at: i64,
+        created_by: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (id, token_sha256, labels, uses_left, expires_at, created_by, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new_id())
+        .bind(token_sha256)
+        .bind(labels_to_json(labels))
+        .bind(uses as i64)
+        .bind(expires_at)
+        .bind(created_by)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Spends one use of an enrollment token and records the agent, atomically: two concurrent
+    /// uses of a one-use token give exactly one agent. The certificate fingerprint is filled in
+    /// by [`Store::set_agent_certificate`] once the certificate is issued for the returned id.
+    pub async fn enroll_agent(
+        &self,
+        new_agent: NewAgent<'_>,
+    ) -> StoreResult<Result<(Agent, EnrollmentGrant), TokenRefusal>> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let spent = sqlx::query(
+            "UPDATE enrollment_tokens SET uses_left = uses_left - 1
+             WHERE token_sha256 = ? AND uses_left > 0 AND expires_at > ? RETURNING labels",
+        )
+        .bind(new_agent.token_sha256)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(spent) = spent else {
+            let row = sqlx::query(
+                "SELECT uses_left, expires_at FROM enrollment_tokens WHERE token_sha256 = ?",
+            )
+            .bind(new_agent.token_sha256)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let refusal = match row {
+                None => TokenRefusal::Unknown,
+                Some(row) if row.try_get::<i64, _>("expires_at")? <= now => TokenRefusal::Expired,
+                Some(_) => TokenRefusal::UsedUp,
+            };
+            return Ok(Err(refusal));
+        };
+        let mut labels = labels_from_json(&spent.try_get::<String, _>("labels")?)?;
+        let grant = EnrollmentGrant {
+            labels: labels.clone(),
+        };
+        for (key, value) in new_agent.extra_labels {
+            labels.insert(key.clone(), value.clone());
+        }
+        let id = new_id();
+        // The placeholder fingerprint is unique per agent until the real one is set.
+        sqlx::query(
+            "INSERT INTO agents (id, name, labels, cert_sha256, hostname, os, arch, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(new_agent.name)
+        .bind(labels_to_json(&labels))
+        .bind(format!("pending:{id}"))
+        .bind(new_agent.hostname)
+        .bind(new_agent.os)
+        .bind(new_agent.arch)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let agent = Agent {
+            id,
+            name: new_agent.name.to_string(),
+            labels,
+            version: None,
+            hostname: Some(new_agent.hostname.to_string()),
+            last_seen_at: None,
+            created_at: now,
+            revoked_at: None,
+        };
+        Ok(Ok((agent, grant)))
+    }
+
+    /// Records the fingerprint of the certificate issued to an agent.
+    pub async fn set_agent_certificate(
+        &self,
+        agent_id: &str,
+        cert_sha256: &str,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET cert_sha256 = ? WHERE id = ?")
+            .bind(cert_sha256)
+            .bind(agent_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes an agent whose certificate could not be issued (enrollment failed half way).
+    pub async fn delete_pending_agent(&self, agent_id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM agents WHERE id = ? AND cert_sha256 LIKE 'pending:%'")
+            .bind(agent_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// The agent holding a certificate, revoked or not.
+    pub async fn agent_by_certificate(&self, cert_sha256: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE cert_sha256 = ?"
+        )))
+        .bind(cert_sha256)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    /// One agent by id.
+    pub async fn agent(&self, id: &str) -> StoreResult<Agent> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? AND cert_sha256 NOT LIKE 'pending:%'"
+        )))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref()
+            .map(agent_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Every enrolled agent that is not revoked, by name.
+    pub async fn agents(&self) -> StoreResult<Vec<Agent>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE revoked_at IS NULL AND cert_sha256 NOT LIKE 'pending:%' ORDER BY name"
+        )))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    /// Records what an agent said about itself when it connected.
+    pub async fn record_agent_hello(
+        &self,
+        agent_id: &str,
+        version: &str,
+        hostname: &str,
+        os: &str,
+        arch: &str,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET version = ?, hostname = ?, os = ?, arch = ?, last_seen_at = ? WHERE id = ?")
+            .bind(version)
+            .bind(hostname)
+            .bind(os)
+            .bind(arch)
+            .bind(now_ms())
+            .bind(agent_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Persists last-seen times kept in memory while agents are connected, in one transaction.
+    pub async fn record_last_seen(&self, seen: &[(String, i64)]) -> StoreResult<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await?;
+        for (agent_id, at) in seen {
+            sqlx::query(
+                "UPDATE agents SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?) WHERE id = ?",
+            )
+            .bind(at)
+            .bind(agent_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Revokes an agent and fails every job it had not finished. Returns false if it was
+    /// already revoked or does not exist.
+    pub async fn revoke_agent(&self, agent_id: &str) -> StoreResult<bool> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let changed =
+            sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now)
+                .bind(agent_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if changed == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = 'failed', reason = 'revoked', settled_by = 'revoke', finished_at = ?, lease_expires_at = NULL
+             WHERE agent_id = ? AND status IN ('queued', 'claimed', 'running')",
+        )
+        .bind(now)
+        .bind(agent_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}

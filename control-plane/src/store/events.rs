@@ -1,0 +1,276 @@
+//! Events: what to run, where, and with which limits.
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, Row};
+
+use super::agents::{Labels, labels_from_json};
+use super::{Store, StoreError, StoreResult, new_id, now_ms};
+
+/// What an event runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Bash,
+    Python,
+    Nodejs,
+    HttpRequest,
+    ToolAction,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Bash => "bash",
+            EventKind::Python => "python",
+            EventKind::Nodejs => "nodejs",
+            EventKind::HttpRequest => "http_request",
+            EventKind::ToolAction => "tool_action",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventKind> {
+        Some(match text {
+            "bash" => EventKind::Bash,
+            "python" => EventKind::Python,
+            "nodejs" => EventKind::Nodejs,
+            "http_request" => EventKind::HttpRequest,
+            "tool_action" => EventKind::ToolAction,
+            _ => return None,
+        })
+    }
+}
+
+/// Where an event's scripts run on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Host,
+    Docker,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Host => "host",
+            Runtime::Docker => "docker",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Runtime> {
+        match text {
+            "host" => Some(Runtime::Host),
+            "docker" => Some(Runtime::Docker),
+            _ => None,
+        }
+    }
+}
+
+/// Which agents an event runs on: named agents (by id or name) plus every agent matching all labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Targets {
+    pub agents: Vec<String>,
+    pub labels: Labels,
+}
+
+impl Targets {
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.labels.is_empty()
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({ "agents": self.agents, "labels": self.labels }).to_string()
+    }
+
+    fn from_json(text: &str) -> StoreResult<Targets> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|error| StoreError::Corrupt(format!("targets: {error}")))?;
+        let agents = value["agents"]
+            .as_array()
+            .map(|agents| {
+                agents
+                    .iter()
+                    .filter_map(|agent| agent.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let labels = labels_from_json(
+            &value
+                .get("labels")
+                .map(|labels| labels.to_string())
+                .unwrap_or_else(|| "{}".into()),
+        )?;
+        Ok(Targets { agents, labels })
+    }
+}
+
+/// A stored event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: String,
+    pub owner_id: String,
+    pub name: String,
+    pub kind: EventKind,
+    pub script: String,
+    pub runtime: Runtime,
+    pub targets: Targets,
+    pub timeout_seconds: u32,
+    pub retries: u32,
+    pub env: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The fields of an event a caller sets.
+#[derive(Debug, Clone)]
+pub struct EventFields {
+    pub name: String,
+    pub kind: EventKind,
+    pub script: String,
+    pub runtime: Runtime,
+    pub targets: Targets,
+    pub timeout_seconds: u32,
+    pub retries: u32,
+    pub env: BTreeMap<String, String>,
+}
+
+const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at";
+
+fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
+    let kind: String = row.try_get("kind")?;
+    let runtime: String = row.try_get("runtime")?;
+    let env: String = row.try_get("env")?;
+    Ok(Event {
+        id: row.try_get("id")?,
+        owner_id: row.try_get("owner_id")?,
+        name: row.try_get("name")?,
+        kind: EventKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("kind {kind:?}")))?,
+        script: row.try_get("script")?,
+        runtime: Runtime::parse(&runtime)
+            .ok_or_else(|| StoreError::Corrupt(format!("runtime {runtime:?}")))?,
+        targets: Targets::from_json(&row.try_get::<String, _>("targets")?)?,
+        timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
+        retries: row.try_get::<i64, _>("retries")? as u32,
+        env: serde_json::from_str(&env)
+            .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn env_to_json(env: &BTreeMap<String, String>) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(env).unwrap_or_else(|_| "{}".into())
+}
+
+impl Store {
+    /// Creates an event owned by `owner_id`.
+    pub async fn create_event(&self, owner_id: &str, fields: &EventFields) -> StoreResult<Event> {
+        let id = new_id();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(owner_id)
+        .bind(&fields.name)
+        .bind(fields.kind.as_str())
+        .bind(&fields.script)
+        .bind(fields.runtime.as_str())
+        .bind(fields.targets.to_json())
+        .bind(fields.timeout_seconds as i64)
+        .bind(fields.retries as i64)
+        .bind(env_to_json(&fields.env))
+        .bind(now)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        self.event(&id).await
+    }
+
+    /// Replaces the caller-set fields of an event.
+    pub async fn update_event(&self, id: &str, fields: &EventFields) -> StoreResult<Event> {
+        let changed = sqlx::query(
+            "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
+             env = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&fields.name)
+        .bind(fields.kind.as_str())
+        .bind(&fields.script)
+        .bind(fields.runtime.as_str())
+        .bind(fields.targets.to_json())
+        .bind(fields.timeout_seconds as i64)
+        .bind(fields.retries as i64)
+        .bind(env_to_json(&fields.env))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.event(id).await
+    }
+
+    /// Deletes an event with its runs and jobs.
+    pub async fn delete_event(&self, id: &str) -> StoreResult<()> {
+        let changed = sqlx::query("DELETE FROM events WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        if changed == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// One event by id.
+    pub async fn event(&self, id: &str) -> StoreResult<Event> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        event_from_row(&row)
+    }
+
+    /// One event by its owner's name for it.
+    pub async fn event_by_name(&self, owner_id: &str, name: &str) -> StoreResult<Event> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = ? AND name = ?"
+        )))
+        .bind(owner_id)
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        event_from_row(&row)
+    }
+
+    /// Events, all of them or only one owner's.
+    pub async fn events(&self, owner_id: Option<&str>) -> StoreResult<Vec<Event>> {
+        let rows = match owner_id {
+            Some(owner) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = ? ORDER BY name"
+                )))
+                .bind(owner)
+                .fetch_all(&self.reader)
+                .await?
+            }
+            None => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {EVENT_COLUMNS} FROM events ORDER BY name"
+                )))
+                .fetch_all(&self.reader)
+                .await?
+            }
+        };
+        rows.iter().map(event_from_row).collect()
+    }
+}

@@ -1,0 +1,874 @@
+//! Runs, jobs and their logs: the durable queue.
+//!
+//! A job belongs to one agent. Its lifecycle is `queued → claimed → running → completed |
+//! failed | cancelled`; every claim starts a new attempt with a lease that heartbeats renew.
+//! Only the current attempt of the agent it was claimed by can move a job forward; anything
+//! else is stale and refused.
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{Store, StoreError, StoreResult, new_id, now_ms};
+
+/// Where a job is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Queued,
+    Claimed,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Claimed => "claimed",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobStatus> {
+        Some(match text {
+            "queued" => JobStatus::Queued,
+            "claimed" => JobStatus::Claimed,
+            "running" => JobStatus::Running,
+            "completed" => JobStatus::Completed,
+            "failed" => JobStatus::Failed,
+            "cancelled" => JobStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the job has ended for good.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+/// Why a job failed (or, for `Cancelled`, that it was cancelled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    ExitCode,
+    Timeout,
+    Lost,
+    Spawn,
+    Signal,
+    Oom,
+    Cancelled,
+    Revoked,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ExitCode => "exit_code",
+            Reason::Timeout => "timeout",
+            Reason::Lost => "lost",
+            Reason::Spawn => "spawn",
+            Reason::Signal => "signal",
+            Reason::Oom => "oom",
+            Reason::Cancelled => "cancelled",
+            Reason::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Reason> {
+        Some(match text {
+            "exit_code" => Reason::ExitCode,
+            "timeout" => Reason::Timeout,
+            "lost" => Reason::Lost,
+            "spawn" => Reason::Spawn,
+            "signal" => Reason::Signal,
+            "oom" => Reason::Oom,
+            "cancelled" => Reason::Cancelled,
+            "revoked" => Reason::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+/// Which output a log chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    System,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::System => "system",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Stream> {
+        match text {
+            "stdout" => Some(Stream::Stdout),
+            "stderr" => Some(Stream::Stderr),
+            "system" => Some(Stream::System),
+            _ => None,
+        }
+    }
+}
+
+/// A piece of a job's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogChunk {
+    pub offset: u64,
+    pub stream: Stream,
+    pub data: Vec<u8>,
+}
+
+/// A stored job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub run_id: String,
+    pub event_id: String,
+    pub agent_id: String,
+    pub status: JobStatus,
+    pub reason: Option<Reason>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub exit_code: Option<i32>,
+    pub result: Option<String>,
+    pub log_len: u64,
+    pub cancel_requested: bool,
+    pub queued_at: i64,
+    pub claimed_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// A job as handed to an agent by a claim.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: String,
+    pub attempt: u32,
+    pub run_id: String,
+    pub event_id: String,
+    /// `bash`, `python` or `nodejs`.
+    pub kind: String,
+    pub script: String,
+    pub env: BTreeMap<String, String>,
+    pub input: Option<String>,
+    pub timeout_seconds: u32,
+}
+
+/// A run: one trigger of an event, with one job per target agent.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: String,
+    pub event_id: String,
+    pub input: Option<String>,
+    pub created_at: i64,
+    pub jobs: Vec<Job>,
+}
+
+/// Input to [`Store::create_run`]: the event's settings are copied into each job, so editing
+/// the event later does not change what an accepted job runs.
+#[derive(Debug)]
+pub struct NewRun<'a> {
+    pub event_id: &'a str,
+    pub kind: &'a str,
+    pub script: &'a str,
+    pub env: &'a BTreeMap<String, String>,
+    pub input: Option<&'a str>,
+    pub timeout_seconds: u32,
+    pub max_attempts: u32,
+    pub created_by: &'a str,
+    pub agent_ids: &'a [String],
+}
+
+/// An attempt as named on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub job_id: String,
+    pub attempt: u32,
+}
+
+/// What [`Store::open_attempt`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenedAttempt {
+    /// The attempt is current; the log is stored up to `log_len`.
+    Current { log_len: u64 },
+    /// The attempt already delivered its result.
+    Finished { log_len: u64 },
+    /// The attempt is not current (audited).
+    Stale,
+}
+
+/// The end of an attempt as reported by its agent.
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    pub status: JobStatus,
+    pub reason: Option<Reason>,
+    pub exit_code: Option<i32>,
+    pub log_len: u64,
+    pub result: Option<String>,
+}
+
+/// What [`Store::finish_attempt`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishOutcome {
+    /// Recorded as final.
+    Recorded,
+    /// The attempt failed and the job was queued again for another attempt.
+    Requeued,
+    /// This attempt's result was already recorded.
+    Duplicate,
+    /// The attempt is not current; refused and audited.
+    Stale,
+    /// The stored log is not `log_len` bytes long; nothing was recorded.
+    LengthMismatch { stored: u64 },
+}
+
+/// What [`Store::request_cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job had not been claimed; it is cancelled now.
+    Cancelled,
+    /// The job is running on an agent, which must be told.
+    Requested { agent_id: String, attempt: u32 },
+    /// The job had already ended.
+    AlreadyFinal,
+}
+
+/// A job whose lease ran out.
+#[derive(Debug, Clone)]
+pub struct ExpiredJob {
+    pub job_id: String,
+    pub agent_id: String,
+    /// Queued again for another attempt (as opposed to settled as lost or cancelled).
+    pub requeued: bool,
+}
+
+const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, status, reason, attempt, max_attempts, exit_code, result, log_len,
+     cancel_requested, queued_at, claimed_at, started_at, finished_at";
+
+fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
+    let status: String = row.try_get("status")?;
+    let reason: Option<String> = row.try_get("reason")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        run_id: row.try_get("run_id")?,
+        event_id: row.try_get("event_id")?,
+        agent_id: row.try_get("agent_id")?,
+        status: JobStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        reason: match reason {
+            Some(reason) => Some(
+                Reason::parse(&reason)
+                    .ok_or_else(|| StoreError::Corrupt(format!("reason {reason:?}")))?,
+            ),
+            None => None,
+        },
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        exit_code: row
+            .try_get::<Option<i64>, _>("exit_code")?
+            .map(|code| code as i32),
+        result: row.try_get("result")?,
+        log_len: row.try_get::<i64, _>("log_len")? as u64,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        queued_at: row.try_get("queued_at")?,
+        claimed_at: row.try_get("claimed_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// Inserts log chunks that continue a log of `log_len` bytes; returns the new length.
+/// Chunks must be contiguous; the caller checked that.
+async fn insert_chunks(
+    tx: &mut sqlx::SqliteConnection,
+    job_id: &str,
+    mut log_len: u64,
+    chunks: &[LogChunk],
+) -> StoreResult<u64> {
+    for chunk in chunks {
+        if chunk.data.is_empty() {
+            continue;
+        }
+        if chunk.offset != log_len {
+            return Err(StoreError::Corrupt(format!(
+                "log chunk at {} does not continue a log of {log_len} bytes",
+                chunk.offset
+            )));
+        }
+        sqlx::query("INSERT INTO job_logs (job_id, offset, stream, data) VALUES (?, ?, ?, ?)")
+            .bind(job_id)
+            .bind(chunk.offset as i64)
+            .bind(chunk.stream.as_str())
+            .bind(&chunk.data)
+            .execute(&mut *tx)
+            .await?;
+        log_len += chunk.data.len() as u64;
+    }
+    Ok(log_len)
+}
+
+async fn audit_in(
+    tx: &mut sqlx::SqliteConnection,
+    kind: &str,
+    actor: Option<&str>,
+    detail: serde_json::Value,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES (?, ?, ?, ?)")
+        .bind(now_ms())
+        .bind(kind)
+        .bind(actor)
+        .bind(detail.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Creates a run with one queued job per agent, in one transaction. When this returns the
+    /// jobs are durable.
+    pub async fn create_run(
+        &self,
+        new_run: NewRun<'_>,
+    ) -> StoreResult<(String, Vec<(String, String)>)> {
+        let run_id = new_id();
+        let now = now_ms();
+        let env = serde_json::to_string(new_run.env)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO runs (id, event_id, input, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&run_id)
+        .bind(new_run.event_id)
+        .bind(new_run.input)
+        .bind(new_run.created_by)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(new_run.agent_ids.len());
+        for agent_id in new_run.agent_ids {
+            let job_id = new_id();
+            sqlx::query(
+                "INSERT INTO jobs (id, run_id, event_id, agent_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at)
+                 VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&job_id)
+            .bind(&run_id)
+            .bind(new_run.event_id)
+            .bind(agent_id)
+            .bind(new_run.max_attempts as i64)
+            .bind(new_run.kind)
+            .bind(new_run.script)
+            .bind(&env)
+            .bind(new_run.input)
+            .bind(new_run.timeout_seconds as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            jobs.push((job_id, agent_id.clone()));
+        }
+        tx.commit().await?;
+        Ok((run_id, jobs))
+    }
+
+    /// Atomically claims up to `limit` queued jobs of one agent, starting a new attempt of each
+    /// with a lease until `lease_until`. One statement, one commit.
+    pub async fn claim_jobs(
+        &self,
+        agent_id: &str,
+        limit: u32,
+        lease_until: i64,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, claimed_at = ?, lease_expires_at = ?
+             WHERE id IN (SELECT id FROM jobs WHERE agent_id = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
+             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds",
+        )
+        .bind(now_ms())
+        .bind(lease_until)
+        .bind(agent_id)
+        .bind(limit as i64)
+        .fetch_all(&self.writer)
+        .await?;
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let env: String = row.try_get("env")?;
+                Ok(ClaimedJob {
+                    id: row.try_get("id")?,
+                    attempt: row.try_get::<i64, _>("attempt")? as u32,
+                    run_id: row.try_get("run_id")?,
+                    event_id: row.try_get("event_id")?,
+                    kind: row.try_get("kind")?,
+                    script: row.try_get("script")?,
+                    env: serde_json::from_str(&env)
+                        .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
+                    input: row.try_get("input")?,
+                    timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        claimed.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(claimed)
+    }
+
+    /// Renews the leases of an agent's attempts. Returns the attempts that are no longer
+    /// current (the agent should drop them) and those with a pending cancel request.
+    pub async fn renew_leases(
+        &self,
+        agent_id: &str,
+        attempts: &[Attempt],
+        lease_until: i64,
+    ) -> StoreResult<(Vec<Attempt>, Vec<Attempt>)> {
+        let mut abandoned = Vec::new();
+        let mut cancel = Vec::new();
+        if attempts.is_empty() {
+            return Ok((abandoned, cancel));
+        }
+        let mut tx = self.writer.begin().await?;
+        for attempt in attempts {
+            let renewed = sqlx::query(
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND agent_id = ?
+                 AND status IN ('claimed', 'running') RETURNING cancel_requested",
+            )
+            .bind(lease_until)
+            .bind(&attempt.job_id)
+            .bind(attempt.attempt as i64)
+            .bind(agent_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match renewed {
+                None => abandoned.push(attempt.clone()),
+                Some(row) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
+                    cancel.push(attempt.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        tx.commit().await?;
+        Ok((abandoned, cancel))
+    }
+
+    /// Attempts the control plane believes an agent runs.
+    pub async fn active_attempts(&self, agent_id: &str) -> StoreResult<Vec<Attempt>> {
+        let rows = sqlx::query(
+            "SELECT id, attempt FROM jobs WHERE agent_id = ? AND status IN ('claimed', 'running')",
+        )
+        .bind(agent_id)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Attempt {
+                    job_id: row.try_get("id")?,
+                    attempt: row.try_get::<i64, _>("attempt")? as u32,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives every active lease at least `lease_until`: after a control-plane restart, agents
+    /// get a full lease to reconnect before their jobs are declared lost.
+    pub async fn extend_active_leases(&self, lease_until: i64) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ? WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
+        )
+        .bind(lease_until)
+        .bind(lease_until)
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
+    }
+
+    /// Settles jobs whose lease ran out before `now`: queued again while attempts remain (and
+    /// no cancel was asked), else failed with reason `lost` (or cancelled).
+    pub async fn expire_leases(&self, now: i64) -> StoreResult<Vec<ExpiredJob>> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
+             WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut expired = Vec::with_capacity(rows.len());
+        for row in rows {
+            let job_id: String = row.try_get("id")?;
+            let agent_id: String = row.try_get("agent_id")?;
+            let attempt = row.try_get::<i64, _>("attempt")?;
+            let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
+            let requeued = !cancel_requested && attempt < row.try_get::<i64, _>("max_attempts")?;
+            if requeued {
+                sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
+                    .bind(&job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL,
+                     started_at = NULL, queued_at = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(&job_id)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                let log_len = row.try_get::<i64, _>("log_len")? as u64;
+                let note = format!(
+                    "\n[cronium: attempt {attempt} lost: the agent stopped renewing its lease]\n"
+                );
+                let chunk = LogChunk {
+                    offset: log_len,
+                    stream: Stream::System,
+                    data: note.into_bytes(),
+                };
+                let log_len =
+                    insert_chunks(&mut tx, &job_id, log_len, std::slice::from_ref(&chunk)).await?;
+                let (status, reason) = if cancel_requested {
+                    ("cancelled", "cancelled")
+                } else {
+                    ("failed", "lost")
+                };
+                sqlx::query(
+                    "UPDATE jobs SET status = ?, reason = ?, settled_by = 'lease', log_len = ?, lease_expires_at = NULL,
+                     finished_at = ? WHERE id = ?",
+                )
+                .bind(status)
+                .bind(reason)
+                .bind(log_len as i64)
+                .bind(now)
+                .bind(&job_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            audit_in(
+                &mut tx,
+                "lease_expired",
+                None,
+                serde_json::json!({"job_id": job_id, "attempt": attempt, "requeued": requeued}),
+            )
+            .await?;
+            expired.push(ExpiredJob {
+                job_id,
+                agent_id,
+                requeued,
+            });
+        }
+        tx.commit().await?;
+        Ok(expired)
+    }
+
+    /// Looks up an attempt an agent opens a job stream for.
+    pub async fn open_attempt(
+        &self,
+        agent_id: &str,
+        attempt: &Attempt,
+    ) -> StoreResult<OpenedAttempt> {
+        let row = sqlx::query(
+            "SELECT agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = ?",
+        )
+        .bind(&attempt.job_id)
+        .fetch_optional(&self.writer)
+        .await?;
+        let Some(row) = row else {
+            return Ok(OpenedAttempt::Stale);
+        };
+        let owner: String = row.try_get("agent_id")?;
+        let current =
+            row.try_get::<i64, _>("attempt")? as u32 == attempt.attempt && owner == agent_id;
+        let status =
+            JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+        let settled_by: Option<String> = row.try_get("settled_by")?;
+        let log_len = row.try_get::<i64, _>("log_len")? as u64;
+        Ok(match (current, status) {
+            (true, JobStatus::Claimed | JobStatus::Running) => OpenedAttempt::Current { log_len },
+            (true, _) if status.is_final() && settled_by.as_deref() == Some("agent") => {
+                OpenedAttempt::Finished { log_len }
+            }
+            _ => OpenedAttempt::Stale,
+        })
+    }
+
+    /// Appends log chunks of the current attempt (and marks it running when `started`).
+    /// Returns the new log length, or `None` when the attempt is no longer current.
+    pub async fn append_logs(
+        &self,
+        agent_id: &str,
+        attempt: &Attempt,
+        started: bool,
+        chunks: &[LogChunk],
+    ) -> StoreResult<Option<u64>> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT log_len FROM jobs WHERE id = ? AND attempt = ? AND agent_id = ? AND status IN ('claimed', 'running')",
+        )
+        .bind(&attempt.job_id)
+        .bind(attempt.attempt as i64)
+        .bind(agent_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let log_len = insert_chunks(
+            &mut tx,
+            &attempt.job_id,
+            row.try_get::<i64, _>("log_len")? as u64,
+            chunks,
+        )
+        .await?;
+        let status = if started { "running" } else { "claimed" };
+        sqlx::query(
+            "UPDATE jobs SET log_len = ?, status = CASE WHEN ? = 'running' THEN 'running' ELSE status END,
+             started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END WHERE id = ?",
+        )
+        .bind(log_len as i64)
+        .bind(status)
+        .bind(status)
+        .bind(now_ms())
+        .bind(&attempt.job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(log_len))
+    }
+
+    /// Records the end of an attempt together with its last log chunks, in one transaction.
+    pub async fn finish_attempt(
+        &self,
+        agent_id: &str,
+        attempt: &Attempt,
+        chunks: &[LogChunk],
+        result: &AttemptResult,
+    ) -> StoreResult<FinishOutcome> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = ?",
+        )
+        .bind(&attempt.job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(FinishOutcome::Stale);
+        };
+        let status =
+            JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+        let same_attempt = row.try_get::<i64, _>("attempt")? as u32 == attempt.attempt
+            && row.try_get::<String, _>("agent_id")? == agent_id;
+        if !(same_attempt && matches!(status, JobStatus::Claimed | JobStatus::Running)) {
+            if same_attempt
+                && status.is_final()
+                && row.try_get::<Option<String>, _>("settled_by")?.as_deref() == Some("agent")
+            {
+                return Ok(FinishOutcome::Duplicate);
+            }
+            audit_in(
+                &mut tx,
+                "stale_result",
+                Some(agent_id),
+                serde_json::json!({"job_id": attempt.job_id, "attempt": attempt.attempt, "status": result.status.as_str()}),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(FinishOutcome::Stale);
+        }
+        let log_len = insert_chunks(
+            &mut tx,
+            &attempt.job_id,
+            row.try_get::<i64, _>("log_len")? as u64,
+            chunks,
+        )
+        .await?;
+        if log_len != result.log_len {
+            return Ok(FinishOutcome::LengthMismatch { stored: log_len });
+        }
+        let attempts_left = (attempt.attempt as i64) < row.try_get::<i64, _>("max_attempts")?;
+        let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
+        if result.status == JobStatus::Failed && attempts_left && !cancel_requested {
+            sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
+                .bind(&attempt.job_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
+                 queued_at = ? WHERE id = ?",
+            )
+            .bind(now)
+            .bind(&attempt.job_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(FinishOutcome::Requeued);
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = ?, reason = ?, exit_code = ?, result = ?, log_len = ?, settled_by = 'agent',
+             lease_expires_at = NULL, started_at = COALESCE(started_at, ?), finished_at = ? WHERE id = ?",
+        )
+        .bind(result.status.as_str())
+        .bind(result.reason.map(Reason::as_str))
+        .bind(result.exit_code)
+        .bind(&result.result)
+        .bind(log_len as i64)
+        .bind(now)
+        .bind(now)
+        .bind(&attempt.job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(FinishOutcome::Recorded)
+    }
+
+    /// Cancels a queued job at once, or flags a claimed or running one for its agent to stop.
+    pub async fn request_cancel(&self, job_id: &str) -> StoreResult<CancelOutcome> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT status, agent_id, attempt FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let status =
+            JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+        let outcome = match status {
+            JobStatus::Queued => {
+                sqlx::query(
+                    "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', settled_by = 'api', cancel_requested = 1,
+                     finished_at = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+                CancelOutcome::Cancelled
+            }
+            JobStatus::Claimed | JobStatus::Running => {
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                CancelOutcome::Requested {
+                    agent_id: row.try_get("agent_id")?,
+                    attempt: row.try_get::<i64, _>("attempt")? as u32,
+                }
+            }
+            _ => CancelOutcome::AlreadyFinal,
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// One job by id.
+    pub async fn job(&self, id: &str) -> StoreResult<Job> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        job_from_row(&row)
+    }
+
+    /// The owner of the event a job belongs to (for permission checks).
+    pub async fn job_owner(&self, job_id: &str) -> StoreResult<String> {
+        sqlx::query_scalar(
+            "SELECT e.owner_id FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = ?",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)
+    }
+
+    /// One run with its jobs.
+    pub async fn run(&self, id: &str) -> StoreResult<Run> {
+        let row = sqlx::query("SELECT id, event_id, input, created_at FROM runs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let jobs = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = ? ORDER BY id"
+        )))
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(Run {
+            id: row.try_get("id")?,
+            event_id: row.try_get("event_id")?,
+            input: row.try_get("input")?,
+            created_at: row.try_get("created_at")?,
+            jobs: jobs.iter().map(job_from_row).collect::<StoreResult<_>>()?,
+        })
+    }
+
+    /// Log chunks of a job overlapping `[from, from + max_bytes)`, in order.
+    pub async fn logs(
+        &self,
+        job_id: &str,
+        from: u64,
+        max_bytes: u64,
+    ) -> StoreResult<Vec<LogChunk>> {
+        let rows = sqlx::query(
+            "SELECT offset, stream, data FROM job_logs WHERE job_id = ? AND offset + length(data) > ? AND offset < ?
+             ORDER BY offset",
+        )
+        .bind(job_id)
+        .bind(from as i64)
+        .bind(from.saturating_add(max_bytes).min(i64::MAX as u64) as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let stream: String = row.try_get("stream")?;
+                Ok(LogChunk {
+                    offset: row.try_get::<i64, _>("offset")? as u64,
+                    stream: Stream::parse(&stream)
+                        .ok_or_else(|| StoreError::Corrupt(format!("stream {stream:?}")))?,
+                    data: row.try_get("data")?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Store {
+    /// Ends the leases of attempts at once, so the next lease sweep settles them.
+    pub async fn expire_attempts_now(
+        &self,
+        agent_id: &str,
+        attempts: &[Attempt],
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        for attempt in attempts {
+            sqlx::query(
+                "UPDATE jobs SET lease_expires_at = 0 WHERE id = ? AND attempt = ? AND agent_id = ?
+                 AND status IN ('claimed', 'running')",
+            )
+            .bind(&attempt.job_id)
+            .bind(attempt.attempt as i64)
+            .bind(agent_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
