@@ -87,3 +87,6 @@ pub fn labels_field(field: &str, labels: &BTreeMap<String, String>) -> ApiResult
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

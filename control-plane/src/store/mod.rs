@@ -154,3 +154,6 @@ pub fn now_ms() -> i64 {
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,479 @@
+//! API tests through the real router (no socket): authentication on every documented route,
+//! bad input, CSRF and roles.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::crypto::EncryptionKey;
+use crate::store::users::Role;
+use crate::{AppState, Running, ServerConfig};
+
+struct Api {
+    _dir: tempfile::TempDir,
+    running: Running,
+}
+
+async fn api() -> Api {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        database_url: None,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        quic_addr: "127.0.0.1:0".parse().unwrap(),
+        public_url: None,
+        quic_public_addrs: Vec::new(),
+        encryption_key: EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap(),
+        lease: std::time::Duration::from_secs(30),
+        heartbeat: std::time::Duration::from_secs(5),
+    };
+    let running = crate::start(config, CancellationToken::new())
+        .await
+        .unwrap();
+    Api { _dir: dir, running }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.running.state.shutdown.cancel();
+    }
+}
+
+impl Api {
+    fn state(&self) -> &AppState {
+        &self.running.state
+    }
+
+    async fn token(&self, username: &str, role: Role) -> String {
+        if self
+            .state()
+            .store
+            .user_with_password(username)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            self.state()
+                .store
+                .create_user(username, "unused", role)
+                .await
+                .unwrap();
+        }
+        crate::cli::create_api_token(&self.state().store, username, "test")
+            .await
+            .unwrap()
+    }
+
+    async fn call(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let response = super::router(self.state().clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 4 * 1024 * 1024)
+            .await
+            .unwrap();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        };
+        let (status, _, body) = self.call(request.unwrap()).await;
+        (status, body)
+    }
+}
+
+fn assert_error_shape(body: &Value) {
+    assert!(
+        body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+        "error shape: {body}"
+    );
+}
+
+/// Routes that answer without credentials, by design.
+const PUBLIC: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("post", "/auth/login"),
+    ("post", "/agents/enroll"),
+    ("get", "/openapi.json"),
+];
+
+#[tokio::test]
+async fn every_documented_route_exists_and_refuses_anonymous_callers() {
+    let api = api().await;
+    let document: Value = serde_json::from_str(super::OPENAPI).unwrap();
+    let mut checked = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in ["get", "post", "patch", "delete", "put"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let concrete = path.replace("{id}", "00000000000000000000000000000000");
+            let full = if path == "/healthz" {
+                concrete.clone()
+            } else {
+                format!("/api/v1{concrete}")
+            };
+            let method_value = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = api
+                .send(method_value.clone(), &full, None, Some("{}"))
+                .await;
+            if PUBLIC.contains(&(method, path.as_str())) {
+                assert_ne!(
+                    status,
+                    StatusCode::NOT_FOUND,
+                    "{method} {full} is documented but missing"
+                );
+                continue;
+            }
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {full} without credentials"
+            );
+            assert_error_shape(&body);
+            let (status, _) = api
+                .send(
+                    method_value,
+                    &full,
+                    Some("crt_not-a-real-token"),
+                    Some("{}"),
+                )
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {full} with a bad token"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 12,
+        "only {checked} protected operations found in the document"
+    );
+}
+
+#[tokio::test]
+async fn bad_event_input_is_refused_with_a_field_and_nothing_is_stored() {
+    let api = api().await;
+    let token = api.token("admin", Role::Admin).await;
+    let cases: &[(&str, StatusCode, Option<&str>)] = &[
+        ("{not json", StatusCode::BAD_REQUEST, None),
+        (
+            r#"{"name":"a","kind":"perl","script":"x"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("kind"),
+        ),
+        (
+            r#"{"kind":"bash","script":"x"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("name"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("script"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","colour":"red"}"#,
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","timeout_seconds":-1}"#,
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","env":{"CRONIUM_JOB_ID":"1"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("env"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","env":{"1BAD":"1"}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("env"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"vm"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("runtime"),
+        ),
+    ];
+    for (body, expected, field) in cases {
+        let (status, answer) = api
+            .send(Method::POST, "/api/v1/events", Some(&token), Some(body))
+            .await;
+        assert_eq!(status, *expected, "{body} → {answer}");
+        assert_error_shape(&answer);
+        if let Some(field) = field {
+            assert_eq!(answer["error"]["field"], *field, "{body} → {answer}");
+        }
+    }
+    let oversized =
+        json!({"name": "big", "kind": "bash", "script": "x".repeat(2 * 1024 * 1024)}).to_string();
+    let (status, answer) = api
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            Some(&token),
+            Some(&oversized),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    let large_script =
+        json!({"name": "big", "kind": "bash", "script": "x".repeat(300 * 1024)}).to_string();
+    let (status, answer) = api
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            Some(&token),
+            Some(&large_script),
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["error"]["field"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("script"))
+    );
+
+    let (status, events) = api
+        .send(Method::GET, "/api/v1/events", Some(&token), None)
+        .await;
+    assert_eq!((status, events), (StatusCode::OK, json!([])));
+
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            Some(&token),
+            Some(r#"{"name":"ok","kind":"bash","script":"true"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let path = format!("/api/v1/events/{}/runs", created["id"].as_str().unwrap());
+    let (status, answer) = api
+        .send(Method::POST, &path, Some(&token), Some("{}"))
+        .await;
+    assert_eq!(
+        (status, &answer["error"]["field"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("targets"))
+    );
+    let (status, answer) = api
+        .send(
+            Method::POST,
+            &path,
+            Some(&token),
+            Some(r#"{"targets":{"agents":["nobody"]}}"#),
+        )
+        .await;
+    assert_eq!(
+        (status, &answer["error"]["field"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("targets.agents"))
+    );
+}
+
+#[tokio::test]
+async fn console_sessions_need_the_csrf_token_to_change_anything() {
+    let api = api().await;
+    let hash = super::auth::hash_password("correct horse".into())
+        .await
+        .unwrap();
+    api.state()
+        .store
+        .create_user("carol", &hash, Role::User)
+        .await
+        .unwrap();
+
+    let login = |password: &str| {
+        Request::post("/api/v1/auth/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"username": "carol", "password": password}).to_string(),
+            ))
+            .unwrap()
+    };
+    let (status, _, _) = api.call(login("wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, headers, body) = api.call(login("correct horse")).await;
+    assert_eq!(status, StatusCode::OK);
+    let cookie = headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let csrf = body["csrf_token"].as_str().unwrap().to_string();
+
+    let create = |csrf: Option<&str>| {
+        let mut request = Request::post("/api/v1/events")
+            .header(header::COOKIE, &session)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(csrf) = csrf {
+            request = request.header(super::auth::CSRF_HEADER, csrf);
+        }
+        request
+            .body(Body::from(
+                r#"{"name":"mine","kind":"bash","script":"true"}"#,
+            ))
+            .unwrap()
+    };
+    let (status, _, _) = api.call(create(None)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = api.call(create(Some("forged"))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = api.call(create(Some(&csrf))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let list = Request::get("/api/v1/events")
+        .header(header::COOKIE, &session)
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, events) = api.call(list).await;
+    assert_eq!(
+        (status, events.as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1))
+    );
+}
+
+#[tokio::test]
+async fn users_see_only_their_own_events_and_viewers_change_nothing() {
+    let api = api().await;
+    let alice = api.token("alice", Role::User).await;
+    let bob = api.token("bob", Role::User).await;
+    let viewer = api.token("vera", Role::Viewer).await;
+    let admin = api.token("root", Role::Admin).await;
+    let (_, event) = api
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            Some(&alice),
+            Some(r#"{"name":"a","kind":"bash","script":"true"}"#),
+        )
+        .await;
+    let path = format!("/api/v1/events/{}", event["id"].as_str().unwrap());
+
+    assert_eq!(
+        api.send(Method::GET, &path, Some(&bob), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.send(Method::DELETE, &path, Some(&bob), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.send(
+            Method::POST,
+            &format!("{path}/runs"),
+            Some(&bob),
+            Some("{}")
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.send(Method::GET, "/api/v1/events", Some(&bob), None)
+            .await
+            .1,
+        json!([])
+    );
+    assert_eq!(
+        api.send(Method::GET, &path, Some(&admin), None).await.0,
+        StatusCode::OK
+    );
+
+    let (status, _) = api
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            Some(&viewer),
+            Some(r#"{"name":"v","kind":"bash","script":"true"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.send(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            Some(&alice),
+            Some("{}")
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        api.send(Method::DELETE, "/api/v1/agents/x", Some(&alice), None)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let (status, created) = api
+        .send(
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            Some(&admin),
+            Some(r#"{"uses":2}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(created["ca_sha256"].as_str().map(str::len), Some(64));
+}
+
+#[tokio::test]
+async fn a_wrong_encryption_key_stops_the_control_plane() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |key: &str| ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        database_url: None,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        quic_addr: "127.0.0.1:0".parse().unwrap(),
+        public_url: None,
+        quic_public_addrs: Vec::new(),
+        encryption_key: EncryptionKey::from_base64(key).unwrap(),
+        lease: std::time::Duration::from_secs(30),
+        heartbeat: std::time::Duration::from_secs(5),
+    };
+    let first = EncryptionKey::generate_base64();
+    let shutdown = CancellationToken::new();
+    let running = crate::start(config(&first), shutdown.clone())
+        .await
+        .unwrap();
+    shutdown.cancel();
+    running.wait().await;
+    let error = crate::start(
+        config(&EncryptionKey::generate_base64()),
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        format!("{error:#}").contains("ENCRYPTION_KEY does not match"),
+        "{error:#}"
+    );
+}
