@@ -181,6 +181,24 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()?;
+    // Check the CA before the token leaves the host: a control plane that is not the pinned one
+    // never sees the token.
+    let ca_url = format!("{server_url}/api/v1/agents/ca");
+    let response = client.get(&ca_url).send().await?;
+    if !response.status().is_success() {
+        return Err(EnrollError::BadResponse(format!(
+            "GET {ca_url} answered HTTP {}",
+            response.status()
+        )));
+    }
+    let offered_ca = response.text().await?;
+    let offered = ca_fingerprint(&offered_ca).map_err(EnrollError::BadResponse)?;
+    if offered != expected {
+        return Err(EnrollError::CaMismatch {
+            expected,
+            actual: offered,
+        });
+    }
     let url = format!("{server_url}/api/v1/agents/enroll");
     tracing::info!(%url, %name, "enrolling with the control plane");
     let request = EnrollRequest {
@@ -283,8 +301,8 @@ mod tests {
         assert_eq!(normalize_fingerprint(&"zz".repeat(32)), None);
     }
 
-    /// A tiny one-shot HTTP server answering the enrollment request with a CA whose fingerprint
-    /// does not match: nothing may be written.
+    /// A tiny one-shot HTTP server offering a CA whose fingerprint does not match: the token is
+    /// never sent and nothing is written.
     #[tokio::test]
     async fn a_ca_mismatch_writes_nothing() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -296,28 +314,20 @@ mod tests {
             .unwrap()
             .self_signed(&ca_key)
             .unwrap();
-        let body = serde_json::json!({
-            "agent_id": "a1",
-            "name": "n",
-            "certificate_pem": ca.pem(),
-            "ca_certificate_pem": ca.pem(),
-            "quic_addrs": ["127.0.0.1:7443"],
-            "server_name": "cronium-control-plane",
-        })
-        .to_string();
+        let body = ca.pem();
         let server = async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
             let mut buffer = [0u8; 4096];
-            // Read until the JSON body has arrived (it ends with a closing brace).
-            while !request.ends_with(b"}") {
+            // Read until the end of the request head (a GET has no body).
+            while !request.ends_with(b"\r\n\r\n") {
                 let len = socket.read(&mut buffer).await.unwrap();
                 assert!(len > 0);
                 request.extend_from_slice(&buffer[..len]);
             }
             let text = String::from_utf8_lossy(&request).into_owned();
             let response = format!(
-                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\ncontent-type: application/x-pem-file\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             socket.write_all(response.as_bytes()).await.unwrap();
@@ -343,9 +353,9 @@ mod tests {
             matches!(result, Err(EnrollError::CaMismatch { .. })),
             "{result:?}"
         );
-        assert!(request.starts_with("POST /api/v1/agents/enroll "));
-        assert!(request.contains("\"token\":\"secret-token\""));
-        assert!(request.contains("BEGIN CERTIFICATE REQUEST"));
+        // The CA was checked first, so the token never left the host.
+        assert!(request.starts_with("GET /api/v1/agents/ca "), "{request}");
+        assert!(!request.contains("secret-token"));
         assert!(!state_dir.exists());
     }
 }

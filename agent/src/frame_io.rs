@@ -32,7 +32,7 @@ pub async fn read_message(
     decoder: &mut FrameDecoder,
 ) -> Result<Option<Message>, FrameIoError> {
     loop {
-        if let Some(message) = decoder.next()? {
+        if let Some(message) = decoder.next_message()? {
             return Ok(Some(message));
         }
         match recv.read_chunk(READ_CHUNK, true).await? {

@@ -147,7 +147,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         "agent starting"
     );
 
-    let connection_loop = pin!(conn::run(
+    let mut connection_loop = pin!(conn::run(
         ConnOptions {
             identity,
             client_config,
@@ -162,7 +162,6 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         },
         jobs.clone(),
     ));
-    let mut connection_loop = connection_loop;
     let drained = pin!(drain(&jobs, &shutdown, &options));
     let result = tokio::select! {
         result = &mut connection_loop => match result {

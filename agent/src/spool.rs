@@ -237,7 +237,17 @@ impl Spool {
             if !dir.is_dir() {
                 continue;
             }
-            match self.recover_one(&dir, max_log_bytes, work_root) {
+            // Kill a job a dead agent left running first, even if the rest of its spool turns
+            // out to be unreadable.
+            if !dir.join("result.json").exists()
+                && let Some(name) = dir.file_name()
+                && let Some(pid) = fs::read_to_string(dir.join("pid"))
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+            {
+                kill_orphaned_group(pid, &work_root.join(name));
+            }
+            match self.recover_one(&dir, max_log_bytes) {
                 Ok(spool) => recovered.push(spool),
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), %error, "removing an unreadable spool directory");
@@ -251,12 +261,7 @@ impl Spool {
         Ok(recovered)
     }
 
-    fn recover_one(
-        &self,
-        dir: &Path,
-        max_log_bytes: u64,
-        work_root: &Path,
-    ) -> Result<AttemptSpool, SpoolError> {
+    fn recover_one(&self, dir: &Path, max_log_bytes: u64) -> Result<AttemptSpool, SpoolError> {
         let spec_path = dir.join("spec.json");
         let spec_bytes = fs::read(&spec_path).map_err(|source| io_error(&spec_path, source))?;
         let spec: SpecFile =
@@ -318,9 +323,6 @@ impl Spool {
             },
         );
         if result.is_none() {
-            if let Some(pid) = pid {
-                kill_orphaned_group(pid, &work_root.join(&dir_name));
-            }
             spool.append(LogStream::System, RESTART_MARKER)?;
             spool.finish(Outcome {
                 status: FinalStatus::Failed,
@@ -712,6 +714,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
 fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
     OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .mode(0o600)
         .open(path)
@@ -923,5 +926,33 @@ mod tests {
         // A second recovery changes nothing.
         let again = spool.recover(1 << 20, &work).unwrap();
         assert_eq!(again[1].progress().result, Some(result));
+    }
+    #[tokio::test]
+    async fn recovery_kills_a_job_group_left_running() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        let work = temp.path().join("work");
+        let spool = Spool::open(root.clone()).unwrap();
+        let attempt = spool.create(&spec("orphan"), 1 << 20).unwrap();
+        let work_dir = work.join("orphan-1");
+        fs::create_dir_all(&work_dir).unwrap();
+        // A job process group as a crashed agent would leave it: a leader and a background child.
+        let mut leader = tokio::process::Command::new("bash")
+            .args(["-c", "sleep 1000 & sleep 1000"])
+            .current_dir(&work_dir)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        attempt.record_pid(leader.id().unwrap()).unwrap();
+        drop(attempt);
+
+        let recovered = spool.recover(1 << 20, &work).unwrap();
+        assert_eq!(recovered.len(), 1);
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), leader.wait())
+            .await
+            .expect("the orphaned group was killed")
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

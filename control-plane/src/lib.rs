@@ -169,6 +169,24 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Reads a 32-byte secret from `path`, creating it (mode 0600) on first use.
+fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(secret) if secret.len() == 32 => Ok(secret),
+        Ok(_) => bail!(
+            "{} is not a 32-byte secret; delete it to have a new one generated",
+            path.display()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
+            write_private_file(path, &secret)?;
+            Ok(secret)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Starts the control plane: database, key check, CA, listeners and background tasks.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
@@ -193,7 +211,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     };
     let ca = Arc::new(CertificateAuthority::load_or_create(&config.data_dir)?);
 
-    let endpoint = agents::bind_endpoint(config.quic_addr, &ca)?;
+    let reset_key = load_or_create_secret(&config.data_dir.join("quic-reset.key"))?;
+    let endpoint = agents::bind_endpoint(config.quic_addr, &ca, &reset_key)?;
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -61,7 +61,7 @@ pub fn decode(payload: &[u8]) -> Result<Message, FrameError> {
 }
 
 /// Incremental decoder: [`push`](FrameDecoder::push) bytes as they arrive, then call
-/// [`next`](FrameDecoder::next) until it returns `Ok(None)`.
+/// [`next_message`](FrameDecoder::next_message) until it returns `Ok(None)`.
 ///
 /// Memory stays bounded: a push is refused once the buffer would hold more than one maximal
 /// frame plus the pushed slice, and an oversized length prefix is refused as soon as its four
@@ -95,7 +95,7 @@ impl FrameDecoder {
     /// Appends received bytes. Fails when the pending frame announces an oversized length.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         if self.buffer.len() > HEADER_LEN + self.max {
-            // The caller did not drain complete frames with `next`; refuse to grow further.
+            // The caller did not drain complete frames with `next_message`; refuse to grow further.
             return Err(FrameError::TooLarge {
                 len: self.buffer.len(),
                 max: self.max,
@@ -107,7 +107,7 @@ impl FrameDecoder {
     }
 
     /// Returns the next complete message, `Ok(None)` when more bytes are needed.
-    pub fn next(&mut self) -> Result<Option<Message>, FrameError> {
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
         let Some(len) = self.check_header()? else {
             return Ok(None);
         };
@@ -246,7 +246,7 @@ mod tests {
         let mut decoded = Vec::new();
         for byte in wire {
             decoder.push(&[byte]).unwrap();
-            while let Some(message) = decoder.next().unwrap() {
+            while let Some(message) = decoder.next_message().unwrap() {
                 decoded.push(message);
             }
         }
@@ -289,12 +289,15 @@ mod tests {
         frame[3] += 1;
         let mut decoder = FrameDecoder::new();
         decoder.push(&frame).unwrap();
-        assert!(matches!(decoder.next(), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decoder.next_message(),
+            Err(FrameError::Malformed(_))
+        ));
 
         let frame = encode(&Message::Claim(Claim { slots: 1 })).unwrap();
         let mut decoder = FrameDecoder::new();
         decoder.push(&frame[..frame.len() - 1]).unwrap();
-        assert_eq!(decoder.next(), Ok(None));
+        assert_eq!(decoder.next_message(), Ok(None));
         assert!(matches!(
             decoder.finish(),
             Err(FrameError::Truncated { .. })
@@ -319,7 +322,7 @@ mod tests {
     /// Random, truncated and mutated inputs never panic the decoder; every outcome is a value.
     #[test]
     fn random_and_mutated_bytes_never_panic() {
-        let mut rng = StdRng::seed_from_u64(0x_c0ff_ee);
+        let mut rng = StdRng::seed_from_u64(0x00c0_ffee);
         let valid: Vec<Vec<u8>> = samples()
             .iter()
             .map(|message| encode(message).unwrap())
@@ -357,12 +360,7 @@ mod tests {
                     break;
                 }
                 cursor += step;
-                loop {
-                    match decoder.next() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = decoder.next_message() {}
             }
             let _ = decoder.finish();
             let _ = decode(&bytes);

@@ -2,7 +2,7 @@
 //!
 //! Every process is owned by a [`ChildGuard`], so dropping the cluster (also while a test panics)
 //! kills and reaps all of them. As a second line of defence the cluster puts a unique
-//! `CRONIUM_E2E_CLUSTER=…` entry into the environment of the control plane, the agents and every
+//! `E2E_CRONIUM_CLUSTER=…` entry into the environment of the control plane, the agents and every
 //! event it creates, and on drop kills any process still carrying it (e.g. a job orphaned by a
 //! killed agent). The log tails of every process are printed on drop; the test runner only shows
 //! them when the test fails.
@@ -23,7 +23,7 @@ use crate::api::Api;
 use crate::process::{ChildGuard, kill_processes_with_env, live_processes_with_arg, log_tail};
 
 /// The environment variable that tags every process belonging to one cluster.
-pub const CLUSTER_MARKER_VAR: &str = "CRONIUM_E2E_CLUSTER";
+pub const CLUSTER_MARKER_VAR: &str = "E2E_CRONIUM_CLUSTER";
 
 /// How long the control plane may take to print its readiness line.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -672,7 +672,8 @@ impl TestCluster {
     /// Polls `condition` every 100 ms until it returns `Ok(Some(value))`.
     ///
     /// `Ok(None)` and errors mean "not yet" (errors are expected while a process restarts). On
-    /// timeout the error names `description`, the last error and the tail of every log.
+    /// timeout the error names `description` and the last error; the log tails follow when the
+    /// cluster drops.
     pub async fn wait_until<T, F, Fut>(
         &self,
         timeout: Duration,
@@ -695,10 +696,8 @@ impl TestCluster {
                 let last = last_error
                     .map(|error| format!("\nlast error: {error:#}"))
                     .unwrap_or_default();
-                bail!(
-                    "timed out after {timeout:?} waiting for {description}{last}\n{}",
-                    self.log_tails()
-                );
+                // The log tails are printed when the cluster drops.
+                bail!("timed out after {timeout:?} waiting for {description}{last}");
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -875,7 +874,17 @@ async fn run_with_timeout(command: Command, timeout: Duration) -> Result<Output>
     command
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    let description = format!("{command:?}");
+    // Only the program and its arguments: the environment may hold secrets.
+    let std_command = command.as_std();
+    let description = format!(
+        "{} {}",
+        std_command.get_program().to_string_lossy(),
+        std_command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     match tokio::time::timeout(timeout, command.output()).await {
         Ok(output) => output.with_context(|| format!("run {description}")),
         Err(_) => bail!("{description} did not finish within {timeout:?}"),

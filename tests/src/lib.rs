@@ -7,7 +7,8 @@
 //! The entry point is [`TestCluster`]: one temp dir, one control plane on free ports, any number of
 //! enrolled agents, and guards that kill every process the test started when the cluster drops,
 //! also when the test panics. Waits are polls with a deadline ([`TestCluster::wait_until`]); on
-//! timeout the error names what was awaited and carries the tail of every process log.
+//! timeout the error names what was awaited, and the cluster prints the tail of every process log
+//! when it drops (the test runner shows it for failed tests).
 
 pub mod api;
 pub mod cluster;

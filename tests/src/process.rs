@@ -42,7 +42,16 @@ impl ChildGuard {
             .open(log_path)
             .with_context(|| format!("open log file {}", log_path.display()))?;
         let log = Arc::new(Mutex::new(log));
-        append_line(&log, format!("==== {name}: {command:?}").as_bytes());
+        // Only the program and its arguments: the environment holds secrets (ENCRYPTION_KEY).
+        let args: Vec<String> = command
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let program = command.get_program().to_string_lossy().into_owned();
+        append_line(
+            &log,
+            format!("==== {name}: {program} {}", args.join(" ")).as_bytes(),
+        );
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -50,7 +59,7 @@ impl ChildGuard {
             .process_group(0);
         let mut child = command
             .spawn()
-            .with_context(|| format!("spawn {name}: {command:?}"))?;
+            .with_context(|| format!("spawn {name}: {program}"))?;
         let (ready_sender, ready_receiver) = oneshot::channel();
         // `spawn` was asked for piped stdout and stderr, so both handles are present.
         let stdout = child.stdout.take().expect("stdout is piped");

@@ -39,6 +39,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the control plane may take to answer the hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Heartbeat periods without any message from the control plane after which the connection is
+/// considered dead.
+const SILENT_PERIODS: u32 = 3;
+
 /// The shortest heartbeat interval the agent accepts from a welcome.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(200);
 
@@ -308,6 +312,9 @@ impl Session {
             return self.stream_failed(connection, true, error);
         }
         let mut draining_logged = false;
+        // Every heartbeat is answered; silence for several periods means the control plane is
+        // gone (e.g. killed without closing), long before QUIC's idle timeout would say so.
+        let mut last_heard = Instant::now();
 
         loop {
             tokio::select! {
@@ -317,11 +324,17 @@ impl Session {
                         Ok(None) => return lost(connection, true, "the control plane ended the control stream".into()),
                         Err(error) => return self.stream_failed(connection, true, error),
                     };
+                    last_heard = Instant::now();
                     if let Err(error) = self.handle(message, &mut send, &mut claims).await {
                         return self.stream_failed(connection, true, error);
                     }
                 }
                 _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > period * SILENT_PERIODS {
+                        let reason = format!("no answer from the control plane for {:?}", last_heard.elapsed());
+                        close(connection, CloseCode::Normal, "no heartbeat answer");
+                        return lost(connection, true, reason);
+                    }
                     sequence += 1;
                     let beat = Heartbeat { seq: sequence, running: self.jobs.held() };
                     if let Err(error) = write_message(&mut send, &Message::Heartbeat(beat)).await {

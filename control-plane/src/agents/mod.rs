@@ -19,9 +19,14 @@ use ca::CertificateAuthority;
 
 /// Binds the QUIC endpoint: server certificate from the CA, client certificates required and
 /// verified against the same CA, ALPN `cronium/1`.
+///
+/// `reset_key` keys the stateless resets. It is kept in the data dir, so after a restart the
+/// control plane answers packets of connections it no longer knows with a reset the agents
+/// accept, and they reconnect at once instead of waiting for a timeout.
 pub fn bind_endpoint(
     address: SocketAddr,
     ca: &CertificateAuthority,
+    reset_key: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -47,7 +52,19 @@ pub fn bind_endpoint(
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, address).with_context(|| format!("binding QUIC on {address}"))
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_key,
+    )));
+    let socket =
+        std::net::UdpSocket::bind(address).with_context(|| format!("binding QUIC on {address}"))?;
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")
 }
 
 /// Accepts connections until shutdown; each agent gets its own task.

@@ -157,7 +157,17 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             loop {
                 tokio::select! {
                     message = read_message(&mut recv, &mut decoder) => {
-                        let Some(message) = message? else { return Ok(()) };
+                        let message = match message {
+                            Ok(Some(message)) => message,
+                            Ok(None) => return Ok(()),
+                            Err(error) => match error.connection_lost() {
+                                Some(reason) => {
+                                    info!(%reason, "connection closed");
+                                    return Ok(());
+                                }
+                                None => return Err(error.into()),
+                            },
+                        };
                         handle_control_message(&state, &agent.id, &mut send, message).await?;
                     }
                     _ = registration.wake.notified() => {
@@ -175,10 +185,10 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         }
         .await;
         streams.abort();
-        if let Some(last_seen) = state.registry.unregister(&agent.id, registration.session) {
-            if let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await {
-                warn!(%error, "could not record last-seen time");
-            }
+        if let Some(last_seen) = state.registry.unregister(&agent.id, registration.session)
+            && let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await
+        {
+            warn!(%error, "could not record last-seen time");
         }
         info!("agent disconnected");
         result

@@ -14,6 +14,17 @@ pub enum WireError {
     Write(#[from] quinn::WriteError),
 }
 
+impl WireError {
+    /// The connection went away (closed by either side, reset, timed out): an end, not a fault.
+    pub fn connection_lost(&self) -> Option<&quinn::ConnectionError> {
+        match self {
+            WireError::Read(quinn::ReadError::ConnectionLost(error))
+            | WireError::Write(quinn::WriteError::ConnectionLost(error)) => Some(error),
+            _ => None,
+        }
+    }
+}
+
 /// Reads the next message; `Ok(None)` at a clean end of stream.
 pub async fn read_message(
     recv: &mut quinn::RecvStream,
@@ -21,7 +32,7 @@ pub async fn read_message(
 ) -> Result<Option<Message>, WireError> {
     let mut buffer = [0u8; 16 * 1024];
     loop {
-        if let Some(message) = decoder.next()? {
+        if let Some(message) = decoder.next_message()? {
             return Ok(Some(message));
         }
         match recv.read(&mut buffer).await? {

@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/agents", get(list))
         .route("/agents/enroll", post(enroll))
+        .route("/agents/ca", get(ca_certificate))
         .route("/agents/{id}", get(show).delete(revoke))
 }
 
@@ -40,6 +41,14 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "revoked_at": timestamp(agent.revoked_at),
         "server_id": Value::Null,
     })
+}
+
+/// The CA certificate (public): enrolling agents check its fingerprint before they send a token.
+async fn ca_certificate(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.ca_pem().to_string(),
+    )
 }
 
 async fn list(State(state): State<AppState>, _user: CurrentUser) -> ApiResult<Json<Value>> {

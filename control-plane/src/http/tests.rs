@@ -118,6 +118,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("get", "/healthz"),
     ("post", "/auth/login"),
     ("post", "/agents/enroll"),
+    ("get", "/agents/ca"),
     ("get", "/openapi.json"),
 ];
 

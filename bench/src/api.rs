@@ -1,0 +1,260 @@
+//! A small client for the control plane's HTTP API, including the server-sent-events log follower.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+/// How long an ordinary API request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long following one job's log may take (the benchmark's jobs are no-ops).
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Largest SSE buffer accepted before the stream is considered broken.
+const MAX_SSE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Nanoseconds since the Unix epoch (wall clock, comparable with `date +%s%N`).
+pub fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as i128)
+        .unwrap_or_default()
+}
+
+/// An authenticated API client.
+#[derive(Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// What following a job's log produced.
+pub struct Followed {
+    /// The log's text, concatenated from the `log` events.
+    pub log: String,
+    /// The job as sent with the `end` event.
+    pub job: Value,
+    /// When the `end` event arrived (wall clock, ns).
+    pub end_ns: i128,
+}
+
+/// A triggered run's first job.
+pub struct Triggered {
+    /// The job's id.
+    pub job_id: String,
+    /// When the POST's response arrived (wall clock, ns).
+    pub answered_ns: i128,
+}
+
+impl Api {
+    /// A client for the control plane at `base` (e.g. `http://127.0.0.1:1234`) acting with the
+    /// API token `token`. Only plain HTTP is used; rustls (ring) is configured because the
+    /// workspace's reqwest has no default TLS provider.
+    pub fn new(base: &str, token: &str) -> anyhow::Result<Api> {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("cannot configure rustls")?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Api {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    /// The control plane's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
+        let response = request
+            .bearer_auth(&self.token)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .with_context(|| format!("{what}: request failed"))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("{what}: cannot read the response"))?;
+        if !status.is_success() {
+            bail!("{what}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("{what}: the response is not JSON"))
+    }
+
+    /// `GET {base}/api/v1{path}`.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        self.send(self.client.get(&url), &format!("GET {path}"))
+            .await
+    }
+
+    /// `POST {base}/api/v1{path}` with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1{path}", self.base);
+        self.send(self.client.post(&url).json(body), &format!("POST {path}"))
+            .await
+    }
+
+    /// Creates a bash event targeting the agent named `agent` and returns its id.
+    pub async fn create_event(
+        &self,
+        name: &str,
+        script: &str,
+        agent: &str,
+    ) -> anyhow::Result<String> {
+        let event = self
+            .post(
+                "/events",
+                &json!({
+                    "name": name,
+                    "kind": "bash",
+                    "script": script,
+                    "targets": {"agents": [agent]},
+                    "timeout_seconds": 60,
+                }),
+            )
+            .await?;
+        event["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("POST /events: no id in the response")
+    }
+
+    /// Triggers a run of `event_id` and returns its (only) job.
+    pub async fn trigger(&self, event_id: &str) -> anyhow::Result<Triggered> {
+        let run = self
+            .post(&format!("/events/{event_id}/runs"), &json!({}))
+            .await?;
+        let answered_ns = now_ns();
+        let job_id = run["jobs"][0]["id"]
+            .as_str()
+            .with_context(|| format!("POST /events/{{id}}/runs: no job in {run}"))?
+            .to_owned();
+        Ok(Triggered {
+            job_id,
+            answered_ns,
+        })
+    }
+
+    /// Follows a job's log over server-sent events until the `end` event.
+    pub async fn follow(&self, job_id: &str) -> anyhow::Result<Followed> {
+        let url = format!("{}/api/v1/jobs/{job_id}/logs?follow=true", self.base);
+        let work = async {
+            let response = self
+                .client
+                .get(&url)
+                .bearer_auth(&self.token)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .context("GET /jobs/{id}/logs?follow=true: request failed")?;
+            let status = response.status();
+            if !status.is_success() {
+                let body = response.text().await.unwrap_or_default();
+                bail!("GET /jobs/{{id}}/logs?follow=true: HTTP {status}: {body}");
+            }
+            let mut body = response.bytes_stream();
+            let mut buffer: Vec<u8> = Vec::new();
+            let mut log = String::new();
+            while let Some(bytes) = body.next().await {
+                buffer.extend_from_slice(&bytes.context("the log stream broke")?);
+                while let Some(end) = find_event_end(&buffer) {
+                    let block: Vec<u8> = buffer.drain(..end).collect();
+                    let (event, data) = parse_event(&block);
+                    match event.as_deref() {
+                        Some("log") => {
+                            let chunk: Value = serde_json::from_str(&data)
+                                .with_context(|| format!("a log event is not JSON: {data}"))?;
+                            log.push_str(chunk["data"].as_str().unwrap_or_default());
+                        }
+                        Some("end") => {
+                            let end_ns = now_ns();
+                            let job = serde_json::from_str(&data)
+                                .with_context(|| format!("the end event is not JSON: {data}"))?;
+                            return Ok(Followed { log, job, end_ns });
+                        }
+                        Some("error") => bail!("the log stream reported an error: {data}"),
+                        _ => {}
+                    }
+                }
+                if buffer.len() > MAX_SSE_BUFFER {
+                    bail!("the log stream sent an oversized event");
+                }
+            }
+            bail!("the log stream ended without an end event")
+        };
+        tokio::time::timeout(FOLLOW_TIMEOUT, work)
+            .await
+            .with_context(|| {
+                format!("following job {job_id} took longer than {FOLLOW_TIMEOUT:?}")
+            })?
+    }
+}
+
+/// The length up to and including the blank line that ends the first complete event in `buffer`.
+fn find_event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = buffer
+        .windows(2)
+        .position(|pair| pair == b"\n\n")
+        .map(|at| at + 2);
+    let crlf = buffer
+        .windows(4)
+        .position(|quad| quad == b"\r\n\r\n")
+        .map(|at| at + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The event name and the (joined) data of one SSE event block.
+fn parse_event(block: &[u8]) -> (Option<String>, String) {
+    let text = String::from_utf8_lossy(block);
+    let mut event = None;
+    let mut data: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("event:") {
+            event = Some(value.trim_start().to_owned());
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (event, data.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sse_events() {
+        let buffer =
+            b"event: log\ndata: {\"data\":\"1\\n\"}\n\n: keep-alive\n\nevent: end\ndata: {}\n\n";
+        let end = find_event_end(buffer).unwrap();
+        let (event, data) = parse_event(&buffer[..end]);
+        assert_eq!(event.as_deref(), Some("log"));
+        assert_eq!(data, "{\"data\":\"1\\n\"}");
+        let rest = &buffer[end..];
+        let end2 = find_event_end(rest).unwrap();
+        assert_eq!(parse_event(&rest[..end2]).0, None);
+        assert_eq!(parse_event(&rest[end2..]).0.as_deref(), Some("end"));
+    }
+}

@@ -1,0 +1,269 @@
+//! `cronium-bench`: measures Cronium against an SSH peer in the same run.
+//!
+//! It starts a control plane (`cronium serve`) and an agent (`cronium-agent run`, capacity 8) as
+//! child processes on 127.0.0.1, then measures the no-op job latency (trigger → process started,
+//! trigger → result visible over SSE) next to `ssh … true` (fresh and ControlMaster), the job
+//! throughput from 16 concurrent clients, the control plane's durable commits per job (fsync and
+//! fdatasync counted with strace), the idle agent's RSS and the control plane's memory per
+//! connected agent (agents run in this process). It prints a markdown summary and optionally
+//! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
+//! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
+//! (see `/work/shared/design/TESTING.md`).
+
+mod api;
+mod cluster;
+mod phases;
+mod procs;
+mod report;
+mod ssh;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::json;
+
+use crate::cluster::{ControlPlane, start_agent_process, wait_online};
+use crate::procs::{Binaries, rss_kib};
+use crate::report::Results;
+use crate::ssh::SshPeer;
+use crate::stats::Summary;
+
+/// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory) on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(name = "cronium-bench", version)]
+struct Cli {
+    /// Samples per latency measurement (cronium and each ssh variant).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    runs: u64,
+    /// Untimed warm-up runs before the latency samples.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    warmup: u64,
+    /// Jobs per throughput phase (the phase runs twice: plain and under strace).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    jobs: u64,
+    /// Concurrent client tasks in the throughput phases.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    clients: u64,
+    /// In-process agents for the control-plane memory measurement (0 skips it).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    agents: u64,
+    /// Write every number to this file as JSON.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The throwaway-sshd script used for the SSH peer.
+    #[arg(long, default_value = "/work/shared/peers/sshd-throwaway")]
+    sshd_script: PathBuf,
+    /// strace, used to count the control plane's fsync/fdatasync calls.
+    #[arg(long, default_value = "/usr/bin/strace")]
+    strace: PathBuf,
+}
+
+/// How long the agent under test gets to come online.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long processes are left idle before their memory is read.
+const SETTLE: Duration = Duration::from_secs(3);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Dropping the benchmark future (Ctrl-C) or unwinding out of it (panic) drops every guard:
+    // the child processes are stopped and the temp dir removed.
+    tokio::select! {
+        result = bench(cli) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; cleaning up");
+            anyhow::bail!("interrupted")
+        }
+    }
+}
+
+fn progress(message: &str) {
+    eprintln!("[cronium-bench] {message}");
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
+    let binaries = Binaries::next_to_self()?;
+    let runs = cli.runs as usize;
+    let jobs = cli.jobs as usize;
+    let clients = cli.clients as usize;
+    let agents = cli.agents as usize;
+    // Declared first, dropped last: after every process that uses it has been stopped.
+    let temp = tempfile::Builder::new()
+        .prefix("cronium-bench-")
+        .tempdir()
+        .context("cannot create a temp dir")?;
+    let root = temp.path();
+
+    progress("starting the control plane");
+    let mut control_plane = ControlPlane::start(&binaries, &root.join("data")).await?;
+    let api = control_plane.api.clone();
+    progress(&format!(
+        "control plane ready at {} (quic {}), pid {}",
+        api.base(),
+        control_plane.quic,
+        control_plane.pid()
+    ));
+
+    progress("enrolling and starting the agent (capacity 8)");
+    let agent_name = "bench-agent".to_owned();
+    let mut agent =
+        start_agent_process(&binaries, &api, &agent_name, &root.join("agent"), 8).await?;
+    wait_online(&api, std::slice::from_ref(&agent_name), ONLINE_TIMEOUT)
+        .await
+        .with_context(|| format!("the agent's output:\n{}", agent.tail()))?;
+    tokio::time::sleep(SETTLE).await;
+    agent.ensure_running()?;
+    let agent_rss_idle_kib = rss_kib(agent.pid())?;
+    progress(&format!("idle agent RSS: {agent_rss_idle_kib} KiB"));
+
+    // Measured before the load phases: afterwards the allocator holds freed memory that new
+    // connections would reuse, which would understate their cost.
+    let memory = if agents > 0 {
+        progress(&format!(
+            "control-plane memory: connecting {agents} in-process agents"
+        ));
+        let memory = phases::memory_per_agent(
+            &api,
+            control_plane.pid(),
+            &root.join("mem-agents"),
+            agents,
+            SETTLE,
+        )
+        .await?;
+        progress(&format!(
+            "{:.1} KiB per agent ({} agents online after {:.1} s)",
+            memory.per_agent_kib(),
+            memory.agents,
+            memory.online_after.as_secs_f64()
+        ));
+        // The memory agents' files are not needed any more.
+        let _ = std::fs::remove_dir_all(root.join("mem-agents"));
+        Some(memory)
+    } else {
+        None
+    };
+    control_plane.process.ensure_running()?;
+
+    let latency_event = api
+        .create_event("bench-latency", "date +%s%N", &agent_name)
+        .await?;
+    let noop_event = api.create_event("bench-noop", "true", &agent_name).await?;
+
+    progress(&format!(
+        "latency: {} warm-up + {runs} runs of `date +%s%N`",
+        cli.warmup
+    ));
+    let latency = phases::latency(&api, &latency_event, cli.warmup as usize, runs).await?;
+    let post = Summary::of(&latency.post);
+    let started = Summary::of(&latency.started);
+    let result = Summary::of(&latency.result);
+    progress(&format!(
+        "result latency p50 {:.2} ms, p99 {:.2} ms",
+        result.p50, result.p99
+    ));
+
+    let ssh = match SshPeer::start(&cli.sshd_script, &root.join("ssh")).await? {
+        Some(mut peer) => {
+            progress(&format!("ssh: {runs} fresh connections"));
+            for _ in 0..3 {
+                peer.fresh().await?;
+            }
+            let mut fresh = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                fresh.push(peer.fresh().await?);
+            }
+            progress(&format!("ssh: {runs} runs over a ControlMaster"));
+            peer.multiplexed().await?;
+            let mut multiplexed = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                multiplexed.push(peer.multiplexed().await?);
+            }
+            peer.close_master();
+            drop(peer);
+            Some((Summary::of(&fresh), Summary::of(&multiplexed)))
+        }
+        None => None,
+    };
+
+    let phase_timeout = Duration::from_secs(60) + Duration::from_millis(100) * jobs as u32;
+    progress("throughput: warm-up");
+    phases::throughput(
+        &api,
+        &noop_event,
+        (clients * 4).min(jobs),
+        clients,
+        phase_timeout,
+    )
+    .await?;
+    progress(&format!("throughput: {jobs} jobs from {clients} clients"));
+    let throughput = phases::throughput(&api, &noop_event, jobs, clients, phase_timeout).await?;
+    progress(&format!("{:.1} jobs/s", throughput.per_second()));
+
+    let traced = if cli.strace.is_file() {
+        progress(&format!(
+            "durable commits: {jobs} jobs with strace attached"
+        ));
+        let strace =
+            phases::Strace::attach(&cli.strace, control_plane.pid(), &root.join("strace.txt"))
+                .await?;
+        let traced =
+            phases::throughput(&api, &noop_event, jobs, clients, phase_timeout * 3).await?;
+        let counts = strace.finish().await?;
+        Some((traced, counts))
+    } else {
+        eprintln!(
+            "NOTE: {} is missing; not counting durable commits",
+            cli.strace.display()
+        );
+        None
+    };
+
+    tokio::time::sleep(SETTLE).await;
+    agent.ensure_running()?;
+    control_plane.process.ensure_running()?;
+    let agent_rss_after_load_kib = rss_kib(agent.pid())?;
+
+    let results = Results {
+        config: json!({
+            "description": format!(
+                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}; {} CPUs, {}",
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                std::env::consts::ARCH
+            ),
+            "runs": runs,
+            "warmup": cli.warmup,
+            "jobs": jobs,
+            "clients": clients,
+            "agents": agents,
+            "agent_capacity": 8,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        }),
+        post,
+        started,
+        result,
+        ssh,
+        throughput,
+        traced,
+        clients,
+        agent_rss_idle_kib,
+        agent_rss_after_load_kib,
+        memory,
+    };
+    println!("{}", results.markdown());
+    if let Some(path) = &cli.out {
+        let text = serde_json::to_string_pretty(&results.json())?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        progress(&format!("wrote {}", path.display()));
+    }
+    // Stop the agent before the control plane (drop order is explicit here for clarity).
+    drop(agent);
+    drop(control_plane);
+    drop(temp);
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! `cargo xtask`: project automation.
+//!
+//! - `cargo xtask test [NEXTEST ARGS…]` — the whole test suite: builds every binary (the
+//!   end-to-end tests start the real `cronium` and `cronium-agent`), then runs
+//!   `cargo nextest run --workspace` (which includes the tidy checks below).
+//! - `cargo xtask tidy` — only the tidy checks.
+
+mod tidy;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    match args.first().map(String::as_str) {
+        Some("test") => {
+            let build = Command::new(cargo())
+                .current_dir(&root)
+                .args(["build", "--workspace", "--bins"])
+                .status();
+            if !matches!(build, Ok(status) if status.success()) {
+                eprintln!("xtask: building the binaries failed");
+                return ExitCode::FAILURE;
+            }
+            let mut nextest = Command::new(cargo());
+            nextest
+                .current_dir(&root)
+                .args(["nextest", "run", "--workspace"]);
+            if std::env::var_os("CI").is_some() {
+                nextest.args(["--profile", "ci"]);
+            }
+            nextest.args(&args[1..]);
+            match nextest.status() {
+                Ok(status) if status.success() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(error) => {
+                    eprintln!(
+                        "xtask: cannot run cargo nextest ({error}); install it with `cargo install cargo-nextest --locked`"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some("tidy") => {
+            let problems = tidy::check(&root);
+            for problem in &problems {
+                eprintln!("tidy: {problem}");
+            }
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        _ => {
+            eprintln!("usage: cargo xtask test [NEXTEST ARGS…] | cargo xtask tidy");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The workspace root (the parent of this crate).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
