@@ -162,6 +162,12 @@ impl Identity {
         write_private(&self.state_dir.join(KEY_FILE), files.key_pem.as_bytes())?;
         write_private(&self.state_dir.join(CERT_FILE), files.cert_pem.as_bytes())?;
         write_private(&self.state_dir.join(CA_FILE), files.ca_pem.as_bytes())?;
+        self.save_settings()
+    }
+
+    /// Rewrites only `agent.json` (e.g. when the control plane's addresses changed); the key and
+    /// certificates stay as they are.
+    pub fn save_settings(&self) -> Result<(), IdentityError> {
         let agent = AgentFile {
             agent_id: self.agent_id.clone(),
             name: self.name.clone(),

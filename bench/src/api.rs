@@ -38,6 +38,8 @@ pub struct Followed {
     pub log: String,
     /// The job as sent with the `end` event.
     pub job: Value,
+    /// When the first `log` event arrived (wall clock, ns).
+    pub first_log_ns: Option<i128>,
     /// When the `end` event arrived (wall clock, ns).
     pub end_ns: i128,
 }
@@ -174,6 +176,7 @@ impl Api {
             let mut body = response.bytes_stream();
             let mut buffer: Vec<u8> = Vec::new();
             let mut log = String::new();
+            let mut first_log_ns = None;
             while let Some(bytes) = body.next().await {
                 buffer.extend_from_slice(&bytes.context("the log stream broke")?);
                 while let Some(end) = find_event_end(&buffer) {
@@ -181,6 +184,7 @@ impl Api {
                     let (event, data) = parse_event(&block);
                     match event.as_deref() {
                         Some("log") => {
+                            first_log_ns.get_or_insert_with(now_ns);
                             let chunk: Value = serde_json::from_str(&data)
                                 .with_context(|| format!("a log event is not JSON: {data}"))?;
                             log.push_str(chunk["data"].as_str().unwrap_or_default());
@@ -189,7 +193,12 @@ impl Api {
                             let end_ns = now_ns();
                             let job = serde_json::from_str(&data)
                                 .with_context(|| format!("the end event is not JSON: {data}"))?;
-                            return Ok(Followed { log, job, end_ns });
+                            return Ok(Followed {
+                                log,
+                                job,
+                                first_log_ns,
+                                end_ns,
+                            });
                         }
                         Some("error") => bail!("the log stream reported an error: {data}"),
                         _ => {}

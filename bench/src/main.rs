@@ -162,6 +162,25 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let post = Summary::of(&latency.post);
     let started = Summary::of(&latency.started);
     let result = Summary::of(&latency.result);
+    let breakdown: Vec<(String, Summary)> = [
+        ("POST answered (job durable)", &latency.post),
+        ("claimed_at (server clock, ms resolution)", &latency.claimed),
+        (
+            "started_at (server clock, ms resolution)",
+            &latency.server_started,
+        ),
+        ("process printed `date +%s%N`", &latency.started),
+        ("first SSE `log` event arrived", &latency.first_log),
+        (
+            "finished_at (server clock, ms resolution)",
+            &latency.finished,
+        ),
+        ("SSE `end` arrived", &latency.result),
+    ]
+    .into_iter()
+    .filter(|(_, samples)| !samples.is_empty())
+    .map(|(name, samples)| (name.to_owned(), Summary::of(samples)))
+    .collect();
     progress(&format!(
         "result latency p50 {:.2} ms, p99 {:.2} ms",
         result.p50, result.p99
@@ -246,6 +265,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         post,
         started,
         result,
+        breakdown,
         ssh,
         throughput,
         traced,

@@ -26,6 +26,22 @@ pub struct LatencySamples {
     pub started: Vec<f64>,
     /// From just before the POST to the arrival of the SSE `end` event.
     pub result: Vec<f64>,
+    /// From just before the POST to the arrival of the first SSE `log` event.
+    pub first_log: Vec<f64>,
+    /// From just before the POST to the job's `claimed_at`, `started_at` and `finished_at` as
+    /// the control plane recorded them (millisecond resolution).
+    pub claimed: Vec<f64>,
+    /// See `claimed`.
+    pub server_started: Vec<f64>,
+    /// See `claimed`.
+    pub finished: Vec<f64>,
+}
+
+/// A job timestamp (RFC 3339) as wall-clock ns.
+fn timestamp_ns(value: &Value) -> Option<i128> {
+    let text = value.as_str()?;
+    let time = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    Some(i128::from(time.timestamp_nanos_opt()?))
 }
 
 /// Fails unless the job in an SSE `end` event completed with exit code 0.
@@ -78,6 +94,18 @@ pub async fn latency(
         samples.post.push(ms(triggered.answered_ns - t0));
         samples.started.push(ms(started_ns - t0));
         samples.result.push(ms(followed.end_ns - t0));
+        if let Some(first_log_ns) = followed.first_log_ns {
+            samples.first_log.push(ms(first_log_ns - t0));
+        }
+        for (field, into) in [
+            ("claimed_at", &mut samples.claimed),
+            ("started_at", &mut samples.server_started),
+            ("finished_at", &mut samples.finished),
+        ] {
+            if let Some(at) = timestamp_ns(&followed.job[field]) {
+                into.push(ms(at - t0));
+            }
+        }
     }
     Ok(samples)
 }

@@ -31,6 +31,8 @@ pub struct Results {
     pub started: Summary,
     /// Trigger → SSE `end` arrived.
     pub result: Summary,
+    /// Where the result latency goes: milestones from the trigger, (name, summary).
+    pub breakdown: Vec<(String, Summary)>,
     /// `ssh … true` with a fresh connection and over a ControlMaster, if sshd was available.
     pub ssh: Option<(Summary, Summary)>,
     /// Throughput without strace.
@@ -117,6 +119,19 @@ impl Results {
             ));
         }
         out.push(String::new());
+        if !self.breakdown.is_empty() {
+            out.push(
+                "| where the latency goes: trigger → … (ms) | n | mean | p50 | p99 |".to_owned(),
+            );
+            out.push("|---|---:|---:|---:|---:|".to_owned());
+            for (name, summary) in &self.breakdown {
+                out.push(format!(
+                    "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+                    summary.count, summary.mean, summary.p50, summary.p99
+                ));
+            }
+            out.push(String::new());
+        }
         if let Some((fresh, multiplexed)) = &self.ssh {
             out.push(
                 "| ratio: cronium result latency / peer | p50 | p99 | target | verdict |"
@@ -220,6 +235,11 @@ impl Results {
                 "post_runs": self.post.to_json(),
                 "trigger_to_process_started": self.started.to_json(),
                 "trigger_to_result_visible": self.result.to_json(),
+                "breakdown": self
+                    .breakdown
+                    .iter()
+                    .map(|(name, summary)| json!({"milestone": name, "from_trigger": summary.to_json()}))
+                    .collect::<Vec<_>>(),
             },
             "ssh": self.ssh.as_ref().map(|(fresh, multiplexed)| json!({
                 "fresh": fresh.to_json(),

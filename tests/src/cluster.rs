@@ -293,6 +293,30 @@ impl TestCluster {
         &self.admin_token
     }
 
+    /// The `ENCRYPTION_KEY` the control plane runs with (base64).
+    pub fn encryption_key(&self) -> &str {
+        &self.encryption_key
+    }
+
+    /// The log files of this cluster (control plane and agents, also stopped ones) that contain
+    /// `needle`, for checks that secrets never reach a log.
+    pub fn logs_containing(&self, needle: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dir_path) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|entry| Some(entry.ok()?.path()))
+            .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+            .filter(|path| {
+                std::fs::read(path).is_ok_and(|bytes| {
+                    bytes
+                        .windows(needle.len().max(1))
+                        .any(|window| window == needle.as_bytes())
+                })
+            })
+            .collect()
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http_addr)
@@ -539,6 +563,35 @@ impl TestCluster {
     pub fn agent_exit_status(&mut self, agent_id: &str) -> Result<Option<ExitStatus>> {
         let index = self.running_agent_index(agent_id)?;
         self.agents[index].guard.try_wait()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to a running agent process.
+    pub fn signal_agent(&self, agent_id: &str, signal: i32) -> Result<()> {
+        let pid = self.agent_pid(agent_id)?;
+        // SAFETY: plain syscall on a child we own and have not reaped (its pid cannot be reused).
+        let result = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        if result != 0 {
+            bail!("kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent process exits by itself; returns its exit status.
+    pub async fn wait_agent_exit(
+        &mut self,
+        agent_id: &str,
+        timeout: Duration,
+    ) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.agent_exit_status(agent_id)? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("agent {agent_id} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 
     /// The process id of a running agent.

@@ -1,9 +1,10 @@
 //! Child processes of a test and a look at the machine's process table.
 //!
-//! [`ChildGuard`] spawns a binary in its own process group with its stdout and stderr drained by
-//! two threads into a log file (so the pipes never fill up), optionally reports the first stdout
-//! line that starts with a readiness prefix, and on drop kills the process and its group with
-//! SIGKILL and reaps it. [`live_processes_with_arg`] and [`kill_processes_with_env`] read `/proc`
+//! [`ChildGuard`] spawns a binary with its stdout and stderr drained by two threads into a log
+//! file (so the pipes never fill up), optionally reports the first stdout line that starts with a
+//! readiness prefix, and on drop kills the process with SIGKILL and reaps it. The child stays in
+//! the test's process group (so a test runner that kills the group on timeout reaches it) and
+//! gets SIGKILL from the kernel if the spawning thread dies without running `Drop`. [`live_processes_with_arg`] and [`kill_processes_with_env`] read `/proc`
 //! to find processes a test caused to exist indirectly (the jobs an agent ran).
 
 use std::fs::{File, OpenOptions};
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use tokio::sync::oneshot;
 
-/// A running child process that is killed (SIGKILL, whole process group) and reaped on drop.
+/// A running child process that is killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
 pub struct ChildGuard {
     name: String,
@@ -55,8 +56,22 @@ impl ChildGuard {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs between fork and exec and only makes an async-signal-safe
+        // syscall. The death signal fires when the spawning thread exits; the harness spawns from
+        // the test's own thread, which outlives every guard.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            });
+        }
         let mut child = command
             .spawn()
             .with_context(|| format!("spawn {name}: {program}"))?;
@@ -135,16 +150,11 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: plain syscalls. The process group was created by `process_group(0)` at spawn, so
-        // its id is the child's pid; killing it also reaches helpers the child left in its group.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-            if self.exit_status.is_none() {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
         if self.exit_status.is_none() {
+            // SAFETY: plain syscall on a pid we own and have not reaped yet.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL);
+            }
             let _ = self.child.wait();
         }
     }

@@ -44,6 +44,28 @@ impl Failures {
     }
 }
 
+/// Checks that no secret (the admin API token, the encryption key, and `extra`) appears in any
+/// log of the cluster.
+fn check_no_secrets_in_logs(
+    cluster: &TestCluster,
+    failures: &mut Failures,
+    extra: &[(&str, &str)],
+) {
+    let mut secrets = vec![
+        ("the admin API token", cluster.admin_token()),
+        ("the encryption key", cluster.encryption_key()),
+    ];
+    secrets.extend_from_slice(extra);
+    // The search itself must work, or the checks below would pass for nothing.
+    failures.check(!cluster.logs_containing("cronium ready").is_empty(), || {
+        "the log search does not even find the readiness line".into()
+    });
+    for (what, secret) in secrets {
+        let found = cluster.logs_containing(secret);
+        failures.check(found.is_empty(), || format!("{what} appears in {found:?}"));
+    }
+}
+
 /// What one job must look like when it is over.
 struct Expected {
     status: &'static str,
@@ -89,6 +111,19 @@ async fn two_agents_run_bash_python_and_node_jobs() -> Result<()> {
             failures.check(entry["labels"]["role"] == "e2e", || {
                 format!("agent {} lost its labels: {entry}", agent.name)
             });
+            failures.check(
+                entry["version"]
+                    .as_str()
+                    .is_some_and(|version| !version.is_empty())
+                    && entry["last_seen_at"].is_string()
+                    && entry.get("server_id").is_some(),
+                || {
+                    format!(
+                        "agent {} lacks version, last_seen_at or server_id: {entry}",
+                        agent.name
+                    )
+                },
+            );
         }
     }
 
@@ -233,6 +268,7 @@ async fn two_agents_run_bash_python_and_node_jobs() -> Result<()> {
             format!("{name}: run counts {run_json}")
         });
     }
+    check_no_secrets_in_logs(&cluster, &mut failures, &[]);
     failures.finish()
 }
 
@@ -446,6 +482,78 @@ async fn an_agent_killed_mid_job_fails_the_job_as_lost_and_leaves_no_orphan() ->
     let next = cluster.wait_job_final(&next, JOB_TIMEOUT).await?;
     failures.check(next["status"] == "completed", || {
         format!("the next job on the restarted agent: {next}")
+    });
+    failures.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopped_agent_finishes_its_job_and_claims_nothing_new() -> Result<()> {
+    // A short lease: if heartbeats stopped while the agent drains, the running job would be lost.
+    let mut cluster = TestCluster::start_with(ClusterOptions {
+        lease_seconds: Some(3),
+        heartbeat_seconds: Some(1),
+    })
+    .await?;
+    let agent = cluster.add_agent("graceful").await?;
+    let script = "echo begin\nsleep 6\necho finished\n";
+    let running = cluster
+        .run_single_job(
+            &EventSpec::bash("drain", script)
+                .target(&agent.id)
+                .timeout_seconds(120),
+        )
+        .await?;
+    cluster
+        .wait_until(
+            JOB_TIMEOUT,
+            "the job running with its first line stored",
+            || async {
+                let job = cluster.job(&running).await?;
+                Ok((job["status"] == "running"
+                    && job["output"].as_str().unwrap_or_default().contains("begin"))
+                .then_some(()))
+            },
+        )
+        .await?;
+
+    cluster.signal_agent(&agent.id, libc::SIGTERM)?;
+    // Work queued while the agent drains must wait for another agent (or this one's return).
+    let waiting = cluster
+        .run_single_job(&EventSpec::bash("queued", "echo later").target(&agent.id))
+        .await?;
+    let status = cluster
+        .wait_agent_exit(&agent.id, Duration::from_secs(60))
+        .await?;
+    let mut failures = Failures::default();
+    failures.check(status.success(), || {
+        format!("a graceful stop should exit 0, got {status}")
+    });
+    let job = cluster
+        .wait_job_final(&running, Duration::from_secs(20))
+        .await?;
+    failures.check(job["status"] == "completed", || {
+        format!("the running job should complete during the drain: {job}")
+    });
+    failures.check(
+        job["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("finished"),
+        || format!("job output: {job}"),
+    );
+    let queued = cluster.job(&waiting).await?;
+    failures.check(queued["status"] == "queued", || {
+        format!("the draining agent claimed new work: {queued}")
+    });
+
+    // Back again, the agent picks the queued job up.
+    cluster.kill_agent(&agent.id)?;
+    cluster
+        .start_agent(&agent, &AgentOptions::default())
+        .await?;
+    let later = cluster.wait_job_final(&waiting, JOB_TIMEOUT).await?;
+    failures.check(later["status"] == "completed", || {
+        format!("the queued job after the restart: {later}")
     });
     failures.finish()
 }
@@ -710,6 +818,19 @@ async fn enrollment_tokens_are_single_use_and_expire() -> Result<()> {
             refused.combined_output()
         )
     });
+    // The agent checks the CA before the token leaves the host, so the token is not used up.
+    let retry = EnrollRequest {
+        name: "after-wrong-ca".into(),
+        ca_sha256: json_str(&fresh, "ca_sha256")?,
+        ..wrong_ca
+    };
+    let retried = cluster.run_enroll(&retry).await?;
+    failures.check(retried.output.status.success(), || {
+        format!(
+            "the token was used up by an enrollment refused for its CA: {}",
+            retried.combined_output()
+        )
+    });
 
     let short = cluster
         .create_enrollment_token(&json!({"uses": 5, "ttl_seconds": 1}))
@@ -756,11 +877,37 @@ async fn enrollment_tokens_are_single_use_and_expire() -> Result<()> {
         .iter()
         .filter_map(|agent| agent["name"].as_str())
         .collect();
-    // (`wrong-ca` may be listed: the agent checks the CA that comes back with its certificate,
-    // after the control plane has already used the token.)
-    failures.check(names.contains(&"first") && !names.contains(&"second") && !names.contains(&"late"), || {
-        format!("`first` must be enrolled and neither `second` nor `late`; GET /agents lists {names:?}")
+    let mut names = names;
+    names.sort_unstable();
+    failures.check(names == ["after-wrong-ca", "first"], || {
+        format!(
+            "exactly `first` and `after-wrong-ca` must be enrolled; GET /agents lists {names:?}"
+        )
     });
+    // No token reaches a log or the enroll command's own output.
+    let tokens = [
+        ("the one-use enrollment token", json_str(&token, "token")?),
+        ("the fresh enrollment token", json_str(&fresh, "token")?),
+        (
+            "the short-lived enrollment token",
+            json_str(&short, "token")?,
+        ),
+    ];
+    let token_refs: Vec<(&str, &str)> = tokens
+        .iter()
+        .map(|(what, secret)| (*what, secret.as_str()))
+        .collect();
+    check_no_secrets_in_logs(&cluster, &mut failures, &token_refs);
+    for (what, secret) in &token_refs {
+        for outcome in [&first, &second, &refused, &retried, &late] {
+            failures.check(!outcome.combined_output().contains(secret), || {
+                format!(
+                    "{what} appears in the output of an enroll command: {}",
+                    outcome.combined_output()
+                )
+            });
+        }
+    }
     failures.finish()
 }
 
@@ -959,13 +1106,17 @@ async fn garbage_on_the_quic_port_does_not_hurt_a_connected_agent() -> Result<()
     let huge = wait_stream_closed(&first.connection, &mut send, &mut receive).await?;
     eprintln!("4 GiB prefix: {huge}");
 
-    // Random bytes on another stream (a new connection if the first one was closed).
+    // A frame of random bytes with a plausible length on a new connection. The stream is not
+    // finished, so only the server can end this: by stopping or resetting the stream, or by
+    // closing the connection.
     let second = connect_as_agent(&intruder.state_dir, server).await?;
     let (mut send, mut receive) = second.connection.open_bi().await.context("open a stream")?;
-    if let Err(error) = send.write_all(&random_bytes(8192)).await {
+    let payload = random_bytes(8188);
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend(payload);
+    if let Err(error) = send.write_all(&frame).await {
         eprintln!("writing random bytes ended early: {error}");
     }
-    let _ = send.finish();
     let random = wait_stream_closed(&second.connection, &mut send, &mut receive).await?;
     eprintln!("random bytes: {random}");
 

@@ -52,10 +52,24 @@ pub fn bind_endpoint(
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset_key,
     )));
+    // Connection ids are validated with a keyed hash; derive the key from the same secret so a
+    // restarted control plane recognises its old ids and answers them with a stateless reset.
+    let cid_digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"cronium connection ids".as_slice(), reset_key].concat(),
+    );
+    let cid_key = u64::from_le_bytes(
+        cid_digest.as_ref()[..8]
+            .try_into()
+            .context("connection id key")?,
+    );
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let socket =
         std::net::UdpSocket::bind(address).with_context(|| format!("binding QUIC on {address}"))?;
     quinn::Endpoint::new(

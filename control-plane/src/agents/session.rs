@@ -23,6 +23,9 @@ use crate::store::now_ms;
 /// How long a new connection may take to finish the handshake and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Heartbeat intervals without a message after which an agent's connection is closed.
+const SILENT_HEARTBEATS: u32 = 3;
+
 /// Most jobs handed out by one claim.
 const MAX_CLAIM: u32 = 256;
 
@@ -153,6 +156,12 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             )
         };
 
+        // An agent that stops talking (killed, partitioned) is cut off after a few missed
+        // heartbeats, so it shows as offline long before QUIC's idle timeout.
+        let silence_limit = state.config.heartbeat * SILENT_HEARTBEATS;
+        let mut last_heard = tokio::time::Instant::now();
+        let mut watchdog = tokio::time::interval(state.config.heartbeat);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = async {
             loop {
                 tokio::select! {
@@ -168,7 +177,15 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
                                 None => return Err(error.into()),
                             },
                         };
+                        last_heard = tokio::time::Instant::now();
                         handle_control_message(&state, &agent.id, &mut send, message).await?;
+                    }
+                    _ = watchdog.tick() => {
+                        if last_heard.elapsed() > silence_limit {
+                            info!(silent_for = ?last_heard.elapsed(), "no heartbeat; closing the connection");
+                            connection.close(CloseCode::Normal.to_u32().into(), b"no heartbeat");
+                            return Ok(());
+                        }
                     }
                     _ = registration.wake.notified() => {
                         write_message(&mut send, &Message::WorkAvailable).await?;

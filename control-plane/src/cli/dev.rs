@@ -94,6 +94,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .context("enrolling the local agent")?;
     }
+    // The control plane may listen elsewhere than at the last start (other flags, port 0).
+    let mut identity =
+        cronium_agent::Identity::load(&agent_dir).context("loading the local agent's identity")?;
+    let quic_addrs = vec![running.quic_addr.to_string()];
+    if identity.quic_addrs != quic_addrs || identity.server_url != url {
+        identity.quic_addrs = quic_addrs;
+        identity.server_url = url.clone();
+        identity
+            .save_settings()
+            .context("updating the local agent's settings")?;
+    }
     let agent_shutdown = CancellationToken::new();
     let agent_options = cronium_agent::AgentOptions {
         state_dir: agent_dir,
