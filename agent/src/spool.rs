@@ -5,7 +5,9 @@
 //! - `pid`: the process id (and process group id) once the process started;
 //! - `log`: append-only records `[u8 stream][u32 BE length][data]`. The log offset of a byte is
 //!   the sum of the data lengths before it, which is the offset the protocol speaks of;
-//! - `result.json`: written with fsync and an atomic rename when the attempt ended.
+//! - `result.json`: written with an atomic rename when the attempt ended.
+//!
+//! Nothing here is fsynced: see [`write_atomically`] for why the page cache is enough.
 //!
 //! Output past `max_log_bytes` is dropped after one [`LogStream::System`] marker record.
 //! The spool outlives connections and agent restarts: uploads resume from the control plane's
@@ -415,17 +417,12 @@ impl AttemptSpool {
         Ok(())
     }
 
-    /// Stores the result durably (log fsync, then `result.json` with fsync and rename). A spool
-    /// that already has a result keeps it. On a write error the result is still kept in memory.
+    /// Stores the result (`result.json`, written atomically after the whole log). A spool that
+    /// already has a result keeps it. On a write error the result is still kept in memory.
     pub fn finish(&self, outcome: Outcome) -> Result<AttemptResult, SpoolError> {
         let mut state = self.lock();
         if let Some(result) = state.result {
             return Ok(result);
-        }
-        if let Some(log) = &state.log
-            && let Err(error) = log.sync_data()
-        {
-            tracing::warn!(dir = %self.inner.dir.display(), %error, "could not sync a spool log");
         }
         let result = AttemptResult {
             outcome,
@@ -721,8 +718,13 @@ fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
         .map_err(|source| io_error(path, source))
 }
 
-/// Writes a file through a temporary sibling, fsyncs it and renames it into place, then fsyncs
-/// the directory so the rename itself is durable.
+/// Writes a file through a temporary sibling and renames it into place, so a reader (or the
+/// agent after a crash) sees the old contents or the new ones, never a torn file.
+///
+/// There is deliberately no fsync: the control plane is the durable record of every job. The
+/// spool has to survive the *agent process* (a crash, a restart, an upgrade), which the page
+/// cache does; if the *machine* goes down, the job's processes die with it and the control plane
+/// settles the attempt through its lease, whatever the spool held.
 fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
     let temporary = path.with_extension("tmp");
     let mut file = OpenOptions::new()
@@ -734,15 +736,7 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
         .map_err(|source| io_error(&temporary, source))?;
     file.write_all(contents)
         .map_err(|source| io_error(&temporary, source))?;
-    file.sync_all()
-        .map_err(|source| io_error(&temporary, source))?;
-    fs::rename(&temporary, path).map_err(|source| io_error(path, source))?;
-    if let Some(parent) = path.parent()
-        && let Ok(directory) = File::open(parent)
-    {
-        let _ = directory.sync_all();
-    }
-    Ok(())
+    fs::rename(&temporary, path).map_err(|source| io_error(path, source))
 }
 
 fn io_error(path: &Path, source: io::Error) -> SpoolError {

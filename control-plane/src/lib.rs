@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use axum::serve::ListenerExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -269,9 +270,18 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     let router = http::router(state.clone());
     let http_shutdown = state.shutdown.clone();
     state.tasks.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
+        let served = axum::serve(
+            // Small writes (server-sent events, short answers) go out at once instead of
+            // waiting for the client's delayed ACK.
+            listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "could not set TCP_NODELAY");
+                }
+            }),
+            router,
+        )
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await;
         if let Err(error) = served {
             warn!(%error, "HTTP server failed");
         }

@@ -48,8 +48,10 @@ pub fn bind_endpoint(
         Duration::from_secs(20).try_into().context("idle timeout")?,
     ));
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    // Streams: one control stream plus one per running job; bound what one agent may open.
-    transport.max_concurrent_bidi_streams(1024u32.into());
+    // Streams an agent may have open at once: the control stream plus one per running job.
+    // quinn keeps state for every allowed stream up front, so this bounds memory per agent
+    // (about 100 bytes each); an agent running more jobs than this waits for stream credit.
+    transport.max_concurrent_bidi_streams(128u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(

@@ -30,13 +30,14 @@ pub async fn read_message(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<Message>, WireError> {
-    let mut buffer = [0u8; 16 * 1024];
     loop {
         if let Some(message) = decoder.next_message()? {
             return Ok(Some(message));
         }
-        match recv.read(&mut buffer).await? {
-            Some(read) => decoder.push(&buffer[..read])?,
+        // `read_chunk` hands over quinn's own buffers: no per-stream read buffer lives in the
+        // (long-lived) future, and a dropped read loses nothing.
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => decoder.push(&chunk.bytes)?,
             None => {
                 decoder.finish()?;
                 return Ok(None);

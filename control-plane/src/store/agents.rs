@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, StoreResult, new_id, now_ms};
+use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
 
 /// Labels are a sorted map of key to value, stored as a JSON object.
 pub type Labels = BTreeMap<String, String>;
@@ -85,20 +85,28 @@ impl Store {
         expires_at: i64,
         created_by: Option<&str>,
     ) -> StoreResult<()> {
+        let (token_sha256, labels, created_by) = (
+            token_sha256.to_string(),
+            labels_to_json(labels),
+            created_by.map(str::to_string),
+        );
+        write_op!(self, |conn| async {
         sqlx::query(
             "INSERT INTO enrollment_tokens (id, token_sha256, labels, uses_left, expires_at, created_by, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(new_id())
         .bind(token_sha256)
-        .bind(labels_to_json(labels))
+        .bind(labels)
         .bind(uses as i64)
         .bind(expires_at)
         .bind(created_by)
         .bind(now_ms())
-        .execute(&self.writer)
+        .execute(&mut *conn)
         .await?;
         Ok(())
+        })
+        .await
     }
 
     /// Spends one use of an enrollment token and records the agent, atomically: two concurrent
@@ -108,65 +116,76 @@ impl Store {
         &self,
         new_agent: NewAgent<'_>,
     ) -> StoreResult<Result<(Agent, EnrollmentGrant), TokenRefusal>> {
-        let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        let spent = sqlx::query(
-            "UPDATE enrollment_tokens SET uses_left = uses_left - 1
+        let token_sha256 = new_agent.token_sha256.to_string();
+        let name = new_agent.name.to_string();
+        let extra_labels = new_agent.extra_labels.clone();
+        let (hostname, os, arch) = (
+            new_agent.hostname.to_string(),
+            new_agent.os.to_string(),
+            new_agent.arch.to_string(),
+        );
+        write_op!(self, |conn| async {
+            let now = now_ms();
+            let spent = sqlx::query(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - 1
              WHERE token_sha256 = ? AND uses_left > 0 AND expires_at > ? RETURNING labels",
-        )
-        .bind(new_agent.token_sha256)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(spent) = spent else {
-            let row = sqlx::query(
-                "SELECT uses_left, expires_at FROM enrollment_tokens WHERE token_sha256 = ?",
             )
-            .bind(new_agent.token_sha256)
-            .fetch_optional(&mut *tx)
+            .bind(&token_sha256)
+            .bind(now)
+            .fetch_optional(&mut *conn)
             .await?;
-            let refusal = match row {
-                None => TokenRefusal::Unknown,
-                Some(row) if row.try_get::<i64, _>("expires_at")? <= now => TokenRefusal::Expired,
-                Some(_) => TokenRefusal::UsedUp,
+            let Some(spent) = spent else {
+                let row = sqlx::query(
+                    "SELECT uses_left, expires_at FROM enrollment_tokens WHERE token_sha256 = ?",
+                )
+                .bind(&token_sha256)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let refusal = match row {
+                    None => TokenRefusal::Unknown,
+                    Some(row) if row.try_get::<i64, _>("expires_at")? <= now => {
+                        TokenRefusal::Expired
+                    }
+                    Some(_) => TokenRefusal::UsedUp,
+                };
+                return Ok(Err(refusal));
             };
-            return Ok(Err(refusal));
-        };
-        let mut labels = labels_from_json(&spent.try_get::<String, _>("labels")?)?;
-        let grant = EnrollmentGrant {
-            labels: labels.clone(),
-        };
-        for (key, value) in new_agent.extra_labels {
-            labels.insert(key.clone(), value.clone());
-        }
-        let id = new_id();
-        // The placeholder fingerprint is unique per agent until the real one is set.
-        sqlx::query(
-            "INSERT INTO agents (id, name, labels, cert_sha256, hostname, os, arch, created_at)
+            let mut labels = labels_from_json(&spent.try_get::<String, _>("labels")?)?;
+            let grant = EnrollmentGrant {
+                labels: labels.clone(),
+            };
+            for (key, value) in &extra_labels {
+                labels.insert(key.clone(), value.clone());
+            }
+            let id = new_id();
+            // The placeholder fingerprint is unique per agent until the real one is set.
+            sqlx::query(
+                "INSERT INTO agents (id, name, labels, cert_sha256, hostname, os, arch, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(new_agent.name)
-        .bind(labels_to_json(&labels))
-        .bind(format!("pending:{id}"))
-        .bind(new_agent.hostname)
-        .bind(new_agent.os)
-        .bind(new_agent.arch)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let agent = Agent {
-            id,
-            name: new_agent.name.to_string(),
-            labels,
-            version: None,
-            hostname: Some(new_agent.hostname.to_string()),
-            last_seen_at: None,
-            created_at: now,
-            revoked_at: None,
-        };
-        Ok(Ok((agent, grant)))
+            )
+            .bind(&id)
+            .bind(&name)
+            .bind(labels_to_json(&labels))
+            .bind(format!("pending:{id}"))
+            .bind(&hostname)
+            .bind(&os)
+            .bind(&arch)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+            let agent = Agent {
+                id,
+                name,
+                labels,
+                version: None,
+                hostname: Some(hostname),
+                last_seen_at: None,
+                created_at: now,
+                revoked_at: None,
+            };
+            Ok(Ok((agent, grant)))
+        })
+        .await
     }
 
     /// Records the fingerprint of the certificate issued to an agent.
@@ -175,21 +194,29 @@ impl Store {
         agent_id: &str,
         cert_sha256: &str,
     ) -> StoreResult<()> {
-        sqlx::query("UPDATE agents SET cert_sha256 = ? WHERE id = ?")
-            .bind(cert_sha256)
-            .bind(agent_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let (agent_id, cert_sha256) = (agent_id.to_string(), cert_sha256.to_string());
+        write_op!(self, |conn| async {
+            sqlx::query("UPDATE agents SET cert_sha256 = ? WHERE id = ?")
+                .bind(cert_sha256)
+                .bind(agent_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Removes an agent whose certificate could not be issued (enrollment failed half way).
     pub async fn delete_pending_agent(&self, agent_id: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM agents WHERE id = ? AND cert_sha256 LIKE 'pending:%'")
-            .bind(agent_id)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let agent_id = agent_id.to_string();
+        write_op!(self, |conn| async {
+            sqlx::query("DELETE FROM agents WHERE id = ? AND cert_sha256 LIKE 'pending:%'")
+                .bind(agent_id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// The agent holding a certificate, revoked or not.
@@ -236,6 +263,14 @@ impl Store {
         os: &str,
         arch: &str,
     ) -> StoreResult<()> {
+        let (agent_id, version, hostname, os, arch) = (
+            agent_id.to_string(),
+            version.to_string(),
+            hostname.to_string(),
+            os.to_string(),
+            arch.to_string(),
+        );
+        write_op!(self, |conn| async {
         sqlx::query("UPDATE agents SET version = ?, hostname = ?, os = ?, arch = ?, last_seen_at = ? WHERE id = ?")
             .bind(version)
             .bind(hostname)
@@ -243,40 +278,45 @@ impl Store {
             .bind(arch)
             .bind(now_ms())
             .bind(agent_id)
-            .execute(&self.writer)
+            .execute(&mut *conn)
             .await?;
         Ok(())
+        })
+        .await
     }
 
     /// Persists last-seen times kept in memory while agents are connected, in one transaction.
     pub async fn record_last_seen(&self, seen: &[(String, i64)]) -> StoreResult<()> {
-        if seen.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.writer.begin().await?;
-        for (agent_id, at) in seen {
-            sqlx::query(
+        let seen = seen.to_vec();
+        write_op!(self, |conn| async {
+            if seen.is_empty() {
+                return Ok(());
+            }
+            for (agent_id, at) in &seen {
+                sqlx::query(
                 "UPDATE agents SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?) WHERE id = ?",
             )
             .bind(at)
             .bind(agent_id)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Revokes an agent and fails every job it had not finished. Returns false if it was
     /// already revoked or does not exist.
     pub async fn revoke_agent(&self, agent_id: &str) -> StoreResult<bool> {
+        let agent_id = agent_id.to_string();
+        write_op!(self, |conn| async {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        let changed =
+                let changed =
             sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
                 .bind(now)
-                .bind(agent_id)
-                .execute(&mut *tx)
+                .bind(&agent_id)
+                .execute(&mut *conn)
                 .await?
                 .rows_affected();
         if changed == 0 {
@@ -287,10 +327,11 @@ impl Store {
              WHERE agent_id = ? AND status IN ('queued', 'claimed', 'running')",
         )
         .bind(now)
-        .bind(agent_id)
-        .execute(&mut *tx)
+        .bind(&agent_id)
+        .execute(&mut *conn)
         .await?;
-        tx.commit().await?;
         Ok(true)
+        })
+        .await
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::agents::{Labels, labels_from_json};
-use super::{Store, StoreError, StoreResult, new_id, now_ms};
+use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
 
 /// What an event runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +165,8 @@ fn env_to_json(env: &BTreeMap<String, String>) -> String {
 impl Store {
     /// Creates an event owned by `owner_id`.
     pub async fn create_event(&self, owner_id: &str, fields: &EventFields) -> StoreResult<Event> {
+        let (owner_id, fields) = (owner_id.to_string(), fields.clone());
+        let id = write_op!(self, |conn| async {
         let id = new_id();
         let now = now_ms();
         sqlx::query(
@@ -183,13 +185,19 @@ impl Store {
         .bind(env_to_json(&fields.env))
         .bind(now)
         .bind(now)
-        .execute(&self.writer)
+        .execute(&mut *conn)
+        .await?;
+        Ok(id)
+        })
         .await?;
         self.event(&id).await
     }
 
     /// Replaces the caller-set fields of an event.
     pub async fn update_event(&self, id: &str, fields: &EventFields) -> StoreResult<Event> {
+        let (id, fields) = (id.to_string(), fields.clone());
+        let event_id = id.clone();
+        write_op!(self, |conn| async {
         let changed = sqlx::query(
             "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
              env = ?, updated_at = ? WHERE id = ?",
@@ -203,28 +211,35 @@ impl Store {
         .bind(fields.retries as i64)
         .bind(env_to_json(&fields.env))
         .bind(now_ms())
-        .bind(id)
-        .execute(&self.writer)
+        .bind(&id)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
-        self.event(id).await
+        Ok(())
+        })
+        .await?;
+        self.event(&event_id).await
     }
 
     /// Deletes an event with its runs and jobs.
     pub async fn delete_event(&self, id: &str) -> StoreResult<()> {
-        let changed = sqlx::query("DELETE FROM events WHERE id = ?")
-            .bind(id)
-            .execute(&self.writer)
-            .await?
-            .rows_affected();
-        if changed == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        let id = id.to_string();
+        write_op!(self, |conn| async {
+            let changed = sqlx::query("DELETE FROM events WHERE id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if changed == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// One event by id.

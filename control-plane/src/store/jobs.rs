@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, StoreResult, new_id, now_ms};
+use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
 
 /// Where a job is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,23 +344,30 @@ impl Store {
         &self,
         new_run: NewRun<'_>,
     ) -> StoreResult<(String, Vec<(String, String)>)> {
-        let run_id = new_id();
-        let now = now_ms();
+        let event_id = new_run.event_id.to_string();
+        let kind = new_run.kind.to_string();
+        let script = new_run.script.to_string();
+        let input = new_run.input.map(str::to_string);
+        let created_by = new_run.created_by.to_string();
+        let agent_ids = new_run.agent_ids.to_vec();
+        let (timeout_seconds, max_attempts) = (new_run.timeout_seconds, new_run.max_attempts);
         let env = serde_json::to_string(new_run.env)
             .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        let mut tx = self.writer.begin().await?;
-        sqlx::query(
+        write_op!(self, |conn| async {
+        let run_id = new_id();
+        let now = now_ms();
+                sqlx::query(
             "INSERT INTO runs (id, event_id, input, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(&run_id)
-        .bind(new_run.event_id)
-        .bind(new_run.input)
-        .bind(new_run.created_by)
+        .bind(&event_id)
+        .bind(&input)
+        .bind(&created_by)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        let mut jobs = Vec::with_capacity(new_run.agent_ids.len());
-        for agent_id in new_run.agent_ids {
+        let mut jobs = Vec::with_capacity(agent_ids.len());
+        for agent_id in &agent_ids {
             let job_id = new_id();
             sqlx::query(
                 "INSERT INTO jobs (id, run_id, event_id, agent_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at)
@@ -368,21 +375,22 @@ impl Store {
             )
             .bind(&job_id)
             .bind(&run_id)
-            .bind(new_run.event_id)
+            .bind(&event_id)
             .bind(agent_id)
-            .bind(new_run.max_attempts as i64)
-            .bind(new_run.kind)
-            .bind(new_run.script)
+            .bind(max_attempts as i64)
+            .bind(&kind)
+            .bind(&script)
             .bind(&env)
-            .bind(new_run.input)
-            .bind(new_run.timeout_seconds as i64)
+            .bind(&input)
+            .bind(timeout_seconds as i64)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
             jobs.push((job_id, agent_id.clone()));
         }
-        tx.commit().await?;
         Ok((run_id, jobs))
+        })
+        .await
     }
 
     /// Atomically claims up to `limit` queued jobs of one agent, starting a new attempt of each
@@ -393,6 +401,8 @@ impl Store {
         limit: u32,
         lease_until: i64,
     ) -> StoreResult<Vec<ClaimedJob>> {
+        let agent_id = agent_id.to_string();
+        write_op!(self, |conn| async {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -405,7 +415,7 @@ impl Store {
         .bind(lease_until)
         .bind(agent_id)
         .bind(limit as i64)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *conn)
         .await?;
         let mut claimed = rows
             .iter()
@@ -427,6 +437,8 @@ impl Store {
             .collect::<StoreResult<Vec<_>>>()?;
         claimed.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(claimed)
+        })
+        .await
     }
 
     /// Renews the leases of an agent's attempts. Returns the attempts that are no longer
@@ -437,33 +449,35 @@ impl Store {
         attempts: &[Attempt],
         lease_until: i64,
     ) -> StoreResult<(Vec<Attempt>, Vec<Attempt>)> {
-        let mut abandoned = Vec::new();
-        let mut cancel = Vec::new();
-        if attempts.is_empty() {
-            return Ok((abandoned, cancel));
-        }
-        let mut tx = self.writer.begin().await?;
-        for attempt in attempts {
-            let renewed = sqlx::query(
+        let (agent_id, attempts) = (agent_id.to_string(), attempts.to_vec());
+        write_op!(self, |conn| async {
+            let mut abandoned = Vec::new();
+            let mut cancel = Vec::new();
+            if attempts.is_empty() {
+                return Ok((abandoned, cancel));
+            }
+            for attempt in &attempts {
+                let renewed = sqlx::query(
                 "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND agent_id = ?
                  AND status IN ('claimed', 'running') RETURNING cancel_requested",
             )
             .bind(lease_until)
             .bind(&attempt.job_id)
             .bind(attempt.attempt as i64)
-            .bind(agent_id)
-            .fetch_optional(&mut *tx)
+            .bind(&agent_id)
+            .fetch_optional(&mut *conn)
             .await?;
-            match renewed {
-                None => abandoned.push(attempt.clone()),
-                Some(row) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
-                    cancel.push(attempt.clone())
+                match renewed {
+                    None => abandoned.push(attempt.clone()),
+                    Some(row) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
+                        cancel.push(attempt.clone())
+                    }
+                    Some(_) => {}
                 }
-                Some(_) => {}
             }
-        }
-        tx.commit().await?;
-        Ok((abandoned, cancel))
+            Ok((abandoned, cancel))
+        })
+        .await
     }
 
     /// Attempts the control plane believes an agent runs.
@@ -472,7 +486,7 @@ impl Store {
             "SELECT id, attempt FROM jobs WHERE agent_id = ? AND status IN ('claimed', 'running')",
         )
         .bind(agent_id)
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|row| {
@@ -487,26 +501,29 @@ impl Store {
     /// Gives every active lease at least `lease_until`: after a control-plane restart, agents
     /// get a full lease to reconnect before their jobs are declared lost.
     pub async fn extend_active_leases(&self, lease_until: i64) -> StoreResult<u64> {
+        write_op!(self, |conn| async {
         Ok(sqlx::query(
             "UPDATE jobs SET lease_expires_at = ? WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
         )
         .bind(lease_until)
         .bind(lease_until)
-        .execute(&self.writer)
+        .execute(&mut *conn)
         .await?
         .rows_affected())
+        })
+        .await
     }
 
     /// Settles jobs whose lease ran out before `now`: queued again while attempts remain (and
     /// no cancel was asked), else failed with reason `lost` (or cancelled).
     pub async fn expire_leases(&self, now: i64) -> StoreResult<Vec<ExpiredJob>> {
-        let mut tx = self.writer.begin().await?;
-        let rows = sqlx::query(
+        write_op!(self, |conn| async {
+                let rows = sqlx::query(
             "SELECT id, agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
              WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
         )
         .bind(now)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         let mut expired = Vec::with_capacity(rows.len());
         for row in rows {
@@ -518,7 +535,7 @@ impl Store {
             if requeued {
                 sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
                     .bind(&job_id)
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
                 sqlx::query(
                     "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL,
@@ -526,7 +543,7 @@ impl Store {
                 )
                 .bind(now)
                 .bind(&job_id)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             } else {
                 let log_len = row.try_get::<i64, _>("log_len")? as u64;
@@ -539,7 +556,7 @@ impl Store {
                     data: note.into_bytes(),
                 };
                 let log_len =
-                    insert_chunks(&mut tx, &job_id, log_len, std::slice::from_ref(&chunk)).await?;
+                    insert_chunks(conn, &job_id, log_len, std::slice::from_ref(&chunk)).await?;
                 let (status, reason) = if cancel_requested {
                     ("cancelled", "cancelled")
                 } else {
@@ -554,11 +571,11 @@ impl Store {
                 .bind(log_len as i64)
                 .bind(now)
                 .bind(&job_id)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             }
             audit_in(
-                &mut tx,
+                conn,
                 "lease_expired",
                 None,
                 serde_json::json!({"job_id": job_id, "attempt": attempt, "requeued": requeued}),
@@ -570,8 +587,9 @@ impl Store {
                 requeued,
             });
         }
-        tx.commit().await?;
         Ok(expired)
+        })
+        .await
     }
 
     /// Looks up an attempt an agent opens a job stream for.
@@ -584,7 +602,7 @@ impl Store {
             "SELECT agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = ?",
         )
         .bind(&attempt.job_id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&self.reader)
         .await?;
         let Some(row) = row else {
             return Ok(OpenedAttempt::Stale);
@@ -614,23 +632,24 @@ impl Store {
         started: bool,
         chunks: &[LogChunk],
     ) -> StoreResult<Option<u64>> {
-        let mut tx = self.writer.begin().await?;
-        let row = sqlx::query(
+        let (agent_id, attempt, chunks) = (agent_id.to_string(), attempt.clone(), chunks.to_vec());
+        write_op!(self, |conn| async {
+                let row = sqlx::query(
             "SELECT log_len FROM jobs WHERE id = ? AND attempt = ? AND agent_id = ? AND status IN ('claimed', 'running')",
         )
         .bind(&attempt.job_id)
         .bind(attempt.attempt as i64)
-        .bind(agent_id)
-        .fetch_optional(&mut *tx)
+        .bind(&agent_id)
+        .fetch_optional(&mut *conn)
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
         let log_len = insert_chunks(
-            &mut tx,
+            conn,
             &attempt.job_id,
             row.try_get::<i64, _>("log_len")? as u64,
-            chunks,
+            &chunks,
         )
         .await?;
         let status = if started { "running" } else { "claimed" };
@@ -643,10 +662,11 @@ impl Store {
         .bind(status)
         .bind(now_ms())
         .bind(&attempt.job_id)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        tx.commit().await?;
         Ok(Some(log_len))
+        })
+        .await
     }
 
     /// Records the end of an attempt together with its last log chunks, in one transaction.
@@ -657,13 +677,19 @@ impl Store {
         chunks: &[LogChunk],
         result: &AttemptResult,
     ) -> StoreResult<FinishOutcome> {
+        let (agent_id, attempt, chunks, result) = (
+            agent_id.to_string(),
+            attempt.clone(),
+            chunks.to_vec(),
+            result.clone(),
+        );
+        write_op!(self, |conn| async {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        let row = sqlx::query(
+                let row = sqlx::query(
             "SELECT agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = ?",
         )
         .bind(&attempt.job_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?;
         let Some(row) = row else {
             return Ok(FinishOutcome::Stale);
@@ -671,7 +697,7 @@ impl Store {
         let status =
             JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
         let same_attempt = row.try_get::<i64, _>("attempt")? as u32 == attempt.attempt
-            && row.try_get::<String, _>("agent_id")? == agent_id;
+            && row.try_get::<String, _>("agent_id")? == agent_id.as_str();
         if !(same_attempt && matches!(status, JobStatus::Claimed | JobStatus::Running)) {
             if same_attempt
                 && status.is_final()
@@ -680,31 +706,27 @@ impl Store {
                 return Ok(FinishOutcome::Duplicate);
             }
             audit_in(
-                &mut tx,
+                conn,
                 "stale_result",
-                Some(agent_id),
+                Some(&agent_id),
                 serde_json::json!({"job_id": attempt.job_id, "attempt": attempt.attempt, "status": result.status.as_str()}),
             )
             .await?;
-            tx.commit().await?;
             return Ok(FinishOutcome::Stale);
         }
-        let log_len = insert_chunks(
-            &mut tx,
-            &attempt.job_id,
-            row.try_get::<i64, _>("log_len")? as u64,
-            chunks,
-        )
-        .await?;
-        if log_len != result.log_len {
-            return Ok(FinishOutcome::LengthMismatch { stored: log_len });
+        // Check before writing anything: a refused result must leave no trace.
+        let stored_len = row.try_get::<i64, _>("log_len")? as u64;
+        let complete_len = stored_len + chunks.iter().map(|chunk| chunk.data.len() as u64).sum::<u64>();
+        if complete_len != result.log_len {
+            return Ok(FinishOutcome::LengthMismatch { stored: complete_len });
         }
+        let log_len = insert_chunks(conn, &attempt.job_id, stored_len, &chunks).await?;
         let attempts_left = (attempt.attempt as i64) < row.try_get::<i64, _>("max_attempts")?;
         let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
         if result.status == JobStatus::Failed && attempts_left && !cancel_requested {
             sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
                 .bind(&attempt.job_id)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             sqlx::query(
                 "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
@@ -712,9 +734,8 @@ impl Store {
             )
             .bind(now)
             .bind(&attempt.job_id)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
-            tx.commit().await?;
             return Ok(FinishOutcome::Requeued);
         }
         sqlx::query(
@@ -729,19 +750,21 @@ impl Store {
         .bind(now)
         .bind(now)
         .bind(&attempt.job_id)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-        tx.commit().await?;
         Ok(FinishOutcome::Recorded)
+        })
+        .await
     }
 
     /// Cancels a queued job at once, or flags a claimed or running one for its agent to stop.
     pub async fn request_cancel(&self, job_id: &str) -> StoreResult<CancelOutcome> {
+        let job_id = job_id.to_string();
+        write_op!(self, |conn| async {
         let now = now_ms();
-        let mut tx = self.writer.begin().await?;
-        let row = sqlx::query("SELECT status, agent_id, attempt FROM jobs WHERE id = ?")
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
+                let row = sqlx::query("SELECT status, agent_id, attempt FROM jobs WHERE id = ?")
+            .bind(&job_id)
+            .fetch_optional(&mut *conn)
             .await?
             .ok_or(StoreError::NotFound)?;
         let status =
@@ -753,15 +776,15 @@ impl Store {
                      finished_at = ? WHERE id = ?",
                 )
                 .bind(now)
-                .bind(job_id)
-                .execute(&mut *tx)
+                .bind(&job_id)
+                .execute(&mut *conn)
                 .await?;
                 CancelOutcome::Cancelled
             }
             JobStatus::Claimed | JobStatus::Running => {
                 sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
-                    .bind(job_id)
-                    .execute(&mut *tx)
+                    .bind(&job_id)
+                    .execute(&mut *conn)
                     .await?;
                 CancelOutcome::Requested {
                     agent_id: row.try_get("agent_id")?,
@@ -770,8 +793,9 @@ impl Store {
             }
             _ => CancelOutcome::AlreadyFinal,
         };
-        tx.commit().await?;
         Ok(outcome)
+        })
+        .await
     }
 
     /// One job by id.
@@ -856,19 +880,21 @@ impl Store {
         agent_id: &str,
         attempts: &[Attempt],
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
-        for attempt in attempts {
-            sqlx::query(
+        let (agent_id, attempts) = (agent_id.to_string(), attempts.to_vec());
+        write_op!(self, |conn| async {
+            for attempt in &attempts {
+                sqlx::query(
                 "UPDATE jobs SET lease_expires_at = 0 WHERE id = ? AND attempt = ? AND agent_id = ?
                  AND status IN ('claimed', 'running')",
             )
             .bind(&attempt.job_id)
             .bind(attempt.attempt as i64)
-            .bind(agent_id)
-            .execute(&mut *tx)
+            .bind(&agent_id)
+            .execute(&mut *conn)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            }
+            Ok(())
+        })
+        .await
     }
 }

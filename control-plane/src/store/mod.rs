@@ -1,23 +1,34 @@
 //! All SQL lives here. Handlers, the QUIC sessions and the scheduler call the typed functions of
 //! the submodules; nothing else in the crate writes a query.
 //!
-//! SQLite runs in WAL mode with `synchronous=FULL`: a commit that returned is on disk. Writes go
-//! through a pool with a single connection (SQLite has one writer anyway; this turns lock
-//! contention into queueing), reads through a separate pool of several connections.
+//! SQLite runs in WAL mode with `synchronous=FULL`: a commit that returned is on disk. Reads go
+//! through a pool of several connections. Writes go through one writer task that owns the only
+//! writing connection and commits in groups: every write is an operation sent to the task, which
+//! runs whatever operations are waiting in one transaction (each inside its own savepoint, so one
+//! failing operation does not undo the others), commits once, and only then answers each caller.
+//! Concurrent requests share an fsync instead of queueing for one each, and an answer still
+//! means "on disk".
 
 pub mod agents;
 pub mod events;
 pub mod jobs;
 pub mod users;
 
+use std::any::Any;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Connection as _;
+use sqlx::Sqlite;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
 
 /// Errors of the store, by what the caller can do about them.
 #[derive(Debug, Error)]
@@ -59,11 +70,57 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// The single writing connection.
+    /// The pool holding the single writing connection; only the writer task uses it.
     writer: SqlitePool,
+    /// Operations for the writer task; closing every sender stops the task.
+    writes: mpsc::UnboundedSender<WriteRequest>,
     /// Connections for reads.
     reader: SqlitePool,
 }
+
+/// The writing connection, owned while an operation runs.
+type WriteConnection = PoolConnection<Sqlite>;
+
+/// An answer of the writer task, type-erased.
+type WriteAnswer = StoreResult<Box<dyn Any + Send>>;
+
+/// A type-erased write operation: runs on the connection and gives it back.
+type WriteOperation = Box<
+    dyn FnOnce(
+            WriteConnection,
+        ) -> Pin<Box<dyn Future<Output = (WriteConnection, WriteAnswer)> + Send>>
+        + Send,
+>;
+
+struct WriteRequest {
+    operation: WriteOperation,
+    reply: oneshot::Sender<WriteAnswer>,
+}
+
+impl std::fmt::Debug for WriteRequest {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("WriteRequest")
+    }
+}
+
+/// Most operations committed together.
+const MAX_GROUP: usize = 128;
+
+/// Runs a write operation through the writer task: `write_op!(store, |conn| async { … })`
+/// where the block uses `conn: &mut SqliteConnection` and evaluates to a `StoreResult`.
+/// Everything the block uses must be owned (it runs on another task).
+macro_rules! write_op {
+    ($store:expr, |$conn:ident| $body:expr) => {
+        $store.write(move |mut owned| async move {
+            let result = {
+                let $conn: &mut sqlx::SqliteConnection = &mut owned;
+                $body.await
+            };
+            (owned, result)
+        })
+    };
+}
+pub(crate) use write_op;
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies the migrations.
@@ -89,7 +146,44 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Store { writer, reader })
+        let (writes, requests) = mpsc::unbounded_channel();
+        // The task ends when the last `Store` (and so the last sender) is dropped.
+        tokio::spawn(commit_groups(writer.clone(), requests));
+        Ok(Store {
+            writer,
+            writes,
+            reader,
+        })
+    }
+
+    /// Runs `operation` in the next group commit and returns its result once it is on disk.
+    pub(crate) async fn write<T, F, Fut>(&self, operation: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(WriteConnection) -> Fut + Send + 'static,
+        Fut: Future<Output = (WriteConnection, StoreResult<T>)> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let operation: WriteOperation = Box::new(move |connection| {
+            Box::pin(async move {
+                let (connection, result) = operation(connection).await;
+                (
+                    connection,
+                    result.map(|value| Box::new(value) as Box<dyn Any + Send>),
+                )
+            })
+        });
+        self.writes
+            .send(WriteRequest { operation, reply })
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        let answer = answer
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))??;
+        // The operation above produced a `T`; the box holds exactly that type.
+        answer
+            .downcast::<T>()
+            .map(|value| *value)
+            .map_err(|_| StoreError::Corrupt("write answer of the wrong type".into()))
     }
 
     /// Closes both pools, waiting for connections in use.
@@ -136,12 +230,95 @@ impl Store {
 
     /// Stores the key check on first start.
     pub async fn set_key_check(&self, sealed: &[u8]) -> StoreResult<()> {
-        sqlx::query("INSERT INTO key_check (id, sealed, created_at) VALUES (1, ?, ?)")
-            .bind(sealed)
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let sealed = sealed.to_vec();
+        write_op!(self, |conn| async {
+            sqlx::query("INSERT INTO key_check (id, sealed, created_at) VALUES (1, ?, ?)")
+                .bind(sealed)
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// The writer task: takes the waiting operations, runs them in one transaction with a savepoint
+/// each, commits, then answers. If the commit fails, every operation of the group fails.
+async fn commit_groups(pool: SqlitePool, mut requests: mpsc::UnboundedReceiver<WriteRequest>) {
+    while let Some(first) = requests.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        let mut connection =
+            match pool.acquire().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    let message = error.to_string();
+                    for request in group {
+                        let _ = request.reply.send(Err(StoreError::Unavailable(
+                            sqlx::Error::Protocol(message.clone()),
+                        )));
+                    }
+                    continue;
+                }
+            };
+        if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *connection)
+            .await
+        {
+            let message = error.to_string();
+            for request in group {
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::from(sqlx::Error::Protocol(
+                        message.clone(),
+                    ))));
+            }
+            continue;
+        }
+        let mut answers = Vec::with_capacity(group.len());
+        for request in group {
+            let savepoint = sqlx::query("SAVEPOINT operation")
+                .execute(&mut *connection)
+                .await;
+            let (returned, answer) = match savepoint {
+                Ok(_) => (request.operation)(connection).await,
+                Err(error) => (connection, Err(StoreError::from(error))),
+            };
+            connection = returned;
+            let end = if answer.is_ok() {
+                "RELEASE operation"
+            } else {
+                "ROLLBACK TO operation; RELEASE operation"
+            };
+            if let Err(error) = sqlx::raw_sql(end).execute(&mut *connection).await {
+                tracing::warn!(%error, "ending a savepoint failed");
+            }
+            answers.push((request.reply, answer));
+        }
+        match sqlx::query("COMMIT").execute(&mut *connection).await {
+            Ok(_) => {
+                for (reply, answer) in answers {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(error) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+                let message = error.to_string();
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                        message.clone(),
+                    ))));
+                }
+            }
+        }
+        // Keep the connection usable even if a statement left it in a transaction.
+        let _ = connection.ping().await;
     }
 }
 

@@ -520,3 +520,32 @@ async fn a_restart_extends_leases_so_agents_can_reconnect() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_failing_write_in_a_group_commit_does_not_undo_the_others() {
+    let fixture = fixture().await;
+    // Many concurrent writes land in shared commits; the duplicates fail on their own.
+    let names: Vec<String> = (0..40)
+        .map(|index| format!("user-{}", index % 20))
+        .collect();
+    let writes = names
+        .iter()
+        .map(|name| fixture.store.create_user(name, "hash", Role::Viewer));
+    let results = futures_util::future::join_all(writes).await;
+    let created = results.iter().filter(|result| result.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|result| matches!(result, Err(super::StoreError::Constraint(_))))
+        .count();
+    assert_eq!((created, refused), (20, 20));
+    for index in 0..20 {
+        assert!(
+            fixture
+                .store
+                .user_with_password(&format!("user-{index}"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}

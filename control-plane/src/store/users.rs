@@ -3,7 +3,7 @@
 
 use sqlx::Row;
 
-use super::{Store, StoreError, StoreResult, new_id, now_ms};
+use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
 
 /// What a user may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,19 +68,25 @@ impl Store {
         role: Role,
     ) -> StoreResult<User> {
         let id = new_id();
-        sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(username)
-            .bind(password_hash)
-            .bind(role.as_str())
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        Ok(User {
-            id,
+        let user = User {
+            id: id.clone(),
             username: username.to_string(),
             role,
+        };
+        let (username, password_hash) = (username.to_string(), password_hash.to_string());
+        write_op!(self, |conn| async {
+            sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(id)
+                .bind(username)
+                .bind(password_hash)
+                .bind(role.as_str())
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
         })
+        .await?;
+        Ok(user)
     }
 
     /// Whether any user exists (first start creates `admin`).
@@ -112,14 +118,24 @@ impl Store {
         name: &str,
     ) -> StoreResult<String> {
         let id = new_id();
-        sqlx::query("INSERT INTO api_tokens (id, user_id, token_sha256, name, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(user_id)
-            .bind(token_sha256)
-            .bind(name)
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
+        let (token_id, user_id, token_sha256, name) = (
+            id.clone(),
+            user_id.to_string(),
+            token_sha256.to_string(),
+            name.to_string(),
+        );
+        write_op!(self, |conn| async {
+            sqlx::query("INSERT INTO api_tokens (id, user_id, token_sha256, name, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(token_id)
+                .bind(user_id)
+                .bind(token_sha256)
+                .bind(name)
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await?;
         Ok(id)
     }
 
@@ -143,19 +159,27 @@ impl Store {
         csrf_token: &str,
         ttl_ms: i64,
     ) -> StoreResult<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, token_sha256, csrf_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new_id())
-        .bind(user_id)
-        .bind(token_sha256)
-        .bind(csrf_token)
-        .bind(now)
-        .bind(now + ttl_ms)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        let (user_id, token_sha256, csrf_token) = (
+            user_id.to_string(),
+            token_sha256.to_string(),
+            csrf_token.to_string(),
+        );
+        write_op!(self, |conn| async {
+            let now = now_ms();
+            sqlx::query(
+                "INSERT INTO sessions (id, user_id, token_sha256, csrf_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(new_id())
+            .bind(user_id)
+            .bind(token_sha256)
+            .bind(csrf_token)
+            .bind(now)
+            .bind(now + ttl_ms)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// A live console session by the SHA-256 of its cookie.
@@ -179,10 +203,14 @@ impl Store {
 
     /// Ends a console session.
     pub async fn delete_session(&self, token_sha256: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM sessions WHERE token_sha256 = ?")
-            .bind(token_sha256)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let token_sha256 = token_sha256.to_string();
+        write_op!(self, |conn| async {
+            sqlx::query("DELETE FROM sessions WHERE token_sha256 = ?")
+                .bind(token_sha256)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 }
