@@ -34,7 +34,9 @@ pub use identity::Identity;
 use crate::conn::ConnOptions;
 use crate::jobs::{Jobs, JobsOptions};
 use crate::runner::StopReason;
-use crate::runner::process::{ProcessRunner, ProcessRunnerOptions, base_environment};
+use crate::runner::process::{
+    ProcessRunner, ProcessRunnerOptions, base_environment, resolve_interpreters,
+};
 use crate::spool::Spool;
 
 /// The agent's release version.
@@ -108,14 +110,16 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         .find(|(name, _)| name == "PATH")
         .map(|(_, value)| value.clone())
         .unwrap_or_default();
+    let interpreters = resolve_interpreters(&path);
     let capabilities = Capabilities {
-        interpreters: find_interpreters(&path),
+        interpreters: interpreters.iter().map(|(name, _)| name.clone()).collect(),
         docker: false,
     };
     let runner = Arc::new(ProcessRunner::new(ProcessRunnerOptions {
         work_root,
         base_env,
         kill_grace: KILL_GRACE,
+        interpreters,
     }));
 
     let tracker = TaskTracker::new();
@@ -240,22 +244,6 @@ fn hostname() -> String {
     CStr::from_bytes_until_nul(&buffer)
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".to_owned())
-}
-
-/// The interpreters among `bash`, `python3` and `node` found on `path`.
-fn find_interpreters(path: &str) -> Vec<String> {
-    use std::os::unix::fs::PermissionsExt;
-    ["bash", "python3", "node"]
-        .into_iter()
-        .filter(|name| {
-            path.split(':').filter(|dir| !dir.is_empty()).any(|dir| {
-                std::fs::metadata(Path::new(dir).join(name)).is_ok_and(|metadata| {
-                    metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
-                })
-            })
-        })
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Removes work dirs left by an earlier agent process (their processes were killed by the spool

@@ -39,6 +39,28 @@ pub struct ProcessRunnerOptions {
     pub base_env: Vec<(String, String)>,
     /// Time between SIGTERM and SIGKILL when a job is timed out or cancelled.
     pub kill_grace: Duration,
+    /// Absolute paths of the interpreters found at start (see [`resolve_interpreters`]), so a
+    /// spawn does not search PATH every time; one missing here is still looked up by name.
+    pub interpreters: Vec<(String, PathBuf)>,
+}
+
+/// Finds `bash`, `python3` and `node` on `path` (a PATH value): their names and absolute paths.
+pub fn resolve_interpreters(path: &str) -> Vec<(String, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    ["bash", "python3", "node"]
+        .into_iter()
+        .filter_map(|name| {
+            path.split(':')
+                .filter(|dir| !dir.is_empty())
+                .map(|dir| Path::new(dir).join(name))
+                .find(|candidate| {
+                    std::fs::metadata(candidate).is_ok_and(|metadata| {
+                        metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+                    })
+                })
+                .map(|found| (name.to_owned(), found))
+        })
+        .collect()
 }
 
 /// Runs scripts as local processes.
@@ -129,7 +151,13 @@ impl ProcessRunner {
             return spawn_failure();
         }
 
-        let mut command = Command::new(program);
+        let program = self
+            .options
+            .interpreters
+            .iter()
+            .find(|(name, _)| name == program)
+            .map_or_else(|| PathBuf::from(program), |(_, path)| path.clone());
+        let mut command = Command::new(&program);
         command
             .arg(script_name)
             .current_dir(work_dir)
@@ -169,7 +197,10 @@ impl ProcessRunner {
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
-                log.system(&format!("[cronium: could not start {program}: {error}]\n"));
+                log.system(&format!(
+                    "[cronium: could not start {}: {error}]\n",
+                    program.display()
+                ));
                 return spawn_failure();
             }
         };
@@ -433,6 +464,7 @@ mod tests {
             work_root: work_root.clone(),
             base_env,
             kill_grace: Duration::from_millis(300),
+            interpreters: Vec::new(),
         });
         Fixture {
             _temp: temp,

@@ -17,6 +17,9 @@ use tracing::{Instrument, info, info_span};
 use crate::AppState;
 use ca::CertificateAuthority;
 
+/// Concurrent streams an agent may open before its hello raises the limit.
+const INITIAL_STREAMS: u32 = 16;
+
 /// Binds the QUIC endpoint: server certificate from the CA, client certificates required and
 /// verified against the same CA, ALPN `cronium/1`.
 ///
@@ -48,10 +51,10 @@ pub fn bind_endpoint(
         Duration::from_secs(20).try_into().context("idle timeout")?,
     ));
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    // Streams an agent may have open at once: the control stream plus one per running job.
-    // quinn keeps state for every allowed stream up front, so this bounds memory per agent
-    // (about 100 bytes each); an agent running more jobs than this waits for stream credit.
-    transport.max_concurrent_bidi_streams(128u32.into());
+    // Streams an agent may open before its hello: the control stream and a few job streams.
+    // quinn keeps state for every allowed stream up front, so the limit is raised per agent
+    // after the hello, to what its declared capacity needs (see `session`).
+    transport.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(

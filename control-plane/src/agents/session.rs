@@ -26,6 +26,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat intervals without a message after which an agent's connection is closed.
 const SILENT_HEARTBEATS: u32 = 3;
 
+/// The largest capacity an agent is granted streams for.
+const MAX_CAPACITY: u32 = 1024;
+
+/// Streams granted beyond an agent's capacity.
+const STREAM_SPARES: u32 = 8;
+
 /// Most jobs handed out by one claim.
 const MAX_CLAIM: u32 = 256;
 
@@ -126,6 +132,9 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             }
         };
         let abandon = settle_hello(&state, &agent.id, &hello).await?;
+        // One stream per job the agent may run at once, plus the control stream and spares for
+        // reconnecting uploads.
+        connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
         let mut registration = state.registry.register(&agent.id, connection.clone(), now_ms());
         info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
         let welcome = Welcome {
