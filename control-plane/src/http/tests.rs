@@ -16,23 +16,30 @@ struct Api {
     running: Running,
 }
 
-async fn api() -> Api {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
+/// A configuration for a control plane in `dir` on free loopback ports.
+fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
+    ServerConfig {
+        data_dir: dir.to_path_buf(),
         database_url: None,
         http_addr: "127.0.0.1:0".parse().unwrap(),
         quic_addr: "127.0.0.1:0".parse().unwrap(),
         public_url: None,
         quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap(),
+        encryption_key: EncryptionKey::from_base64(key).unwrap(),
         lease: std::time::Duration::from_secs(30),
         heartbeat: std::time::Duration::from_secs(5),
-    };
-    let running = crate::start(config, CancellationToken::new())
-        .await
-        .unwrap();
+    }
+}
+
+async fn api() -> Api {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let running = crate::start(
+        config(dir.path(), &EncryptionKey::generate_base64()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     Api { _dir: dir, running }
 }
 
@@ -448,17 +455,7 @@ async fn users_see_only_their_own_events_and_viewers_change_nothing() {
 async fn a_wrong_encryption_key_stops_the_control_plane() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let config = |key: &str| ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        database_url: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        public_url: None,
-        quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(key).unwrap(),
-        lease: std::time::Duration::from_secs(30),
-        heartbeat: std::time::Duration::from_secs(5),
-    };
+    let config = |key: &str| config(dir.path(), key);
     let first = EncryptionKey::generate_base64();
     let shutdown = CancellationToken::new();
     let running = crate::start(config(&first), shutdown.clone())

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
+use super::{Store, StoreError, StoreResult, audit_in, new_id, now_ms, write_op};
 
 /// Where a job is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,22 +319,6 @@ async fn insert_chunks(
         log_len += chunk.data.len() as u64;
     }
     Ok(log_len)
-}
-
-async fn audit_in(
-    tx: &mut sqlx::SqliteConnection,
-    kind: &str,
-    actor: Option<&str>,
-    detail: serde_json::Value,
-) -> StoreResult<()> {
-    sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES (?, ?, ?, ?)")
-        .bind(now_ms())
-        .bind(kind)
-        .bind(actor)
-        .bind(detail.to_string())
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }
 
 impl Store {

@@ -22,11 +22,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::Connection as _;
-use sqlx::Sqlite;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{Sqlite, SqliteConnection};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -199,14 +199,11 @@ impl Store {
         actor: Option<&str>,
         detail: &serde_json::Value,
     ) -> StoreResult<()> {
-        sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES (?, ?, ?, ?)")
-            .bind(now_ms())
-            .bind(kind)
-            .bind(actor)
-            .bind(detail.to_string())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        let (kind, actor, detail) = (kind.to_string(), actor.map(str::to_string), detail.clone());
+        write_op!(self, |conn| async {
+            audit_in(conn, &kind, actor.as_deref(), detail).await
+        })
+        .await
     }
 
     /// Counts audit entries of one kind (for tests and metrics).
@@ -320,6 +317,23 @@ async fn commit_groups(pool: SqlitePool, mut requests: mpsc::UnboundedReceiver<W
         // Keep the connection usable even if a statement left it in a transaction.
         let _ = connection.ping().await;
     }
+}
+
+/// Writes an audit entry inside the caller's transaction.
+pub(crate) async fn audit_in(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    actor: Option<&str>,
+    detail: serde_json::Value,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES (?, ?, ?, ?)")
+        .bind(now_ms())
+        .bind(kind)
+        .bind(actor)
+        .bind(detail.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch.
