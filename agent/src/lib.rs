@@ -33,10 +33,11 @@ pub use identity::Identity;
 
 use crate::conn::ConnOptions;
 use crate::jobs::{Jobs, JobsOptions};
-use crate::runner::StopReason;
+use crate::runner::docker::{DockerRunner, DockerRunnerOptions};
 use crate::runner::process::{
     ProcessRunner, ProcessRunnerOptions, base_environment, resolve_interpreters,
 };
+use crate::runner::{Dispatch, StopReason};
 use crate::spool::Spool;
 
 /// The agent's release version.
@@ -111,16 +112,40 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         .map(|(_, value)| value.clone())
         .unwrap_or_default();
     let interpreters = resolve_interpreters(&path);
+    let docker = match runner::docker::connect().await {
+        Ok(docker) => Some(docker),
+        Err(reason) => {
+            tracing::info!(%reason, "Docker jobs are not available on this agent");
+            None
+        }
+    };
     let capabilities = Capabilities {
         interpreters: interpreters.iter().map(|(name, _)| name.clone()).collect(),
-        docker: false,
+        docker: docker.is_some(),
     };
-    let runner = Arc::new(ProcessRunner::new(ProcessRunnerOptions {
-        work_root,
-        base_env,
-        kill_grace: KILL_GRACE,
-        interpreters,
-    }));
+    let docker_runner = DockerRunner::new(
+        DockerRunnerOptions {
+            work_root: work_root.clone(),
+            agent_id: identity.agent_id.clone(),
+        },
+        docker,
+    );
+    let leftovers = docker_runner.remove_leftovers().await;
+    if leftovers > 0 {
+        tracing::info!(
+            count = leftovers,
+            "removed containers a previous run of this agent left"
+        );
+    }
+    let runner = Arc::new(Dispatch {
+        host: ProcessRunner::new(ProcessRunnerOptions {
+            work_root,
+            base_env,
+            kill_grace: KILL_GRACE,
+            interpreters,
+        }),
+        docker: docker_runner,
+    });
 
     let tracker = TaskTracker::new();
     let exit = CancellationToken::new();
@@ -148,6 +173,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         version = VERSION,
         capacity = options.capacity,
         interpreters = ?capabilities.interpreters,
+        docker = capabilities.docker,
         "agent starting"
     );
 

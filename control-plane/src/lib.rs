@@ -47,6 +47,26 @@ pub struct ServerConfig {
     pub lease: Duration,
     /// How often agents send heartbeats.
     pub heartbeat: Duration,
+    /// Images of Docker events that name none.
+    pub docker_images: DockerImages,
+}
+
+/// The image a Docker event runs in when it names none, per kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerImages {
+    pub bash: String,
+    pub python: String,
+    pub nodejs: String,
+}
+
+impl Default for DockerImages {
+    fn default() -> DockerImages {
+        DockerImages {
+            bash: "debian:12-slim".to_owned(),
+            python: "python:3-slim".to_owned(),
+            nodejs: "node:20-slim".to_owned(),
+        }
+    }
 }
 
 /// Settings the request handlers and sessions read.
@@ -56,6 +76,7 @@ pub struct Settings {
     pub quic_public_addrs: Vec<String>,
     pub lease: Duration,
     pub heartbeat: Duration,
+    pub docker_images: DockerImages,
 }
 
 /// Shared state of every handler and session. Cheap to clone.
@@ -248,6 +269,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             quic_public_addrs,
             lease: config.lease,
             heartbeat: config.heartbeat,
+            docker_images: config.docker_images.clone(),
         }),
         store,
         registry: AgentRegistry::default(),

@@ -207,6 +207,15 @@ mod tests {
                 env: vec![("A".into(), "b".into())],
                 timeout_ms: 1000,
                 input: Some("{}".into()),
+                runtime: RuntimeSpec::Docker(DockerSpec {
+                    image: "debian:12-slim".into(),
+                    memory_mb: Some(64),
+                    cpus: Some(0.5),
+                    pids: Some(256),
+                    network: DockerNetwork::Bridge,
+                    read_only: true,
+                    user: Some("1000:1000".into()),
+                }),
             }),
             Message::ClaimDone(ClaimDone { claimed: 1 }),
             Message::Cancel(Cancel {

@@ -63,6 +63,47 @@ pub struct JobSpec {
     pub timeout_ms: u64,
     /// JSON text given when the run was triggered, if any.
     pub input: Option<String>,
+    /// Where the script runs: directly on the host or in a Docker container.
+    pub runtime: RuntimeSpec,
+}
+
+/// Where an attempt runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum RuntimeSpec {
+    /// A process on the agent's host.
+    #[default]
+    Host,
+    /// A throwaway Docker container on the agent's host.
+    Docker(DockerSpec),
+}
+
+/// How a Docker attempt's container is made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DockerSpec {
+    /// The image reference (pulled when the engine does not have it).
+    pub image: String,
+    /// Memory limit in MiB (swap is limited to the same value); `None`: no limit.
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores (fractions allowed); `None`: no limit.
+    pub cpus: Option<f64>,
+    /// Maximum number of processes in the container; `None`: no limit.
+    pub pids: Option<u32>,
+    /// The container's network.
+    pub network: DockerNetwork,
+    /// Mount the root file system read-only (a tmpfs is mounted at `/tmp`).
+    pub read_only: bool,
+    /// The user the script runs as (`name`, `uid` or `uid:gid`); `None`: the image's default.
+    pub user: Option<String>,
+}
+
+/// The network a container is attached to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DockerNetwork {
+    /// No network at all (only loopback).
+    #[default]
+    None,
+    /// The engine's default bridge.
+    Bridge,
 }
 
 /// Stop an attempt.

@@ -18,9 +18,9 @@ pub use close::CloseCode;
 pub use frame::{FrameDecoder, FrameError, decode, encode};
 pub use hello::{Capabilities, HostInfo, Reject, RejectCode, Welcome, negotiate};
 pub use job::{
-    AttemptRef, Cancel, Claim, ClaimDone, FailReason, FinalStatus, FinishAck, FinishVerdict,
-    Heartbeat, HeartbeatAck, JobFinished, JobOpen, JobOpened, JobSpec, JobStarted, LogAck,
-    LogChunk, LogStream, ScriptKind,
+    AttemptRef, Cancel, Claim, ClaimDone, DockerNetwork, DockerSpec, FailReason, FinalStatus,
+    FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, JobFinished, JobOpen, JobOpened, JobSpec,
+    JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind,
 };
 
 use serde::{Deserialize, Serialize};

@@ -116,6 +116,8 @@ pub struct EventSpec {
     pub timeout_seconds: u64,
     pub retries: u32,
     pub env: Vec<(String, String)>,
+    /// `Some`: `runtime: docker` with these extra fields (`image`, `limits`, `network`, …).
+    pub docker: Option<Value>,
 }
 
 impl EventSpec {
@@ -129,6 +131,7 @@ impl EventSpec {
             timeout_seconds: 60,
             retries: 0,
             env: Vec::new(),
+            docker: None,
         }
     }
 
@@ -165,6 +168,12 @@ impl EventSpec {
         self
     }
 
+    /// Runs the event in Docker; `fields` (an object) is merged into the request body.
+    pub fn docker(mut self, fields: Value) -> EventSpec {
+        self.docker = Some(fields);
+        self
+    }
+
     /// The request body; `marker` is added to the env so the cluster can find the job's processes.
     pub fn to_json(&self, marker: &str) -> Value {
         let mut env: BTreeMap<&str, &str> = self
@@ -173,7 +182,7 @@ impl EventSpec {
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect();
         env.insert(CLUSTER_MARKER_VAR, marker);
-        json!({
+        let mut body = json!({
             "name": self.name,
             "kind": self.kind,
             "script": self.script,
@@ -182,7 +191,14 @@ impl EventSpec {
             "timeout_seconds": self.timeout_seconds,
             "retries": self.retries,
             "env": env,
-        })
+        });
+        if let Some(docker) = &self.docker {
+            body["runtime"] = json!("docker");
+            if let (Some(body), Some(fields)) = (body.as_object_mut(), docker.as_object()) {
+                body.extend(fields.clone());
+            }
+        }
+        body
     }
 }
 

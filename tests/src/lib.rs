@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod docker;
 pub mod process;
 pub mod quic;
 pub mod sse;

@@ -2,12 +2,13 @@
 //!
 //! A runner writes the output into the attempt's spool as it arrives, records the pid, obeys the
 //! stop signal and the spec's timeout, and returns an [`Outcome`]. It never talks to the network.
-//! [`process::ProcessRunner`] runs scripts directly on the host; a Docker runner will implement
-//! the same [`Runner`] trait.
+//! [`process::ProcessRunner`] runs scripts directly on the host, [`docker::DockerRunner`] in
+//! Docker containers; [`Dispatch`] picks one by the spec's runtime.
 
+pub mod docker;
 pub mod process;
 
-use cronium_protocol::JobSpec;
+use cronium_protocol::{JobSpec, RuntimeSpec};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
@@ -37,4 +38,24 @@ pub trait Runner: Send + Sync {
         spool: &'a AttemptSpool,
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome>;
+}
+
+/// Sends host jobs to the process runner and Docker jobs to the Docker runner.
+pub struct Dispatch {
+    pub host: process::ProcessRunner,
+    pub docker: docker::DockerRunner,
+}
+
+impl Runner for Dispatch {
+    fn run<'a>(
+        &'a self,
+        spec: &'a JobSpec,
+        spool: &'a AttemptSpool,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome> {
+        match spec.runtime {
+            RuntimeSpec::Host => self.host.run(spec, spool, stop),
+            RuntimeSpec::Docker(_) => self.docker.run(spec, spool, stop),
+        }
+    }
 }

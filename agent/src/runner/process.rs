@@ -135,10 +135,7 @@ impl ProcessRunner {
         mut stop: StopSignal,
         work_dir: &Path,
     ) -> Outcome {
-        let mut log = LogSink {
-            spool,
-            failed: false,
-        };
+        let mut log = LogSink::new(spool);
         let (program, script_name) = match spec.kind {
             ScriptKind::Bash => ("bash", "script.sh"),
             ScriptKind::Python => ("python3", "script.py"),
@@ -353,13 +350,20 @@ impl Runner for ProcessRunner {
 }
 
 /// Appends to the spool and reports the first write failure (e.g. a full disk) once.
-struct LogSink<'a> {
+pub(super) struct LogSink<'a> {
     spool: &'a AttemptSpool,
     failed: bool,
 }
 
-impl LogSink<'_> {
-    fn append(&mut self, stream: LogStream, data: &[u8]) {
+impl<'a> LogSink<'a> {
+    pub(super) fn new(spool: &'a AttemptSpool) -> LogSink<'a> {
+        LogSink {
+            spool,
+            failed: false,
+        }
+    }
+
+    pub(super) fn append(&mut self, stream: LogStream, data: &[u8]) {
         if let Err(error) = self.spool.append(stream, data)
             && !self.failed
         {
@@ -368,12 +372,12 @@ impl LogSink<'_> {
         }
     }
 
-    fn system(&mut self, text: &str) {
+    pub(super) fn system(&mut self, text: &str) {
         self.append(LogStream::System, text.as_bytes());
     }
 }
 
-fn spawn_failure() -> Outcome {
+pub(super) fn spawn_failure() -> Outcome {
     Outcome {
         status: FinalStatus::Failed,
         reason: Some(FailReason::Spawn),
@@ -381,7 +385,7 @@ fn spawn_failure() -> Outcome {
     }
 }
 
-fn prepare_work_dir(work_dir: &Path, script_name: &str, script: &str) -> io::Result<()> {
+pub(super) fn prepare_work_dir(work_dir: &Path, script_name: &str, script: &str) -> io::Result<()> {
     match std::fs::remove_dir_all(work_dir) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -409,7 +413,7 @@ async fn read_pipe(
     }
 }
 
-async fn sleep_until_some(deadline: Option<Instant>) {
+pub(super) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -417,7 +421,7 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 /// Waits for a stop request; `None` when the sender is gone (no stop can come any more).
-async fn wait_for_stop(stop: &mut StopSignal) -> Option<StopReason> {
+pub(super) async fn wait_for_stop(stop: &mut StopSignal) -> Option<StopReason> {
     match stop.wait_for(Option::is_some).await {
         Ok(reason) => *reason,
         Err(_) => None,
@@ -440,6 +444,7 @@ fn signal_group(pid: u32, signal: libc::c_int) {
 mod tests {
     use std::collections::BTreeSet;
 
+    use cronium_protocol::RuntimeSpec;
     use tokio::sync::watch;
 
     use super::*;
@@ -485,6 +490,7 @@ mod tests {
             env: vec![],
             timeout_ms: 0,
             input: None,
+            runtime: RuntimeSpec::Host,
         }
     }
 

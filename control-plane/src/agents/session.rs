@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow, bail};
 use cronium_protocol::hello::Hello;
 use cronium_protocol::{
     AttemptRef, ClaimDone, CloseCode, FrameDecoder, HeartbeatAck, JobSpec, MIN_PROTOCOL_VERSION,
-    Message, PROTOCOL_VERSION, Reject, RejectCode, ScriptKind, Welcome, negotiate,
+    Message, PROTOCOL_VERSION, Reject, RejectCode, RuntimeSpec, ScriptKind, Welcome, negotiate,
 };
 use rustls_pki_types::CertificateDer;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -76,6 +76,13 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
         "nodejs" => ScriptKind::Node,
         other => bail!("job {} has kind {other:?}, which agents do not run", job.id),
     };
+    let runtime = match &job.runtime_spec {
+        None => RuntimeSpec::Host,
+        Some(text) => RuntimeSpec::Docker(
+            serde_json::from_str(text)
+                .with_context(|| format!("job {} has an unreadable runtime_spec", job.id))?,
+        ),
+    };
     Ok(JobSpec {
         job_id: job.id,
         attempt: job.attempt,
@@ -86,6 +93,7 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
         env: job.env.into_iter().collect(),
         timeout_ms: job.timeout_seconds as u64 * 1000,
         input: job.input,
+        runtime,
     })
 }
 
@@ -242,6 +250,7 @@ async fn settle_hello(
             &hello.host.hostname,
             &hello.host.os,
             &hello.host.arch,
+            hello.capabilities.docker,
         )
         .await?;
     let reported: Vec<Attempt> = hello.running.iter().map(to_attempt).collect();

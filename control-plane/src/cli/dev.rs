@@ -42,6 +42,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         encryption_key: EncryptionKey::from_base64(&key)?,
         lease: Duration::from_secs(30),
         heartbeat: Duration::from_secs(5),
+        docker_images: args.docker_images.clone().into(),
     };
     let server_shutdown = CancellationToken::new();
     let running = crate::start(config, server_shutdown.clone()).await?;

@@ -92,6 +92,8 @@ pub struct ServeArgs {
     /// Seconds between agent heartbeats.
     #[arg(long, env = "CRONIUM_HEARTBEAT_SECONDS", default_value_t = 5)]
     heartbeat_seconds: u64,
+    #[command(flatten)]
+    docker_images: DockerImageArgs,
     /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -119,6 +121,44 @@ pub struct DevArgs {
     /// How many jobs the local agent runs at once.
     #[arg(long, default_value_t = 8)]
     agent_capacity: u32,
+    #[command(flatten)]
+    docker_images: DockerImageArgs,
+}
+
+/// Default images of Docker events that name none.
+#[derive(Args, Debug, Clone)]
+pub struct DockerImageArgs {
+    /// Image of Docker bash events without an `image`.
+    #[arg(
+        long,
+        env = "CRONIUM_DOCKER_IMAGE_BASH",
+        default_value = "debian:12-slim"
+    )]
+    docker_image_bash: String,
+    /// Image of Docker python events without an `image`.
+    #[arg(
+        long,
+        env = "CRONIUM_DOCKER_IMAGE_PYTHON",
+        default_value = "python:3-slim"
+    )]
+    docker_image_python: String,
+    /// Image of Docker nodejs events without an `image`.
+    #[arg(
+        long,
+        env = "CRONIUM_DOCKER_IMAGE_NODEJS",
+        default_value = "node:20-slim"
+    )]
+    docker_image_nodejs: String,
+}
+
+impl From<DockerImageArgs> for crate::DockerImages {
+    fn from(args: DockerImageArgs) -> crate::DockerImages {
+        crate::DockerImages {
+            bash: args.docker_image_bash,
+            python: args.docker_image_python,
+            nodejs: args.docker_image_nodejs,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -486,6 +526,7 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         encryption_key: EncryptionKey::from_base64(key)?,
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
+        docker_images: args.docker_images.into(),
     };
     if config.heartbeat * 2 > config.lease {
         bail!("--lease-seconds must be at least twice --heartbeat-seconds");

@@ -39,6 +39,7 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "last_seen_at": timestamp(live.or(agent.last_seen_at)),
         "created_at": timestamp(Some(agent.created_at)),
         "revoked_at": timestamp(agent.revoked_at),
+        "docker": agent.docker,
         "server_id": Value::Null,
     })
 }

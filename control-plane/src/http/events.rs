@@ -14,7 +14,9 @@ use super::error::{ApiError, ApiJson, ApiResult};
 use super::{labels_field, timestamp};
 use crate::AppState;
 use crate::store::StoreError;
-use crate::store::events::{Event, EventFields, EventKind, Runtime, Targets};
+use crate::store::events::{
+    DEFAULT_PIDS, DockerSettings, Event, EventFields, EventKind, Network, Runtime, Targets,
+};
 use crate::store::jobs::NewRun;
 
 /// Largest script accepted, in bytes.
@@ -45,6 +47,22 @@ struct EventRequest {
     timeout_seconds: Option<u32>,
     retries: Option<u32>,
     env: Option<BTreeMap<String, String>>,
+    /// Docker only; `""` resets to the control plane's default for the kind.
+    image: Option<String>,
+    limits: Option<LimitsRequest>,
+    network: Option<String>,
+    read_only: Option<bool>,
+    /// Docker only; `""` resets to the image's default user.
+    user: Option<String>,
+}
+
+/// Container limits; a missing field means no limit (PIDs: the default of 256).
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct LimitsRequest {
+    memory_mb: Option<u32>,
+    cpus: Option<f64>,
+    pids: Option<u32>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -66,7 +84,7 @@ impl From<TargetsRequest> for Targets {
 }
 
 fn event_json(event: &Event) -> Value {
-    json!({
+    let mut value = json!({
         "id": event.id,
         "owner_id": event.owner_id,
         "name": event.name,
@@ -80,11 +98,114 @@ fn event_json(event: &Event) -> Value {
         "next_run_at": Value::Null,
         "created_at": timestamp(Some(event.created_at)),
         "updated_at": timestamp(Some(event.updated_at)),
-    })
+    });
+    if event.runtime == Runtime::Docker {
+        let docker = &event.docker;
+        value["image"] = json!(docker.image);
+        value["limits"] =
+            json!({"memory_mb": docker.memory_mb, "cpus": docker.cpus, "pids": docker.pids});
+        value["network"] = json!(docker.network.as_str());
+        value["read_only"] = json!(docker.read_only);
+        value["user"] = json!(docker.user);
+    }
+    value
+}
+
+/// Whether `image` looks like an image reference (`[registry/]name[:tag][@digest]`).
+fn valid_image(image: &str) -> bool {
+    !image.is_empty()
+        && image.len() <= 255
+        && !image.starts_with(['-', '.', '/', ':', '@'])
+        && !image.contains("..")
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+}
+
+/// Whether `user` looks like `name`, `uid` or `uid:gid` (names allowed on either side).
+fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && !user.starts_with(['-', ':'])
+        && user.matches(':').count() <= 1
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
+}
+
+/// Merges the Docker fields of a request over `base` and validates them.
+fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<DockerSettings> {
+    let mut settings = base.map(|event| event.docker.clone()).unwrap_or_default();
+    if let Some(image) = &request.image {
+        if image.is_empty() {
+            settings.image = None;
+        } else if valid_image(image) {
+            settings.image = Some(image.clone());
+        } else {
+            return Err(ApiError::field(
+                "image",
+                "is not a valid image reference ([registry/]name[:tag][@digest])",
+            ));
+        }
+    }
+    if let Some(limits) = &request.limits {
+        if limits
+            .memory_mb
+            .is_some_and(|mb| !(4..=1 << 24).contains(&mb))
+        {
+            return Err(ApiError::field(
+                "limits.memory_mb",
+                "must be at least 4 (MiB)",
+            ));
+        }
+        if limits
+            .cpus
+            .is_some_and(|cpus| !(cpus.is_finite() && cpus > 0.0 && cpus <= 64.0))
+        {
+            return Err(ApiError::field(
+                "limits.cpus",
+                "must be more than 0 and at most 64",
+            ));
+        }
+        if limits
+            .pids
+            .is_some_and(|pids| !(1..=1 << 22).contains(&pids))
+        {
+            return Err(ApiError::field("limits.pids", "must be at least 1"));
+        }
+        settings.memory_mb = limits.memory_mb;
+        settings.cpus = limits.cpus;
+        settings.pids = limits.pids.unwrap_or(DEFAULT_PIDS);
+    }
+    if let Some(network) = &request.network {
+        settings.network = Network::parse(network).ok_or_else(|| {
+            ApiError::field(
+                "network",
+                format!("unknown network {network:?}; expected none or bridge"),
+            )
+        })?;
+    }
+    if let Some(read_only) = request.read_only {
+        settings.read_only = read_only;
+    }
+    if let Some(user) = &request.user {
+        if user.is_empty() {
+            settings.user = None;
+        } else if valid_user(user) {
+            settings.user = Some(user.clone());
+        } else {
+            return Err(ApiError::field(
+                "user",
+                "must be a user name, uid or uid:gid (letters, digits, '.', '_', '-')",
+            ));
+        }
+    }
+    Ok(settings)
 }
 
 /// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
 fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
+    let docker = docker_settings(&request, base)?;
     let name = request
         .name
         .or_else(|| base.map(|event| event.name.clone()))
@@ -129,17 +250,11 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         Some(runtime) => Runtime::parse(&runtime).ok_or_else(|| {
             ApiError::field(
                 "runtime",
-                format!("unknown runtime {runtime:?}; expected host"),
+                format!("unknown runtime {runtime:?}; expected host or docker"),
             )
         })?,
         None => base.map(|event| event.runtime).unwrap_or(Runtime::Host),
     };
-    if runtime == Runtime::Docker {
-        return Err(ApiError::field(
-            "runtime",
-            "the docker runtime is not supported by this version yet",
-        ));
-    }
     let targets: Targets = match request.targets {
         Some(targets) => targets.into(),
         None => base.map(|event| event.targets.clone()).unwrap_or_default(),
@@ -202,6 +317,7 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         timeout_seconds,
         retries,
         env,
+        docker,
     })
 }
 
@@ -360,6 +476,10 @@ async fn trigger(
             format!("is larger than {MAX_INPUT_BYTES} bytes"),
         ));
     }
+    let runtime_spec = match event.runtime {
+        Runtime::Host => None,
+        Runtime::Docker => Some(docker_runtime_spec(&state, &event, &agent_ids).await?),
+    };
     let kind = event.kind.as_str();
     let (run_id, jobs) = state
         .store
@@ -368,6 +488,7 @@ async fn trigger(
             kind,
             script: &event.script,
             env: &event.env,
+            runtime_spec: runtime_spec.as_deref(),
             input: input.as_deref(),
             timeout_seconds: event.timeout_seconds,
             max_attempts: event.retries + 1,
@@ -387,4 +508,52 @@ async fn trigger(
         StatusCode::CREATED,
         Json(json!({"run_id": run_id, "jobs": jobs})),
     ))
+}
+
+/// The container settings copied into each job of a Docker event (JSON of the wire's
+/// `DockerSpec`, image resolved). Refuses targets whose last hello reported no Docker engine.
+async fn docker_runtime_spec(
+    state: &AppState,
+    event: &Event,
+    agent_ids: &[String],
+) -> ApiResult<String> {
+    let agents = state.store.agents().await?;
+    let without: Vec<&str> = agents
+        .iter()
+        .filter(|agent| agent_ids.contains(&agent.id) && agent.docker == Some(false))
+        .map(|agent| agent.name.as_str())
+        .collect();
+    if !without.is_empty() {
+        return Err(ApiError::field(
+            "runtime",
+            format!(
+                "this docker event targets agents without a reachable Docker engine: {}",
+                without.join(", ")
+            ),
+        ));
+    }
+    let docker = &event.docker;
+    let defaults = &state.config.docker_images;
+    let image = docker.image.clone().unwrap_or_else(|| {
+        match event.kind {
+            EventKind::Python => &defaults.python,
+            EventKind::Nodejs => &defaults.nodejs,
+            _ => &defaults.bash,
+        }
+        .clone()
+    });
+    let spec = cronium_protocol::DockerSpec {
+        image,
+        memory_mb: docker.memory_mb.map(u64::from),
+        cpus: docker.cpus,
+        pids: Some(docker.pids),
+        network: match docker.network {
+            Network::None => cronium_protocol::DockerNetwork::None,
+            Network::Bridge => cronium_protocol::DockerNetwork::Bridge,
+        },
+        read_only: docker.read_only,
+        user: docker.user.clone(),
+    };
+    serde_json::to_string(&spec)
+        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))
 }

@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiResult};
 use super::timestamp;
 use crate::AppState;
 use crate::store::StoreError;
-use crate::store::jobs::{CancelOutcome, Job, JobStatus, LogChunk};
+use crate::store::jobs::{CancelOutcome, Job, JobStatus, LogChunk, Stream as LogStream};
 
 /// How much of the log's end `GET /jobs/{id}` includes as `output`.
 const OUTPUT_TAIL_BYTES: u64 = 64 * 1024;
@@ -278,12 +278,13 @@ fn follow(
                     ));
                 }
             };
-            if let Some(chunk) = chunks.into_iter().next() {
+            let complete = job.status.is_final();
+            if let Some((stream, text, consumed)) = next_text(&chunks, complete) {
                 let event = SseEvent::default().event("log").data(
-                    json!({"offset": chunk.offset, "stream": chunk.stream.as_str(), "data": String::from_utf8_lossy(&chunk.data)})
+                    json!({"offset": follower.offset, "stream": stream.as_str(), "data": text})
                         .to_string(),
                 );
-                follower.offset = chunk.offset + chunk.data.len() as u64;
+                follower.offset += consumed;
                 return Some((Ok(event), follower));
             }
             if job.status.is_final() && follower.offset >= job.log_len {
@@ -311,6 +312,40 @@ fn follow(
             let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
         }
     })
+}
+
+/// The text of the next log event: consecutive chunks of one stream joined, cut before an
+/// incomplete UTF-8 sequence at the end of what is stored (its bytes may still come), unless
+/// the log is `complete`. Returns the stream, the text and how many bytes it consumed; `None` when there is
+/// nothing to send yet.
+fn next_text(chunks: &[LogChunk], complete: bool) -> Option<(LogStream, String, u64)> {
+    let first = chunks.first()?;
+    let mut bytes = Vec::new();
+    let mut all_read = true;
+    for (index, chunk) in chunks.iter().enumerate() {
+        if chunk.stream != first.stream {
+            all_read = false;
+            break;
+        }
+        bytes.extend_from_slice(&chunk.data);
+        all_read = index + 1 == chunks.len();
+    }
+    let cut = match std::str::from_utf8(&bytes) {
+        Ok(_) => bytes.len(),
+        // Invalid bytes in the middle are sent (replaced); only a sequence cut off at the very
+        // end waits for its continuation, which can only come from the same stream.
+        // If another stream's output follows, or the job has ended, the rest never comes.
+        Err(error) if error.error_len().is_none() && all_read && !complete => error.valid_up_to(),
+        Err(_) => bytes.len(),
+    };
+    if cut == 0 {
+        return None;
+    }
+    Some((
+        first.stream,
+        String::from_utf8_lossy(&bytes[..cut]).into_owned(),
+        cut as u64,
+    ))
 }
 
 fn error_event(message: &str) -> SseEvent {
@@ -344,4 +379,68 @@ async fn cancel(
     }
     let job = state.store.job(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(&state, &job).await?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offset: u64, stream: LogStream, data: &[u8]) -> LogChunk {
+        LogChunk {
+            offset,
+            stream,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn live_log_text_never_splits_a_character() {
+        let euro = "€".as_bytes();
+        // The character is split across two chunks of the same stream: one event carries it whole.
+        let chunks = [
+            chunk(0, LogStream::Stdout, &[b'a', euro[0]]),
+            chunk(2, LogStream::Stdout, &euro[1..]),
+        ];
+        assert_eq!(
+            next_text(&chunks, false),
+            Some((LogStream::Stdout, "a€".into(), 4))
+        );
+        // Only the first half has arrived: send what is complete, keep the rest for later.
+        assert_eq!(
+            next_text(&chunks[..1], false),
+            Some((LogStream::Stdout, "a".into(), 1))
+        );
+        assert_eq!(
+            next_text(&[chunk(1, LogStream::Stdout, &[euro[0]])], false),
+            None
+        );
+        // The job ended with a truncated character: it is sent, replaced.
+        assert_eq!(
+            next_text(&[chunk(1, LogStream::Stdout, &[euro[0]])], true),
+            Some((LogStream::Stdout, "\u{fffd}".into(), 1))
+        );
+        // Another stream is a separate event.
+        let mixed = [
+            chunk(0, LogStream::Stdout, b"out"),
+            chunk(3, LogStream::Stderr, b"err"),
+        ];
+        assert_eq!(
+            next_text(&mixed, false),
+            Some((LogStream::Stdout, "out".into(), 3))
+        );
+        // A cut-off character followed by the other stream's output is sent, replaced.
+        let switched = [
+            chunk(0, LogStream::Stdout, &[euro[0]]),
+            chunk(1, LogStream::Stderr, b"e"),
+        ];
+        assert_eq!(
+            next_text(&switched, false),
+            Some((LogStream::Stdout, "\u{fffd}".into(), 1))
+        );
+        // Invalid bytes in the middle do not stall the stream.
+        assert_eq!(
+            next_text(&[chunk(0, LogStream::Stderr, &[0xff, b'x'])], false),
+            Some((LogStream::Stderr, "\u{fffd}x".into(), 2))
+        );
+    }
 }

@@ -28,6 +28,7 @@ fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
         encryption_key: EncryptionKey::from_base64(key).unwrap(),
         lease: std::time::Duration::from_secs(30),
         heartbeat: std::time::Duration::from_secs(5),
+        docker_images: crate::DockerImages::default(),
     }
 }
 
@@ -230,6 +231,51 @@ async fn bad_event_input_is_refused_with_a_field_and_nothing_is_stored() {
             r#"{"name":"a","kind":"bash","script":"x","runtime":"vm"}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("runtime"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","image":"bad image"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("image"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","image":"-x"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("image"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","limits":{"memory_mb":3}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.memory_mb"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","limits":{"cpus":0}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.cpus"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","limits":{"cpus":65}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.cpus"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","limits":{"pids":0}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.pids"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","limits":{"disk":1}}"#,
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","network":"host"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("network"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","user":"root;id"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("user"),
         ),
     ];
     for (body, expected, field) in cases {
@@ -474,4 +520,150 @@ async fn a_wrong_encryption_key_stops_the_control_plane() {
         format!("{error:#}").contains("ENCRYPTION_KEY does not match"),
         "{error:#}"
     );
+}
+
+#[tokio::test]
+async fn docker_events_store_their_settings_and_refuse_agents_without_docker() {
+    let api = api().await;
+    let token = api.token("admin", Role::Admin).await;
+    let store = &api.state().store;
+    let mut agents = Vec::new();
+    for (name, docker) in [("with-docker", true), ("without-docker", false)] {
+        let secret = format!("token-{name}");
+        store
+            .create_enrollment_token(
+                &secret,
+                &Default::default(),
+                1,
+                crate::store::now_ms() + 60_000,
+                None,
+            )
+            .await
+            .unwrap();
+        let (agent, _) = store
+            .enroll_agent(crate::store::agents::NewAgent {
+                token_sha256: &secret,
+                name,
+                extra_labels: &Default::default(),
+                hostname: "h",
+                os: "linux",
+                arch: "x86_64",
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .set_agent_certificate(&agent.id, &format!("cert-{name}"))
+            .await
+            .unwrap();
+        store
+            .record_agent_hello(&agent.id, "0", "h", "linux", "x86_64", docker)
+            .await
+            .unwrap();
+        agents.push(agent.id);
+    }
+
+    let body = json!({
+        "name": "in-docker", "kind": "python", "script": "print(1)", "runtime": "docker",
+        "limits": {"memory_mb": 64, "cpus": 0.5}, "read_only": true, "user": "1000:1000",
+        "env": {"SECRET": "s"},
+    })
+    .to_string();
+    let (status, event) = api
+        .send(Method::POST, "/api/v1/events", Some(&token), Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{event}");
+    assert_eq!(event["runtime"], "docker");
+    assert_eq!(event["image"], Value::Null);
+    assert_eq!(
+        event["limits"],
+        json!({"memory_mb": 64, "cpus": 0.5, "pids": 256})
+    );
+    assert_eq!(event["network"], "none");
+    assert_eq!(event["read_only"], true);
+    assert_eq!(event["user"], "1000:1000");
+    let id = event["id"].as_str().unwrap();
+
+    let runs = format!("/api/v1/events/{id}/runs");
+    let (status, answer) = api
+        .send(
+            Method::POST,
+            &runs,
+            Some(&token),
+            Some(&json!({"targets": {"agents": ["without-docker"]}}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["field"], "runtime");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("without-docker")
+    );
+
+    let (status, answer) = api
+        .send(
+            Method::POST,
+            &runs,
+            Some(&token),
+            Some(&json!({"targets": {"agents": ["with-docker"]}}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (_, listed) = api
+        .send(Method::GET, "/api/v1/agents", Some(&token), None)
+        .await;
+    let docker_of = |name: &str| {
+        listed
+            .as_array()
+            .and_then(|agents| agents.iter().find(|agent| agent["name"] == name))
+            .map(|agent| agent["docker"].clone())
+    };
+    assert_eq!(docker_of("with-docker"), Some(json!(true)), "{listed}");
+    assert_eq!(docker_of("without-docker"), Some(json!(false)), "{listed}");
+
+    // The job carries a snapshot of the settings with the default image for its kind.
+    let claimed = store.claim_jobs(&agents[0], 10, i64::MAX).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let spec: cronium_protocol::DockerSpec =
+        serde_json::from_str(claimed[0].runtime_spec.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        spec,
+        cronium_protocol::DockerSpec {
+            image: "python:3-slim".into(),
+            memory_mb: Some(64),
+            cpus: Some(0.5),
+            pids: Some(256),
+            network: cronium_protocol::DockerNetwork::None,
+            read_only: true,
+            user: Some("1000:1000".into()),
+        }
+    );
+
+    // PATCH changes only what it names; "" resets the image to the default.
+    let (status, event) = api
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/events/{id}"),
+            Some(&token),
+            Some(r#"{"image":"registry.example:5000/team/py:3.12@sha256:abc","network":"bridge"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{event}");
+    assert_eq!(
+        event["image"],
+        "registry.example:5000/team/py:3.12@sha256:abc"
+    );
+    assert_eq!(event["network"], "bridge");
+    assert_eq!(event["read_only"], true);
+    let (_, event) = api
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/events/{id}"),
+            Some(&token),
+            Some(r#"{"image":""}"#),
+        )
+        .await;
+    assert_eq!(event["image"], Value::Null);
 }

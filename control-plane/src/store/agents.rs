@@ -20,6 +20,8 @@ pub struct Agent {
     pub last_seen_at: Option<i64>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// Whether the agent's last hello reported a reachable Docker engine (`None`: not known yet).
+    pub docker: Option<bool>,
 }
 
 /// What a consumed enrollment token allows.
@@ -69,11 +71,14 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
         last_seen_at: row.try_get("last_seen_at")?,
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        docker: row
+            .try_get::<Option<i64>, _>("docker")?
+            .map(|docker| docker != 0),
     })
 }
 
 const AGENT_COLUMNS: &str =
-    "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at";
+    "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at, docker";
 
 impl Store {
     /// Stores a new enrollment token (by hash).
@@ -182,6 +187,7 @@ impl Store {
                 last_seen_at: None,
                 created_at: now,
                 revoked_at: None,
+                docker: None,
             };
             Ok(Ok((agent, grant)))
         })
@@ -262,6 +268,7 @@ impl Store {
         hostname: &str,
         os: &str,
         arch: &str,
+        docker: bool,
     ) -> StoreResult<()> {
         let (agent_id, version, hostname, os, arch) = (
             agent_id.to_string(),
@@ -271,11 +278,12 @@ impl Store {
             arch.to_string(),
         );
         write_op!(self, |conn| async {
-        sqlx::query("UPDATE agents SET version = ?, hostname = ?, os = ?, arch = ?, last_seen_at = ? WHERE id = ?")
+        sqlx::query("UPDATE agents SET version = ?, hostname = ?, os = ?, arch = ?, docker = ?, last_seen_at = ? WHERE id = ?")
             .bind(version)
             .bind(hostname)
             .bind(os)
             .bind(arch)
+            .bind(i64::from(docker))
             .bind(now_ms())
             .bind(agent_id)
             .execute(&mut *conn)
@@ -287,11 +295,11 @@ impl Store {
 
     /// Persists last-seen times kept in memory while agents are connected, in one transaction.
     pub async fn record_last_seen(&self, seen: &[(String, i64)]) -> StoreResult<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
         let seen = seen.to_vec();
         write_op!(self, |conn| async {
-            if seen.is_empty() {
-                return Ok(());
-            }
             for (agent_id, at) in &seen {
                 sqlx::query(
                 "UPDATE agents SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?) WHERE id = ?",

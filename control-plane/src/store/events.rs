@@ -64,6 +64,61 @@ impl Runtime {
     }
 }
 
+/// The network of an event's containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    #[default]
+    None,
+    Bridge,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Bridge => "bridge",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Network> {
+        match text {
+            "none" => Some(Network::None),
+            "bridge" => Some(Network::Bridge),
+            _ => None,
+        }
+    }
+}
+
+/// Default PIDs limit of an event's containers.
+pub const DEFAULT_PIDS: u32 = 256;
+
+/// How an event's containers are made (used when its runtime is `docker`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerSettings {
+    /// `None`: the control plane's default image for the event's kind.
+    pub image: Option<String>,
+    pub memory_mb: Option<u32>,
+    pub cpus: Option<f64>,
+    pub pids: u32,
+    pub network: Network,
+    pub read_only: bool,
+    pub user: Option<String>,
+}
+
+impl Default for DockerSettings {
+    fn default() -> DockerSettings {
+        DockerSettings {
+            image: None,
+            memory_mb: None,
+            cpus: None,
+            pids: DEFAULT_PIDS,
+            network: Network::None,
+            read_only: false,
+            user: None,
+        }
+    }
+}
+
 /// Which agents an event runs on: named agents (by id or name) plus every agent matching all labels.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targets {
@@ -115,6 +170,7 @@ pub struct Event {
     pub timeout_seconds: u32,
     pub retries: u32,
     pub env: BTreeMap<String, String>,
+    pub docker: DockerSettings,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -130,14 +186,28 @@ pub struct EventFields {
     pub timeout_seconds: u32,
     pub retries: u32,
     pub env: BTreeMap<String, String>,
+    pub docker: DockerSettings,
 }
 
-const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at";
+const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user";
 
 fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
     let runtime: String = row.try_get("runtime")?;
     let env: String = row.try_get("env")?;
+    let network: String = row.try_get("network")?;
+    let docker = DockerSettings {
+        image: row.try_get("image")?,
+        memory_mb: row
+            .try_get::<Option<i64>, _>("memory_mb")?
+            .map(|mb| u32::try_from(mb).unwrap_or(u32::MAX)),
+        cpus: row.try_get("cpus")?,
+        pids: u32::try_from(row.try_get::<i64, _>("pids")?).unwrap_or(DEFAULT_PIDS),
+        network: Network::parse(&network)
+            .ok_or_else(|| StoreError::Corrupt(format!("network {network:?}")))?,
+        read_only: row.try_get::<i64, _>("read_only")? != 0,
+        user: row.try_get("run_as_user")?,
+    };
     Ok(Event {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -152,6 +222,7 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
         retries: row.try_get::<i64, _>("retries")? as u32,
         env: serde_json::from_str(&env)
             .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
+        docker,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -170,8 +241,9 @@ impl Store {
         let id = new_id();
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at,
+             image, memory_mb, cpus, pids, network, read_only, run_as_user)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -185,6 +257,13 @@ impl Store {
         .bind(env_to_json(&fields.env))
         .bind(now)
         .bind(now)
+        .bind(&fields.docker.image)
+        .bind(fields.docker.memory_mb.map(i64::from))
+        .bind(fields.docker.cpus)
+        .bind(i64::from(fields.docker.pids))
+        .bind(fields.docker.network.as_str())
+        .bind(i64::from(fields.docker.read_only))
+        .bind(&fields.docker.user)
         .execute(&mut *conn)
         .await?;
         Ok(id)
@@ -200,7 +279,8 @@ impl Store {
         write_op!(self, |conn| async {
         let changed = sqlx::query(
             "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
-             env = ?, updated_at = ? WHERE id = ?",
+             env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?
+             WHERE id = ?",
         )
         .bind(&fields.name)
         .bind(fields.kind.as_str())
@@ -211,6 +291,13 @@ impl Store {
         .bind(fields.retries as i64)
         .bind(env_to_json(&fields.env))
         .bind(now_ms())
+        .bind(&fields.docker.image)
+        .bind(fields.docker.memory_mb.map(i64::from))
+        .bind(fields.docker.cpus)
+        .bind(i64::from(fields.docker.pids))
+        .bind(fields.docker.network.as_str())
+        .bind(i64::from(fields.docker.read_only))
+        .bind(&fields.docker.user)
         .bind(&id)
         .execute(&mut *conn)
         .await?

@@ -166,6 +166,8 @@ pub struct ClaimedJob {
     pub env: BTreeMap<String, String>,
     pub input: Option<String>,
     pub timeout_seconds: u32,
+    /// JSON of the container settings (`cronium_protocol::DockerSpec`); `None`: a host job.
+    pub runtime_spec: Option<String>,
 }
 
 /// A run: one trigger of an event, with one job per target agent.
@@ -186,6 +188,8 @@ pub struct NewRun<'a> {
     pub kind: &'a str,
     pub script: &'a str,
     pub env: &'a BTreeMap<String, String>,
+    /// JSON of the container settings (`cronium_protocol::DockerSpec`); `None`: a host job.
+    pub runtime_spec: Option<&'a str>,
     pub input: Option<&'a str>,
     pub timeout_seconds: u32,
     pub max_attempts: u32,
@@ -332,6 +336,7 @@ impl Store {
         let kind = new_run.kind.to_string();
         let script = new_run.script.to_string();
         let input = new_run.input.map(str::to_string);
+        let runtime_spec = new_run.runtime_spec.map(str::to_string);
         let created_by = new_run.created_by.to_string();
         let agent_ids = new_run.agent_ids.to_vec();
         let (timeout_seconds, max_attempts) = (new_run.timeout_seconds, new_run.max_attempts);
@@ -354,8 +359,8 @@ impl Store {
         for agent_id in &agent_ids {
             let job_id = new_id();
             sqlx::query(
-                "INSERT INTO jobs (id, run_id, event_id, agent_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at)
-                 VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, run_id, event_id, agent_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
+                 VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&job_id)
             .bind(&run_id)
@@ -368,6 +373,7 @@ impl Store {
             .bind(&input)
             .bind(timeout_seconds as i64)
             .bind(now)
+            .bind(&runtime_spec)
             .execute(&mut *conn)
             .await?;
             jobs.push((job_id, agent_id.clone()));
@@ -385,15 +391,15 @@ impl Store {
         limit: u32,
         lease_until: i64,
     ) -> StoreResult<Vec<ClaimedJob>> {
-        let agent_id = agent_id.to_string();
-        write_op!(self, |conn| async {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let agent_id = agent_id.to_string();
+        write_op!(self, |conn| async {
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, claimed_at = ?, lease_expires_at = ?
              WHERE id IN (SELECT id FROM jobs WHERE agent_id = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
-             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds",
+             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
         )
         .bind(now_ms())
         .bind(lease_until)
@@ -416,6 +422,7 @@ impl Store {
                         .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
                     input: row.try_get("input")?,
                     timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
+                    runtime_spec: row.try_get("runtime_spec")?,
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -434,12 +441,12 @@ impl Store {
         lease_until: i64,
     ) -> StoreResult<(Vec<Attempt>, Vec<Attempt>)> {
         let (agent_id, attempts) = (agent_id.to_string(), attempts.to_vec());
+        if attempts.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         write_op!(self, |conn| async {
             let mut abandoned = Vec::new();
             let mut cancel = Vec::new();
-            if attempts.is_empty() {
-                return Ok((abandoned, cancel));
-            }
             for attempt in &attempts {
                 let renewed = sqlx::query(
                 "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND agent_id = ?

@@ -38,6 +38,7 @@ async fn fixture() -> Fixture {
         timeout_seconds: 60,
         retries: 0,
         env: BTreeMap::new(),
+        docker: Default::default(),
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
     Fixture {
@@ -82,6 +83,7 @@ impl Fixture {
                     kind: "bash",
                     script: "true",
                     env: &BTreeMap::new(),
+                    runtime_spec: None,
                     input: None,
                     timeout_seconds: 60,
                     max_attempts,
