@@ -2,9 +2,12 @@
 //!
 //! - `cargo xtask test [NEXTEST ARGS…]` — the whole test suite: builds every binary (the
 //!   end-to-end tests start the real `cronium` and `cronium-agent`), then runs
-//!   `cargo nextest run --workspace` (which includes the tidy checks below).
+//!   `cargo nextest run --workspace` (which includes the tidy checks below). The Docker tests
+//!   need an engine: unless `DOCKER_HOST` names one, a private `dockerd` is started for the run
+//!   (its own data dir and socket, no bridge, no iptables rules) and stopped afterwards.
 //! - `cargo xtask tidy` — only the tidy checks.
 
+mod docker;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +26,17 @@ fn main() -> ExitCode {
                 eprintln!("xtask: building the binaries failed");
                 return ExitCode::FAILURE;
             }
+            let engine = match docker::PrivateEngine::start_unless_configured() {
+                Ok(engine) => engine,
+                Err(error) => {
+                    eprintln!("xtask: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let mut nextest = Command::new(cargo());
+            if let Some(engine) = &engine {
+                nextest.env("DOCKER_HOST", engine.host());
+            }
             nextest
                 .current_dir(&root)
                 .args(["nextest", "run", "--workspace"]);
