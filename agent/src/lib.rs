@@ -10,6 +10,7 @@
 mod conn;
 pub mod enroll;
 pub mod frame_io;
+pub mod helper;
 pub mod identity;
 mod jobs;
 pub mod runner;

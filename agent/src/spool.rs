@@ -5,6 +5,8 @@
 //! - `pid`: the process id (and process group id) once the process started;
 //! - `log`: append-only records `[u8 stream][u32 BE length][data]`. The log offset of a byte is
 //!   the sum of the data lengths before it, which is the offset the protocol speaks of;
+//! - `output.json`, `condition`: what the script set through the runtime helpers (`output`,
+//!   `set_condition`), each written with an atomic rename (last write wins);
 //! - `result.json`: written with an atomic rename when the attempt ended.
 //!
 //! Nothing here is fsynced: see [`write_atomically`] for why the page cache is enough.
@@ -120,6 +122,19 @@ struct SpoolState {
     truncated: bool,
     pid: Option<u32>,
     result: Option<AttemptResult>,
+    /// JSON text set with the `output` helper.
+    output: Option<String>,
+    /// Set with the `set_condition` helper.
+    condition: Option<bool>,
+}
+
+/// What the script set through the runtime helpers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HelperValues {
+    /// JSON text set with `output` (the attempt's result).
+    pub output: Option<String>,
+    /// Set with `set_condition`.
+    pub condition: Option<bool>,
 }
 
 /// Sequential reader of a log from any offset. It reads only bytes the caller says are complete.
@@ -216,6 +231,8 @@ impl Spool {
                 truncated: false,
                 pid: None,
                 result: None,
+                output: None,
+                condition: None,
             },
         ))
     }
@@ -310,6 +327,28 @@ impl Spool {
             Err(source) => return Err(io_error(&result_path, source)),
         };
 
+        let output_path = dir.join("output.json");
+        let output = match fs::read_to_string(&output_path) {
+            Ok(text) => Some(text),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(io_error(&output_path, source)),
+        };
+        let condition_path = dir.join("condition");
+        let condition = match fs::read_to_string(&condition_path) {
+            Ok(text) => match text.trim() {
+                "true" => Some(true),
+                "false" => Some(false),
+                other => {
+                    return Err(corrupt(
+                        &condition_path,
+                        format!("{other:?} is not a boolean"),
+                    ));
+                }
+            },
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => return Err(io_error(&condition_path, source)),
+        };
+
         let truncated = log_len >= max_log_bytes;
         let spool = AttemptSpool::new(
             attempt,
@@ -322,6 +361,8 @@ impl Spool {
                 truncated,
                 pid,
                 result,
+                output,
+                condition,
             },
         );
         if result.is_none() {
@@ -415,6 +456,40 @@ impl AttemptSpool {
         self.lock().pid = Some(pid);
         self.inner.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Stores the JSON text the script set with the `output` helper (last write wins). Ignored
+    /// once the attempt has its result.
+    pub fn set_output(&self, json: &str) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        if state.result.is_some() {
+            return Ok(());
+        }
+        write_atomically(&self.inner.dir.join("output.json"), json.as_bytes())?;
+        state.output = Some(json.to_owned());
+        Ok(())
+    }
+
+    /// Stores the condition the script set with the `set_condition` helper (last write wins).
+    /// Ignored once the attempt has its result.
+    pub fn set_condition(&self, condition: bool) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        if state.result.is_some() {
+            return Ok(());
+        }
+        let text = if condition { "true" } else { "false" };
+        write_atomically(&self.inner.dir.join("condition"), text.as_bytes())?;
+        state.condition = Some(condition);
+        Ok(())
+    }
+
+    /// What the script set through the runtime helpers so far.
+    pub fn helper_values(&self) -> HelperValues {
+        let state = self.lock();
+        HelperValues {
+            output: state.output.clone(),
+            condition: state.condition,
+        }
     }
 
     /// Stores the result (`result.json`, written atomically after the whole log). A spool that
@@ -850,6 +925,39 @@ mod tests {
             );
         }
         assert!(validate_job_id("01J_abc-DEF").is_ok());
+    }
+
+    #[test]
+    fn helper_values_survive_a_restart_and_freeze_with_the_result() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        {
+            let spool = Spool::open(root.clone()).unwrap();
+            let attempt = spool.create(&spec("helped"), 1 << 20).unwrap();
+            assert_eq!(attempt.helper_values(), HelperValues::default());
+            attempt.set_output("1").unwrap();
+            attempt.set_output(r#"{"a":2}"#).unwrap();
+            attempt.set_condition(false).unwrap();
+            attempt
+                .finish(Outcome {
+                    status: FinalStatus::Completed,
+                    reason: None,
+                    exit_code: Some(0),
+                })
+                .unwrap();
+            // After the result, the values no longer change.
+            attempt.set_output("3").unwrap();
+            attempt.set_condition(true).unwrap();
+        }
+        let spool = Spool::open(root).unwrap();
+        let recovered = spool.recover(1 << 20, &temp.path().join("work")).unwrap();
+        assert_eq!(
+            recovered[0].helper_values(),
+            HelperValues {
+                output: Some(r#"{"a":2}"#.to_owned()),
+                condition: Some(false),
+            }
+        );
     }
 
     #[test]

@@ -140,6 +140,39 @@ impl Api {
             .context("POST /events: no id in the response")
     }
 
+    /// Creates a bash event running `script` in a Docker container of `image` (memory and PID
+    /// limits, no network) on the agent named `agent`, and returns its id.
+    pub async fn create_docker_event(
+        &self,
+        name: &str,
+        script: &str,
+        image: &str,
+        memory_mb: u32,
+        pids: u32,
+        agent: &str,
+    ) -> anyhow::Result<String> {
+        let event = self
+            .post(
+                "/events",
+                &json!({
+                    "name": name,
+                    "kind": "bash",
+                    "script": script,
+                    "runtime": "docker",
+                    "image": image,
+                    "limits": {"memory_mb": memory_mb, "pids": pids},
+                    "network": "none",
+                    "targets": {"agents": [agent]},
+                    "timeout_seconds": 60,
+                }),
+            )
+            .await?;
+        event["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("POST /events: no id in the response")
+    }
+
     /// Triggers a run of `event_id` and returns its (only) job.
     pub async fn trigger(&self, event_id: &str) -> anyhow::Result<Triggered> {
         let run = self

@@ -174,6 +174,11 @@ pub async fn start_agent_process(
         .arg(state_dir)
         .args(["--capacity", &capacity.to_string()])
         .env("RUST_LOG", "warn");
+    // The agent finds the Docker engine through DOCKER_HOST (or the default socket); pass it on
+    // explicitly so the Docker phase's jobs use the engine this process measures.
+    if let Some(docker_host) = std::env::var_os("DOCKER_HOST") {
+        run.env("DOCKER_HOST", docker_host);
+    }
     ChildGuard::spawn("the agent (cronium-agent run)", &mut run, None)
 }
 

@@ -5,13 +5,16 @@
 //! trigger → result visible over SSE) next to `ssh … true` (fresh and ControlMaster), the job
 //! throughput from 16 concurrent clients, the control plane's durable commits per job (fsync and
 //! fdatasync counted with strace), the idle agent's RSS and the control plane's memory per
-//! connected agent (agents run in this process). It prints a markdown summary and optionally
+//! connected agent (agents run in this process), and a Docker job's trigger → result latency next
+//! to `docker run --rm` of the same locally built image against the same engine (`DOCKER_HOST`,
+//! skipped when no engine answers). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
 
 mod api;
 mod cluster;
+mod docker;
 mod phases;
 mod procs;
 mod report;
@@ -27,11 +30,12 @@ use serde_json::json;
 
 use crate::cluster::{ControlPlane, start_agent_process, wait_online};
 use crate::procs::{Binaries, rss_kib};
-use crate::report::Results;
+use crate::report::{DockerComparison, DockerPhase, Results};
 use crate::ssh::SshPeer;
 use crate::stats::Summary;
 
-/// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory) on 127.0.0.1.
+/// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory, Docker jobs vs
+/// `docker run`) on 127.0.0.1.
 #[derive(Debug, Parser)]
 #[command(name = "cronium-bench", version)]
 struct Cli {
@@ -50,6 +54,12 @@ struct Cli {
     /// In-process agents for the control-plane memory measurement (0 skips it).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     agents: u64,
+    /// Timed rounds of the Docker phase (a Docker job vs `docker run --rm`; 0 skips it).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    docker_runs: u64,
+    /// Untimed warm-up rounds before the Docker samples.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    docker_warmup: u64,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -98,6 +108,31 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let root = temp.path();
+
+    // Before the agent starts: it connects to the engine once, at start.
+    let docker_runs = cli.docker_runs as usize;
+    let docker_engine = if docker_runs == 0 {
+        Err("--docker-runs 0".to_owned())
+    } else {
+        match docker::probe().await {
+            Ok(engine) => {
+                progress(&format!(
+                    "docker: engine {} at {}; ensuring the local image {}",
+                    engine.version,
+                    engine.address(),
+                    docker::IMAGE
+                ));
+                docker::ensure_image().await?;
+                Ok(engine)
+            }
+            Err(reason) => {
+                eprintln!(
+                    "NOTE: skipping the Docker phase: {reason} (start dockerd and set DOCKER_HOST=unix:///path/to/docker.sock)"
+                );
+                Err(reason)
+            }
+        }
+    };
 
     progress("starting the control plane");
     let mut control_plane = ControlPlane::start(&binaries, &root.join("data")).await?;
@@ -247,10 +282,51 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     control_plane.process.ensure_running()?;
     let agent_rss_after_load_kib = rss_kib(agent.pid())?;
 
+    // Last, so the Docker runner does not change the figures above (the agent's RSS).
+    let docker = match docker_engine {
+        Err(reason) => DockerPhase::Skipped(reason),
+        Ok(engine) => {
+            let event = api
+                .create_docker_event(
+                    "bench-docker",
+                    "true",
+                    docker::IMAGE,
+                    docker::MEMORY_MB,
+                    docker::PIDS,
+                    &agent_name,
+                )
+                .await?;
+            progress(&format!(
+                "docker: {} warm-up + {docker_runs} rounds of a Docker job and `docker run --rm`",
+                cli.docker_warmup
+            ));
+            let samples = docker::compare(&api, &event, cli.docker_warmup as usize, docker_runs)
+                .await
+                .with_context(|| format!("the agent's output:\n{}", agent.tail()))?;
+            let comparison = DockerComparison {
+                engine_version: engine.version.clone(),
+                engine_address: engine.address(),
+                image: docker::IMAGE.to_owned(),
+                docker_run_command: format!("docker {}", docker::docker_run_args().join(" ")),
+                warmup: cli.docker_warmup as usize,
+                cronium: Summary::of(&samples.cronium),
+                docker_run: Summary::of(&samples.docker_run),
+            };
+            progress(&format!(
+                "docker: cronium p50 {:.2} ms vs docker run p50 {:.2} ms ({:.3}×)",
+                comparison.cronium.p50,
+                comparison.docker_run.p50,
+                comparison.ratio_p50()
+            ));
+            agent.ensure_running()?;
+            DockerPhase::Measured(comparison)
+        }
+    };
+
     let results = Results {
         config: json!({
             "description": format!(
-                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}; {} CPUs, {}",
+                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}, docker-runs={docker_runs}; {} CPUs, {}",
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 std::env::consts::ARCH
             ),
@@ -259,6 +335,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             "jobs": jobs,
             "clients": clients,
             "agents": agents,
+            "docker_runs": docker_runs,
+            "docker_warmup": cli.docker_warmup,
             "agent_capacity": 8,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         }),
@@ -273,6 +351,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         agent_rss_idle_kib,
         agent_rss_after_load_kib,
         memory,
+        docker,
     };
     println!("{}", results.markdown());
     if let Some(path) = &cli.out {

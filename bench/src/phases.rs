@@ -45,7 +45,7 @@ fn timestamp_ns(value: &Value) -> Option<i128> {
 }
 
 /// Fails unless the job in an SSE `end` event completed with exit code 0.
-fn ensure_completed(job: &Value) -> anyhow::Result<()> {
+pub fn ensure_completed(job: &Value) -> anyhow::Result<()> {
     if job["status"] != "completed" || job["exit_code"] != 0 {
         bail!(
             "job {} ended with status {} and exit code {} (output {:?})",

@@ -19,6 +19,46 @@ pub mod targets {
     pub const AGENT_RSS_MIB: f64 = 10.0;
     /// Control-plane memory per connected idle agent, KiB.
     pub const KIB_PER_AGENT: f64 = 64.0;
+    /// Docker job trigger → result at most this multiple of `docker run --rm` (p50 and p99).
+    pub const DOCKER_VS_DOCKER_RUN: f64 = 1.1;
+}
+
+/// The Docker phase's outcome.
+pub enum DockerPhase {
+    /// Not run, and why (`--docker-runs 0`, no engine).
+    Skipped(String),
+    /// Measured.
+    Measured(DockerComparison),
+}
+
+/// A Docker job's latency next to `docker run --rm` of the same image.
+pub struct DockerComparison {
+    /// The engine's version.
+    pub engine_version: String,
+    /// Where the engine listens (`DOCKER_HOST`, or the default socket).
+    pub engine_address: String,
+    /// The image both sides run.
+    pub image: String,
+    /// The peer's command line.
+    pub docker_run_command: String,
+    /// Untimed warm-up rounds.
+    pub warmup: usize,
+    /// Cronium Docker job: trigger → SSE `end`.
+    pub cronium: Summary,
+    /// `docker run --rm …` wall time.
+    pub docker_run: Summary,
+}
+
+impl DockerComparison {
+    /// cronium p50 / docker-run p50.
+    pub fn ratio_p50(&self) -> f64 {
+        self.cronium.p50 / self.docker_run.p50
+    }
+
+    /// cronium p99 / docker-run p99.
+    pub fn ratio_p99(&self) -> f64 {
+        self.cronium.p99 / self.docker_run.p99
+    }
 }
 
 /// Everything measured.
@@ -47,6 +87,8 @@ pub struct Results {
     pub agent_rss_after_load_kib: u64,
     /// The control plane's memory per connected agent, if measured (`--agents` > 0).
     pub memory: Option<MemoryPerAgent>,
+    /// The Docker job vs `docker run --rm` comparison.
+    pub docker: DockerPhase,
 }
 
 /// "met", or by how much the figure missed an upper-bound target.
@@ -155,6 +197,46 @@ impl Results {
         } else {
             out.push("(SSH comparison skipped: no sshd)".to_owned());
             out.push(String::new());
+        }
+        match &self.docker {
+            DockerPhase::Measured(docker) => {
+                out.push(format!(
+                    "| Docker latency (ms), image `{}`, engine {} | n | mean | p50 | p99 | target | verdict |",
+                    docker.image, docker.engine_version
+                ));
+                out.push("|---|---:|---:|---:|---:|---|---|".to_owned());
+                out.push(row(
+                    "cronium Docker job: trigger → result visible (SSE `end`)",
+                    &docker.cronium,
+                    "",
+                    "",
+                ));
+                out.push(row(
+                    &format!("peer: `{}`", docker.docker_run_command),
+                    &docker.docker_run,
+                    "",
+                    "",
+                ));
+                out.push(String::new());
+                out.push(
+                    "| ratio: cronium Docker job / `docker run --rm` | p50 | p99 | target | verdict |"
+                        .to_owned(),
+                );
+                out.push("|---|---:|---:|---|---|".to_owned());
+                out.push(format!(
+                    "| trigger → result vs `docker run --rm` | {:.3} | {:.3} | ≤ {}× (p50 and p99) | p50 {}; p99 {} |",
+                    docker.ratio_p50(),
+                    docker.ratio_p99(),
+                    targets::DOCKER_VS_DOCKER_RUN,
+                    at_most(docker.ratio_p50(), targets::DOCKER_VS_DOCKER_RUN, "×"),
+                    at_most(docker.ratio_p99(), targets::DOCKER_VS_DOCKER_RUN, "×")
+                ));
+                out.push(String::new());
+            }
+            DockerPhase::Skipped(reason) => {
+                out.push(format!("(Docker comparison skipped: {reason})"));
+                out.push(String::new());
+            }
         }
         out.push("| figure | value | target | verdict |".to_owned());
         out.push("|---|---:|---|---|".to_owned());
@@ -274,6 +356,23 @@ impl Results {
                 "online_after_seconds": memory.online_after.as_secs_f64(),
                 "agent_errors": memory.agent_errors,
             })),
+            "docker": match &self.docker {
+                DockerPhase::Skipped(reason) => json!({"skipped": reason}),
+                DockerPhase::Measured(docker) => json!({
+                    "engine_version": docker.engine_version,
+                    "engine_address": docker.engine_address,
+                    "image": docker.image,
+                    "docker_run_command": docker.docker_run_command,
+                    "warmup": docker.warmup,
+                    "cronium_trigger_to_result": docker.cronium.to_json(),
+                    "docker_run": docker.docker_run.to_json(),
+                    "ratio_p50": docker.ratio_p50(),
+                    "ratio_p99": docker.ratio_p99(),
+                    "target_ratio": targets::DOCKER_VS_DOCKER_RUN,
+                    "met_p50": docker.ratio_p50() <= targets::DOCKER_VS_DOCKER_RUN,
+                    "met_p99": docker.ratio_p99() <= targets::DOCKER_VS_DOCKER_RUN,
+                }),
+            },
             "targets": {
                 "result_p50_vs_fresh_ssh": targets::RESULT_P50_VS_FRESH_SSH,
                 "result_p99_ms": targets::RESULT_P99_MS,
@@ -281,6 +380,7 @@ impl Results {
                 "commits_per_job": targets::COMMITS_PER_JOB,
                 "agent_rss_mib": targets::AGENT_RSS_MIB,
                 "kib_per_agent": targets::KIB_PER_AGENT,
+                "docker_vs_docker_run": targets::DOCKER_VS_DOCKER_RUN,
             },
         })
     }

@@ -236,7 +236,8 @@ mod tests {
                 reason: Some(FailReason::ExitCode),
                 exit_code: Some(3),
                 log_len: 15,
-                result: None,
+                result: Some("{\"a\":1}".to_owned()),
+                condition: Some(false),
             }),
             Message::FinishAck(FinishAck {
                 verdict: FinishVerdict::Recorded,

@@ -191,6 +191,8 @@ pub struct JobFinished {
     pub log_len: u64,
     /// JSON text the script set with the `output` helper, if any.
     pub result: Option<String>,
+    /// The condition the script set with the `set_condition` helper, if any.
+    pub condition: Option<bool>,
 }
 
 /// What the control plane did with a [`JobFinished`].

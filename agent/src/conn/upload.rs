@@ -190,12 +190,14 @@ async fn send_from(
         if let Some(result) = progress.result
             && reader.offset() >= result.log_len
         {
+            let helper = spool.helper_values();
             let finished = JobFinished {
                 status: result.outcome.status,
                 reason: result.outcome.reason,
                 exit_code: result.outcome.exit_code,
                 log_len: result.log_len,
-                result: None,
+                result: helper.output,
+                condition: helper.condition,
             };
             write_message(send, &Message::JobFinished(finished)).await?;
             return Ok(());

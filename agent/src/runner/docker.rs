@@ -11,8 +11,8 @@
 //! cancel kill the container (SIGKILL: PID 1 of a container ignores SIGTERM unless it handles it).
 //! A container the kernel OOM-killed ends the attempt `failed`, reason `oom`.
 //!
-//! Secrets: the event's environment is not passed as container environment (which
-//! `docker inspect` shows) but written to `/job/.cronium-env` (mode 0600, or 0644 when a
+//! Secrets: the event's environment and the helper token (`CRONIUM_JOB_TOKEN`) are not passed as
+//! container environment (which `docker inspect` shows) but written to `/job/.cronium-env` (mode 0600, or 0644 when a
 //! non-root `user` is set; the work root itself is private to the agent), which `/bin/sh`
 //! sources and deletes before it `exec`s the interpreter. What `docker inspect` still shows: the
 //! image, the command (`/bin/sh -c … <interpreter> <script file>`), the labels, the limits and
@@ -38,8 +38,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::process::{LogSink, prepare_work_dir, sleep_until_some, spawn_failure, wait_for_stop};
+use super::process::{
+    LogSink, prepare_work_dir, sleep_until_some, spawn_failure, start_helper, wait_for_stop,
+};
 use super::{Runner, StopReason, StopSignal};
+use crate::helper::{HELPER_DIR, SOCKET_NAME};
 use crate::spool::{AttemptSpool, Outcome, attempt_dir_name};
 
 /// Label naming the agent that made a container.
@@ -207,7 +210,23 @@ impl DockerRunner {
             ScriptKind::Node => ("node", "script.js"),
         };
         let shared = docker_spec.user.is_some();
-        if let Err(error) = prepare_docker_work_dir(work_dir, script_name, spec, shared, log) {
+        if let Err(error) = prepare_docker_work_dir(work_dir, script_name, spec, shared) {
+            log.system(&format!(
+                "[cronium: could not prepare the work dir: {error}]\n"
+            ));
+            return spawn_failure();
+        }
+        // Lives until the end of this function: the endpoint goes away with the attempt.
+        let helper = match start_helper(work_dir, spec, spool, shared) {
+            Ok(helper) => helper,
+            Err(error) => {
+                log.system(&format!(
+                    "[cronium: could not start the runtime helpers: {error}]\n"
+                ));
+                return spawn_failure();
+            }
+        };
+        if let Err(error) = write_env_file(work_dir, spec, shared, helper.token(), log) {
             log.system(&format!(
                 "[cronium: could not prepare the work dir: {error}]\n"
             ));
@@ -458,6 +477,7 @@ fn container_config(
             format!("CRONIUM_RUN_ID={}", spec.run_id),
             format!("CRONIUM_EVENT_ID={}", spec.event_id),
             format!("CRONIUM_ATTEMPT={}", spec.attempt),
+            format!("CRONIUM_HELPER_SOCKET={JOB_DIR}/{HELPER_DIR}/{SOCKET_NAME}"),
             format!(
                 "TMPDIR={}",
                 if docker_spec.read_only {
@@ -485,12 +505,30 @@ fn prepare_docker_work_dir(
     script_name: &str,
     spec: &JobSpec,
     shared: bool,
-    log: &mut LogSink<'_>,
 ) -> io::Result<()> {
     prepare_work_dir(work_dir, script_name, &spec.script)?;
+    if shared {
+        std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o777))?;
+        std::fs::set_permissions(
+            work_dir.join(script_name),
+            std::fs::Permissions::from_mode(0o644),
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes the event's environment and the helper token into the env file the shell sources.
+fn write_env_file(
+    work_dir: &Path,
+    spec: &JobSpec,
+    shared: bool,
+    token: &str,
+    log: &mut LogSink<'_>,
+) -> io::Result<()> {
     let file_mode = if shared { 0o644 } else { 0o600 };
     let mut ignored = Vec::new();
-    let mut text = String::new();
+    // The token is hex, so it needs no quoting beyond the plain single quotes.
+    let mut text = format!("CRONIUM_JOB_TOKEN='{token}'\n");
     for (name, value) in &spec.env {
         let valid_name = name
             .chars()
@@ -514,22 +552,12 @@ fn prepare_docker_work_dir(
             ignored.join(", ")
         ));
     }
-    if !text.is_empty() {
-        let mut file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(file_mode)
-            .open(work_dir.join(ENV_FILE))?;
-        io::Write::write_all(&mut file, text.as_bytes())?;
-    }
-    if shared {
-        std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o777))?;
-        std::fs::set_permissions(
-            work_dir.join(script_name),
-            std::fs::Permissions::from_mode(0o644),
-        )?;
-    }
-    Ok(())
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(file_mode)
+        .open(work_dir.join(ENV_FILE))?;
+    io::Write::write_all(&mut file, text.as_bytes())
 }
 
 /// Makes sure the engine has `image`, pulling it (with progress lines in the log) when missing.
@@ -846,7 +874,8 @@ mod tests {
         let canary = format!("canary-{}", rand::random::<u64>());
         let mut job = spec(
             "echo \"secret=$SECRET quote=$QUOTED\"; ls -A /job; \
-             docker_id=$CRONIUM_JOB_ID; echo \"job=$docker_id\"; sleep 2",
+             docker_id=$CRONIUM_JOB_ID; echo \"job=$docker_id\"; \
+             echo \"token=${#CRONIUM_JOB_TOKEN} socket=$CRONIUM_HELPER_SOCKET\"; sleep 2",
         );
         job.env = vec![
             ("SECRET".into(), canary.clone()),
@@ -881,6 +910,13 @@ mod tests {
         let inspect = inspector.await.unwrap().expect("the container was seen");
         assert!(inspect.contains(&job.job_id));
         assert!(!inspect.contains(&canary), "{inspect}");
+        // The helper token reaches the script through the env file only.
+        assert!(
+            log.stdout
+                .contains("token=64 socket=/job/.cronium/helper.sock\n"),
+            "{log:?}"
+        );
+        assert!(!inspect.contains("CRONIUM_JOB_TOKEN"), "{inspect}");
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use super::{Runner, StopReason, StopSignal};
+use crate::helper::HelperServer;
 use crate::spool::{AttemptSpool, Outcome, attempt_dir_name};
 
 /// The PATH given to jobs when the agent itself has none.
@@ -147,6 +148,16 @@ impl ProcessRunner {
             ));
             return spawn_failure();
         }
+        // Lives until the end of this function: the endpoint goes away with the attempt.
+        let helper = match start_helper(work_dir, spec, spool, false) {
+            Ok(helper) => helper,
+            Err(error) => {
+                log.system(&format!(
+                    "[cronium: could not start the runtime helpers: {error}]\n"
+                ));
+                return spawn_failure();
+            }
+        };
 
         let program = self
             .options
@@ -170,6 +181,8 @@ impl ProcessRunner {
             .env("CRONIUM_RUN_ID", &spec.run_id)
             .env("CRONIUM_EVENT_ID", &spec.event_id)
             .env("CRONIUM_ATTEMPT", spec.attempt.to_string())
+            .env("CRONIUM_HELPER_SOCKET", helper.client_path())
+            .env("CRONIUM_JOB_TOKEN", helper.token())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -383,6 +396,17 @@ pub(super) fn spawn_failure() -> Outcome {
         reason: Some(FailReason::Spawn),
         exit_code: None,
     }
+}
+
+/// Writes the helper libraries into the work dir and starts the attempt's helper endpoint.
+pub(super) fn start_helper(
+    work_dir: &Path,
+    spec: &JobSpec,
+    spool: &AttemptSpool,
+    shared: bool,
+) -> io::Result<HelperServer> {
+    crate::helper::write_libraries(work_dir, shared)?;
+    HelperServer::start(work_dir, spec, spool.clone(), shared)
 }
 
 pub(super) fn prepare_work_dir(work_dir: &Path, script_name: &str, script: &str) -> io::Result<()> {
@@ -651,6 +675,8 @@ mod tests {
             "CRONIUM_RUN_ID",
             "CRONIUM_EVENT_ID",
             "CRONIUM_ATTEMPT",
+            "CRONIUM_HELPER_SOCKET",
+            "CRONIUM_JOB_TOKEN",
             "EVENT_VAR",
             // Bash exports these itself.
             "PWD",

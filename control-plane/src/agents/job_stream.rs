@@ -257,6 +257,7 @@ impl JobStream<'_> {
             exit_code: finished.exit_code,
             log_len: finished.log_len,
             result: finished.result,
+            condition: finished.condition,
         };
         let outcome = self
             .state

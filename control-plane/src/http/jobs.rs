@@ -82,6 +82,7 @@ async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
         "output_truncated": from > 0,
         "log_bytes": job.log_len,
         "result": result,
+        "condition": job.condition,
         "cancel_requested": job.cancel_requested,
         "queued_at": timestamp(Some(job.queued_at)),
         "claimed_at": timestamp(job.claimed_at),

@@ -145,6 +145,8 @@ pub struct Job {
     pub max_attempts: u32,
     pub exit_code: Option<i32>,
     pub result: Option<String>,
+    /// The condition the script set with the `set_condition` helper.
+    pub condition: Option<bool>,
     pub log_len: u64,
     pub cancel_requested: bool,
     pub queued_at: i64,
@@ -223,6 +225,7 @@ pub struct AttemptResult {
     pub exit_code: Option<i32>,
     pub log_len: u64,
     pub result: Option<String>,
+    pub condition: Option<bool>,
 }
 
 /// What [`Store::finish_attempt`] did.
@@ -260,7 +263,7 @@ pub struct ExpiredJob {
     pub requeued: bool,
 }
 
-const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, status, reason, attempt, max_attempts, exit_code, result, log_len,
+const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
      cancel_requested, queued_at, claimed_at, started_at, finished_at";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
@@ -286,6 +289,9 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
             .try_get::<Option<i64>, _>("exit_code")?
             .map(|code| code as i32),
         result: row.try_get("result")?,
+        condition: row
+            .try_get::<Option<i64>, _>("condition")?
+            .map(|condition| condition != 0),
         log_len: row.try_get::<i64, _>("log_len")? as u64,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         queued_at: row.try_get("queued_at")?,
@@ -730,13 +736,14 @@ impl Store {
             return Ok(FinishOutcome::Requeued);
         }
         sqlx::query(
-            "UPDATE jobs SET status = ?, reason = ?, exit_code = ?, result = ?, log_len = ?, settled_by = 'agent',
+            "UPDATE jobs SET status = ?, reason = ?, exit_code = ?, result = ?, condition = ?, log_len = ?, settled_by = 'agent',
              lease_expires_at = NULL, started_at = COALESCE(started_at, ?), finished_at = ? WHERE id = ?",
         )
         .bind(result.status.as_str())
         .bind(result.reason.map(Reason::as_str))
         .bind(result.exit_code)
         .bind(&result.result)
+        .bind(result.condition.map(i64::from))
         .bind(log_len as i64)
         .bind(now)
         .bind(now)

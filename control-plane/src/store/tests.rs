@@ -105,6 +105,7 @@ fn completed(log_len: u64) -> AttemptResult {
         exit_code: Some(0),
         log_len,
         result: None,
+        condition: None,
     }
 }
 
@@ -366,6 +367,7 @@ async fn a_failed_attempt_is_retried_while_attempts_remain() {
         exit_code: Some(1),
         log_len: 0,
         result: None,
+        condition: None,
     };
     let attempt = Attempt {
         job_id: job.clone(),
