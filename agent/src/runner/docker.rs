@@ -31,9 +31,7 @@ use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
     ListContainersOptions, RemoveContainerOptions,
 };
-use cronium_protocol::{
-    DockerNetwork, DockerSpec, FailReason, FinalStatus, JobSpec, LogStream, ScriptKind,
-};
+use cronium_protocol::{DockerNetwork, DockerSpec, FailReason, FinalStatus, JobSpec, LogStream};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
@@ -204,11 +202,7 @@ impl DockerRunner {
         work_dir: &Path,
         container: &mut Option<String>,
     ) -> Outcome {
-        let (program, script_name) = match spec.kind {
-            ScriptKind::Bash => ("bash", "script.sh"),
-            ScriptKind::Python => ("python3", "script.py"),
-            ScriptKind::Node => ("node", "script.js"),
-        };
+        let (program, script_name) = super::interpreter(spec.kind);
         let shared = docker_spec.user.is_some();
         if let Err(error) = prepare_docker_work_dir(work_dir, script_name, spec, shared) {
             log.system(&format!(
@@ -639,11 +633,11 @@ async fn remove(docker: &Docker, id: &str) -> Result<(), bollard::errors::Error>
 
 #[cfg(test)]
 mod tests {
-    //! These tests need a Docker engine (`DOCKER_HOST`, as `.ci/run` provides; see the README).
+    //! These tests need a Docker engine (`DOCKER_HOST`; `cargo xtask test` starts one).
     //! They run in the tiny image the end-to-end harness builds locally, so nothing is pulled.
 
     use cronium_e2e::docker::{TEST_IMAGE, require_engine};
-    use cronium_protocol::RuntimeSpec;
+    use cronium_protocol::{RuntimeSpec, ScriptKind};
     use tokio::sync::watch;
 
     use super::*;

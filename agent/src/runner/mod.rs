@@ -8,7 +8,7 @@
 pub mod docker;
 pub mod process;
 
-use cronium_protocol::{JobSpec, RuntimeSpec};
+use cronium_protocol::{JobSpec, RuntimeSpec, ScriptKind};
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
@@ -38,6 +38,15 @@ pub trait Runner: Send + Sync {
         spool: &'a AttemptSpool,
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome>;
+}
+
+/// The interpreter a script kind runs with, and the file name its script is written to.
+pub fn interpreter(kind: ScriptKind) -> (&'static str, &'static str) {
+    match kind {
+        ScriptKind::Bash => ("bash", "script.sh"),
+        ScriptKind::Python => ("python3", "script.py"),
+        ScriptKind::Node => ("node", "script.js"),
+    }
 }
 
 /// Sends host jobs to the process runner and Docker jobs to the Docker runner.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use cronium_protocol::{FailReason, FinalStatus, JobSpec, LogStream, ScriptKind};
+use cronium_protocol::{FailReason, FinalStatus, JobSpec, LogStream};
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
@@ -137,11 +137,7 @@ impl ProcessRunner {
         work_dir: &Path,
     ) -> Outcome {
         let mut log = LogSink::new(spool);
-        let (program, script_name) = match spec.kind {
-            ScriptKind::Bash => ("bash", "script.sh"),
-            ScriptKind::Python => ("python3", "script.py"),
-            ScriptKind::Node => ("node", "script.js"),
-        };
+        let (program, script_name) = super::interpreter(spec.kind);
         if let Err(error) = prepare_work_dir(work_dir, script_name, &spec.script) {
             log.system(&format!(
                 "[cronium: could not prepare the work dir: {error}]\n"
@@ -466,6 +462,8 @@ fn signal_group(pid: u32, signal: libc::c_int) {
 
 #[cfg(test)]
 mod tests {
+    use cronium_protocol::ScriptKind;
+
     use std::collections::BTreeSet;
 
     use cronium_protocol::RuntimeSpec;
