@@ -33,7 +33,9 @@ pub use enroll::{EnrollError, EnrollOptions, LabelError, parse_labels};
 pub use identity::Identity;
 
 use crate::conn::ConnOptions;
+use crate::helper::forward::HelperLink;
 use crate::jobs::{Jobs, JobsOptions};
+use crate::runner::cgroup::Cgroups;
 use crate::runner::docker::{DockerRunner, DockerRunnerOptions};
 use crate::runner::process::{
     ProcessRunner, ProcessRunnerOptions, base_environment, resolve_interpreters,
@@ -76,6 +78,10 @@ pub struct AgentOptions {
     /// Cancelled (after the shutdown token) to kill running jobs at once instead of waiting for
     /// the grace period, e.g. on a second SIGINT/SIGTERM.
     pub force_stop: CancellationToken,
+    /// Users (names or uids) host jobs may run as besides the agent's own (`--allow-run-as`).
+    /// Non-empty makes the state dir and the work root searchable (0711) so those users can
+    /// reach their work dirs.
+    pub allow_run_as: Vec<String>,
 }
 
 /// Installs ring as rustls' process-wide crypto provider, unless one is installed already (the
@@ -102,9 +108,21 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
 
     let work_root = state_dir.join("work");
     spool::create_private_dir(&work_root)?;
+    if !options.allow_run_as.is_empty() {
+        open_for_run_as(&state_dir, &work_root)?;
+        for warning in runner::run_as::check_allow_list(&options.allow_run_as) {
+            tracing::warn!("{warning}");
+        }
+    }
     let spool = Spool::open(state_dir.join("spool"))?;
     let recovered = spool.recover(options.max_log_bytes, &work_root)?;
-    remove_leftover_work_dirs(&work_root);
+    let cgroups = Cgroups::probe();
+    if cgroups.memory.is_none() || cgroups.pids.is_none() || cgroups.cpu.is_none() {
+        tracing::info!(notes = ?cgroups.notes, "cgroup limits for host jobs: {}", cgroups.describe());
+    } else {
+        tracing::info!("cgroup limits for host jobs: {}", cgroups.describe());
+    }
+    remove_leftover_work_dirs(&work_root, &cgroups);
 
     let base_env = base_environment(|name| std::env::var(name).ok());
     let path = base_env
@@ -124,10 +142,13 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         interpreters: interpreters.iter().map(|(name, _)| name.clone()).collect(),
         docker: docker.is_some(),
     };
+    let (connection_sender, connection_receiver) = watch::channel(None);
+    let helper_link = HelperLink::new(connection_receiver.clone());
     let docker_runner = DockerRunner::new(
         DockerRunnerOptions {
             work_root: work_root.clone(),
             agent_id: identity.agent_id.clone(),
+            helper_link: helper_link.clone(),
         },
         docker,
     );
@@ -144,13 +165,15 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             base_env,
             kill_grace: KILL_GRACE,
             interpreters,
+            helper_link,
+            allow_run_as: options.allow_run_as.clone(),
+            cgroups,
         }),
         docker: docker_runner,
     });
 
     let tracker = TaskTracker::new();
     let exit = CancellationToken::new();
-    let (connection_sender, connection_receiver) = watch::channel(None);
     let jobs = Jobs::new(JobsOptions {
         spool,
         runner,
@@ -273,14 +296,30 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".to_owned())
 }
 
-/// Removes work dirs left by an earlier agent process (their processes were killed by the spool
-/// recovery).
-fn remove_leftover_work_dirs(work_root: &Path) {
+/// Lets the users of `--allow-run-as` reach their work dirs: the state dir and the work root
+/// become searchable but not listable (0711); the spool, the key and every other attempt's work
+/// dir stay private.
+fn open_for_run_as(state_dir: &Path, work_root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [state_dir, work_root] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot make {} searchable (0711)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes work dirs (and the cgroups of host jobs) left by an earlier agent process (their
+/// process groups were killed by the spool recovery; the cgroups catch the rest).
+fn remove_leftover_work_dirs(work_root: &Path, cgroups: &Cgroups) {
     let Ok(entries) = std::fs::read_dir(work_root) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        let cgroup = runner::cgroup::cgroup_name(&entry.file_name().to_string_lossy());
+        if cgroups.remove_leftover(&cgroup) {
+            tracing::info!(%cgroup, "removed a leftover job cgroup");
+        }
         tracing::info!(dir = %path.display(), "removing a leftover work dir");
         if let Err(error) = std::fs::remove_dir_all(&path) {
             tracing::warn!(dir = %path.display(), %error, "could not remove a leftover work dir");

@@ -85,6 +85,17 @@ struct RunArgs {
         default_value_t = 30
     )]
     shutdown_grace_seconds: u64,
+    /// Users (names or uids, comma-separated) that host jobs may run as besides the agent's own
+    /// user, through an event's `user`. Needs the agent to run as root; makes the state dir and
+    /// its work dir searchable (0711) so these users can reach their jobs' work dirs. Jobs asking
+    /// for any other user fail with reason `spawn`.
+    #[arg(
+        long,
+        env = "CRONIUM_AGENT_ALLOW_RUN_AS",
+        value_delimiter = ',',
+        value_name = "USER[,USER...]"
+    )]
+    allow_run_as: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +161,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 reconnect_max: Duration::from_millis(args.reconnect_max_ms),
                 shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
                 force_stop: force_stop.clone(),
+                allow_run_as: args
+                    .allow_run_as
+                    .into_iter()
+                    .map(|user| user.trim().to_owned())
+                    .filter(|user| !user.is_empty())
+                    .collect(),
             };
             let signals = watch_signals(shutdown.clone(), force_stop);
             tokio::select! {

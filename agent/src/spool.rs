@@ -7,6 +7,8 @@
 //!   the sum of the data lengths before it, which is the offset the protocol speaks of;
 //! - `output.json`, `condition`: what the script set through the runtime helpers (`output`,
 //!   `set_condition`), each written with an atomic rename (last write wins);
+//! - `helper-writes.jsonl`, `helper-acked`: the helper writes on their way to the control plane
+//!   (see [`HelperJournal`]);
 //! - `result.json`: written with an atomic rename when the attempt ended.
 //!
 //! Nothing here is fsynced: see [`write_atomically`] for why the page cache is enough.
@@ -25,6 +27,8 @@ use cronium_protocol::{AttemptRef, FailReason, FinalStatus, LogStream};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Notify;
+
+use crate::helper::journal::HelperJournal;
 
 /// Bytes of a log record header: one stream byte and a 32-bit length.
 const RECORD_HEADER_LEN: u64 = 5;
@@ -108,6 +112,8 @@ struct SpoolInner {
     dir: PathBuf,
     max_log_bytes: u64,
     state: Mutex<SpoolState>,
+    /// The helper writes (variables, notifications) not yet answered by the control plane.
+    journal: HelperJournal,
     /// Woken (all waiters) after every append, the pid and the result, so the uploader can
     /// follow the log without polling.
     changed: Notify,
@@ -220,9 +226,11 @@ impl Spool {
         write_atomically(&dir.join("spec.json"), &json)?;
         let log_path = dir.join("log");
         let log = open_log_for_append(&log_path)?;
+        let journal = HelperJournal::new(&dir);
         Ok(AttemptSpool::new(
             attempt,
             dir,
+            journal,
             max_log_bytes,
             SpoolState {
                 log: Some(log),
@@ -349,10 +357,12 @@ impl Spool {
             Err(source) => return Err(io_error(&condition_path, source)),
         };
 
+        let journal = HelperJournal::load(dir)?;
         let truncated = log_len >= max_log_bytes;
         let spool = AttemptSpool::new(
             attempt,
             dir.to_path_buf(),
+            journal,
             max_log_bytes,
             SpoolState {
                 log: Some(log),
@@ -382,6 +392,7 @@ impl AttemptSpool {
     fn new(
         attempt: AttemptRef,
         dir: PathBuf,
+        journal: HelperJournal,
         max_log_bytes: u64,
         state: SpoolState,
     ) -> AttemptSpool {
@@ -391,6 +402,7 @@ impl AttemptSpool {
                 dir,
                 max_log_bytes,
                 state: Mutex::new(state),
+                journal,
                 changed: Notify::new(),
             }),
         }
@@ -404,6 +416,11 @@ impl AttemptSpool {
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The helper writes waiting for (or answered by) the control plane.
+    pub fn journal(&self) -> &HelperJournal {
+        &self.inner.journal
     }
 
     /// Notified after every change (appended output, pid, result). Call `enable` on the
@@ -800,7 +817,7 @@ fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
 /// spool has to survive the *agent process* (a crash, a restart, an upgrade), which the page
 /// cache does; if the *machine* goes down, the job's processes die with it and the control plane
 /// settles the attempt through its lease, whatever the spool held.
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
     let temporary = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .create(true)
@@ -814,14 +831,14 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
     fs::rename(&temporary, path).map_err(|source| io_error(path, source))
 }
 
-fn io_error(path: &Path, source: io::Error) -> SpoolError {
+pub(crate) fn io_error(path: &Path, source: io::Error) -> SpoolError {
     SpoolError::Io {
         path: path.to_path_buf(),
         source,
     }
 }
 
-fn corrupt(path: &Path, detail: impl ToString) -> SpoolError {
+pub(crate) fn corrupt(path: &Path, detail: impl ToString) -> SpoolError {
     SpoolError::Corrupt {
         path: path.to_path_buf(),
         detail: detail.to_string(),

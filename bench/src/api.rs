@@ -140,6 +140,40 @@ impl Api {
             .context("POST /events: no id in the response")
     }
 
+    /// Creates a host event of `kind` (`bash`, `python`, `nodejs`) with the environment `env`
+    /// and a timeout of `timeout_seconds`, targeting the agent named `agent`; returns its id.
+    pub async fn create_host_event(
+        &self,
+        name: &str,
+        kind: &str,
+        script: &str,
+        env: &[(&str, String)],
+        timeout_seconds: u64,
+        agent: &str,
+    ) -> anyhow::Result<String> {
+        let env: serde_json::Map<String, Value> = env
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), json!(value)))
+            .collect();
+        let event = self
+            .post(
+                "/events",
+                &json!({
+                    "name": name,
+                    "kind": kind,
+                    "script": script,
+                    "env": env,
+                    "targets": {"agents": [agent]},
+                    "timeout_seconds": timeout_seconds,
+                }),
+            )
+            .await?;
+        event["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("POST /events: no id in the response")
+    }
+
     /// Creates a bash event running `script` in a Docker container of `image` (memory and PID
     /// limits, no network) on the agent named `agent`, and returns its id.
     pub async fn create_docker_event(
@@ -191,6 +225,11 @@ impl Api {
 
     /// Follows a job's log over server-sent events until the `end` event.
     pub async fn follow(&self, job_id: &str) -> anyhow::Result<Followed> {
+        self.follow_for(job_id, FOLLOW_TIMEOUT).await
+    }
+
+    /// [`Api::follow`] for jobs that may take up to `timeout`.
+    pub async fn follow_for(&self, job_id: &str, timeout: Duration) -> anyhow::Result<Followed> {
         let url = format!("{}/api/v1/jobs/{job_id}/logs?follow=true", self.base);
         let work = async {
             let response = self
@@ -243,11 +282,9 @@ impl Api {
             }
             bail!("the log stream ended without an end event")
         };
-        tokio::time::timeout(FOLLOW_TIMEOUT, work)
+        tokio::time::timeout(timeout, work)
             .await
-            .with_context(|| {
-                format!("following job {job_id} took longer than {FOLLOW_TIMEOUT:?}")
-            })?
+            .with_context(|| format!("following job {job_id} took longer than {timeout:?}"))?
     }
 }
 

@@ -7,7 +7,9 @@
 //! fdatasync counted with strace), the idle agent's RSS and the control plane's memory per
 //! connected agent (agents run in this process), and a Docker job's trigger → result latency next
 //! to `docker run --rm` of the same locally built image against the same engine (`DOCKER_HOST`,
-//! skipped when no engine answers). It prints a markdown summary and optionally
+//! skipped when no engine answers), and per language the round trip of a runtime helper call
+//! timed inside the script next to a bare HTTP/1.1 request over a Unix socket to a trivial server
+//! of its own ([`helpers`]). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -15,6 +17,7 @@
 mod api;
 mod cluster;
 mod docker;
+mod helpers;
 mod phases;
 mod procs;
 mod report;
@@ -30,12 +33,12 @@ use serde_json::json;
 
 use crate::cluster::{ControlPlane, start_agent_process, wait_online};
 use crate::procs::{Binaries, rss_kib};
-use crate::report::{DockerComparison, DockerPhase, Results};
+use crate::report::{DockerComparison, DockerPhase, HelperPhase, HelperRoundTrip, Results};
 use crate::ssh::SshPeer;
 use crate::stats::Summary;
 
 /// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory, Docker jobs vs
-/// `docker run`) on 127.0.0.1.
+/// `docker run`, helper calls vs a bare Unix socket) on 127.0.0.1.
 #[derive(Debug, Parser)]
 #[command(name = "cronium-bench", version)]
 struct Cli {
@@ -60,6 +63,10 @@ struct Cli {
     /// Untimed warm-up rounds before the Docker samples.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     docker_warmup: u64,
+    /// Timed `input` helper calls per language (and as many bare Unix-socket round trips), in
+    /// one host job each (0 skips the phase).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    helper_calls: u64,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -282,6 +289,35 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     control_plane.process.ensure_running()?;
     let agent_rss_after_load_kib = rss_kib(agent.pid())?;
 
+    let helper_calls = cli.helper_calls as usize;
+    let helpers = if helper_calls == 0 {
+        HelperPhase::Skipped("--helper-calls 0".to_owned())
+    } else {
+        let server = helpers::BareServer::start(&root.join("bare.sock"))?;
+        let mut languages = Vec::new();
+        for language in &helpers::LANGUAGES {
+            progress(&format!(
+                "helpers: {} + {helper_calls} `input` calls and bare round trips in one {} job",
+                helpers::WARMUP,
+                language.name
+            ));
+            let samples = helpers::measure(&api, &agent_name, &server, language, helper_calls)
+                .await
+                .with_context(|| format!("the agent's output:\n{}", agent.tail()))?;
+            let round_trip = HelperRoundTrip {
+                language: language.name.to_owned(),
+                peer: language.peer.to_owned(),
+                warmup: helpers::WARMUP,
+                helper: Summary::of(&samples.helper),
+                bare: Summary::of(&samples.bare),
+            };
+            progress(&round_trip.line());
+            languages.push(round_trip);
+        }
+        agent.ensure_running()?;
+        HelperPhase::Measured(languages)
+    };
+
     // Last, so the Docker runner does not change the figures above (the agent's RSS).
     let docker = match docker_engine {
         Err(reason) => DockerPhase::Skipped(reason),
@@ -326,7 +362,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let results = Results {
         config: json!({
             "description": format!(
-                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}, docker-runs={docker_runs}; {} CPUs, {}",
+                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}, docker-runs={docker_runs}, helper-calls={helper_calls}; {} CPUs, {}",
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 std::env::consts::ARCH
             ),
@@ -337,6 +373,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             "agents": agents,
             "docker_runs": docker_runs,
             "docker_warmup": cli.docker_warmup,
+            "helper_calls": helper_calls,
             "agent_capacity": 8,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         }),
@@ -352,6 +389,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         agent_rss_after_load_kib,
         memory,
         docker,
+        helpers,
     };
     println!("{}", results.markdown());
     if let Some(path) = &cli.out {

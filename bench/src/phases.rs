@@ -304,6 +304,7 @@ pub async fn memory_per_agent(
             reconnect_max: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(1),
             force_stop: CancellationToken::new(),
+            allow_run_as: Vec::new(),
         };
         tasks.spawn(cronium_agent::run(options, shutdown));
     }

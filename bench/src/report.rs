@@ -61,6 +61,53 @@ impl DockerComparison {
     }
 }
 
+/// The helper round-trip phase's outcome.
+pub enum HelperPhase {
+    /// Not run (`--helper-calls 0`).
+    Skipped(String),
+    /// Measured, per language.
+    Measured(Vec<HelperRoundTrip>),
+}
+
+/// One language's `input` helper calls next to its bare HTTP/1.1 round trips, timed inside the
+/// same job.
+pub struct HelperRoundTrip {
+    /// `bash`, `python` or `node`.
+    pub language: String,
+    /// What the bare side does.
+    pub peer: String,
+    /// Untimed calls of each kind before the samples.
+    pub warmup: usize,
+    /// `input` helper calls.
+    pub helper: Summary,
+    /// Bare round trips.
+    pub bare: Summary,
+}
+
+impl HelperRoundTrip {
+    /// helper p50 / bare p50.
+    pub fn ratio_p50(&self) -> f64 {
+        self.helper.p50 / self.bare.p50
+    }
+
+    /// helper p99 / bare p99.
+    pub fn ratio_p99(&self) -> f64 {
+        self.helper.p99 / self.bare.p99
+    }
+
+    /// `helper round trip <lang>: p50 X µs p99 Y µs (bare socket p50 Z µs, ratio R×)`.
+    pub fn line(&self) -> String {
+        format!(
+            "helper round trip {}: p50 {:.0} µs p99 {:.0} µs (bare socket p50 {:.0} µs, ratio {:.2}×)",
+            self.language,
+            self.helper.p50 * 1e3,
+            self.helper.p99 * 1e3,
+            self.bare.p50 * 1e3,
+            self.ratio_p50()
+        )
+    }
+}
+
 /// Everything measured.
 pub struct Results {
     /// The command line's settings and the machine, as JSON.
@@ -89,6 +136,8 @@ pub struct Results {
     pub memory: Option<MemoryPerAgent>,
     /// The Docker job vs `docker run --rm` comparison.
     pub docker: DockerPhase,
+    /// Helper calls vs bare Unix-socket round trips, per language.
+    pub helpers: HelperPhase,
 }
 
 /// "met", or by how much the figure missed an upper-bound target.
@@ -238,6 +287,39 @@ impl Results {
                 out.push(String::new());
             }
         }
+        match &self.helpers {
+            HelperPhase::Measured(languages) => {
+                out.push(
+                    "| helper round trip inside the script (µs) | n | mean | p50 | p99 | peer: bare HTTP/1.1 over a Unix socket | peer p50 | peer p99 | ratio p50 | ratio p99 |"
+                        .to_owned(),
+                );
+                out.push("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|".to_owned());
+                for language in languages {
+                    out.push(format!(
+                        "| `input`, {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
+                        language.language,
+                        language.helper.count,
+                        language.helper.mean * 1e3,
+                        language.helper.p50 * 1e3,
+                        language.helper.p99 * 1e3,
+                        language.peer,
+                        language.bare.p50 * 1e3,
+                        language.bare.p99 * 1e3,
+                        language.ratio_p50(),
+                        language.ratio_p99()
+                    ));
+                }
+                out.push(String::new());
+                for language in languages {
+                    out.push(format!("- {}", language.line()));
+                }
+                out.push(String::new());
+            }
+            HelperPhase::Skipped(reason) => {
+                out.push(format!("(helper round trips skipped: {reason})"));
+                out.push(String::new());
+            }
+        }
         out.push("| figure | value | target | verdict |".to_owned());
         out.push("|---|---:|---|---|".to_owned());
         out.push(format!(
@@ -372,6 +454,21 @@ impl Results {
                     "met_p50": docker.ratio_p50() <= targets::DOCKER_VS_DOCKER_RUN,
                     "met_p99": docker.ratio_p99() <= targets::DOCKER_VS_DOCKER_RUN,
                 }),
+            },
+            "helpers": match &self.helpers {
+                HelperPhase::Skipped(reason) => json!({"skipped": reason}),
+                HelperPhase::Measured(languages) => json!(languages
+                    .iter()
+                    .map(|language| json!({
+                        "language": language.language,
+                        "peer": language.peer,
+                        "warmup": language.warmup,
+                        "helper_input": language.helper.to_json(),
+                        "bare_socket": language.bare.to_json(),
+                        "ratio_p50": language.ratio_p50(),
+                        "ratio_p99": language.ratio_p99(),
+                    }))
+                    .collect::<Vec<_>>()),
             },
             "targets": {
                 "result_p50_vs_fresh_ssh": targets::RESULT_P50_VS_FRESH_SSH,

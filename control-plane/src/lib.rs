@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod http;
 pub mod queue;
 pub mod store;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Images of Docker events that name none.
     pub docker_images: DockerImages,
+    /// How notifications are delivered and retried.
+    pub delivery: tools::DeliveryOptions,
 }
 
 /// The image a Docker event runs in when it names none, per kind.
@@ -77,6 +80,7 @@ pub struct Settings {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub docker_images: DockerImages,
+    pub delivery: tools::DeliveryOptions,
 }
 
 /// Shared state of every handler and session. Cheap to clone.
@@ -90,6 +94,8 @@ pub struct AppState {
     pub job_events: JobEvents,
     /// Wakes the lease sweeper before its next tick.
     pub lease_reaper: Arc<Notify>,
+    /// Wakes the notification dispatcher; `notify_one` after a notification was committed.
+    pub notifier: Arc<Notify>,
     /// Cancelled when the control plane shuts down; every task watches it.
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -270,6 +276,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             lease: config.lease,
             heartbeat: config.heartbeat,
             docker_images: config.docker_images.clone(),
+            delivery: config.delivery.clone(),
         }),
         store,
         registry: AgentRegistry::default(),
@@ -277,6 +284,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         key: config.encryption_key.clone(),
         job_events: JobEvents::default(),
         lease_reaper: Arc::new(Notify::new()),
+        notifier: Arc::new(Notify::new()),
         shutdown,
         tasks: TaskTracker::new(),
     };
@@ -284,6 +292,10 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     state.tasks.spawn(queue::sweep_leases(
         state.clone(),
         state.lease_reaper.clone(),
+    ));
+    state.tasks.spawn(tools::dispatch_notifications(
+        state.clone(),
+        state.notifier.clone(),
     ));
     state.tasks.spawn(queue::record_last_seen(
         state.clone(),

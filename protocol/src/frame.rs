@@ -217,6 +217,23 @@ mod tests {
                     user: Some("1000:1000".into()),
                 }),
             }),
+            Message::Assign(JobSpec {
+                job_id: "h".into(),
+                attempt: 2,
+                run_id: "r".into(),
+                event_id: "e".into(),
+                kind: ScriptKind::Bash,
+                script: "id -u".into(),
+                env: vec![],
+                timeout_ms: 0,
+                input: None,
+                runtime: RuntimeSpec::Host(HostSpec {
+                    user: Some("nobody".into()),
+                    memory_mb: Some(32),
+                    cpus: Some(1.5),
+                    pids: Some(20),
+                }),
+            }),
             Message::ClaimDone(ClaimDone { claimed: 1 }),
             Message::Cancel(Cancel {
                 job: attempt.clone(),
@@ -241,6 +258,36 @@ mod tests {
             }),
             Message::FinishAck(FinishAck {
                 verdict: FinishVerdict::Recorded,
+            }),
+            Message::HelperCall(HelperCall {
+                job: AttemptRef {
+                    job_id: "j1".into(),
+                    attempt: 2,
+                },
+                seq: 7,
+                request: HelperRequest::SetVariable {
+                    name: "counter".into(),
+                    value_json: "{\"n\":1}".into(),
+                },
+            }),
+            Message::HelperCall(HelperCall {
+                job: AttemptRef {
+                    job_id: "j1".into(),
+                    attempt: 2,
+                },
+                seq: 8,
+                request: HelperRequest::Notify {
+                    tool: Some("ops".into()),
+                    title: None,
+                    message: "disk almost full".into(),
+                },
+            }),
+            Message::HelperReply(HelperReply::Value {
+                value_json: Some("42".into()),
+            }),
+            Message::HelperReply(HelperReply::Refused {
+                reason: HelperRefusal::NotFound,
+                message: "no tool named ops".into(),
             }),
         ]
     }

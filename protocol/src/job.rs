@@ -68,13 +68,35 @@ pub struct JobSpec {
 }
 
 /// Where an attempt runs.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RuntimeSpec {
     /// A process on the agent's host.
-    #[default]
-    Host,
+    Host(HostSpec),
     /// A throwaway Docker container on the agent's host.
     Docker(DockerSpec),
+}
+
+impl Default for RuntimeSpec {
+    /// A host process as the agent's own user, without limits.
+    fn default() -> RuntimeSpec {
+        RuntimeSpec::Host(HostSpec::default())
+    }
+}
+
+/// How a host attempt's process is started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostSpec {
+    /// The user the script runs as (`name`, `uid` or `uid:gid`); `None`: the agent's own user.
+    /// The agent only accepts its own user and the users it was started with
+    /// (`--allow-run-as`).
+    pub user: Option<String>,
+    /// Memory limit in MiB (swap included where the host can limit it), through a cgroup;
+    /// `None`: no limit.
+    pub memory_mb: Option<u64>,
+    /// CPU limit in cores (fractions allowed), through a cgroup; `None`: no limit.
+    pub cpus: Option<f64>,
+    /// Maximum number of processes of the attempt, through a cgroup; `None`: no limit.
+    pub pids: Option<u32>,
 }
 
 /// How a Docker attempt's container is made.

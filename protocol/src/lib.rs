@@ -6,21 +6,26 @@
 //!
 //! Every stream starts with one message that says what the stream is for:
 //! [`Message::Hello`] opens the agent's long-lived control stream and [`Message::JobOpen`] opens
-//! the stream that carries one job attempt (logs with byte offsets, then the final result).
+//! the stream that carries one job attempt (logs with byte offsets, then the final result);
+//! [`Message::HelperCall`] opens a stream that carries one runtime-helper call.
 //! See `docs/protocol.md` for the sequence diagrams and the stability policy.
 
 pub mod close;
 pub mod frame;
 pub mod hello;
+pub mod helper;
 pub mod job;
 
 pub use close::CloseCode;
 pub use frame::{FrameDecoder, FrameError, decode, encode};
 pub use hello::{Capabilities, HostInfo, Reject, RejectCode, Welcome, negotiate};
+pub use helper::{
+    HelperCall, HelperRefusal, HelperReply, HelperRequest, MAX_HELPER_NAME, MAX_HELPER_VALUE,
+};
 pub use job::{
     AttemptRef, Cancel, Claim, ClaimDone, DockerNetwork, DockerSpec, FailReason, FinalStatus,
-    FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, JobFinished, JobOpen, JobOpened, JobSpec,
-    JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind,
+    FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, HostSpec, JobFinished, JobOpen, JobOpened,
+    JobSpec, JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind,
 };
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +87,10 @@ pub enum Message {
     JobFinished(JobFinished),
     /// Control plane → agent: the result was recorded (or refused).
     FinishAck(FinishAck),
+    /// Agent → control plane, first message of a helper stream: one runtime-helper call.
+    HelperCall(HelperCall),
+    /// Control plane → agent: the answer to the helper call.
+    HelperReply(HelperReply),
 }
 
 impl Message {
@@ -105,6 +114,8 @@ impl Message {
             Message::LogAck(_) => "log_ack",
             Message::JobFinished(_) => "job_finished",
             Message::FinishAck(_) => "finish_ack",
+            Message::HelperCall(_) => "helper_call",
+            Message::HelperReply(_) => "helper_reply",
         }
     }
 }

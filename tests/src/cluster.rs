@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::api::Api;
+use crate::docker::DefaultImages;
 use crate::process::{ChildGuard, kill_processes_with_env, live_processes_with_arg, log_tail};
 
 /// The environment variable that tags every process belonging to one cluster.
@@ -245,6 +246,8 @@ pub struct TestCluster {
     marker: String,
     encryption_key: String,
     options: ClusterOptions,
+    /// The control plane's default Docker images (`--docker-image-*`); its own defaults if `None`.
+    docker_images: Option<DefaultImages>,
     control_plane: Option<ControlPlane>,
     http_addr: String,
     quic_addr: SocketAddr,
@@ -264,6 +267,22 @@ impl TestCluster {
 
     /// Starts a control plane on free ports in a new temp dir and creates an admin API token.
     pub async fn start_with(options: ClusterOptions) -> Result<TestCluster> {
+        TestCluster::start_inner(options, None).await
+    }
+
+    /// Like [`TestCluster::start_with`], with `images` as the control plane's default Docker
+    /// images (e.g. [`DefaultImages::test_images`]), so Docker events may leave `image` out.
+    pub async fn start_with_docker_images(
+        options: ClusterOptions,
+        images: DefaultImages,
+    ) -> Result<TestCluster> {
+        TestCluster::start_inner(options, Some(images)).await
+    }
+
+    async fn start_inner(
+        options: ClusterOptions,
+        docker_images: Option<DefaultImages>,
+    ) -> Result<TestCluster> {
         crate::init_crypto();
         let dir = tempfile::Builder::new()
             .prefix("cronium-e2e-")
@@ -281,6 +300,7 @@ impl TestCluster {
             marker,
             encryption_key,
             options,
+            docker_images,
             control_plane: None,
             http_addr: String::new(),
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -385,6 +405,29 @@ impl TestCluster {
                 "cronium token create must print the token alone on stdout, printed {stdout:?}"
             ),
         }
+    }
+
+    /// Runs `cronium user create NAME --role ROLE` and returns the password it generated (for
+    /// tests that log in like a person, e.g. through the web console).
+    pub async fn cli_user_create(&self, name: &str, role: &str) -> Result<String> {
+        let mut command = self.cronium_command()?;
+        command
+            .args(["user", "create", name, "--role", role, "--data-dir"])
+            .arg(self.data_dir());
+        let output = run_with_timeout(command, COMMAND_TIMEOUT).await?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "cronium user create failed ({}): {stdout}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        stdout
+            .lines()
+            .find_map(|line| line.split_once("with password: "))
+            .map(|(_, password)| password.trim().to_owned())
+            .with_context(|| format!("cronium user create printed no password: {stdout:?}"))
     }
 
     /// SIGKILLs the control plane and reaps it.
@@ -811,6 +854,9 @@ impl TestCluster {
         }
         if let Some(seconds) = self.options.heartbeat_seconds {
             command.args(["--heartbeat-seconds", &seconds.to_string()]);
+        }
+        if let Some(images) = &self.docker_images {
+            command.args(images.flags());
         }
         let log_path = self.dir_path.join("control-plane.log");
         let (guard, ready) =

@@ -63,6 +63,28 @@ async fn dev_runs_jobs_through_the_cli_and_ctrl_c_leaves_nothing_behind() -> Res
         ],
     )?;
     assert_eq!(code, 0, "event create: {stdout}{stderr}");
+    let (code, stdout, stderr) = cli(
+        &data_dir,
+        &[
+            "event",
+            "create",
+            "configured",
+            "--script",
+            "echo \"greeting=$GREETING\"",
+            "--agents",
+            "local",
+            "--env",
+            "GREETING=hi there",
+            "--memory-mb",
+            "512",
+            "--pids",
+            "200",
+        ],
+    )?;
+    assert_eq!(code, 0, "event create with flags: {stdout}{stderr}");
+    let (code, stdout, stderr) = cli(&data_dir, &["run", "configured", "--wait"])?;
+    assert_eq!(code, 0, "run configured: {stdout}{stderr}");
+    assert!(stdout.contains("greeting=hi there"), "{stdout}{stderr}");
     let (code, stdout, stderr) = cli(&data_dir, &["run", "hello", "--wait"])?;
     assert_eq!(
         code,

@@ -1,5 +1,6 @@
 //! Runtime helpers end-to-end: real jobs in Bash, Python and Node.js use the libraries the agent
-//! writes into their work dir and talk to the agent's per-attempt helper endpoint.
+//! writes into their work dir and talk to the agent's per-attempt helper endpoint, which answers
+//! some calls itself and forwards the others (variables, notifications) to the control plane.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,17 +12,20 @@ use serde_json::{Value, json};
 /// How long an ordinary job may take from trigger to final status.
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The message every forwarded call answers in this version.
-const NOT_YET: &str = "get_variable is not available yet on this control plane version";
-
 const BASH: &str = r#"set -e
 . ./cronium.sh
 n=$(cronium_input | sed 's/[^0-9]//g')
 cronium_output "{\"doubled\": $((n * 2)), \"lang\": \"bash\"}"
 cronium_set_condition true
 echo "event: $(cronium_event)"
-if cronium_get_variable answer 2>err.txt; then echo "UNEXPECTED success"; fi
-echo "helper error: $(cat err.txt)"
+echo "greeting: $(cronium_get_variable greeting)"
+echo "settings: $(cronium_get_variable settings)"
+echo "unset: [$(cronium_get_variable never_set)]"
+cronium_set_variable bash_doubled $((n * 2))
+cronium_set_variable bash_text 'two words'
+echo "read back: $(cronium_get_variable bash_text)"
+if cronium_notify --tool no-such-tool "hello" 2>err.txt; then echo "UNEXPECTED notify"; fi
+echo "notify error: $(cat err.txt)"
 if cronium_set_condition maybe 2>/dev/null; then echo "UNEXPECTED condition"; fi
 "#;
 
@@ -31,11 +35,17 @@ cronium.output({"doubled": n * 2, "lang": "python"})
 cronium.set_condition(False)
 event = cronium.event()
 print("event:", event["job_id"], event["run_id"], event["event_id"], event["attempt"])
+print("greeting:", cronium.get_variable("greeting"))
+print("settings:", cronium.get_variable("settings")["retries"])
+print("unset:", cronium.get_variable("never_set"))
+cronium.set_variable("python_doubled", n * 2)
+cronium.set_variable("python_text", "two words")
+print("read back:", cronium.get_variable("python_text"))
 try:
-    cronium.get_variable("answer")
-    print("UNEXPECTED success")
+    cronium.notify("hello", tool="no-such-tool")
+    print("UNEXPECTED notify")
 except cronium.CroniumError as error:
-    print("helper error:", error)
+    print("notify error:", error)
 "#;
 
 const NODE: &str = r#"const cronium = require('./cronium');
@@ -45,20 +55,42 @@ const NODE: &str = r#"const cronium = require('./cronium');
   await cronium.set_condition(true);
   const event = await cronium.event();
   console.log('event:', event.job_id, event.run_id, event.event_id, event.attempt);
+  console.log('greeting:', await cronium.get_variable('greeting'));
+  console.log('settings:', (await cronium.getVariable('settings')).retries);
+  console.log('unset:', await cronium.get_variable('never_set'));
+  await cronium.set_variable('node_doubled', input.n * 2);
+  await cronium.setVariable('node_text', 'two words');
+  console.log('read back:', await cronium.get_variable('node_text'));
   try {
-    await cronium.get_variable('answer');
-    console.log('UNEXPECTED success');
+    await cronium.notify('hello', { tool: 'no-such-tool' });
+    console.log('UNEXPECTED notify');
   } catch (error) {
-    console.log('helper error:', error.message, error instanceof cronium.CroniumError);
+    console.log('notify error:', error.message, error instanceof cronium.CroniumError);
   }
 })().catch((error) => { console.error(error); process.exit(1); });
 "#;
 
+/// Sets a variable through the API.
+async fn put_variable(cluster: &TestCluster, name: &str, value: Value) -> Result<()> {
+    let response = cluster
+        .api()
+        .send(
+            reqwest::Method::PUT,
+            &format!("/api/v1/variables/{name}"),
+            Some(&json!({ "value": value })),
+        )
+        .await?;
+    response.expect_status(200, &format!("PUT /variables/{name}"))?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn input_output_condition_event_and_forwarded_calls_in_every_language() -> Result<()> {
+async fn every_helper_in_every_language() -> Result<()> {
     let mut cluster = TestCluster::start().await?;
     // A short agent name keeps the socket path well inside a Unix socket address.
     let agent = cluster.add_agent("h").await?;
+    put_variable(&cluster, "greeting", json!("hello there")).await?;
+    put_variable(&cluster, "settings", json!({"retries": 3})).await?;
     let cases = [
         (EventSpec::bash("helpers-bash", BASH), 3, "bash", true),
         (
@@ -96,15 +128,46 @@ async fn input_output_condition_event_and_forwarded_calls_in_every_language() ->
                 failures.push(format!("{what}: event ids missing ({id}): {output}"));
             }
         }
-        if !output.contains(&format!("helper error: cronium: {NOT_YET}"))
-            && !output.contains(&format!("helper error: {NOT_YET}"))
-        {
-            failures.push(format!(
-                "{what}: no clear error for a forwarded call: {output}"
-            ));
+        let unset = if lang == "bash" {
+            "unset: []"
+        } else if lang == "python" {
+            "unset: None"
+        } else {
+            "unset: null"
+        };
+        let settings = if lang == "bash" {
+            "settings: {\"retries\":3}"
+        } else {
+            "settings: 3"
+        };
+        for expected in [
+            "greeting: hello there",
+            settings,
+            unset,
+            "read back: two words",
+            "no tool named \"no-such-tool\"",
+        ] {
+            if !output.contains(expected) {
+                failures.push(format!("{what}: {expected:?} missing from: {output}"));
+            }
         }
         if output.contains("UNEXPECTED") {
             failures.push(format!("{what}: {output}"));
+        }
+        // The writes are in the control plane, attributed to the job.
+        let variable = cluster
+            .api()
+            .get_ok(&format!("/api/v1/variables/{lang}_doubled"))
+            .await?;
+        if variable["value"] != json!(n * 2) || variable["updated_by_job"] != json!(job_id) {
+            failures.push(format!("{what}: stored variable {variable}"));
+        }
+        let text = cluster
+            .api()
+            .get_ok(&format!("/api/v1/variables/{lang}_text"))
+            .await?;
+        if text["value"] != json!("two words") {
+            failures.push(format!("{what}: stored text variable {text}"));
         }
     }
     if !failures.is_empty() {
@@ -115,6 +178,195 @@ async fn input_output_condition_event_and_forwarded_calls_in_every_language() ->
         );
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn variables_are_shared_by_the_events_of_one_owner() -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let agent = cluster.add_agent("h").await?;
+    let writer = EventSpec::bash(
+        "writer",
+        ". ./cronium.sh\ncronium_set_variable shared '{\"from\": \"bash\", \"list\": [1, 2]}'\n",
+    )
+    .target(&agent.id);
+    let reader = EventSpec::python(
+        "reader",
+        "import cronium\ncronium.output(cronium.get_variable('shared'))\n",
+    )
+    .target(&agent.id);
+    let written = cluster.run_single_job(&writer).await?;
+    let written = cluster.wait_job_final(&written, JOB_TIMEOUT).await?;
+    let read = cluster.run_single_job(&reader).await?;
+    let read = cluster.wait_job_final(&read, JOB_TIMEOUT).await?;
+    if written["status"] != "completed"
+        || read["status"] != "completed"
+        || read["result"] != json!({"from": "bash", "list": [1, 2]})
+    {
+        bail!(
+            "writer {written}\nreader {read}\n(log tails)\n{}",
+            cluster.log_tails()
+        );
+    }
+    Ok(())
+}
+
+/// A one-shot HTTP endpoint on loopback standing in for a webhook: it records the first
+/// request's body and answers 200.
+async fn webhook_listener() -> Result<(String, tokio::sync::oneshot::Receiver<String>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let body = loop {
+            let Ok(read) = stream.read(&mut buffer).await else {
+                return;
+            };
+            if read == 0 {
+                return;
+            }
+            request.extend_from_slice(&buffer[..read]);
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                break body.to_owned();
+            }
+        };
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        let _ = sender.send(body);
+    });
+    Ok((url, receiver))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_reaches_the_owners_webhook() -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let agent = cluster.add_agent("h").await?;
+    let (url, received) = webhook_listener().await?;
+    cluster
+        .api()
+        .post(
+            "/api/v1/tools",
+            &json!({"name": "ops-hook", "kind": "webhook", "config": {"url": url}}),
+        )
+        .await?
+        .expect_status(201, "POST /tools")?;
+    let job_id = cluster
+        .run_single_job(
+            &EventSpec::python(
+                "notifier",
+                "import cronium\ncronium.notify('disk almost full', title='host h')\nprint('notified')\n",
+            )
+            .target(&agent.id),
+        )
+        .await?;
+    let job = cluster.wait_job_final(&job_id, JOB_TIMEOUT).await?;
+    if job["status"] != "completed" {
+        bail!(
+            "the notifying job: {job}\n(log tails)\n{}",
+            cluster.log_tails()
+        );
+    }
+    let body = tokio::time::timeout(JOB_TIMEOUT, received)
+        .await
+        .context("the webhook was not called")?
+        .context("the webhook listener ended")?;
+    let payload: Value = serde_json::from_str(&body).context("the webhook body is JSON")?;
+    if payload["message"] != "disk almost full"
+        || payload["title"] != "host h"
+        || payload["job_id"] != json!(job_id)
+    {
+        bail!("webhook payload {payload}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_made_while_the_control_plane_is_down_arrive_after_it_returns() -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let agent = cluster.add_agent("h").await?;
+    let shared = cluster.dir().join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let (ready, go) = (shared.join("ready"), shared.join("go"));
+    let script = format!(
+        ". ./cronium.sh\ntouch {ready}\nfor i in $(seq 600); do [ -e {go} ] && break; sleep 0.1; done\n\
+         cronium_set_variable offline_write '{{\"n\": 1}}' && echo 'write answered'\n\
+         echo \"read back: $(cronium_get_variable offline_write)\"\n\
+         cronium_set_variable offline_write '{{\"n\": 2}}'\n",
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let job_id = cluster
+        .run_single_job(&EventSpec::bash("offline-writer", &script).target(&agent.id))
+        .await?;
+    wait_for_file(&cluster, &ready).await?;
+    // The job runs; take the control plane away, let the script write, then bring it back.
+    cluster.kill_control_plane()?;
+    std::fs::write(&go, b"go")?;
+    let agent_dir = cluster.dir().to_path_buf();
+    cluster
+        .wait_until(JOB_TIMEOUT, "the script to finish its writes", || {
+            let agent_dir = agent_dir.clone();
+            async move {
+                Ok(find_file(&agent_dir, "helper-writes.jsonl")
+                    .and_then(|path| std::fs::read_to_string(path).ok())
+                    .filter(|text| text.lines().count() >= 2)
+                    .map(|_| ()))
+            }
+        })
+        .await?;
+    cluster.start_control_plane_again().await?;
+    let job = cluster.wait_job_final(&job_id, JOB_TIMEOUT).await?;
+    let output = job["output"].as_str().unwrap_or_default();
+    let variable = cluster
+        .api()
+        .get_ok("/api/v1/variables/offline_write")
+        .await?;
+    if job["status"] != "completed"
+        || !output.contains("write answered")
+        || !output.contains("read back: {\"n\":1}")
+        || variable["value"] != json!({"n": 2})
+        || variable["updated_by_job"] != json!(job_id)
+    {
+        bail!(
+            "job {job}\nvariable {variable}\n(log tails)\n{}",
+            cluster.log_tails()
+        );
+    }
+    Ok(())
+}
+
+/// The first file called `name` under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|file| file == name) {
+            return Some(path);
+        }
+        if path.is_dir()
+            && let Some(found) = find_file(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
 }
 
 /// A Python job that calls the helper endpoint at `socket` with `token` (`None`: its own) and

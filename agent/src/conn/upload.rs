@@ -4,7 +4,9 @@
 //! control plane asks for: `JobStarted`, the log as `LogChunk`s (following the spool as the job
 //! writes it), then `JobFinished` once the result is stored and every byte was sent. A
 //! `FinishAck` (whatever the verdict) or `JobOpened::Stale` ends the attempt and deletes its
-//! spool. Any stream or connection error only means "start over on the next connection": the
+//! spool. Helper writes the script made while the link was down (the attempt's journal) are sent
+//! when a pass starts and, at the latest, before `JobFinished`, so the control plane applies them
+//! while the attempt is still running in its view. Any stream or connection error only means "start over on the next connection": the
 //! job keeps running and its output stays on disk meanwhile.
 
 use std::pin::pin;
@@ -20,6 +22,7 @@ use thiserror::Error;
 
 use super::backoff::Backoff;
 use crate::frame_io::{FrameIoError, read_message, write_message};
+use crate::helper::forward::{ForwardError, flush};
 use crate::jobs::{Attempt, Jobs};
 use crate::runner::StopReason;
 use crate::spool::SpoolError;
@@ -37,6 +40,8 @@ enum UploadError {
     Unexpected(&'static str),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error("sending queued helper writes: {0}")]
+    Helper(#[from] ForwardError),
 }
 
 /// How an upload pass ended.
@@ -126,6 +131,7 @@ pub(crate) async fn upload_attempt(jobs: Jobs, attempt: Arc<Attempt>) {
 
 /// One pass over a fresh job stream.
 async fn upload_once(connection: &Connection, attempt: &Attempt) -> Result<UploadEnd, UploadError> {
+    flush(connection, attempt.spool.journal(), attempt.spool.attempt()).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let mut decoder = FrameDecoder::new();
     write_message(
@@ -145,7 +151,7 @@ async fn upload_once(connection: &Connection, attempt: &Attempt) -> Result<Uploa
         None => return Err(UploadError::Closed),
     };
 
-    let sender = pin!(send_from(&mut send, attempt, next_offset));
+    let sender = pin!(send_from(connection, &mut send, attempt, next_offset));
     let mut receiver = pin!(receive_answers(&mut recv, &mut decoder));
     tokio::select! {
         sent = sender => {
@@ -160,8 +166,10 @@ async fn upload_once(connection: &Connection, attempt: &Attempt) -> Result<Uploa
     }
 }
 
-/// Sends `JobStarted`, the log from `offset` as it grows, and finally `JobFinished`.
+/// Sends `JobStarted`, the log from `offset` as it grows, the queued helper writes, and finally
+/// `JobFinished`.
 async fn send_from(
+    connection: &Connection,
     send: &mut SendStream,
     attempt: &Attempt,
     offset: u64,
@@ -190,6 +198,8 @@ async fn send_from(
         if let Some(result) = progress.result
             && reader.offset() >= result.log_len
         {
+            // The script can make no more calls: send what it wrote before reporting the end.
+            flush(connection, spool.journal(), spool.attempt()).await?;
             let helper = spool.helper_values();
             let finished = JobFinished {
                 status: result.outcome.status,

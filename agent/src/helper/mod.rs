@@ -9,14 +9,21 @@
 //!
 //! Calls answered here: `GET /v1/input`, `POST /v1/output`, `POST /v1/condition`,
 //! `GET /v1/event`. Output and condition go to the attempt's spool and travel to the control
-//! plane in `JobFinished`. Variables, event triggers and notifications need the control plane
-//! and are answered 501 until that is built.
+//! plane in `JobFinished`.
+//!
+//! Calls forwarded to the control plane ([`forward`]): `POST /v1/variables/get` (a variable of
+//! the event's owner; a value the script set that is still on its way is answered from the
+//! journal), `POST /v1/variables/set` and `POST /v1/notify`. Writes go to the attempt's
+//! [`journal`] first: the call answers 200 once the control plane applied it, or 202
+//! `{"queued": true}` when the link is down, and the write is sent when it is back (before the
+//! attempt's result).
 
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cronium_protocol::JobSpec;
@@ -32,7 +39,21 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::forward::{ForwardError, HelperLink};
 use crate::spool::AttemptSpool;
+use cronium_protocol::{
+    AttemptRef, HelperRefusal, HelperReply, HelperRequest, MAX_HELPER_NAME, MAX_HELPER_VALUE,
+};
+
+pub mod forward;
+pub mod journal;
+
+/// How long a write call waits for the control plane's answer before answering "queued" (it
+/// does not wait for a connection: while the link is down writes are queued at once).
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long `get_variable` waits for a connection, and then for the answer, before giving up.
+const READ_WAIT: Duration = Duration::from_secs(10);
 
 /// The helper dir inside the work dir.
 pub const HELPER_DIR: &str = ".cronium";
@@ -60,6 +81,8 @@ struct Context {
     input: Value,
     event: Value,
     spool: AttemptSpool,
+    job: AttemptRef,
+    link: HelperLink,
 }
 
 /// A running helper endpoint; dropping it stops the server and removes the socket.
@@ -74,12 +97,13 @@ pub struct HelperServer {
 impl HelperServer {
     /// Starts the endpoint of `spec`'s attempt in `work_dir` (which must exist). `shared`: the
     /// script runs as another user (a Docker job with a `user`), so the socket must be
-    /// reachable by it.
+    /// reachable by it. Calls that need the control plane go through `link`.
     pub fn start(
         work_dir: &Path,
         spec: &JobSpec,
         spool: AttemptSpool,
         shared: bool,
+        link: HelperLink,
     ) -> io::Result<HelperServer> {
         let dir = work_dir.join(HELPER_DIR);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
@@ -106,7 +130,9 @@ impl HelperServer {
                 "event_id": spec.event_id,
                 "attempt": spec.attempt,
             }),
+            job: spool.attempt().clone(),
             spool,
+            link,
         });
         let stop = CancellationToken::new();
         tokio::spawn(serve(listener, context, stop.clone()));
@@ -342,11 +368,183 @@ fn too_large() -> Response<Full<Bytes>> {
     )
 }
 
-fn not_yet(call: &str) -> Response<Full<Bytes>> {
+/// Checks a variable or tool name: 1 to [`MAX_HELPER_NAME`] of `A-Z a-z 0-9 _ . -`.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_HELPER_NAME
+        || !name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
+    {
+        return Err(format!(
+            "the {what} name {name:?} is not valid (1 to {MAX_HELPER_NAME} of A-Z a-z 0-9 _ . -)"
+        ));
+    }
+    Ok(())
+}
+
+/// The HTTP status a refusal from the control plane is answered with.
+fn refusal(reason: HelperRefusal, message: &str) -> Response<Full<Bytes>> {
+    let status = match reason {
+        HelperRefusal::Stale => StatusCode::CONFLICT,
+        HelperRefusal::NotFound => StatusCode::NOT_FOUND,
+        HelperRefusal::Invalid => StatusCode::BAD_REQUEST,
+        HelperRefusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, message)
+}
+
+fn unreachable_answer(failure: &ForwardError) -> Response<Full<Bytes>> {
+    tracing::debug!(error = %failure, "a forwarded helper read failed");
     error(
-        StatusCode::NOT_IMPLEMENTED,
-        &format!("{call} is not available yet on this control plane version"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("the control plane is unreachable right now ({failure}); try again"),
     )
+}
+
+/// `get_variable`: `{"name"}`, plus `"format": "text"` for the shell library (a string raw,
+/// nothing when unset, anything else as JSON).
+async fn get_variable(context: &Context, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut object = match read_object(request).await {
+        Ok(object) => object,
+        Err(response) => return response,
+    };
+    let Some(Value::String(name)) = object.remove("name") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the variable name must be a string",
+        );
+    };
+    if let Err(message) = check_name("variable", &name) {
+        return error(StatusCode::BAD_REQUEST, &message);
+    }
+    let text_format = match object.remove("format") {
+        None => false,
+        Some(Value::String(format)) if format == "json" => false,
+        Some(Value::String(format)) if format == "text" => true,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "format must be \"json\" or \"text\"",
+            );
+        }
+    };
+    let value_json = match context.spool.journal().pending_value(&name) {
+        Some(pending) => Some(pending),
+        None => {
+            let reply = tokio::time::timeout(
+                READ_WAIT * 2,
+                context.link.read(
+                    &context.job,
+                    HelperRequest::GetVariable { name: name.clone() },
+                    READ_WAIT,
+                ),
+            )
+            .await
+            .unwrap_or(Err(ForwardError::Timeout(READ_WAIT * 2)));
+            match reply {
+                Ok(HelperReply::Value { value_json }) => value_json,
+                Ok(HelperReply::Refused { reason, message }) => return refusal(reason, &message),
+                Ok(HelperReply::Done) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "the control plane gave an unexpected answer",
+                    );
+                }
+                Err(failure) => return unreachable_answer(&failure),
+            }
+        }
+    };
+    let value = match value_json.as_deref().map(serde_json::from_str::<Value>) {
+        None => Value::Null,
+        Some(Ok(value)) => value,
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "the control plane sent a value that is not JSON",
+            );
+        }
+    };
+    if text_format {
+        let text = match (&value_json, value) {
+            (None, _) => String::new(),
+            (Some(_), Value::String(text)) => text,
+            (Some(_), other) => other.to_string(),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return response;
+    }
+    answer(StatusCode::OK, &json!({ "value": value }))
+}
+
+/// `notify`: `{"message", "title"?, "tool"?}`.
+fn parse_notify(mut object: serde_json::Map<String, Value>) -> Result<HelperRequest, String> {
+    let message = match object.remove("message") {
+        Some(Value::String(message)) if !message.trim().is_empty() => message,
+        _ => return Err("notify needs a non-empty message".into()),
+    };
+    let mut optional = |field: &str| match object.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(format!("the notification's {field} must be a string")),
+    };
+    let title = optional("title")?;
+    let tool = optional("tool")?;
+    if let Some(tool) = &tool {
+        check_name("tool", tool)?;
+    }
+    if let Some(field) = object.keys().next() {
+        return Err(format!(
+            "unknown field {field:?} (notify takes message, title and tool)"
+        ));
+    }
+    if message.len() + title.as_ref().map_or(0, String::len) > MAX_HELPER_VALUE {
+        return Err(format!(
+            "the notification is larger than {MAX_HELPER_VALUE} bytes"
+        ));
+    }
+    Ok(HelperRequest::Notify {
+        tool,
+        title,
+        message,
+    })
+}
+
+/// Journals a write, then tries to deliver it: 200 once the control plane applied it, 202
+/// `{"queued": true}` while the link is down, the refusal when it was refused.
+async fn forward_write(context: &Context, request: HelperRequest) -> Response<Full<Bytes>> {
+    let journal = context.spool.journal();
+    let seq = match journal.append(request) {
+        Ok(seq) => seq,
+        Err(failure) => {
+            tracing::warn!(error = %failure, "could not journal a helper write");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the agent could not store the call",
+            );
+        }
+    };
+    let flushed = tokio::time::timeout(
+        WRITE_WAIT,
+        context.link.flush(journal, &context.job, Duration::ZERO),
+    )
+    .await;
+    match flushed {
+        Ok(Ok(())) => {}
+        Ok(Err(failure)) => tracing::debug!(error = %failure, "helper write queued"),
+        Err(_) => tracing::debug!("no answer to a helper write in time; it stays queued"),
+    }
+    if !journal.is_settled(seq) {
+        return answer(StatusCode::ACCEPTED, &json!({ "ok": true, "queued": true }));
+    }
+    match journal.take_refusal(seq) {
+        Some((reason, message)) => refusal(reason, &message),
+        None => answer(StatusCode::OK, &json!({ "ok": true })),
+    }
 }
 
 async fn handle(context: &Context, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -399,23 +597,42 @@ async fn handle(context: &Context, request: Request<Incoming>) -> Response<Full<
                 }
             }
         }
-        ("/v1/variables/get", Method::POST) => not_yet("get_variable"),
+        ("/v1/variables/get", Method::POST) => get_variable(context, request).await,
         ("/v1/variables/set", Method::POST) => {
             let object = match read_object(request).await {
                 Ok(object) => object,
                 Err(response) => return response,
             };
-            match parse_set_variable(object) {
-                Ok(_) => not_yet("set_variable"),
-                Err(message) => error(StatusCode::BAD_REQUEST, message),
+            let (name, value) = match parse_set_variable(object) {
+                Ok(parsed) => parsed,
+                Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            };
+            if let Err(message) = check_name("variable", &name) {
+                return error(StatusCode::BAD_REQUEST, &message);
+            }
+            let value_json = value.to_string();
+            if value_json.len() > MAX_HELPER_VALUE {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("a variable's value is limited to {MAX_HELPER_VALUE} bytes of JSON"),
+                );
+            }
+            forward_write(context, HelperRequest::SetVariable { name, value_json }).await
+        }
+        ("/v1/notify", Method::POST) => {
+            let object = match read_object(request).await {
+                Ok(object) => object,
+                Err(response) => return response,
+            };
+            match parse_notify(object) {
+                Ok(notify) => forward_write(context, notify).await,
+                Err(message) => error(StatusCode::BAD_REQUEST, &message),
             }
         }
-        ("/v1/event/trigger", Method::POST) => not_yet("triggering an event"),
-        ("/v1/notify", Method::POST) => not_yet("notify"),
         ("/v1/input" | "/v1/event", _)
         | (
             "/v1/output" | "/v1/condition" | "/v1/variables/get" | "/v1/variables/set"
-            | "/v1/event/trigger" | "/v1/notify",
+            | "/v1/notify",
             _,
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such helper call"),

@@ -42,7 +42,7 @@ fn fixture(input: Option<&str>) -> Fixture {
         env: Vec::new(),
         timeout_ms: 0,
         input: input.map(str::to_owned),
-        runtime: RuntimeSpec::Host,
+        runtime: RuntimeSpec::default(),
     };
     Fixture {
         _temp: temp,
@@ -91,6 +91,7 @@ async fn answers_input_event_output_and_condition() {
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let socket = socket_of(&fixture);
@@ -158,6 +159,7 @@ async fn missing_input_is_null() {
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let (status, body) = call(
@@ -179,6 +181,7 @@ async fn a_wrong_or_missing_token_is_refused() {
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let socket = socket_of(&fixture);
@@ -208,7 +211,14 @@ async fn a_wrong_or_missing_token_is_refused() {
 fn fixture_with_server(fixture: &Fixture) -> HelperServer {
     let dir = fixture.work_dir.join("other");
     std::fs::create_dir(&dir).unwrap();
-    HelperServer::start(&dir, &fixture.spec, fixture.spool.clone(), false).unwrap()
+    HelperServer::start(
+        &dir,
+        &fixture.spec,
+        fixture.spool.clone(),
+        false,
+        HelperLink::offline(),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -219,6 +229,7 @@ async fn bodies_are_bounded_and_bad_input_is_a_client_error() {
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let socket = socket_of(&fixture);
@@ -238,42 +249,136 @@ async fn bodies_are_bounded_and_bad_input_is_a_client_error() {
 }
 
 #[tokio::test]
-async fn forwarded_calls_answer_not_available_yet() {
+async fn writes_made_while_the_link_is_down_are_queued_and_read_back() {
     let fixture = fixture(None);
     let server = HelperServer::start(
         &fixture.work_dir,
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let socket = socket_of(&fixture);
     let token = Some(server.token());
     for (path, body) in [
-        ("/v1/variables/get", r#"{"name": "a"}"#),
-        ("/v1/variables/set", r#"{"name": "a", "value": 1}"#),
-        ("/v1/variables/set", r#"{"name": "a", "text": "x"}"#),
-        ("/v1/event/trigger", r#"{"event_id": "e"}"#),
-        ("/v1/notify", r#"{"message": "m"}"#),
+        ("/v1/variables/set", r#"{"name": "a", "value": {"n": 1}}"#),
+        (
+            "/v1/variables/set",
+            r#"{"name": "b", "text": "plain words"}"#,
+        ),
+        (
+            "/v1/notify",
+            r#"{"message": "m", "tool": "ops", "title": "t"}"#,
+        ),
     ] {
         let (status, answer) = call(&socket, "POST", path, token, body).await;
-        assert_eq!(status, 501, "{path}");
-        let answer: Value = serde_json::from_str(&answer).unwrap();
-        let message = answer["error"].as_str().unwrap();
-        assert!(
-            message.ends_with("is not available yet on this control plane version"),
-            "{message}"
+        assert_eq!(
+            (status, answer.as_str()),
+            (202, r#"{"ok":true,"queued":true}"#),
+            "{path}"
         );
     }
-    let (status, _) = call(
+    // The script reads its own writes while they wait for the link.
+    let (status, answer) = call(
         &socket,
         "POST",
-        "/v1/variables/set",
+        "/v1/variables/get",
         token,
-        r#"{"name": 1}"#,
+        r#"{"name": "a"}"#,
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!((status, answer.as_str()), (200, r#"{"value":{"n":1}}"#));
+    let (status, answer) = call(
+        &socket,
+        "POST",
+        "/v1/variables/get",
+        token,
+        r#"{"name": "b", "format": "text"}"#,
+    )
+    .await;
+    assert_eq!((status, answer.as_str()), (200, "plain words"));
+    // A variable nobody set here needs the control plane.
+    let (status, answer) = call(
+        &socket,
+        "POST",
+        "/v1/variables/get",
+        token,
+        r#"{"name": "c"}"#,
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("unreachable"), "{answer}");
+
+    // Everything is in the journal, in order, and survives a reload.
+    let journal = crate::helper::journal::HelperJournal::load(fixture.spool.dir()).unwrap();
+    assert_eq!(
+        journal.next_pending(),
+        Some((
+            1,
+            HelperRequest::SetVariable {
+                name: "a".into(),
+                value_json: r#"{"n":1}"#.into()
+            }
+        ))
+    );
+    assert_eq!(
+        journal.pending_value("b").as_deref(),
+        Some(r#""plain words""#)
+    );
+    assert_eq!(
+        journal
+            .append(HelperRequest::GetVariable { name: "x".into() })
+            .unwrap(),
+        4
+    );
+}
+
+#[tokio::test]
+async fn forwarded_calls_check_their_input() {
+    let fixture = fixture(None);
+    let server = HelperServer::start(
+        &fixture.work_dir,
+        &fixture.spec,
+        fixture.spool.clone(),
+        false,
+        HelperLink::offline(),
+    )
+    .unwrap();
+    let socket = socket_of(&fixture);
+    let token = Some(server.token());
+    let long_name = format!(
+        r#"{{"name": "{}", "value": 1}}"#,
+        "n".repeat(MAX_HELPER_NAME + 1)
+    );
+    for (path, body) in [
+        ("/v1/variables/set", r#"{"name": 1}"#),
+        ("/v1/variables/set", r#"{"name": "has space", "value": 1}"#),
+        ("/v1/variables/set", r#"{"name": "", "value": 1}"#),
+        ("/v1/variables/set", long_name.as_str()),
+        ("/v1/variables/set", r#"{"name": "a"}"#),
+        ("/v1/variables/get", r#"{"name": "a/b"}"#),
+        ("/v1/variables/get", r#"{"name": "a", "format": "xml"}"#),
+        ("/v1/notify", r#"{"message": ""}"#),
+        ("/v1/notify", r#"{"message": "m", "tool": 3}"#),
+        ("/v1/notify", r#"{"message": "m", "colour": "red"}"#),
+        (
+            "/v1/notify",
+            r#"{"message": "m", "tool": "no spaces please"}"#,
+        ),
+    ] {
+        let (status, answer) = call(&socket, "POST", path, token, body).await;
+        assert_eq!(status, 400, "{path} {body}: {answer}");
+    }
+    let big = format!(
+        r#"{{"name": "a", "value": "{}"}}"#,
+        "x".repeat(cronium_protocol::MAX_HELPER_VALUE)
+    );
+    let (status, _) = call(&socket, "POST", "/v1/variables/set", token, &big).await;
+    assert_eq!(status, 413);
+    let (status, _) = call(&socket, "POST", "/v1/event/trigger", token, "{}").await;
+    assert_eq!(status, 404);
+    assert!(!fixture.spool.journal().has_pending());
 }
 
 #[test]
@@ -293,6 +398,7 @@ async fn the_socket_is_gone_after_the_attempt() {
         &fixture.spec,
         fixture.spool.clone(),
         false,
+        HelperLink::offline(),
     )
     .unwrap();
     let socket = socket_of(&fixture);
@@ -314,7 +420,14 @@ async fn long_work_dirs_bind_through_proc() {
     let fixture = fixture(None);
     let deep = fixture.work_dir.join("d".repeat(60)).join("e".repeat(60));
     std::fs::create_dir_all(&deep).unwrap();
-    let server = HelperServer::start(&deep, &fixture.spec, fixture.spool.clone(), false).unwrap();
+    let server = HelperServer::start(
+        &deep,
+        &fixture.spec,
+        fixture.spool.clone(),
+        false,
+        HelperLink::offline(),
+    )
+    .unwrap();
     assert_eq!(server.client_path(), ".cronium/helper.sock");
     assert!(deep.join(HELPER_DIR).join(SOCKET_NAME).exists());
     drop(server);

@@ -40,6 +40,7 @@ use super::process::{
     LogSink, prepare_work_dir, sleep_until_some, spawn_failure, start_helper, wait_for_stop,
 };
 use super::{Runner, StopReason, StopSignal};
+use crate::helper::forward::HelperLink;
 use crate::helper::{HELPER_DIR, SOCKET_NAME};
 use crate::spool::{AttemptSpool, Outcome, attempt_dir_name};
 
@@ -66,6 +67,8 @@ pub struct DockerRunnerOptions {
     pub work_root: PathBuf,
     /// The agent's id, written into the `cronium.agent` label.
     pub agent_id: String,
+    /// Where the helper endpoints send the calls that need the control plane.
+    pub helper_link: HelperLink,
 }
 
 /// Runs scripts in Docker containers. Without an engine (`docker` is `None`) every Docker
@@ -211,7 +214,7 @@ impl DockerRunner {
             return spawn_failure();
         }
         // Lives until the end of this function: the endpoint goes away with the attempt.
-        let helper = match start_helper(work_dir, spec, spool, shared) {
+        let helper = match start_helper(work_dir, spec, spool, shared, &self.options.helper_link) {
             Ok(helper) => helper,
             Err(error) => {
                 log.system(&format!(
@@ -641,7 +644,8 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::spool::{Spool, SpoolSpec};
+    use crate::runner::test_support::{Log, no_stop, run_to_end};
+    use crate::spool::Spool;
 
     /// Runs the docker CLI and returns its stdout; panics with its stderr on failure.
     fn docker_cli(args: &[&str]) -> String {
@@ -670,6 +674,7 @@ mod tests {
             DockerRunnerOptions {
                 work_root: temp.path().join("work"),
                 agent_id: agent_id.clone(),
+                helper_link: HelperLink::offline(),
             },
             Some(docker),
         );
@@ -717,47 +722,14 @@ mod tests {
 
     /// Runs a spec to its end and returns the outcome and the log per stream.
     async fn run(fixture: &Fixture, spec: &JobSpec, stop: StopSignal) -> (Outcome, Log) {
-        let spool = fixture
-            .spool
-            .create(
-                &SpoolSpec {
-                    job_id: spec.job_id.clone(),
-                    attempt: spec.attempt,
-                    run_id: spec.run_id.clone(),
-                    event_id: spec.event_id.clone(),
-                },
-                1 << 20,
-            )
-            .unwrap();
-        let outcome = tokio::time::timeout(
+        run_to_end(
+            &fixture.runner,
+            &fixture.spool,
+            spec,
+            stop,
             Duration::from_secs(60),
-            fixture.runner.run(spec, &spool, stop),
         )
         .await
-        .expect("the runner finished in time");
-        let mut reader = spool.reader(0).unwrap();
-        let file_len = spool.progress().file_len;
-        let mut log = Log::default();
-        while let Some(piece) = reader.next_piece(file_len, 1 << 20).unwrap() {
-            let text = String::from_utf8_lossy(&piece.data).into_owned();
-            match piece.stream {
-                LogStream::Stdout => log.stdout.push_str(&text),
-                LogStream::Stderr => log.stderr.push_str(&text),
-                LogStream::System => log.system.push_str(&text),
-            }
-        }
-        (outcome, log)
-    }
-
-    #[derive(Debug, Default)]
-    struct Log {
-        stdout: String,
-        stderr: String,
-        system: String,
-    }
-
-    fn no_stop() -> StopSignal {
-        watch::channel(None).1
     }
 
     /// The containers labelled with this job id (running or not).
@@ -996,6 +968,7 @@ mod tests {
                 DockerRunnerOptions {
                     work_root: temp.path().join("work"),
                     agent_id: "no-engine".into(),
+                    helper_link: HelperLink::offline(),
                 },
                 None,
             ),

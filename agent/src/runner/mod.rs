@@ -2,11 +2,16 @@
 //!
 //! A runner writes the output into the attempt's spool as it arrives, records the pid, obeys the
 //! stop signal and the spec's timeout, and returns an [`Outcome`]. It never talks to the network.
-//! [`process::ProcessRunner`] runs scripts directly on the host, [`docker::DockerRunner`] in
-//! Docker containers; [`Dispatch`] picks one by the spec's runtime.
+//! [`process::ProcessRunner`] runs scripts directly on the host (as another user through
+//! [`run_as`], with limits through [`cgroup`]), [`docker::DockerRunner`] in Docker containers;
+//! [`Dispatch`] picks one by the spec's runtime.
 
+pub mod cgroup;
 pub mod docker;
 pub mod process;
+pub mod run_as;
+#[cfg(test)]
+mod test_support;
 
 use cronium_protocol::{JobSpec, RuntimeSpec, ScriptKind};
 use futures_util::future::BoxFuture;
@@ -63,7 +68,7 @@ impl Runner for Dispatch {
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome> {
         match spec.runtime {
-            RuntimeSpec::Host => self.host.run(spec, spool, stop),
+            RuntimeSpec::Host(_) => self.host.run(spec, spool, stop),
             RuntimeSpec::Docker(_) => self.docker.run(spec, spool, stop),
         }
     }

@@ -4,6 +4,15 @@
 //! a scrubbed environment and its own process group. Timeouts and cancellation signal the whole
 //! group (SIGTERM, then SIGKILL after a grace period), and when the main process exits the group
 //! is killed so background leftovers cannot outlive the attempt. The child is always waited for.
+//!
+//! The spec's [`HostSpec`] may name a `user` and limits. The user is resolved and checked against
+//! the agent's `--allow-run-as` list before anything starts ([`super::run_as`]); the work dir,
+//! the helper dir and its socket are then handed to that user, and the child switches to it
+//! between fork and exec, with HOME, USER and LOGNAME set for it. Limits go into a cgroup per
+//! attempt ([`super::cgroup`]) which the child joins before exec, so no process of the attempt
+//! ever runs outside it; at the end everything left in the cgroup is killed, and an OOM kill
+//! ends the attempt `failed`, reason `oom`. Limits the host cannot apply are named in the job
+//! log and the job runs without them.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -12,14 +21,17 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use cronium_protocol::{FailReason, FinalStatus, JobSpec, LogStream};
+use cronium_protocol::{FailReason, FinalStatus, HostSpec, JobSpec, LogStream, RuntimeSpec};
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use super::cgroup::{Cgroups, JobCgroup, cgroup_name, not_applied_message};
+use super::run_as::{self, AgentUser, TargetUser};
 use super::{Runner, StopReason, StopSignal};
 use crate::helper::HelperServer;
+use crate::helper::forward::HelperLink;
 use crate::spool::{AttemptSpool, Outcome, attempt_dir_name};
 
 /// The PATH given to jobs when the agent itself has none.
@@ -43,6 +55,12 @@ pub struct ProcessRunnerOptions {
     /// Absolute paths of the interpreters found at start (see [`resolve_interpreters`]), so a
     /// spawn does not search PATH every time; one missing here is still looked up by name.
     pub interpreters: Vec<(String, PathBuf)>,
+    /// Where the helper endpoints send the calls that need the control plane.
+    pub helper_link: HelperLink,
+    /// Users (names or uids) host jobs may run as besides the agent's own (`--allow-run-as`).
+    pub allow_run_as: Vec<String>,
+    /// The cgroup controllers host job limits can use (probed at start).
+    pub cgroups: Cgroups,
 }
 
 /// Finds `bash`, `python3` and `node` on `path` (a PATH value): their names and absolute paths.
@@ -118,7 +136,12 @@ impl ProcessRunner {
             .options
             .work_root
             .join(attempt_dir_name(spool.attempt()));
-        let outcome = self.run_in(spec, spool, stop, &work_dir).await;
+        let mut cgroup = None;
+        let outcome = self.run_in(spec, spool, stop, &work_dir, &mut cgroup).await;
+        // Kill what is left in the cgroup before the work dir goes.
+        if let Some(cgroup) = cgroup {
+            cgroup.remove().await;
+        }
         match tokio::fs::remove_dir_all(&work_dir).await {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -135,9 +158,27 @@ impl ProcessRunner {
         spool: &AttemptSpool,
         mut stop: StopSignal,
         work_dir: &Path,
+        cgroup_slot: &mut Option<JobCgroup>,
     ) -> Outcome {
         let mut log = LogSink::new(spool);
         let (program, script_name) = super::interpreter(spec.kind);
+        let default_host = HostSpec::default();
+        let host = match &spec.runtime {
+            RuntimeSpec::Host(host) => host,
+            RuntimeSpec::Docker(_) => &default_host,
+        };
+        let target = match &host.user {
+            None => None,
+            Some(user) => {
+                match run_as::resolve(user, &self.options.allow_run_as, AgentUser::current()) {
+                    Ok(target) => target,
+                    Err(message) => {
+                        log.system(&format!("[cronium: {message}]\n"));
+                        return spawn_failure();
+                    }
+                }
+            }
+        };
         if let Err(error) = prepare_work_dir(work_dir, script_name, &spec.script) {
             log.system(&format!(
                 "[cronium: could not prepare the work dir: {error}]\n"
@@ -145,7 +186,7 @@ impl ProcessRunner {
             return spawn_failure();
         }
         // Lives until the end of this function: the endpoint goes away with the attempt.
-        let helper = match start_helper(work_dir, spec, spool, false) {
+        let helper = match start_helper(work_dir, spec, spool, false, &self.options.helper_link) {
             Ok(helper) => helper,
             Err(error) => {
                 log.system(&format!(
@@ -154,6 +195,34 @@ impl ProcessRunner {
                 return spawn_failure();
             }
         };
+        if let Some(target) = &target
+            && let Err(error) = target.take_over(work_dir)
+        {
+            log.system(&format!(
+                "[cronium: could not give the work dir to user {}: {error}]\n",
+                target.name
+            ));
+            return spawn_failure();
+        }
+        match self
+            .options
+            .cgroups
+            .create(&cgroup_name(&attempt_dir_name(spool.attempt())), host)
+        {
+            Ok((cgroup, missing)) => {
+                if !missing.is_empty() {
+                    log.system(&not_applied_message(&missing));
+                }
+                *cgroup_slot = cgroup;
+            }
+            Err(error) => {
+                log.system(&format!(
+                    "[cronium: could not set up the job's cgroup for its limits: {error}]\n"
+                ));
+                return spawn_failure();
+            }
+        }
+        let cgroup = cgroup_slot.as_ref();
 
         let program = self
             .options
@@ -184,6 +253,18 @@ impl ProcessRunner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(target) = &target {
+            command
+                .env("HOME", &target.home)
+                .env("USER", &target.name)
+                .env("LOGNAME", &target.name);
+        }
+        if let Err(error) = install_pre_exec(&mut command, cgroup, target.as_ref(), work_dir) {
+            log.system(&format!(
+                "[cronium: could not prepare the process: {error}]\n"
+            ));
+            return spawn_failure();
+        }
         let mut ignored = Vec::new();
         for (name, value) in &spec.env {
             let valid_name = !name.is_empty() && !name.contains(['=', '\0']);
@@ -203,10 +284,26 @@ impl ProcessRunner {
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
+                let as_user = target
+                    .as_ref()
+                    .map(|target| format!(" as user {}", target.name))
+                    .unwrap_or_default();
                 log.system(&format!(
-                    "[cronium: could not start {}: {error}]\n",
+                    "[cronium: could not start {}{as_user}: {error}]\n",
                     program.display()
                 ));
+                if let Some(target) = &target
+                    && error.kind() == io::ErrorKind::PermissionDenied
+                    && let Some((dir, mode)) = target.unreachable_parent(work_dir)
+                {
+                    log.system(&format!(
+                        "[cronium: user {} cannot reach the work dir: {} (mode {mode:04o}) is not \
+                         searchable for it; every parent of the agent's work dir needs search \
+                         permission for other users (e.g. mode 0711)]\n",
+                        target.name,
+                        dir.display()
+                    ));
+                }
                 return spawn_failure();
             }
         };
@@ -245,13 +342,13 @@ impl ProcessRunner {
                 status = child.wait(), if exited.is_none() => {
                     exited = Some(status);
                     // Background processes left in the group would keep the pipes open.
-                    signal_group(pid, libc::SIGKILL);
+                    signal_job(pid, cgroup, libc::SIGKILL);
                     drain_until = Some(Instant::now() + DRAIN_WAIT);
                 },
                 _ = sleep_until_some(timeout_at), if kill_cause.is_none() && exited.is_none() => {
                     kill_cause = Some(KillCause::Timeout);
                     log.system(&format!("\n[cronium: timed out after {} ms]\n", spec.timeout_ms));
-                    signal_group(pid, libc::SIGTERM);
+                    signal_job(pid, cgroup, libc::SIGTERM);
                     sigkill_at = Some(Instant::now() + self.options.kill_grace);
                 },
                 reason = wait_for_stop(&mut stop), if kill_cause.is_none() && exited.is_none() && !stop_closed => {
@@ -263,18 +360,18 @@ impl ProcessRunner {
                     match reason {
                         StopReason::Cancel => {
                             log.system("\n[cronium: cancelled]\n");
-                            signal_group(pid, libc::SIGTERM);
+                            signal_job(pid, cgroup, libc::SIGTERM);
                             sigkill_at = Some(Instant::now() + self.options.kill_grace);
                         }
-                        StopReason::Abandon => signal_group(pid, libc::SIGKILL),
+                        StopReason::Abandon => signal_job(pid, cgroup, libc::SIGKILL),
                         StopReason::Shutdown => {
                             log.system("\n[cronium: killed because the agent is stopping]\n");
-                            signal_group(pid, libc::SIGKILL);
+                            signal_job(pid, cgroup, libc::SIGKILL);
                         }
                     }
                 },
                 _ = sleep_until_some(sigkill_at), if sigkill_at.is_some() && exited.is_none() => {
-                    signal_group(pid, libc::SIGKILL);
+                    signal_job(pid, cgroup, libc::SIGKILL);
                     sigkill_at = None;
                 },
                 _ = sleep_until_some(drain_until), if drain_until.is_some() => {
@@ -306,6 +403,8 @@ impl ProcessRunner {
                 };
             }
         };
+        let oom_killed =
+            cgroup.is_some_and(|cgroup| cgroup.oom_killed(status.signal() == Some(libc::SIGKILL)));
         match kill_cause {
             Some(KillCause::Timeout) => Outcome {
                 status: FinalStatus::Failed,
@@ -322,6 +421,25 @@ impl ProcessRunner {
                 reason: Some(FailReason::Lost),
                 exit_code: status.code(),
             },
+            None if oom_killed && !status.success() => {
+                log.system(&format!(
+                    "\n[cronium: the job ran out of memory (limit {} MiB) and was killed]\n",
+                    host.memory_mb.unwrap_or_default()
+                ));
+                Outcome {
+                    status: FinalStatus::Failed,
+                    reason: Some(FailReason::Oom),
+                    exit_code: status.code(),
+                }
+            }
+            None if oom_killed => {
+                log.system("\n[cronium: a process of the job ran out of memory and was killed]\n");
+                Outcome {
+                    status: FinalStatus::Completed,
+                    reason: None,
+                    exit_code: Some(0),
+                }
+            }
             None => match status.code() {
                 Some(0) => Outcome {
                     status: FinalStatus::Completed,
@@ -400,9 +518,10 @@ pub(super) fn start_helper(
     spec: &JobSpec,
     spool: &AttemptSpool,
     shared: bool,
+    link: &HelperLink,
 ) -> io::Result<HelperServer> {
     crate::helper::write_libraries(work_dir, shared)?;
-    HelperServer::start(work_dir, spec, spool.clone(), shared)
+    HelperServer::start(work_dir, spec, spool.clone(), shared, link.clone())
 }
 
 pub(super) fn prepare_work_dir(work_dir: &Path, script_name: &str, script: &str) -> io::Result<()> {
@@ -448,6 +567,45 @@ pub(super) async fn wait_for_stop(stop: &mut StopSignal) -> Option<StopReason> {
     }
 }
 
+/// Sends `signal` to the job's process group and to every process in its cgroup (which also
+/// reaches processes that left the group).
+fn signal_job(pid: u32, cgroup: Option<&JobCgroup>, signal: libc::c_int) {
+    signal_group(pid, signal);
+    if let Some(cgroup) = cgroup {
+        cgroup.signal_all(signal);
+    }
+}
+
+/// Makes the child join the attempt's cgroup and switch to its user between fork and exec (only
+/// when needed: without a `pre_exec` hook the standard library can use the cheaper
+/// `posix_spawn`).
+fn install_pre_exec(
+    command: &mut Command,
+    cgroup: Option<&JobCgroup>,
+    target: Option<&TargetUser>,
+    work_dir: &Path,
+) -> io::Result<()> {
+    if cgroup.is_none() && target.is_none() {
+        return Ok(());
+    }
+    // Everything is prepared here, before the fork; the hook only makes system calls.
+    let procs = cgroup.map(JobCgroup::procs_fds).unwrap_or_default();
+    let switch = target.map(|target| target.switch(work_dir)).transpose()?;
+    // SAFETY: the hook runs in the child between fork and exec and only calls async-signal-safe
+    // functions (write, setgroups, setgid, setuid, chdir) on data prepared above; the cgroup's
+    // descriptors stay open in the parent until the spawn returned.
+    unsafe {
+        command.pre_exec(move || {
+            super::cgroup::join_self(&procs)?;
+            if let Some(switch) = &switch {
+                switch.apply()?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Sends `signal` to every process of the group led by `pid`.
 fn signal_group(pid: u32, signal: libc::c_int) {
     let Ok(pgid) = i32::try_from(pid) else {
@@ -462,28 +620,41 @@ fn signal_group(pid: u32, signal: libc::c_int) {
 
 #[cfg(test)]
 mod tests {
-    use cronium_protocol::ScriptKind;
-
     use std::collections::BTreeSet;
+    use std::os::unix::fs::PermissionsExt;
 
-    use cronium_protocol::RuntimeSpec;
+    use cronium_protocol::{RuntimeSpec, ScriptKind};
     use tokio::sync::watch;
 
     use super::*;
-    use crate::spool::{Spool, SpoolSpec};
+    use crate::runner::cgroup::Controller;
+    use crate::runner::test_support::{Log, is_gone, no_stop, run_to_end};
+    use crate::spool::Spool;
 
     struct Fixture {
-        _temp: tempfile::TempDir,
+        temp: tempfile::TempDir,
         spool: Spool,
         runner: ProcessRunner,
         work_root: PathBuf,
     }
 
     fn fixture() -> Fixture {
-        fixture_with_env(base_environment(|name| std::env::var(name).ok()))
+        fixture_with(
+            base_environment(|name| std::env::var(name).ok()),
+            Vec::new(),
+            Cgroups::none(),
+        )
     }
 
     fn fixture_with_env(base_env: Vec<(String, String)>) -> Fixture {
+        fixture_with(base_env, Vec::new(), Cgroups::none())
+    }
+
+    fn fixture_with(
+        base_env: Vec<(String, String)>,
+        allow_run_as: Vec<String>,
+        cgroups: Cgroups,
+    ) -> Fixture {
         let temp = tempfile::tempdir().unwrap();
         let spool = Spool::open(temp.path().join("spool")).unwrap();
         let work_root = temp.path().join("work");
@@ -492,13 +663,41 @@ mod tests {
             base_env,
             kill_grace: Duration::from_millis(300),
             interpreters: Vec::new(),
+            helper_link: HelperLink::offline(),
+            allow_run_as,
+            cgroups,
         });
         Fixture {
-            _temp: temp,
+            temp,
             spool,
             runner,
             work_root,
         }
+    }
+
+    /// A fixture whose work dirs other users can reach (as the agent's state dir is with
+    /// `--allow-run-as`), allowing jobs to run as `nobody`.
+    fn run_as_fixture(allow: &[&str]) -> Fixture {
+        require_root();
+        let fixture = fixture_with(
+            base_environment(|name| std::env::var(name).ok()),
+            allow.iter().map(|user| (*user).to_owned()).collect(),
+            Cgroups::none(),
+        );
+        std::fs::create_dir(&fixture.work_root).unwrap();
+        for dir in [fixture.temp.path(), &fixture.work_root] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        fixture
+    }
+
+    fn require_root() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test runs jobs as another user and needs root (CI runs as root)"
+        );
     }
 
     fn spec(kind: ScriptKind, script: &str) -> JobSpec {
@@ -512,70 +711,34 @@ mod tests {
             env: vec![],
             timeout_ms: 0,
             input: None,
-            runtime: RuntimeSpec::Host,
+            runtime: RuntimeSpec::default(),
         }
     }
 
-    /// Runs a spec to its end (with a generous safety timeout) and returns the outcome and the log.
-    async fn run(
-        fixture: &Fixture,
-        spec: &JobSpec,
-        stop: StopSignal,
-    ) -> (Outcome, Vec<(LogStream, String)>) {
-        let spool = fixture
-            .spool
-            .create(
-                &SpoolSpec {
-                    job_id: spec.job_id.clone(),
-                    attempt: spec.attempt,
-                    run_id: spec.run_id.clone(),
-                    event_id: spec.event_id.clone(),
-                },
-                1 << 20,
-            )
-            .unwrap();
-        let outcome = tokio::time::timeout(
+    fn host_spec(job_id: &str, script: &str, host: HostSpec) -> JobSpec {
+        JobSpec {
+            job_id: job_id.into(),
+            runtime: RuntimeSpec::Host(host),
+            ..spec(ScriptKind::Bash, script)
+        }
+    }
+
+    /// Runs a spec to its end (with a generous safety timeout) and returns the outcome and the
+    /// log; the work dir must be gone afterwards.
+    async fn run(fixture: &Fixture, spec: &JobSpec, stop: StopSignal) -> (Outcome, Log) {
+        let result = run_to_end(
+            &fixture.runner,
+            &fixture.spool,
+            spec,
+            stop,
             Duration::from_secs(30),
-            fixture.runner.run(spec, &spool, stop),
         )
-        .await
-        .expect("the runner finished in time");
-        assert!(
-            !fixture.work_root.join("job-1-2").exists(),
-            "the work dir is removed"
-        );
-        let mut reader = spool.reader(0).unwrap();
-        let file_len = spool.progress().file_len;
-        let mut log: Vec<(LogStream, String)> = Vec::new();
-        while let Some(piece) = reader.next_piece(file_len, 1 << 20).unwrap() {
-            let text = String::from_utf8(piece.data).unwrap();
-            match log.last_mut() {
-                Some((stream, existing)) if *stream == piece.stream => existing.push_str(&text),
-                _ => log.push((piece.stream, text)),
-            }
-        }
-        (outcome, log)
-    }
-
-    fn no_stop() -> StopSignal {
-        watch::channel(None).1
-    }
-
-    fn text_of(log: &[(LogStream, String)], wanted: LogStream) -> String {
-        log.iter()
-            .filter(|(stream, _)| *stream == wanted)
-            .map(|(_, text)| text.as_str())
-            .collect()
-    }
-
-    /// Whether a process is gone (or a zombie waiting for a reaper that is not us).
-    fn is_gone(pid: u32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        }
+        .await;
+        let work_dir = fixture
+            .work_root
+            .join(format!("{}-{}", spec.job_id, spec.attempt));
+        assert!(!work_dir.exists(), "the work dir is removed");
+        result
     }
 
     #[tokio::test]
@@ -613,7 +776,7 @@ mod tests {
                 exit_code: None
             }
         );
-        assert!(text_of(&log, LogStream::System).contains("killed by signal 9"));
+        assert!(log.system.contains("killed by signal 9"));
     }
 
     #[tokio::test]
@@ -625,7 +788,7 @@ mod tests {
         let (outcome, log) = run(&fixture, &spec(ScriptKind::Bash, script), no_stop()).await;
         assert_eq!(outcome.status, FinalStatus::Completed);
         assert_eq!(
-            log,
+            log.pieces,
             [
                 (LogStream::Stdout, "out1\n".to_owned()),
                 (LogStream::Stderr, "err1\n".to_owned()),
@@ -653,7 +816,8 @@ mod tests {
         ];
         let (outcome, log) = run(&fixture, &job, no_stop()).await;
         assert_eq!(outcome.status, FinalStatus::Completed);
-        let names: BTreeSet<String> = text_of(&log, LogStream::Stdout)
+        let names: BTreeSet<String> = log
+            .stdout
             .split('\0')
             .filter(|entry| !entry.is_empty())
             .map(|entry| {
@@ -685,9 +849,9 @@ mod tests {
         .map(str::to_owned)
         .collect();
         assert_eq!(names, expected);
-        assert!(text_of(&log, LogStream::Stdout).contains("EVENT_VAR=from the event"));
-        assert_eq!(text_of(&log, LogStream::Stderr), "job-1\n");
-        assert!(text_of(&log, LogStream::System).contains("CRONIUM_JOB_ID"));
+        assert!(log.stdout.contains("EVENT_VAR=from the event"));
+        assert_eq!(log.stderr, "job-1\n");
+        assert!(log.system.contains("CRONIUM_JOB_ID"));
     }
 
     #[tokio::test]
@@ -703,9 +867,14 @@ mod tests {
         let (outcome, log) = run(&fixture, &job, no_stop()).await;
         assert_eq!(outcome.status, FinalStatus::Failed);
         assert_eq!(outcome.reason, Some(FailReason::Timeout));
-        assert!(text_of(&log, LogStream::System).contains("timed out after 300 ms"));
-        let stdout = text_of(&log, LogStream::Stdout);
-        let background: u32 = stdout.trim().strip_prefix("bg=").unwrap().parse().unwrap();
+        assert!(log.system.contains("timed out after 300 ms"));
+        let background: u32 = log
+            .stdout
+            .trim()
+            .strip_prefix("bg=")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(
             is_gone(background),
             "the background child {background} survived"
@@ -722,7 +891,8 @@ mod tests {
         )
         .await;
         assert_eq!(outcome.status, FinalStatus::Completed);
-        let background: u32 = text_of(&log, LogStream::Stdout)
+        let background: u32 = log
+            .stdout
             .trim()
             .strip_prefix("bg=")
             .unwrap()
@@ -741,7 +911,7 @@ mod tests {
         stop_sender.send_replace(Some(StopReason::Cancel));
         let (outcome, log) = run(&fixture, &spec(ScriptKind::Bash, "sleep 1000"), stop).await;
         assert_eq!(outcome.status, FinalStatus::Cancelled);
-        assert!(text_of(&log, LogStream::System).contains("cancelled"));
+        assert!(log.system.contains("cancelled"));
     }
 
     #[tokio::test]
@@ -761,6 +931,276 @@ mod tests {
                 exit_code: None
             }
         );
-        assert!(text_of(&log, LogStream::System).contains("could not start node"));
+        assert!(log.system.contains("could not start node"));
+    }
+
+    fn limits(memory_mb: Option<u64>, pids: Option<u32>) -> HostSpec {
+        HostSpec {
+            user: None,
+            memory_mb,
+            cpus: None,
+            pids,
+        }
+    }
+
+    #[tokio::test]
+    async fn limits_without_a_cgroup_controller_are_named_once_and_the_job_runs() {
+        let fixture = fixture();
+        let job = host_spec(
+            "job-no-cgroups",
+            "echo ran",
+            HostSpec {
+                cpus: Some(0.5),
+                ..limits(Some(64), Some(50))
+            },
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(outcome.status, FinalStatus::Completed, "{log:?}");
+        assert_eq!(log.stdout, "ran\n");
+        assert_eq!(
+            log.system,
+            "[cronium: memory, pids and cpu limits not applied: this host offers no writable \
+             cgroup memory/pids/cpu controllers (cgroup v2 with delegation, or the cgroup v1 \
+             memory/pids/cpu hierarchy)]\n"
+        );
+    }
+
+    /// The probed cgroups; where this host has a cgroup v1 hierarchy for `controller` and the
+    /// test runs as root, the probe must have found it (so a broken probe cannot pass as "this
+    /// host has no cgroups").
+    fn probed_cgroups(controller: Controller) -> Cgroups {
+        let cgroups = Cgroups::probe();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let v1 = Path::new("/sys/fs/cgroup")
+            .join(controller.name())
+            .join("cgroup.procs")
+            .exists();
+        if root && v1 {
+            assert!(
+                cgroups.place(controller).is_some(),
+                "this host has a cgroup v1 {} hierarchy and the test runs as root, but the probe \
+                 found no usable place: {cgroups:?}",
+                controller.name()
+            );
+        }
+        cgroups
+    }
+
+    #[tokio::test]
+    async fn a_memory_hog_ends_failed_oom_and_its_cgroup_goes() {
+        let cgroups = probed_cgroups(Controller::Memory);
+        let place = cgroups.memory.clone();
+        let fixture = fixture_with(
+            base_environment(|name| std::env::var(name).ok()),
+            Vec::new(),
+            cgroups,
+        );
+        let job = host_spec(
+            "job-oom",
+            "cat /proc/self/cgroup; python3 -c 'b = bytearray(200 * 1024 * 1024); print(len(b))'",
+            limits(Some(32), None),
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        match place {
+            Some(place) => {
+                assert_eq!(outcome.status, FinalStatus::Failed, "{log:?}");
+                assert_eq!(outcome.reason, Some(FailReason::Oom), "{log:?}");
+                assert!(
+                    log.system
+                        .contains("ran out of memory (limit 32 MiB) and was killed"),
+                    "{log:?}"
+                );
+                assert!(log.stdout.contains("/cronium-job-oom-2"), "{log:?}");
+                assert!(!log.stdout.contains("209715200"), "{log:?}");
+                assert!(
+                    !place.parent.join("cronium-job-oom-2").exists(),
+                    "the cgroup is removed"
+                );
+            }
+            None => {
+                assert!(log.system.contains("memory limit not applied"), "{log:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fork_bomb_is_bounded_by_the_pids_limit_and_escapees_are_killed() {
+        let cgroups = probed_cgroups(Controller::Pids);
+        let place = cgroups.pids.clone();
+        let fixture = fixture_with(
+            base_environment(|name| std::env::var(name).ok()),
+            Vec::new(),
+            cgroups,
+        );
+        // Each child leaves the job's process group (setsid), so only the cgroup still finds it.
+        let script = r#"python3 -c '
+import os, time
+started, refused = [], 0
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except OSError:
+        refused += 1
+        continue
+    if pid == 0:
+        os.setsid()
+        time.sleep(1000)
+        os._exit(0)
+    started.append(pid)
+print("started", len(started), "refused", refused)
+print("pids", *started)
+'"#;
+        let job = host_spec("job-pids", script, limits(None, Some(20)));
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(outcome.status, FinalStatus::Completed, "{log:?}");
+        let counts: Vec<usize> = log
+            .stdout
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        let started: Vec<u32> = log
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(|pid| pid.parse().unwrap())
+            .collect();
+        match place {
+            Some(place) => {
+                assert!(counts[0] < 20 && counts[1] > 0, "{log:?}");
+                assert!(
+                    !place.parent.join("cronium-job-pids-2").exists(),
+                    "the cgroup is removed"
+                );
+                for pid in &started {
+                    assert!(is_gone(*pid), "the escaped child {pid} survived");
+                }
+            }
+            None => {
+                assert!(log.system.contains("pids limit not applied"), "{log:?}");
+                // Without a cgroup nothing finds children that left the group: clean up.
+                for pid in &started {
+                    // SAFETY: kill has no memory-safety preconditions; these are our children's
+                    // children, printed by the job.
+                    unsafe {
+                        libc::kill(*pid as i32, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        // The agent is fine: the next job runs.
+        let (outcome, log) = run(&fixture, &spec(ScriptKind::Bash, "echo next"), no_stop()).await;
+        assert_eq!(outcome.status, FinalStatus::Completed);
+        assert_eq!(log.stdout, "next\n");
+    }
+
+    #[tokio::test]
+    async fn a_job_runs_as_an_allowed_user_and_can_use_its_work_dir_and_helpers() {
+        let fixture = run_as_fixture(&["nobody"]);
+        let nobody = run_as::user_by_name("nobody").unwrap().unwrap();
+        let job = host_spec(
+            "job-nobody",
+            "id -u; id -g; echo \"$HOME $USER $LOGNAME\"; \
+             echo written > file && cat file; echo temp > \"$TMPDIR/t\" && cat \"$TMPDIR/t\"; \
+             . ./cronium.sh && cronium_event",
+            HostSpec {
+                user: Some("nobody".into()),
+                ..HostSpec::default()
+            },
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(outcome.status, FinalStatus::Completed, "{log:?}");
+        let lines: Vec<&str> = log.stdout.lines().collect();
+        assert_eq!(
+            lines[..5],
+            [
+                nobody.uid.to_string().as_str(),
+                nobody.gid.to_string().as_str(),
+                format!("{} nobody nobody", nobody.home.display()).as_str(),
+                "written",
+                "temp",
+            ],
+            "{log:?}"
+        );
+        assert!(lines[5].contains("\"job_id\":\"job-nobody\""), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_user_outside_the_allow_list_is_refused() {
+        let fixture = run_as_fixture(&[]);
+        let job = host_spec(
+            "job-refused",
+            "echo never",
+            HostSpec {
+                user: Some("nobody".into()),
+                ..HostSpec::default()
+            },
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(
+            outcome,
+            Outcome {
+                status: FinalStatus::Failed,
+                reason: Some(FailReason::Spawn),
+                exit_code: None
+            }
+        );
+        assert_eq!(log.stdout, "");
+        assert!(
+            log.system
+                .contains("user nobody is not allowed on this agent")
+                && log.system.contains("--allow-run-as"),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_is_refused() {
+        let fixture = run_as_fixture(&["no-such-user-cronium"]);
+        let job = host_spec(
+            "job-unknown",
+            "echo never",
+            HostSpec {
+                user: Some("no-such-user-cronium".into()),
+                ..HostSpec::default()
+            },
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(outcome.reason, Some(FailReason::Spawn), "{log:?}");
+        assert!(
+            log.system
+                .contains("no user named \"no-such-user-cronium\" exists on this host"),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_work_dir_the_user_cannot_reach_is_explained() {
+        let fixture = run_as_fixture(&["nobody"]);
+        std::fs::set_permissions(fixture.temp.path(), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        let job = host_spec(
+            "job-unreachable",
+            "echo never",
+            HostSpec {
+                user: Some("nobody".into()),
+                ..HostSpec::default()
+            },
+        );
+        let (outcome, log) = run(&fixture, &job, no_stop()).await;
+        assert_eq!(outcome.reason, Some(FailReason::Spawn), "{log:?}");
+        assert!(
+            log.system.contains(&format!(
+                "user nobody cannot reach the work dir: {} (mode 0700)",
+                fixture.temp.path().display()
+            )),
+            "{log:?}"
+        );
     }
 }

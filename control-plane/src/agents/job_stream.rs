@@ -27,7 +27,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Output committed as soon as this much is pending.
 const FLUSH_BYTES: usize = 256 * 1024;
 
-/// Serves one stream opened by an agent. The first message must be `JobOpen`.
+/// Serves one stream opened by an agent. The first message says what it is: `JobOpen` (a job
+/// attempt's stream, served here) or `HelperCall` (one runtime-helper call, see
+/// [`helper_stream`](super::helper_stream)).
 pub async fn serve(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -37,6 +39,13 @@ pub async fn serve(
     let mut decoder = FrameDecoder::new();
     let open = match read_message(&mut recv, &mut decoder).await {
         Ok(Some(Message::JobOpen(open))) => open,
+        Ok(Some(Message::HelperCall(call))) => {
+            let span = info_span!("helper", job = %call.job.job_id, attempt = call.job.attempt);
+            super::helper_stream::serve(send, call, &agent_id, &state)
+                .instrument(span)
+                .await;
+            return;
+        }
         Ok(Some(other)) => {
             debug!(
                 message = other.name(),

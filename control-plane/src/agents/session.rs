@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use cronium_protocol::hello::Hello;
 use cronium_protocol::{
-    AttemptRef, ClaimDone, CloseCode, FrameDecoder, HeartbeatAck, JobSpec, MIN_PROTOCOL_VERSION,
-    Message, PROTOCOL_VERSION, Reject, RejectCode, RuntimeSpec, ScriptKind, Welcome, negotiate,
+    AttemptRef, ClaimDone, CloseCode, DockerSpec, FrameDecoder, HeartbeatAck, JobSpec,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Reject, RejectCode, RuntimeSpec, ScriptKind,
+    Welcome, negotiate,
 };
 use rustls_pki_types::CertificateDer;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -76,13 +77,8 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
         "nodejs" => ScriptKind::Node,
         other => bail!("job {} has kind {other:?}, which agents do not run", job.id),
     };
-    let runtime = match &job.runtime_spec {
-        None => RuntimeSpec::Host,
-        Some(text) => RuntimeSpec::Docker(
-            serde_json::from_str(text)
-                .with_context(|| format!("job {} has an unreadable runtime_spec", job.id))?,
-        ),
-    };
+    let runtime = runtime_spec(job.runtime_spec.as_deref())
+        .with_context(|| format!("job {} has an unreadable runtime_spec", job.id))?;
     Ok(JobSpec {
         job_id: job.id,
         attempt: job.attempt,
@@ -94,6 +90,20 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
         timeout_ms: job.timeout_seconds as u64 * 1000,
         input: job.input,
         runtime,
+    })
+}
+
+/// A job row's `runtime_spec`: JSON of the wire's [`RuntimeSpec`]; in rows written before host
+/// jobs had settings, NULL (a host job as the agent's user, without limits) or the bare JSON of a
+/// `DockerSpec`.
+fn runtime_spec(text: Option<&str>) -> serde_json::Result<RuntimeSpec> {
+    let Some(text) = text else {
+        return Ok(RuntimeSpec::default());
+    };
+    serde_json::from_str::<RuntimeSpec>(text).or_else(|error| {
+        serde_json::from_str::<DockerSpec>(text)
+            .map(RuntimeSpec::Docker)
+            .map_err(|_| error)
     })
 }
 
@@ -338,4 +348,51 @@ async fn handle_control_message(
         other => bail!("unexpected {} on the control stream", other.name()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cronium_protocol::{DockerNetwork, HostSpec};
+
+    use super::*;
+
+    #[test]
+    fn runtime_specs_of_old_and_new_rows_are_read() {
+        assert_eq!(
+            runtime_spec(None).unwrap(),
+            RuntimeSpec::Host(HostSpec::default())
+        );
+        let host = RuntimeSpec::Host(HostSpec {
+            user: Some("nobody".into()),
+            memory_mb: Some(32),
+            cpus: None,
+            pids: Some(20),
+        });
+        assert_eq!(
+            runtime_spec(Some(&serde_json::to_string(&host).unwrap())).unwrap(),
+            host
+        );
+        let docker = DockerSpec {
+            image: "debian:12-slim".into(),
+            memory_mb: Some(64),
+            cpus: Some(0.5),
+            pids: Some(256),
+            network: DockerNetwork::None,
+            read_only: false,
+            user: None,
+        };
+        // Rows written before host jobs had settings hold a bare DockerSpec.
+        assert_eq!(
+            runtime_spec(Some(&serde_json::to_string(&docker).unwrap())).unwrap(),
+            RuntimeSpec::Docker(docker.clone())
+        );
+        assert_eq!(
+            runtime_spec(Some(
+                &serde_json::to_string(&RuntimeSpec::Docker(docker.clone())).unwrap()
+            ))
+            .unwrap(),
+            RuntimeSpec::Docker(docker)
+        );
+        assert!(runtime_spec(Some("{\"Vm\":{}}")).is_err());
+    }
 }

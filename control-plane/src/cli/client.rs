@@ -64,6 +64,14 @@ impl ApiArgs {
 
 /// A reqwest client on the ring TLS provider.
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_client_config()?)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// A TLS client configuration on the ring provider trusting the system's CA bundle.
+pub fn tls_client_config() -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     if let Ok(certificates) = std::fs::read("/etc/ssl/certs/ca-certificates.crt") {
         use rustls_pki_types::pem::PemObject;
@@ -79,10 +87,7 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
     .context("TLS versions")?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .context("building the HTTP client")
+    Ok(tls)
 }
 
 impl Client {

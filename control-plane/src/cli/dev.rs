@@ -43,6 +43,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         lease: Duration::from_secs(30),
         heartbeat: Duration::from_secs(5),
         docker_images: args.docker_images.clone().into(),
+        delivery: crate::tools::DeliveryOptions::default(),
     };
     let server_shutdown = CancellationToken::new();
     let running = crate::start(config, server_shutdown.clone()).await?;
@@ -114,6 +115,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         reconnect_max: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(5),
         force_stop: CancellationToken::new(),
+        // The dev agent runs jobs as the user running `cronium dev` only.
+        allow_run_as: Vec::new(),
     };
     let agent = tokio::spawn(cronium_agent::run(
         agent_options.clone(),
@@ -122,7 +125,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     println!();
     println!("Cronium is running.");
-    println!("  console / API  {url}");
+    println!("  console        {url}/ui/");
+    println!("  API            {url}/api/v1");
     println!("  QUIC (agents)  {}", running.quic_addr);
     println!("  data dir       {}", args.data_dir.display());
     if let Some(password) = &running.admin_password {

@@ -2,7 +2,7 @@
 //! directly (`user create`, `token create`), and API clients (`enroll-token create`, `run`,
 //! `event`). Every flag's doc comment is its `--help` text.
 
-mod client;
+pub(crate) mod client;
 mod dev;
 
 use std::net::SocketAddr;
@@ -208,6 +208,79 @@ enum EnrollTokenCommand {
     },
 }
 
+/// Where and how an event's jobs run.
+#[derive(clap::Args, Debug)]
+struct RuntimeArgs {
+    /// host (a process on the agent's host) or docker (a throwaway container).
+    #[arg(long, default_value = "host")]
+    runtime: String,
+    /// Docker image (default: the control plane's image for the kind).
+    #[arg(long)]
+    image: Option<String>,
+    /// Memory limit in MiB (host jobs: through the agent's cgroups).
+    #[arg(long)]
+    memory_mb: Option<u32>,
+    /// CPU limit in cores, fractions allowed.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Maximum number of processes (Docker default: 256; host: no limit).
+    #[arg(long)]
+    pids: Option<u32>,
+    /// Docker network: none or bridge.
+    #[arg(long)]
+    network: Option<String>,
+    /// Docker: mount the container's root file system read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// The user the script runs as (Docker: name or uid[:gid]; host: must be allowed by the
+    /// agent's --allow-run-as).
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl RuntimeArgs {
+    /// Adds the runtime fields to an event body.
+    fn fill(&self, body: &mut serde_json::Value) {
+        body["runtime"] = serde_json::json!(self.runtime);
+        if let Some(image) = &self.image {
+            body["image"] = serde_json::json!(image);
+        }
+        let mut limits = serde_json::Map::new();
+        if let Some(memory_mb) = self.memory_mb {
+            limits.insert("memory_mb".into(), serde_json::json!(memory_mb));
+        }
+        if let Some(cpus) = self.cpus {
+            limits.insert("cpus".into(), serde_json::json!(cpus));
+        }
+        if let Some(pids) = self.pids {
+            limits.insert("pids".into(), serde_json::json!(pids));
+        }
+        if !limits.is_empty() {
+            body["limits"] = serde_json::Value::Object(limits);
+        }
+        if let Some(network) = &self.network {
+            body["network"] = serde_json::json!(network);
+        }
+        if self.read_only {
+            body["read_only"] = serde_json::json!(true);
+        }
+        if let Some(user) = &self.user {
+            body["user"] = serde_json::json!(user);
+        }
+    }
+}
+
+/// Parses NAME=VALUE pairs.
+fn parse_env(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+            _ => bail!("--env takes NAME=VALUE, got {pair:?}"),
+        })
+        .collect()
+}
+
 #[derive(Subcommand, Debug)]
 enum EventCommand {
     /// Create an event.
@@ -235,6 +308,11 @@ enum EventCommand {
         /// Extra attempts after a failure.
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// Environment of the script, NAME=VALUE (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        #[command(flatten)]
+        runtime: Box<RuntimeArgs>,
         #[command(flatten)]
         api: client::ApiArgs,
     },
@@ -403,6 +481,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             labels,
             timeout,
             retries,
+            env,
+            runtime,
             api,
         }) => {
             let script = match (script, script_file) {
@@ -411,11 +491,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("reading {}", path.display()))?,
                 (None, None) => bail!("give the script with --script or --script-file"),
             };
-            let body = serde_json::json!({
-                "name": name, "kind": kind, "script": script, "runtime": "host",
+            let mut body = serde_json::json!({
+                "name": name, "kind": kind, "script": script,
                 "targets": {"agents": agents, "labels": parse_labels(&labels)?},
-                "timeout_seconds": timeout, "retries": retries,
+                "timeout_seconds": timeout, "retries": retries, "env": parse_env(&env)?,
             });
+            runtime.fill(&mut body);
             let event = api.client()?.post("/events", &body).await?;
             println!("{}", event["id"].as_str().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
@@ -527,6 +608,7 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         docker_images: args.docker_images.into(),
+        delivery: crate::tools::DeliveryOptions::default(),
     };
     if config.heartbeat * 2 > config.lease {
         bail!("--lease-seconds must be at least twice --heartbeat-seconds");
@@ -563,4 +645,60 @@ pub async fn watch_signals(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod runtime_args_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn runtime_flags_become_event_fields() {
+        let cli = Cli::try_parse_from([
+            "cronium",
+            "event",
+            "create",
+            "e",
+            "--script",
+            "true",
+            "--runtime",
+            "docker",
+            "--image",
+            "alpine:3",
+            "--memory-mb",
+            "64",
+            "--cpus",
+            "0.5",
+            "--pids",
+            "32",
+            "--network",
+            "bridge",
+            "--read-only",
+            "--user",
+            "1000:1000",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+        ])
+        .unwrap();
+        let Command::Event(EventCommand::Create { runtime, env, .. }) = cli.command else {
+            panic!("parsed as something else");
+        };
+        let mut body = serde_json::json!({});
+        runtime.fill(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "runtime": "docker", "image": "alpine:3",
+                "limits": {"memory_mb": 64, "cpus": 0.5, "pids": 32},
+                "network": "bridge", "read_only": true, "user": "1000:1000",
+            })
+        );
+        let env = parse_env(&env).unwrap();
+        assert_eq!(env["B"], "x=y");
+        assert!(parse_env(&["novalue".into()]).is_err());
+        assert!(parse_env(&["=1".into()]).is_err());
+    }
 }

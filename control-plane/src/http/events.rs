@@ -15,7 +15,7 @@ use super::{labels_field, timestamp};
 use crate::AppState;
 use crate::store::StoreError;
 use crate::store::events::{
-    DEFAULT_PIDS, DockerSettings, Event, EventFields, EventKind, Network, Runtime, Targets,
+    DockerSettings, Event, EventFields, EventKind, Network, Runtime, Targets,
 };
 use crate::store::jobs::NewRun;
 
@@ -49,14 +49,16 @@ struct EventRequest {
     env: Option<BTreeMap<String, String>>,
     /// Docker only; `""` resets to the control plane's default for the kind.
     image: Option<String>,
+    /// Both runtimes (host: through the agent's cgroups).
     limits: Option<LimitsRequest>,
     network: Option<String>,
     read_only: Option<bool>,
-    /// Docker only; `""` resets to the image's default user.
+    /// Both runtimes; `""` resets to the default (Docker: the image's user, host: the agent's
+    /// own user).
     user: Option<String>,
 }
 
-/// Container limits; a missing field means no limit (PIDs: the default of 256).
+/// Job limits; a missing field means no limit (PIDs of Docker jobs: the default of 256).
 #[derive(Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct LimitsRequest {
@@ -99,15 +101,24 @@ fn event_json(event: &Event) -> Value {
         "created_at": timestamp(Some(event.created_at)),
         "updated_at": timestamp(Some(event.updated_at)),
     });
-    if event.runtime == Runtime::Docker {
-        let docker = &event.docker;
-        value["image"] = json!(docker.image);
-        value["limits"] =
-            json!({"memory_mb": docker.memory_mb, "cpus": docker.cpus, "pids": docker.pids});
-        value["network"] = json!(docker.network.as_str());
-        value["read_only"] = json!(docker.read_only);
-        value["user"] = json!(docker.user);
+    let docker = &event.docker;
+    match event.runtime {
+        Runtime::Docker => {
+            value["image"] = json!(docker.image);
+            value["limits"] = json!({
+                "memory_mb": docker.memory_mb,
+                "cpus": docker.cpus,
+                "pids": docker.docker_pids(),
+            });
+            value["network"] = json!(docker.network.as_str());
+            value["read_only"] = json!(docker.read_only);
+        }
+        Runtime::Host => {
+            value["limits"] =
+                json!({"memory_mb": docker.memory_mb, "cpus": docker.cpus, "pids": docker.pids});
+        }
     }
+    value["user"] = json!(docker.user);
     value
 }
 
@@ -122,18 +133,23 @@ fn valid_image(image: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
 }
 
-/// Whether `user` looks like `name`, `uid` or `uid:gid` (names allowed on either side).
+/// Whether `user` looks like `name`, `uid` or `uid:gid` (names allowed on either side): 1-64
+/// characters from letters, digits and `._-@$` (so no whitespace, control characters or shell
+/// syntax), not starting with `-`, with at most one `:` between two non-empty parts. Whether the
+/// user exists is for the agent (or the image) to say.
 fn valid_user(user: &str) -> bool {
     !user.is_empty()
         && user.len() <= 64
-        && !user.starts_with(['-', ':'])
-        && user.matches(':').count() <= 1
+        && !user.starts_with('-')
+        && user.split(':').count() <= 2
+        && !user.split(':').any(str::is_empty)
         && user
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "._-@$:".contains(c))
 }
 
-/// Merges the Docker fields of a request over `base` and validates them.
+/// Merges the isolation fields of a request over `base` and validates them: the Docker-only
+/// `image`, `network`, `read_only`, and `limits` and `user`, which apply to both runtimes.
 fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<DockerSettings> {
     let mut settings = base.map(|event| event.docker.clone()).unwrap_or_default();
     if let Some(image) = &request.image {
@@ -175,7 +191,7 @@ fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<Do
         }
         settings.memory_mb = limits.memory_mb;
         settings.cpus = limits.cpus;
-        settings.pids = limits.pids.unwrap_or(DEFAULT_PIDS);
+        settings.pids = limits.pids;
     }
     if let Some(network) = &request.network {
         settings.network = Network::parse(network).ok_or_else(|| {
@@ -196,7 +212,8 @@ fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<Do
         } else {
             return Err(ApiError::field(
                 "user",
-                "must be a user name, uid or uid:gid (letters, digits, '.', '_', '-')",
+                "must be a user name, uid or uid:gid (at most 64 characters: letters, digits, \
+                 '.', '_', '-', '@', '$')",
             ));
         }
     }
@@ -477,9 +494,11 @@ async fn trigger(
         ));
     }
     let runtime_spec = match event.runtime {
-        Runtime::Host => None,
-        Runtime::Docker => Some(docker_runtime_spec(&state, &event, &agent_ids).await?),
+        Runtime::Host => host_runtime_spec(&event),
+        Runtime::Docker => docker_runtime_spec(&state, &event, &agent_ids).await?,
     };
+    let runtime_spec = serde_json::to_string(&runtime_spec)
+        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))?;
     let kind = event.kind.as_str();
     let (run_id, jobs) = state
         .store
@@ -488,7 +507,7 @@ async fn trigger(
             kind,
             script: &event.script,
             env: &event.env,
-            runtime_spec: runtime_spec.as_deref(),
+            runtime_spec: Some(&runtime_spec),
             input: input.as_deref(),
             timeout_seconds: event.timeout_seconds,
             max_attempts: event.retries + 1,
@@ -510,13 +529,26 @@ async fn trigger(
     ))
 }
 
-/// The container settings copied into each job of a Docker event (JSON of the wire's
-/// `DockerSpec`, image resolved). Refuses targets whose last hello reported no Docker engine.
+/// The host settings copied into each job of a host event (stored as JSON of the wire's
+/// `RuntimeSpec`). PIDs are limited only when the event sets a limit: the Docker default does
+/// not apply to host jobs.
+fn host_runtime_spec(event: &Event) -> cronium_protocol::RuntimeSpec {
+    let settings = &event.docker;
+    cronium_protocol::RuntimeSpec::Host(cronium_protocol::HostSpec {
+        user: settings.user.clone(),
+        memory_mb: settings.memory_mb.map(u64::from),
+        cpus: settings.cpus,
+        pids: settings.pids,
+    })
+}
+
+/// The container settings copied into each job of a Docker event (stored as JSON of the wire's
+/// `RuntimeSpec`, image resolved). Refuses targets whose last hello reported no Docker engine.
 async fn docker_runtime_spec(
     state: &AppState,
     event: &Event,
     agent_ids: &[String],
-) -> ApiResult<String> {
+) -> ApiResult<cronium_protocol::RuntimeSpec> {
     let agents = state.store.agents().await?;
     let without: Vec<&str> = agents
         .iter()
@@ -546,7 +578,7 @@ async fn docker_runtime_spec(
         image,
         memory_mb: docker.memory_mb.map(u64::from),
         cpus: docker.cpus,
-        pids: Some(docker.pids),
+        pids: Some(docker.docker_pids()),
         network: match docker.network {
             Network::None => cronium_protocol::DockerNetwork::None,
             Network::Bridge => cronium_protocol::DockerNetwork::Bridge,
@@ -554,6 +586,5 @@ async fn docker_runtime_spec(
         read_only: docker.read_only,
         user: docker.user.clone(),
     };
-    serde_json::to_string(&spec)
-        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))
+    Ok(cronium_protocol::RuntimeSpec::Docker(spec))
 }

@@ -7,6 +7,8 @@ pub mod enrollment;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod tools;
+pub mod variables;
 
 use std::collections::BTreeMap;
 
@@ -33,6 +35,8 @@ pub fn router(state: AppState) -> Router {
         .merge(enrollment::router())
         .merge(events::router())
         .merge(jobs::router())
+        .merge(tools::router())
+        .merge(variables::router())
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),

@@ -29,6 +29,7 @@ fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
         lease: std::time::Duration::from_secs(30),
         heartbeat: std::time::Duration::from_secs(5),
         docker_images: crate::DockerImages::default(),
+        delivery: crate::tools::DeliveryOptions::default(),
     }
 }
 
@@ -276,6 +277,44 @@ async fn bad_event_input_is_refused_with_a_field_and_nothing_is_stored() {
             r#"{"name":"a","kind":"bash","script":"x","runtime":"docker","user":"root;id"}"#,
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("user"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"host","user":"no body"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("user"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","user":"nobody\n"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("user"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","user":"1000:"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("user"),
+        ),
+        (
+            &format!(
+                r#"{{"name":"a","kind":"bash","script":"x","user":"{}"}}"#,
+                "u".repeat(65)
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("user"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"host","limits":{"memory_mb":0}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.memory_mb"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"host","limits":{"cpus":-1}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.cpus"),
+        ),
+        (
+            r#"{"name":"a","kind":"bash","script":"x","runtime":"host","limits":{"pids":0}}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("limits.pids"),
         ),
     ];
     for (body, expected, field) in cases {
@@ -626,11 +665,11 @@ async fn docker_events_store_their_settings_and_refuse_agents_without_docker() {
     // The job carries a snapshot of the settings with the default image for its kind.
     let claimed = store.claim_jobs(&agents[0], 10, i64::MAX).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    let spec: cronium_protocol::DockerSpec =
+    let spec: cronium_protocol::RuntimeSpec =
         serde_json::from_str(claimed[0].runtime_spec.as_deref().unwrap()).unwrap();
     assert_eq!(
         spec,
-        cronium_protocol::DockerSpec {
+        cronium_protocol::RuntimeSpec::Docker(cronium_protocol::DockerSpec {
             image: "python:3-slim".into(),
             memory_mb: Some(64),
             cpus: Some(0.5),
@@ -638,7 +677,7 @@ async fn docker_events_store_their_settings_and_refuse_agents_without_docker() {
             network: cronium_protocol::DockerNetwork::None,
             read_only: true,
             user: Some("1000:1000".into()),
-        }
+        })
     );
 
     // PATCH changes only what it names; "" resets the image to the default.
@@ -666,4 +705,224 @@ async fn docker_events_store_their_settings_and_refuse_agents_without_docker() {
         )
         .await;
     assert_eq!(event["image"], Value::Null);
+}
+
+#[tokio::test]
+async fn host_events_carry_user_and_limits_without_the_docker_pids_default() {
+    let api = api().await;
+    let token = api.token("admin", Role::Admin).await;
+    let store = &api.state().store;
+    store
+        .create_enrollment_token(
+            "token-host",
+            &Default::default(),
+            1,
+            crate::store::now_ms() + 60_000,
+            None,
+        )
+        .await
+        .unwrap();
+    let (agent, _) = store
+        .enroll_agent(crate::store::agents::NewAgent {
+            token_sha256: "token-host",
+            name: "host-agent",
+            extra_labels: &Default::default(),
+            hostname: "h",
+            os: "linux",
+            arch: "x86_64",
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .set_agent_certificate(&agent.id, "cert-host-agent")
+        .await
+        .unwrap();
+
+    // No limits: host jobs get none (not the Docker PIDs default), and no user.
+    let body = json!({
+        "name": "plain", "kind": "bash", "script": "id -u", "runtime": "host",
+        "targets": {"agents": ["host-agent"]},
+    })
+    .to_string();
+    let (status, event) = api
+        .send(Method::POST, "/api/v1/events", Some(&token), Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{event}");
+    assert_eq!(
+        event["limits"],
+        json!({"memory_mb": null, "cpus": null, "pids": null})
+    );
+    assert_eq!(event["user"], Value::Null);
+    assert!(event.get("image").is_none(), "{event}");
+    let plain = event["id"].as_str().unwrap().to_owned();
+
+    let body = json!({
+        "name": "limited", "kind": "bash", "script": "id -u", "runtime": "host",
+        "targets": {"agents": ["host-agent"]}, "user": "nobody",
+        "limits": {"memory_mb": 32, "cpus": 0.5, "pids": 20},
+    })
+    .to_string();
+    let (status, event) = api
+        .send(Method::POST, "/api/v1/events", Some(&token), Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{event}");
+    assert_eq!(
+        event["limits"],
+        json!({"memory_mb": 32, "cpus": 0.5, "pids": 20})
+    );
+    assert_eq!(event["user"], "nobody");
+    let limited = event["id"].as_str().unwrap().to_owned();
+
+    // Switching the plain event to Docker shows the container default.
+    let (status, docker) = api
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/events/{plain}"),
+            Some(&token),
+            Some(r#"{"runtime":"docker"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{docker}");
+    assert_eq!(docker["limits"]["pids"], 256);
+    let (status, host) = api
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/events/{plain}"),
+            Some(&token),
+            Some(r#"{"runtime":"host"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{host}");
+    assert_eq!(host["limits"]["pids"], Value::Null);
+
+    for id in [&plain, &limited] {
+        let (status, answer) = api
+            .send(
+                Method::POST,
+                &format!("/api/v1/events/{id}/runs"),
+                Some(&token),
+                Some("{}"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let claimed = store.claim_jobs(&agent.id, 10, i64::MAX).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let mut specs: Vec<cronium_protocol::RuntimeSpec> = claimed
+        .iter()
+        .map(|job| serde_json::from_str(job.runtime_spec.as_deref().unwrap()).unwrap())
+        .collect();
+    specs.sort_by_key(|spec| format!("{spec:?}"));
+    assert_eq!(
+        specs,
+        [
+            cronium_protocol::RuntimeSpec::Host(cronium_protocol::HostSpec::default()),
+            cronium_protocol::RuntimeSpec::Host(cronium_protocol::HostSpec {
+                user: Some("nobody".into()),
+                memory_mb: Some(32),
+                cpus: Some(0.5),
+                pids: Some(20),
+            }),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn variables_belong_to_their_owner_and_are_sealed_at_rest() {
+    let api = api().await;
+    let alice = api.token("alice", Role::User).await;
+    let bob = api.token("bob", Role::User).await;
+    let viewer = api.token("vera", Role::Viewer).await;
+    let canary = "canary-variable-value-4711";
+    let body = format!(r#"{{"value": {{"token": "{canary}", "n": [1, 2]}}}}"#);
+    let (status, stored) = api
+        .send(
+            Method::PUT,
+            "/api/v1/variables/deploy.key",
+            Some(&alice),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+    assert_eq!(stored["value"]["token"], canary);
+    assert_eq!(stored["updated_by_job"], Value::Null);
+
+    let (status, listed) = api
+        .send(Method::GET, "/api/v1/variables", Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed[0]["name"], "deploy.key");
+    assert_eq!(listed[0]["value"]["n"], serde_json::json!([1, 2]));
+
+    // Bob has his own (empty) set; he can neither read nor delete Alice's.
+    let (_, listed) = api
+        .send(Method::GET, "/api/v1/variables", Some(&bob), None)
+        .await;
+    assert_eq!(listed, serde_json::json!([]));
+    for method in [Method::GET, Method::DELETE] {
+        let (status, body) = api
+            .send(
+                method.clone(),
+                "/api/v1/variables/deploy.key",
+                Some(&bob),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {body}");
+    }
+    // Viewers cannot change anything.
+    let (status, _) = api
+        .send(
+            Method::PUT,
+            "/api/v1/variables/x",
+            Some(&viewer),
+            Some(r#"{"value": 1}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Bad names and bodies.
+    for (path, body) in [
+        ("/api/v1/variables/has%20space", r#"{"value": 1}"#),
+        ("/api/v1/variables/x", r#"{"other": 1}"#),
+        ("/api/v1/variables/x", "not json"),
+    ] {
+        let (status, answer) = api.send(Method::PUT, path, Some(&alice), Some(body)).await;
+        assert!(status.is_client_error(), "{path} {body}: {status}");
+        assert_error_shape(&answer);
+    }
+    let long_name = format!("/api/v1/variables/{}", "n".repeat(129));
+    let (status, answer) = api.send(Method::GET, &long_name, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(answer["error"]["field"], "name");
+    let huge = format!(
+        r#"{{"value": "{}"}}"#,
+        "x".repeat(cronium_protocol::MAX_HELPER_VALUE)
+    );
+    let (status, answer) = api
+        .send(
+            Method::PUT,
+            "/api/v1/variables/huge",
+            Some(&alice),
+            Some(&huge),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+
+    // At rest the value is sealed: the canary is nowhere in the database files.
+    api.state().store.close().await;
+    for entry in std::fs::read_dir(api._dir.path()).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().contains("db") {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert!(
+                !bytes
+                    .windows(canary.len())
+                    .any(|window| window == canary.as_bytes()),
+                "{} holds the variable in the clear",
+                entry.path().display()
+            );
+        }
+    }
 }

@@ -89,20 +89,30 @@ impl Network {
     }
 }
 
-/// Default PIDs limit of an event's containers.
+/// PIDs limit of an event's containers when the event sets none (host jobs get no default).
 pub const DEFAULT_PIDS: u32 = 256;
 
-/// How an event's containers are made (used when its runtime is `docker`).
+/// How an event's jobs are isolated. `image`, `network` and `read_only` are used when its
+/// runtime is `docker`; `memory_mb`, `cpus`, `pids` and `user` apply to both runtimes (on the
+/// host through the agent's cgroups and its `--allow-run-as` list).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DockerSettings {
     /// `None`: the control plane's default image for the event's kind.
     pub image: Option<String>,
     pub memory_mb: Option<u32>,
     pub cpus: Option<f64>,
-    pub pids: u32,
+    /// `None`: not set; Docker jobs get [`DEFAULT_PIDS`], host jobs no limit.
+    pub pids: Option<u32>,
     pub network: Network,
     pub read_only: bool,
     pub user: Option<String>,
+}
+
+impl DockerSettings {
+    /// The PIDs limit of the event's containers.
+    pub fn docker_pids(&self) -> u32 {
+        self.pids.unwrap_or(DEFAULT_PIDS)
+    }
 }
 
 impl Default for DockerSettings {
@@ -111,7 +121,7 @@ impl Default for DockerSettings {
             image: None,
             memory_mb: None,
             cpus: None,
-            pids: DEFAULT_PIDS,
+            pids: None,
             network: Network::None,
             read_only: false,
             user: None,
@@ -202,7 +212,9 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
             .try_get::<Option<i64>, _>("memory_mb")?
             .map(|mb| u32::try_from(mb).unwrap_or(u32::MAX)),
         cpus: row.try_get("cpus")?,
-        pids: u32::try_from(row.try_get::<i64, _>("pids")?).unwrap_or(DEFAULT_PIDS),
+        pids: row
+            .try_get::<Option<i64>, _>("pids")?
+            .map(|pids| u32::try_from(pids).unwrap_or(u32::MAX)),
         network: Network::parse(&network)
             .ok_or_else(|| StoreError::Corrupt(format!("network {network:?}")))?,
         read_only: row.try_get::<i64, _>("read_only")? != 0,
@@ -260,7 +272,7 @@ impl Store {
         .bind(&fields.docker.image)
         .bind(fields.docker.memory_mb.map(i64::from))
         .bind(fields.docker.cpus)
-        .bind(i64::from(fields.docker.pids))
+        .bind(fields.docker.pids.map(i64::from))
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))
         .bind(&fields.docker.user)
@@ -294,7 +306,7 @@ impl Store {
         .bind(&fields.docker.image)
         .bind(fields.docker.memory_mb.map(i64::from))
         .bind(fields.docker.cpus)
-        .bind(i64::from(fields.docker.pids))
+        .bind(fields.docker.pids.map(i64::from))
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))
         .bind(&fields.docker.user)

@@ -403,7 +403,7 @@ impl Store {
         let agent_id = agent_id.to_string();
         write_op!(self, |conn| async {
         let rows = sqlx::query(
-            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, claimed_at = ?, lease_expires_at = ?
+            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = ?, lease_expires_at = ?
              WHERE id IN (SELECT id FROM jobs WHERE agent_id = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
              RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
         )

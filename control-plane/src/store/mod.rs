@@ -12,7 +12,9 @@
 pub mod agents;
 pub mod events;
 pub mod jobs;
+pub mod tools;
 pub mod users;
+pub mod variables;
 
 use std::any::Any;
 use std::future::Future;

@@ -553,3 +553,179 @@ async fn a_failing_write_in_a_group_commit_does_not_undo_the_others() {
         );
     }
 }
+
+#[tokio::test]
+async fn helper_writes_apply_once_per_sequence_number_and_only_for_the_current_attempt() {
+    use super::tools::{SealedConfig, ToolKind};
+    use super::variables::{HelperRead, HelperWrite, HelperWriteOutcome};
+
+    let fixture = fixture().await;
+    let agent = fixture.agent("a").await;
+    let other_agent = fixture.agent("b").await;
+    let job = fixture.jobs(&agent, 1, 2).await.remove(0);
+    let set = |value: &str| HelperWrite::SetVariable {
+        name: "counter".into(),
+        sealed_value: value.as_bytes().to_vec(),
+    };
+    let store = &fixture.store;
+
+    // Not claimed yet: stale, and audited.
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 1, 1, set("0"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Stale
+    );
+    store
+        .claim_jobs(&agent, 1, now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 1, 1, set("1"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Applied
+    );
+    // A replay of the same sequence number changes nothing.
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 1, 1, set("replayed"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Duplicate
+    );
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 1, 2, set("2"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Applied
+    );
+    // Another agent, or an old attempt, cannot write for the job.
+    assert_eq!(
+        store
+            .helper_write(&other_agent, &job, 1, 3, set("x"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Stale
+    );
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 2, 3, set("x"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Stale
+    );
+    assert_eq!(
+        store
+            .helper_get_variable(&other_agent, &job, 1, "counter")
+            .await
+            .unwrap(),
+        HelperRead::Stale
+    );
+    assert_eq!(
+        store
+            .helper_get_variable(&agent, &job, 1, "counter")
+            .await
+            .unwrap(),
+        HelperRead::Value(Some(b"2".to_vec()))
+    );
+    assert_eq!(
+        store
+            .helper_get_variable(&agent, &job, 1, "missing")
+            .await
+            .unwrap(),
+        HelperRead::Value(None)
+    );
+    let variable = store.variable(&fixture.owner, "counter").await.unwrap();
+    assert_eq!(variable.sealed_value, b"2");
+    assert_eq!(variable.updated_by_job.as_deref(), Some(job.as_str()));
+    assert_eq!(store.count_audit("helper_write_stale").await.unwrap(), 3);
+
+    // Notifications: no tool, then the only tool by default, a named one, an unknown one.
+    let notify = |tool: Option<&str>| HelperWrite::Notify {
+        tool: tool.map(str::to_owned),
+        title: None,
+        message: "hello".into(),
+    };
+    assert!(matches!(
+        store.helper_write(&agent, &job, 1, 3, notify(None)).await.unwrap(),
+        HelperWriteOutcome::NoTool(message) if message.contains("no tool")
+    ));
+    let sealed = || SealedConfig {
+        sealed: b"sealed".to_vec(),
+        target_host: "127.0.0.1".into(),
+    };
+    store
+        .create_tool(&fixture.owner, "ops", ToolKind::Webhook, sealed())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .helper_write(&agent, &job, 1, 4, notify(None))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Notified(_)
+    ));
+    store
+        .create_tool(&fixture.owner, "dev", ToolKind::Slack, sealed())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.helper_write(&agent, &job, 1, 5, notify(None)).await.unwrap(),
+        HelperWriteOutcome::NoTool(message) if message.contains("several tools")
+    ));
+    assert!(matches!(
+        store
+            .helper_write(&agent, &job, 1, 6, notify(Some("dev")))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Notified(_)
+    ));
+    assert!(matches!(
+        store.helper_write(&agent, &job, 1, 7, notify(Some("nope"))).await.unwrap(),
+        HelperWriteOutcome::NoTool(message) if message.contains("\"nope\"")
+    ));
+    // A replayed notification is not sent twice.
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 1, 6, notify(Some("dev")))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Duplicate
+    );
+    assert_eq!(
+        store
+            .notifications(Some(&fixture.owner), None, 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // A new attempt starts its sequence numbers again.
+    store
+        .expire_attempts_now(
+            &agent,
+            &[Attempt {
+                job_id: job.clone(),
+                attempt: 1,
+            }],
+        )
+        .await
+        .unwrap();
+    store.expire_leases(now_ms()).await.unwrap();
+    store
+        .claim_jobs(&agent, 1, now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .helper_write(&agent, &job, 2, 1, set("3"))
+            .await
+            .unwrap(),
+        HelperWriteOutcome::Applied
+    );
+}

@@ -87,9 +87,15 @@ async function setVariable(name, value) {
   await call('POST', '/v1/variables/set', { name, value: value === undefined ? null : value });
 }
 
-/** Sends a notification with `message` (and optional JSON details). */
-async function notify(message, details) {
-  await call('POST', '/v1/notify', Object.assign({ message }, details || {}));
+/**
+ * Sends `message` through one of the event owner's tools (Slack, Discord, webhook).
+ * `options.tool` names the tool (default: the owner's only tool); `options.title` is optional.
+ */
+async function notify(message, options) {
+  const body = { message };
+  if (options && options.tool !== undefined) body.tool = options.tool;
+  if (options && options.title !== undefined) body.title = options.title;
+  await call('POST', '/v1/notify', body);
 }
 
 module.exports = {

@@ -95,18 +95,28 @@ def event():
 
 
 def get_variable(name):
-    """The value of the variable `name` (None when it is not set)."""
+    """The value of the variable `name` (None when it is not set).
+
+    Variables belong to the event's owner and are shared by all of that owner's events."""
     answer = _call("POST", "/v1/variables/get", {"name": name})
     return answer.get("value") if isinstance(answer, dict) else None
 
 
 def set_variable(name, value):
-    """Sets the variable `name` to `value` (any JSON value)."""
+    """Sets the variable `name` to `value` (any JSON value).
+
+    When the agent cannot reach the control plane the write is queued and sent later (in order);
+    get_variable in this job already sees it."""
     _call("POST", "/v1/variables/set", {"name": name, "value": value})
 
 
-def notify(message, **details):
-    """Sends a notification with `message` (and optional JSON details)."""
+def notify(message, tool=None, title=None):
+    """Sends `message` through one of the event owner's tools (Slack, Discord, webhook).
+
+    `tool` names the tool (default: the owner's only tool); `title` is optional."""
     body = {"message": message}
-    body.update(details)
+    if tool is not None:
+        body["tool"] = tool
+    if title is not None:
+        body["title"] = title
     _call("POST", "/v1/notify", body)

@@ -56,6 +56,7 @@ _cronium_call() {
     return 0
   fi
   message=$(printf '%s' "$answer" | sed -n 's/.*"error"[[:space:]]*:[[:space:]]*"\(.*\)".*/\1/p')
+  message=${message//\\\"/\"}
   echo "cronium: ${message:-helper call failed with HTTP status $status}" >&2
   return 1
 }
@@ -105,26 +106,19 @@ cronium_event() {
   printf '%s\n' "$answer"
 }
 
-# cronium_get_variable NAME: prints a string value raw, any other value as JSON.
+# cronium_get_variable NAME: prints a string value raw, any other value as JSON, and nothing
+# when the variable is not set.
 cronium_get_variable() {
   if [ $# -ne 1 ]; then
     echo "cronium: usage: cronium_get_variable NAME" >&2
     return 2
   fi
-  local answer value
-  answer=$(_cronium_call POST /v1/variables/get "{\"name\": $(_cronium_json_string "$1")}") || return 1
-  # The agent answers {"value":<json>} in compact form.
-  value=${answer#\{\"value\":}
-  value=${value%\}}
-  case $value in
-    \"*\")
-      value=${value:1:${#value}-2}
-      value=${value//\\\"/\"}
-      value=${value//\\\//\/}
-      printf '%b\n' "$value"
-      ;;
-    *) printf '%s\n' "$value" ;;
-  esac
+  local answer
+  answer=$(_cronium_call POST /v1/variables/get \
+    "{\"name\": $(_cronium_json_string "$1"), \"format\": \"text\"}") || return 1
+  if [ -n "$answer" ]; then
+    printf '%s\n' "$answer"
+  fi
 }
 
 # cronium_set_variable NAME VALUE: stores VALUE as JSON when it parses as JSON, else as a string
@@ -138,11 +132,23 @@ cronium_set_variable() {
     "{\"name\": $(_cronium_json_string "$1"), \"text\": $(_cronium_json_string "$2")}" >/dev/null
 }
 
-# cronium_notify MESSAGE: sends a notification.
+# cronium_notify [--tool NAME] [--title TITLE] MESSAGE...: sends a notification through one of
+# the event owner's tools (Slack, Discord, webhook; without --tool: the owner's only tool).
 cronium_notify() {
+  local tool="" title="" fields=""
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --tool) [ $# -ge 2 ] || break; tool=$2; shift 2 ;;
+      --title) [ $# -ge 2 ] || break; title=$2; shift 2 ;;
+      --) shift; break ;;
+      *) break ;;
+    esac
+  done
   if [ $# -lt 1 ]; then
-    echo "cronium: usage: cronium_notify MESSAGE" >&2
+    echo "cronium: usage: cronium_notify [--tool NAME] [--title TITLE] MESSAGE..." >&2
     return 2
   fi
-  _cronium_call POST /v1/notify "{\"message\": $(_cronium_json_string "$*")}" >/dev/null
+  [ -n "$tool" ] && fields="$fields, \"tool\": $(_cronium_json_string "$tool")"
+  [ -n "$title" ] && fields="$fields, \"title\": $(_cronium_json_string "$title")"
+  _cronium_call POST /v1/notify "{\"message\": $(_cronium_json_string "$*")$fields}" >/dev/null
 }
