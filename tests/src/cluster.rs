@@ -668,6 +668,18 @@ impl TestCluster {
         json_str(&event, "id")
     }
 
+    /// Creates a webhook tool (`POST /api/v1/tools`) for the admin, pointing at `url`.
+    pub async fn create_webhook_tool(&self, name: &str, url: &str) -> Result<()> {
+        self.api
+            .post(
+                "/api/v1/tools",
+                &json!({"name": name, "kind": "webhook", "config": {"url": url}}),
+            )
+            .await?
+            .expect_status(201, &format!("create tool {name}"))?;
+        Ok(())
+    }
+
     /// Triggers a run of an event.
     pub async fn run_event(&self, event_id: &str, input: Option<Value>) -> Result<RunStarted> {
         let body = match input {

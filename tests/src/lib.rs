@@ -16,6 +16,7 @@ pub mod docker;
 pub mod process;
 pub mod quic;
 pub mod sse;
+pub mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Once;
@@ -31,6 +32,7 @@ pub use cluster::{
 };
 pub use process::{ChildGuard, ProcessInfo, live_processes_with_arg};
 pub use sse::{FollowedLog, LogEvent, follow_job_logs};
+pub use webhook::WebhookListener;
 
 /// Installs the ring crypto provider as the process default, once (reqwest and quinn need one).
 pub fn init_crypto() {

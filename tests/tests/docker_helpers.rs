@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use cronium_e2e::docker::{DefaultImages, TestImage, require_engine_with};
-use cronium_e2e::{ClusterOptions, EventSpec, TestCluster};
+use cronium_e2e::{ClusterOptions, EventSpec, TestCluster, WebhookListener};
 use serde_json::{Value, json};
 
 /// How long a Docker job may take from trigger to final status.
@@ -296,8 +296,7 @@ async fn run_all(
 }
 
 /// `set_variable` in one job, `get_variable` in a later job of another event of the same owner,
-/// in every language and across languages. Needs the helper calls the agent forwards to the
-/// control plane; until they land, the setters fail ("set_variable is not available yet …").
+/// in every language and across languages (calls the agent forwards to the control plane).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_variables_in_every_language() -> Result<()> {
     let (cluster, agent) = docker_cluster().await?;
@@ -367,6 +366,48 @@ async fn docker_variables_in_every_language() -> Result<()> {
                 "bash get_variable does not print a node-set value as its JSON: {output:?}"
             ));
         }
+    }
+    report(&cluster, failures)
+}
+
+/// `notify` from a container in every language reaches the owner's webhook (delivered by the
+/// control plane; the containers have no network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_notify_in_every_language() -> Result<()> {
+    let (cluster, agent) = docker_cluster().await?;
+    let mut webhook = WebhookListener::start().await?;
+    cluster.create_webhook_tool("hook", webhook.url()).await?;
+    let mut failures = Vec::new();
+    let notifiers = vec![
+        EventSpec::bash(
+            "dn-bash",
+            ". ./cronium.sh\ncronium_notify --tool hook --title bash 'from a container'\n",
+        ),
+        EventSpec::python(
+            "dn-python",
+            "import cronium\ncronium.notify('from a container', tool='hook', title='python')\n",
+        ),
+        EventSpec::nodejs(
+            "dn-node",
+            "const cronium = require('./cronium');\ncronium.notify('from a container', { title: 'node' }).catch((e) => { console.error(e); process.exit(1); });\n",
+        ),
+    ];
+    run_all(&cluster, &agent, "notify", notifiers, &mut failures).await?;
+    if !failures.is_empty() {
+        return report(&cluster, failures);
+    }
+    let mut titles = Vec::new();
+    for _ in 0..3 {
+        let body = webhook.next_body(JOB_TIMEOUT).await?;
+        let payload: Value = serde_json::from_str(&body)?;
+        if payload["message"] != "from a container" {
+            failures.push(format!("webhook payload {payload}"));
+        }
+        titles.push(payload["title"].as_str().unwrap_or_default().to_owned());
+    }
+    titles.sort();
+    if titles != ["bash", "node", "python"] {
+        failures.push(format!("webhook titles {titles:?}"));
     }
     report(&cluster, failures)
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cronium_e2e::{EventSpec, TestCluster};
+use cronium_e2e::{EventSpec, TestCluster, WebhookListener};
 use serde_json::{Value, json};
 
 /// How long an ordinary job may take from trigger to final status.
@@ -210,90 +210,52 @@ async fn variables_are_shared_by_the_events_of_one_owner() -> Result<()> {
     Ok(())
 }
 
-/// A one-shot HTTP endpoint on loopback standing in for a webhook: it records the first
-/// request's body and answers 200.
-async fn webhook_listener() -> Result<(String, tokio::sync::oneshot::Receiver<String>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            return;
-        };
-        let mut request = Vec::new();
-        let mut buffer = [0u8; 4096];
-        let body = loop {
-            let Ok(read) = stream.read(&mut buffer).await else {
-                return;
-            };
-            if read == 0 {
-                return;
-            }
-            request.extend_from_slice(&buffer[..read]);
-            let text = String::from_utf8_lossy(&request).into_owned();
-            let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                continue;
-            };
-            let length = head
-                .lines()
-                .find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if body.len() >= length {
-                break body.to_owned();
-            }
-        };
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            .await;
-        let _ = sender.send(body);
-    });
-    Ok((url, receiver))
-}
-
 #[tokio::test(flavor = "multi_thread")]
-async fn notify_reaches_the_owners_webhook() -> Result<()> {
+async fn notify_reaches_the_owners_webhook_from_every_language() -> Result<()> {
     let mut cluster = TestCluster::start().await?;
     let agent = cluster.add_agent("h").await?;
-    let (url, received) = webhook_listener().await?;
+    let mut webhook = WebhookListener::start().await?;
     cluster
-        .api()
-        .post(
-            "/api/v1/tools",
-            &json!({"name": "ops-hook", "kind": "webhook", "config": {"url": url}}),
-        )
-        .await?
-        .expect_status(201, "POST /tools")?;
-    let job_id = cluster
-        .run_single_job(
-            &EventSpec::python(
-                "notifier",
-                "import cronium\ncronium.notify('disk almost full', title='host h')\nprint('notified')\n",
-            )
-            .target(&agent.id),
-        )
+        .create_webhook_tool("ops-hook", webhook.url())
         .await?;
-    let job = cluster.wait_job_final(&job_id, JOB_TIMEOUT).await?;
-    if job["status"] != "completed" {
-        bail!(
-            "the notifying job: {job}\n(log tails)\n{}",
-            cluster.log_tails()
-        );
+    let cases = [
+        EventSpec::bash(
+            "notify-bash",
+            ". ./cronium.sh\ncronium_notify --title 'from bash' 'disk almost full'\n",
+        ),
+        EventSpec::python(
+            "notify-python",
+            "import cronium\ncronium.notify('disk almost full', title='from python')\n",
+        ),
+        EventSpec::nodejs(
+            "notify-node",
+            "const cronium = require('./cronium');\ncronium.notify('disk almost full', { tool: 'ops-hook', title: 'from node' }).catch((e) => { console.error(e); process.exit(1); });\n",
+        ),
+    ];
+    let mut jobs = Vec::new();
+    for spec in cases {
+        jobs.push(cluster.run_single_job(&spec.target(&agent.id)).await?);
     }
-    let body = tokio::time::timeout(JOB_TIMEOUT, received)
-        .await
-        .context("the webhook was not called")?
-        .context("the webhook listener ended")?;
-    let payload: Value = serde_json::from_str(&body).context("the webhook body is JSON")?;
-    if payload["message"] != "disk almost full"
-        || payload["title"] != "host h"
-        || payload["job_id"] != json!(job_id)
-    {
-        bail!("webhook payload {payload}");
+    for job_id in &jobs {
+        let job = cluster.wait_job_final(job_id, JOB_TIMEOUT).await?;
+        if job["status"] != "completed" {
+            bail!("notifying job: {job}\n(log tails)\n{}", cluster.log_tails());
+        }
+    }
+    let mut titles = Vec::new();
+    for _ in &jobs {
+        let body = webhook.next_body(JOB_TIMEOUT).await?;
+        let payload: Value = serde_json::from_str(&body).context("the webhook body is JSON")?;
+        if payload["message"] != "disk almost full"
+            || !jobs.iter().any(|id| payload["job_id"] == json!(id))
+        {
+            bail!("webhook payload {payload}");
+        }
+        titles.push(payload["title"].as_str().unwrap_or_default().to_owned());
+    }
+    titles.sort();
+    if titles != ["from bash", "from node", "from python"] {
+        bail!("webhook titles {titles:?}");
     }
     Ok(())
 }
