@@ -34,6 +34,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(4);
 /// A connection that hears nothing for this long is considered dead.
 const MAX_IDLE: Duration = Duration::from_secs(20);
 
+/// Streams the control plane may have open at once on the agent's connection: terminal viewers.
+const MAX_SERVER_STREAMS: u32 = 64;
+
 /// Why an identity could not be loaded, stored or used.
 #[derive(Debug, Error)]
 pub enum IdentityError {
@@ -225,6 +228,10 @@ impl Identity {
         let idle = quinn::IdleTimeout::try_from(MAX_IDLE)
             .map_err(|error| IdentityError::Tls(error.to_string()))?;
         transport.max_idle_timeout(Some(idle));
+        // The control plane opens one bidirectional stream per terminal viewer on this
+        // connection (the agent never listens); nothing else may be opened by the server.
+        transport.max_concurrent_bidi_streams(MAX_SERVER_STREAMS.into());
+        transport.max_concurrent_uni_streams(0u32.into());
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport));
         Ok(config)

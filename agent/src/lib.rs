@@ -4,8 +4,9 @@
 //! state dir). [`run`] connects with that identity and serves jobs until the shutdown token is
 //! cancelled: it claims work, runs each attempt through a [`runner::Runner`], buffers the output
 //! in the on-disk [`spool`] and uploads it over a stream per attempt, resuming after reconnects
-//! and restarts. Both functions are used in-process by `cronium dev`, so neither exits the
-//! process nor installs a global tracing subscriber.
+//! and restarts; it also serves the browser terminals the control plane relays ([`terminal`]).
+//! Both functions are used in-process by `cronium dev`, so neither exits the process nor
+//! installs a global tracing subscriber.
 
 mod conn;
 pub mod enroll;
@@ -15,6 +16,7 @@ pub mod identity;
 mod jobs;
 pub mod runner;
 pub mod spool;
+pub mod terminal;
 
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ use tokio_util::task::TaskTracker;
 pub use conn::FatalError;
 pub use enroll::{EnrollError, EnrollOptions, LabelError, parse_labels};
 pub use identity::Identity;
+pub use terminal::{TerminalOptions, Terminals};
 
 use crate::conn::ConnOptions;
 use crate::helper::forward::HelperLink;
@@ -60,6 +63,9 @@ const UPLOAD_WAIT: Duration = Duration::from_secs(15);
 
 /// How long a forced shutdown waits for results to be uploaded.
 const FORCED_UPLOAD_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the terminal sessions may take to end when the agent stops.
+const TERMINAL_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What `cronium-agent run` needs.
 #[derive(Debug, Clone)]
@@ -97,8 +103,19 @@ pub async fn enroll(options: EnrollOptions) -> anyhow::Result<Identity> {
 
 /// Runs the agent until `shutdown` is cancelled (then it claims nothing more, lets running jobs
 /// finish within the grace period, uploads their results and returns), or until the control
-/// plane refuses the agent for good (an error naming the reason).
+/// plane refuses the agent for good (an error naming the reason). Terminals have their default
+/// settings; see [`run_with_terminals`].
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with_terminals(options, TerminalOptions::default(), shutdown).await
+}
+
+/// [`run`] with these terminal settings. A stop ends every terminal session (their viewers
+/// are told the exit) while the running jobs drain.
+pub async fn run_with_terminals(
+    options: AgentOptions,
+    terminal_options: TerminalOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     install_crypto_provider();
     anyhow::ensure!(options.capacity > 0, "the capacity must be at least 1");
     let state_dir = std::path::absolute(&options.state_dir)
@@ -131,6 +148,11 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         .map(|(_, value)| value.clone())
         .unwrap_or_default();
     let interpreters = resolve_interpreters(&path);
+    let terminals = Terminals::new(
+        terminal_options,
+        &path,
+        std::env::var("LANG").ok().as_deref(),
+    );
     let docker = match runner::docker::connect().await {
         Ok(docker) => Some(docker),
         Err(reason) => {
@@ -213,15 +235,22 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             connection: connection_sender,
             shutdown: shutdown.clone(),
             exit: exit.clone(),
+            terminals: terminals.clone(),
         },
         jobs.clone(),
     ));
-    let drained = pin!(drain(&jobs, &shutdown, &options));
+    let drained = pin!(async {
+        tokio::join!(drain(&jobs, &shutdown, &options), async {
+            shutdown.cancelled().await;
+            terminals.stop(TERMINAL_STOP_WAIT).await;
+        });
+    });
     let result = tokio::select! {
         result = &mut connection_loop => match result {
             Ok(()) => Ok(()),
             Err(fatal) => {
                 tracing::error!(%fatal, "stopping the agent");
+                terminals.stop(TERMINAL_STOP_WAIT).await;
                 jobs.stop_all(StopReason::Shutdown);
                 let _ = tokio::time::timeout(KILL_WAIT, jobs.wait_idle()).await;
                 Err(anyhow::Error::new(fatal))
@@ -234,6 +263,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         }
     };
     exit.cancel();
+    terminals.stop(TERMINAL_STOP_WAIT).await;
     tracker.close();
     if tokio::time::timeout(KILL_WAIT, tracker.wait())
         .await

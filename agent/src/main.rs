@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cronium_agent::{AgentOptions, EnrollOptions};
+use cronium_agent::{AgentOptions, EnrollOptions, TerminalOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -96,6 +96,54 @@ struct RunArgs {
         value_name = "USER[,USER...]"
     )]
     allow_run_as: Vec<String>,
+    /// Refuse every terminal session (the console's "open terminal" on this server).
+    #[arg(long, env = "CRONIUM_AGENT_NO_TERMINALS")]
+    no_terminals: bool,
+    /// The shell of terminal sessions, started as a login shell [default: the agent user's
+    /// login shell from the user database, else /bin/sh].
+    #[arg(long, env = "CRONIUM_AGENT_TERMINAL_SHELL")]
+    terminal_shell: Option<PathBuf>,
+    /// Output kept per terminal session (KiB) and replayed to a viewer that attaches.
+    #[arg(long, env = "CRONIUM_AGENT_TERMINAL_SCROLLBACK_KIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    terminal_scrollback_kib: u32,
+    /// A terminal session without any viewer for this long is ended (e.g. 600, 90s, 10m, 1h;
+    /// the control plane may ask for another value per session).
+    #[arg(long, env = "CRONIUM_AGENT_TERMINAL_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    terminal_idle_timeout: Duration,
+    /// A terminal session older than this is ended (the control plane may ask for another
+    /// value per session).
+    #[arg(long, env = "CRONIUM_AGENT_TERMINAL_MAX_AGE", default_value = "30m", value_parser = parse_duration)]
+    terminal_max_age: Duration,
+    /// Terminal sessions this agent runs at once; more are refused.
+    #[arg(long, env = "CRONIUM_AGENT_TERMINAL_MAX_SESSIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    terminal_max_sessions: u32,
+}
+
+/// Parses a duration: seconds (`90`) or a number with a unit (`500ms`, `90s`, `10m`, `1h`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 90, 90s, 10m, 1h)"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(duration)
 }
 
 fn main() -> ExitCode {
@@ -168,9 +216,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     .filter(|user| !user.is_empty())
                     .collect(),
             };
+            let terminals = TerminalOptions {
+                enabled: !args.no_terminals,
+                shell: args.terminal_shell,
+                scrollback_bytes: args.terminal_scrollback_kib as usize * 1024,
+                idle_timeout: args.terminal_idle_timeout,
+                max_age: args.terminal_max_age,
+                max_sessions: args.terminal_max_sessions as usize,
+            };
             let signals = watch_signals(shutdown.clone(), force_stop);
             tokio::select! {
-                result = cronium_agent::run(options, shutdown) => result,
+                result = cronium_agent::run_with_terminals(options, terminals, shutdown) => result,
                 error = signals => Err(error),
             }
         }

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod http;
 pub mod queue;
 pub mod store;
+pub mod terminals;
 pub mod tools;
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use agents::registry::AgentRegistry;
 use crypto::EncryptionKey;
 use queue::JobEvents;
 use store::Store;
+use terminals::{TerminalConfig, TerminalHub, TerminalSettings};
 
 /// Everything `start` needs, already validated.
 #[derive(Debug, Clone)]
@@ -52,6 +54,8 @@ pub struct ServerConfig {
     pub docker_images: DockerImages,
     /// How notifications are delivered and retried.
     pub delivery: tools::DeliveryOptions,
+    /// Terminals: allowed origins, limits, timeouts asked of agents, recording.
+    pub terminals: TerminalConfig,
 }
 
 /// The image a Docker event runs in when it names none, per kind.
@@ -81,6 +85,7 @@ pub struct Settings {
     pub heartbeat: Duration,
     pub docker_images: DockerImages,
     pub delivery: tools::DeliveryOptions,
+    pub terminals: TerminalSettings,
 }
 
 /// Shared state of every handler and session. Cheap to clone.
@@ -96,6 +101,8 @@ pub struct AppState {
     pub lease_reaper: Arc<Notify>,
     /// Wakes the notification dispatcher; `notify_one` after a notification was committed.
     pub notifier: Arc<Notify>,
+    /// Terminal sessions being opened and who records which.
+    pub terminals: TerminalHub,
     /// Cancelled when the control plane shuts down; every task watches it.
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -237,6 +244,11 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             .await?;
         Some(password)
     };
+    let terminal_settings = TerminalSettings::new(
+        &config.terminals,
+        config.public_url.as_deref(),
+        &config.data_dir,
+    )?;
     let ca = Arc::new(CertificateAuthority::load_or_create(&config.data_dir)?);
 
     let reset_key = load_or_create_secret(&config.data_dir.join("quic-reset.key"))?;
@@ -277,6 +289,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             heartbeat: config.heartbeat,
             docker_images: config.docker_images.clone(),
             delivery: config.delivery.clone(),
+            terminals: terminal_settings,
         }),
         store,
         registry: AgentRegistry::default(),
@@ -285,6 +298,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         job_events: JobEvents::default(),
         lease_reaper: Arc::new(Notify::new()),
         notifier: Arc::new(Notify::new()),
+        terminals: TerminalHub::default(),
         shutdown,
         tasks: TaskTracker::new(),
     };

@@ -175,6 +175,7 @@ mod tests {
                     os: "linux".into(),
                     arch: "x86_64".into(),
                 },
+                terminals: vec!["0123456789abcdef0123456789abcdef".into()],
             }),
             Message::Welcome(Welcome {
                 version: 1,
@@ -288,6 +289,35 @@ mod tests {
             Message::HelperReply(HelperReply::Refused {
                 reason: HelperRefusal::NotFound,
                 message: "no tool named ops".into(),
+            }),
+            Message::TerminalOpen(TerminalOpen {
+                session: Some("s1".into()),
+                cols: 120,
+                rows: 40,
+                opened_by: "alice".into(),
+                idle_timeout_ms: 0,
+                max_age_ms: 60_000,
+            }),
+            Message::TerminalOpened(TerminalOpened::Started {
+                session: "s1".into(),
+                pid: 99,
+            }),
+            Message::TerminalOpened(TerminalOpened::Refused {
+                reason: TerminalRefusal::Limit,
+                message: "too many".into(),
+            }),
+            Message::TerminalInput(TerminalInput {
+                data: "é\x03".as_bytes().to_vec(),
+            }),
+            Message::TerminalOutput(TerminalOutput {
+                data: vec![0xe2, 0x82],
+            }),
+            Message::TerminalResize(TerminalResize { cols: 80, rows: 24 }),
+            Message::TerminalClose,
+            Message::TerminalExit(TerminalExit { code: Some(130) }),
+            Message::TerminalEnded(TerminalEnded {
+                session: "0123456789abcdef0123456789abcdef".into(),
+                code: None,
             }),
         ]
     }

@@ -23,6 +23,9 @@ pub struct Hello {
     pub capabilities: Capabilities,
     /// Facts about the host, shown in the console.
     pub host: HostInfo,
+    /// Terminal sessions still alive on the agent (they survive reconnects); the control plane
+    /// marks every other session it believes open on this agent as closed.
+    pub terminals: Vec<String>,
 }
 
 /// What an agent can run.

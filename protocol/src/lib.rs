@@ -7,7 +7,8 @@
 //! Every stream starts with one message that says what the stream is for:
 //! [`Message::Hello`] opens the agent's long-lived control stream and [`Message::JobOpen`] opens
 //! the stream that carries one job attempt (logs with byte offsets, then the final result);
-//! [`Message::HelperCall`] opens a stream that carries one runtime-helper call.
+//! [`Message::HelperCall`] opens a stream that carries one runtime-helper call. The control plane
+//! opens one stream per terminal viewer, starting with [`Message::TerminalOpen`].
 //! See `docs/protocol.md` for the sequence diagrams and the stability policy.
 
 pub mod close;
@@ -15,6 +16,7 @@ pub mod frame;
 pub mod hello;
 pub mod helper;
 pub mod job;
+pub mod terminal;
 
 pub use close::CloseCode;
 pub use frame::{FrameDecoder, FrameError, decode, encode};
@@ -26,6 +28,10 @@ pub use job::{
     AttemptRef, Cancel, Claim, ClaimDone, DockerNetwork, DockerSpec, FailReason, FinalStatus,
     FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, HostSpec, JobFinished, JobOpen, JobOpened,
     JobSpec, JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind,
+};
+pub use terminal::{
+    MAX_TERMINAL_CHUNK, TerminalEnded, TerminalExit, TerminalInput, TerminalOpen, TerminalOpened,
+    TerminalOutput, TerminalRefusal, TerminalResize,
 };
 
 use serde::{Deserialize, Serialize};
@@ -91,6 +97,22 @@ pub enum Message {
     HelperCall(HelperCall),
     /// Control plane → agent: the answer to the helper call.
     HelperReply(HelperReply),
+    /// Control plane → agent, first message of a terminal stream: open or attach a session.
+    TerminalOpen(TerminalOpen),
+    /// Agent → control plane: the session was opened, attached, or refused.
+    TerminalOpened(TerminalOpened),
+    /// Control plane → agent: keystrokes.
+    TerminalInput(TerminalInput),
+    /// Agent → control plane: output of the PTY.
+    TerminalOutput(TerminalOutput),
+    /// Control plane → agent: the viewer's window size changed.
+    TerminalResize(TerminalResize),
+    /// Control plane → agent: end the session (kill the shell's process group).
+    TerminalClose,
+    /// Agent → control plane: the shell ended; the stream finishes after it.
+    TerminalExit(TerminalExit),
+    /// Agent → control plane, on the control stream: a terminal session ended.
+    TerminalEnded(TerminalEnded),
 }
 
 impl Message {
@@ -116,6 +138,14 @@ impl Message {
             Message::FinishAck(_) => "finish_ack",
             Message::HelperCall(_) => "helper_call",
             Message::HelperReply(_) => "helper_reply",
+            Message::TerminalOpen(_) => "terminal_open",
+            Message::TerminalOpened(_) => "terminal_opened",
+            Message::TerminalInput(_) => "terminal_input",
+            Message::TerminalOutput(_) => "terminal_output",
+            Message::TerminalResize(_) => "terminal_resize",
+            Message::TerminalClose => "terminal_close",
+            Message::TerminalExit(_) => "terminal_exit",
+            Message::TerminalEnded(_) => "terminal_ended",
         }
     }
 }

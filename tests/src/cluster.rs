@@ -248,6 +248,8 @@ pub struct TestCluster {
     options: ClusterOptions,
     /// The control plane's default Docker images (`--docker-image-*`); its own defaults if `None`.
     docker_images: Option<DefaultImages>,
+    /// More arguments of `cronium serve` (e.g. terminal settings).
+    extra_args: Vec<String>,
     control_plane: Option<ControlPlane>,
     http_addr: String,
     quic_addr: SocketAddr,
@@ -267,7 +269,14 @@ impl TestCluster {
 
     /// Starts a control plane on free ports in a new temp dir and creates an admin API token.
     pub async fn start_with(options: ClusterOptions) -> Result<TestCluster> {
-        TestCluster::start_inner(options, None).await
+        TestCluster::start_inner(options, None, Vec::new()).await
+    }
+
+    /// Like [`TestCluster::start_with`], with more arguments for `cronium serve` (e.g.
+    /// `--terminal-idle-timeout 2s`); they are kept for restarts.
+    pub async fn start_with_args(options: ClusterOptions, args: &[&str]) -> Result<TestCluster> {
+        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        TestCluster::start_inner(options, None, args).await
     }
 
     /// Like [`TestCluster::start_with`], with `images` as the control plane's default Docker
@@ -276,12 +285,13 @@ impl TestCluster {
         options: ClusterOptions,
         images: DefaultImages,
     ) -> Result<TestCluster> {
-        TestCluster::start_inner(options, Some(images)).await
+        TestCluster::start_inner(options, Some(images), Vec::new()).await
     }
 
     async fn start_inner(
         options: ClusterOptions,
         docker_images: Option<DefaultImages>,
+        extra_args: Vec<String>,
     ) -> Result<TestCluster> {
         crate::init_crypto();
         let dir = tempfile::Builder::new()
@@ -301,6 +311,7 @@ impl TestCluster {
             encryption_key,
             options,
             docker_images,
+            extra_args,
             control_plane: None,
             http_addr: String::new(),
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -428,6 +439,48 @@ impl TestCluster {
             .find_map(|line| line.split_once("with password: "))
             .map(|(_, password)| password.trim().to_owned())
             .with_context(|| format!("cronium user create printed no password: {stdout:?}"))
+    }
+
+    /// Creates a user with `role` (`admin`, `user` or `viewer`) through the CLI and an API token
+    /// for them; returns `(password, token)`.
+    pub async fn create_user(&self, name: &str, role: &str) -> Result<(String, String)> {
+        let mut command = self.cronium_command()?;
+        command
+            .args(["user", "create", name, "--role", role, "--data-dir"])
+            .arg(self.data_dir());
+        let output = run_with_timeout(command, COMMAND_TIMEOUT).await?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "cronium user create {name} failed ({}): {stdout}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let password = stdout
+            .rsplit("password:")
+            .next()
+            .map(str::trim)
+            .filter(|password| !password.is_empty() && !password.contains(' '))
+            .with_context(|| format!("no password in {stdout:?}"))?
+            .to_owned();
+        let mut command = self.cronium_command()?;
+        command
+            .args(["token", "create", "--user", name, "--data-dir"])
+            .arg(self.data_dir());
+        let output = run_with_timeout(command, COMMAND_TIMEOUT).await?;
+        if !output.status.success() {
+            bail!(
+                "cronium token create --user {name} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let token = String::from_utf8(output.stdout)
+            .context("token create printed non-UTF-8")?
+            .trim()
+            .to_owned();
+        Ok((password, token))
     }
 
     /// SIGKILLs the control plane and reaps it.
@@ -870,6 +923,7 @@ impl TestCluster {
         if let Some(images) = &self.docker_images {
             command.args(images.flags());
         }
+        command.args(&self.extra_args);
         let log_path = self.dir_path.join("control-plane.log");
         let (guard, ready) =
             ChildGuard::spawn("control plane", command, &log_path, Some("cronium ready "))?;

@@ -1135,6 +1135,7 @@ async fn garbage_on_the_quic_port_does_not_hurt_a_connected_agent() -> Result<()
         running: Vec::new(),
         capabilities: cronium_protocol::Capabilities::default(),
         host: cronium_protocol::HostInfo::default(),
+        terminals: Vec::new(),
     });
     send.write_all(&cronium_protocol::encode(&hello)?)
         .await

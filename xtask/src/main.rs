@@ -1,7 +1,8 @@
 //! `cargo xtask`: project automation.
 //!
 //! - `cargo xtask test [NEXTEST ARGS…]` — the whole test suite: builds every binary (the
-//!   end-to-end tests start the real `cronium` and `cronium-agent`), then runs
+//!   end-to-end tests start the real `cronium` and `cronium-agent`), installs web/'s npm
+//!   packages if needed (the browser test uses playwright-core), then runs
 //!   `cargo nextest run --workspace` (which includes the tidy checks below). The Docker tests
 //!   need an engine: unless `DOCKER_HOST` names one, a private `dockerd` is started for the run
 //!   (its own data dir and socket, no bridge, no iptables rules) and stopped afterwards.
@@ -24,6 +25,12 @@ fn main() -> ExitCode {
                 .status();
             if !matches!(build, Ok(status) if status.success()) {
                 eprintln!("xtask: building the binaries failed");
+                return ExitCode::FAILURE;
+            }
+            // The browser test runs web/'s playwright-core; the control plane's build script
+            // installs web/node_modules, but only when the console needed building.
+            if let Err(error) = install_web_dependencies(&root) {
+                eprintln!("xtask: {error}");
                 return ExitCode::FAILURE;
             }
             let engine = match docker::PrivateEngine::start_unless_configured() {
@@ -70,6 +77,33 @@ fn main() -> ExitCode {
             eprintln!("usage: cargo xtask test [NEXTEST ARGS…] | cargo xtask tidy");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `npm ci` in web/ when web/node_modules is missing or older than web/package-lock.json.
+fn install_web_dependencies(root: &Path) -> Result<(), String> {
+    let web = root.join("web");
+    let modified = |path: PathBuf| {
+        std::fs::metadata(path)
+            .and_then(|meta| meta.modified())
+            .ok()
+    };
+    let installed = modified(web.join("node_modules/.package-lock.json"));
+    let locked = modified(web.join("package-lock.json"));
+    if matches!((installed, locked), (Some(installed), Some(locked)) if installed >= locked) {
+        return Ok(());
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&web)
+        .status()
+        .map_err(|error| {
+            format!("cannot run npm ({error}): install Node.js 20.19 or newer with npm")
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`npm ci` in {} failed ({status})", web.display()))
     }
 }
 

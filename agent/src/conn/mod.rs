@@ -3,8 +3,12 @@
 //! [`run`] dials the control plane's addresses in order and serves one session at a time:
 //! `Hello` (with every attempt the agent still holds), then `Welcome` or `Reject`, then
 //! heartbeats, claims, assignments and cancellations on the control stream. The live connection
-//! is published on a watch channel for the per-attempt uploaders (`upload`). When a connection
-//! is lost the agent reconnects with jittered exponential backoff; jobs keep running meanwhile.
+//! is published on a watch channel for the per-attempt uploaders (`upload`). The control plane
+//! opens a stream on the connection for every terminal viewer; they are accepted here and served
+//! by [`Terminals`], and terminal sessions that end are reported on the control stream
+//! (`TerminalEnded`), the live ones in every hello. When a connection is lost the agent
+//! reconnects with jittered exponential backoff; jobs and terminal sessions keep running
+//! meanwhile.
 //! A `Reject` or a fatal close code (revoked, unknown agent, unsupported version) ends [`run`]
 //! with a [`FatalError`].
 
@@ -29,6 +33,7 @@ use self::backoff::Backoff;
 use crate::frame_io::{FrameIoError, read_message, write_message};
 use crate::identity::Identity;
 use crate::jobs::Jobs;
+use crate::terminal::Terminals;
 
 /// First reconnect delay ceiling; it doubles up to `reconnect_max`.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
@@ -75,6 +80,8 @@ pub(crate) struct ConnOptions {
     pub(crate) shutdown: CancellationToken,
     /// Cancelled when the agent exits: the connection is closed and [`run`] returns.
     pub(crate) exit: CancellationToken,
+    /// The terminal sessions, served on streams the control plane opens.
+    pub(crate) terminals: Terminals,
 }
 
 /// How a session ended.
@@ -224,6 +231,8 @@ impl Session {
             Ok(streams) => streams,
             Err(error) => return lost(connection, false, error.to_string()),
         };
+        // The hello lists the live terminal sessions, which covers every earlier report.
+        self.options.terminals.clear_ended();
         let hello = Hello {
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
@@ -232,6 +241,7 @@ impl Session {
             running: self.jobs.held(),
             capabilities: self.options.capabilities.clone(),
             host: self.options.host.clone(),
+            terminals: self.options.terminals.live_sessions(),
         };
         if let Err(error) = write_message(&mut send, &Message::Hello(hello)).await {
             return lost(connection, false, error.to_string());
@@ -353,6 +363,16 @@ impl Session {
                 () = self.options.exit.cancelled() => {
                     close(connection, CloseCode::Normal, "agent stopping");
                     return SessionEnd::Exit;
+                }
+                accepted = connection.accept_bi() => match accepted {
+                    // Only terminal streams are opened by the control plane.
+                    Ok((send, recv)) => self.options.terminals.serve_stream(send, recv),
+                    Err(error) => return lost(connection, true, error.to_string()),
+                },
+                ended = self.options.terminals.next_ended() => {
+                    if let Err(error) = write_message(&mut send, &Message::TerminalEnded(ended)).await {
+                        return self.stream_failed(connection, true, error);
+                    }
                 }
                 error = connection.closed() => {
                     if let Some(fatal) = fatal_close(&error) {

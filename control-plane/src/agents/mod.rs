@@ -6,7 +6,7 @@ mod helper_stream;
 mod job_stream;
 pub mod registry;
 mod session;
-mod wire;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -118,6 +118,14 @@ impl AgentRegistry {
         }
     }
 
+    /// The live QUIC connection of an online agent (the control plane opens terminal streams on
+    /// it); `None` if it is offline.
+    pub fn connection(&self, agent_id: &str) -> Option<quinn::Connection> {
+        self.lock()
+            .get(agent_id)
+            .map(|link| link.connection.clone())
+    }
+
     /// When an online agent was last heard from; `None` if it is offline.
     pub fn last_seen(&self, agent_id: &str) -> Option<i64> {
         self.lock().get(agent_id).map(|link| link.last_seen_at)

@@ -1,5 +1,6 @@
 //! One connected agent: authenticate its certificate, handle the hello, then serve the control
-//! stream (heartbeats, claims, wake-ups, cancellations) and accept its job streams.
+//! stream (heartbeats, claims, wake-ups, cancellations, ended terminal sessions) and accept its
+//! job streams. Terminal sessions the hello does not list any more are marked closed.
 
 use std::time::Duration;
 
@@ -263,6 +264,13 @@ async fn settle_hello(
             hello.capabilities.docker,
         )
         .await?;
+    let closed = state
+        .store
+        .close_terminal_sessions_except(agent_id, &hello.terminals)
+        .await?;
+    if closed > 0 {
+        info!(closed, "closed terminal sessions the agent no longer runs");
+    }
     let reported: Vec<Attempt> = hello.running.iter().map(to_attempt).collect();
     let (abandoned, cancel) = state
         .store
@@ -344,6 +352,15 @@ async fn handle_control_message(
                 state.job_events.notify(&job_id);
             }
             write_message(send, &Message::ClaimDone(ClaimDone { claimed: count })).await?;
+        }
+        Message::TerminalEnded(ended) => {
+            if state
+                .store
+                .close_terminal_session(&ended.session, agent_id, ended.code)
+                .await?
+            {
+                info!(session = %ended.session, code = ?ended.code, "terminal session ended");
+            }
         }
         other => bail!("unexpected {} on the control stream", other.name()),
     }

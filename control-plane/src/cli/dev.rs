@@ -44,6 +44,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(5),
         docker_images: args.docker_images.clone().into(),
         delivery: crate::tools::DeliveryOptions::default(),
+        terminals: args.terminals.config()?,
     };
     let server_shutdown = CancellationToken::new();
     let running = crate::start(config, server_shutdown.clone()).await?;

@@ -94,6 +94,8 @@ pub struct ServeArgs {
     heartbeat_seconds: u64,
     #[command(flatten)]
     docker_images: DockerImageArgs,
+    #[command(flatten)]
+    terminals: TerminalArgs,
     /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -123,6 +125,82 @@ pub struct DevArgs {
     agent_capacity: u32,
     #[command(flatten)]
     docker_images: DockerImageArgs,
+    #[command(flatten)]
+    terminals: TerminalArgs,
+}
+
+/// Browser terminals (`GET /api/v1/agents/{id}/terminal`).
+#[derive(Args, Debug, Clone)]
+pub struct TerminalArgs {
+    /// Another origin (scheme://host[:port]) browsers may open terminals from, besides the
+    /// public URL's; repeatable. Without --public-url, the origin of the Host the request was
+    /// sent to is allowed too.
+    #[arg(
+        long = "allowed-origin",
+        env = "CRONIUM_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    allowed_origins: Vec<String>,
+    /// Live terminal sessions one user may have at once.
+    #[arg(long, env = "CRONIUM_TERMINAL_MAX_PER_USER", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    terminal_max_per_user: u32,
+    /// Live terminal sessions one agent may have at once.
+    #[arg(long, env = "CRONIUM_TERMINAL_MAX_PER_AGENT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    terminal_max_per_agent: u32,
+    /// Idle timeout of terminal sessions without a viewer, asked of the agents (e.g. 90s, 10m);
+    /// 0: each agent's own (default 10m).
+    #[arg(long, env = "CRONIUM_TERMINAL_IDLE_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    terminal_idle_timeout: Duration,
+    /// Maximum age of terminal sessions, asked of the agents (e.g. 30m, 2h); 0: each agent's own
+    /// (default 30m).
+    #[arg(long, env = "CRONIUM_TERMINAL_MAX_AGE", default_value = "0", value_parser = parse_duration)]
+    terminal_max_age: Duration,
+    /// Record terminal sessions (asciicast v2, in <data dir>/recordings) of the agents that
+    /// opted in (`PATCH /api/v1/agents/{id}` with `{"record_terminals": true}`).
+    #[arg(long, env = "CRONIUM_TERMINAL_RECORDING")]
+    terminal_recording: bool,
+}
+
+impl TerminalArgs {
+    /// The control plane's terminal configuration.
+    pub fn config(&self) -> anyhow::Result<crate::terminals::TerminalConfig> {
+        Ok(crate::terminals::TerminalConfig {
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|origin| origin.trim().to_owned())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            max_per_user: self.terminal_max_per_user,
+            max_per_agent: self.terminal_max_per_agent,
+            idle_timeout: self.terminal_idle_timeout,
+            max_age: self.terminal_max_age,
+            recording: self.terminal_recording,
+        })
+    }
+}
+
+/// Parses a duration: seconds (`90`) or a number with a unit (`500ms`, `90s`, `10m`, `1h`);
+/// `0` is allowed (it means "the default").
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 90, 90s, 10m, 1h)"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "ms" => Ok(Duration::from_millis(number)),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(number.saturating_mul(3600))),
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+        )),
+    }
 }
 
 /// Default images of Docker events that name none.
@@ -577,6 +655,14 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         if args.data.database_url.is_none() {
             args.data.database_url = from_file("CRONIUM_DATABASE_URL");
         }
+        if args.terminals.allowed_origins.is_empty()
+            && let Some(origins) = from_file("CRONIUM_ALLOWED_ORIGINS")
+        {
+            args.terminals.allowed_origins = origins
+                .split(',')
+                .map(|origin| origin.trim().to_owned())
+                .collect();
+        }
         if let Some(dir) = from_file("CRONIUM_DATA_DIR") {
             args.data.data_dir = dir.into();
         }
@@ -609,6 +695,7 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         docker_images: args.docker_images.into(),
         delivery: crate::tools::DeliveryOptions::default(),
+        terminals: args.terminals.config()?,
     };
     if config.heartbeat * 2 > config.lease {
         bail!("--lease-seconds must be at least twice --heartbeat-seconds");
@@ -700,5 +787,50 @@ mod runtime_args_tests {
         assert_eq!(env["B"], "x=y");
         assert!(parse_env(&["novalue".into()]).is_err());
         assert!(parse_env(&["=1".into()]).is_err());
+    }
+
+    #[test]
+    fn terminal_flags_become_the_terminal_config() {
+        let cli = Cli::try_parse_from([
+            "cronium",
+            "serve",
+            "--allowed-origin",
+            "https://a.example",
+            "--allowed-origin",
+            "https://b.example",
+            "--terminal-idle-timeout",
+            "2s",
+            "--terminal-max-age",
+            "1h",
+            "--terminal-max-per-user",
+            "3",
+            "--terminal-recording",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("parsed as something else");
+        };
+        let config = args.terminals.config().unwrap();
+        assert_eq!(
+            config.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(config.idle_timeout, Duration::from_secs(2));
+        assert_eq!(config.max_age, Duration::from_secs(3600));
+        assert_eq!(config.max_per_user, 3);
+        assert_eq!(config.max_per_agent, 10);
+        assert!(config.recording);
+        let defaults = Cli::try_parse_from(["cronium", "serve"]).unwrap();
+        let Command::Serve(args) = defaults.command else {
+            panic!("parsed as something else");
+        };
+        assert_eq!(
+            args.terminals.config().unwrap(),
+            crate::terminals::TerminalConfig::default()
+        );
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("-1").is_err());
     }
 }

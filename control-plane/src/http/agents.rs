@@ -1,4 +1,5 @@
-//! `/agents`: the fleet, revocation, and enrollment (trading a token and a CSR for a certificate).
+//! `/agents`: the fleet, revocation, the per-agent terminal recording opt-in, and enrollment
+//! (trading a token and a CSR for a certificate).
 
 use std::collections::BTreeMap;
 
@@ -23,7 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/agents", get(list))
         .route("/agents/enroll", post(enroll))
         .route("/agents/ca", get(ca_certificate))
-        .route("/agents/{id}", get(show).delete(revoke))
+        .route("/agents/{id}", get(show).delete(revoke).patch(update))
 }
 
 /// The API view of an agent.
@@ -40,6 +41,7 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "created_at": timestamp(Some(agent.created_at)),
         "revoked_at": timestamp(agent.revoked_at),
         "docker": agent.docker,
+        "record_terminals": agent.record_terminals,
         "server_id": Value::Null,
     })
 }
@@ -87,6 +89,8 @@ async fn revoke(
     state
         .registry
         .disconnect(&id, CloseCode::Revoked, "agent revoked");
+    // Its terminal sessions cannot be reached any more (and die with the agent).
+    state.store.close_terminal_sessions_except(&id, &[]).await?;
     state
         .store
         .audit(
@@ -96,6 +100,43 @@ async fn revoke(
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateRequest {
+    /// Record this agent's terminal sessions (when the control plane runs with
+    /// `--terminal-recording`).
+    record_terminals: Option<bool>,
+}
+
+/// Changes an agent's settings (admins only).
+async fn update(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<UpdateRequest>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    if let Some(record) = request.record_terminals {
+        if !state.store.set_agent_record_terminals(&id, record).await? {
+            return Err(ApiError::NotFound("agent"));
+        }
+        state
+            .store
+            .audit(
+                "agent_record_terminals",
+                Some(&user.0.username),
+                &json!({"agent_id": id, "record_terminals": record}),
+            )
+            .await?;
+    }
+    let agent = state
+        .store
+        .agent(&id)
+        .await
+        .map_err(|_| ApiError::NotFound("agent"))?;
+    Ok(Json(agent_json(&state, &agent)))
 }
 
 #[derive(Deserialize)]

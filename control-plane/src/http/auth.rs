@@ -1,5 +1,6 @@
 //! Authentication: API tokens (`Authorization: Bearer`), console sessions (cookie plus a CSRF
-//! token on every state-changing request), login and logout, and password hashing.
+//! token on every state-changing request), login, logout and who is logged in, and password
+//! hashing.
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Argon2, PasswordHash};
@@ -7,7 +8,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -29,6 +30,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/auth/login", post(login))
         .route("/auth/logout", post(logout))
+        .route("/auth/me", get(me))
 }
 
 /// The authenticated caller of a request.
@@ -193,6 +195,31 @@ async fn login(
         HeaderValue::from_str(&cookie).map_err(anyhow::Error::from)?,
     );
     Ok(response)
+}
+
+/// The caller. A console page that was reloaded has lost the CSRF token login gave it, so with a
+/// session cookie (and no bearer token) the answer carries the session's token again; other
+/// origins cannot read it (no CORS), and the cookie is `SameSite=Strict`.
+async fn me(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: CurrentUser,
+) -> ApiResult<Json<serde_json::Value>> {
+    let csrf_token = match session_cookie(&headers) {
+        Some(cookie) if !headers.contains_key(header::AUTHORIZATION) => state
+            .store
+            .session(&sha256_hex(cookie.as_bytes()))
+            .await?
+            .map(|session| session.csrf_token),
+        _ => None,
+    };
+    let CurrentUser(user) = user;
+    Ok(Json(json!({
+        "id": user.id,
+        "username": user.username,
+        "role": user.role.as_str(),
+        "csrf_token": csrf_token,
+    })))
 }
 
 async fn logout(

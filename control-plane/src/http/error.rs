@@ -31,6 +31,8 @@ pub enum ApiError {
     PayloadTooLarge,
     /// 422: well-formed but semantically invalid; `field` names the culprit.
     Unprocessable { field: String, message: String },
+    /// 429: a limit is reached; the message names it.
+    TooManyRequests(String),
     /// 503: the database is unavailable; nothing was done.
     Unavailable,
     /// 500: a bug or an unexpected failure; logged, not shown.
@@ -86,6 +88,12 @@ impl IntoResponse for ApiError {
                 "invalid",
                 message,
                 Some(field),
+            ),
+            ApiError::TooManyRequests(message) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                message,
+                None,
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,6 @@
 //! The HTTP API (axum). Each resource lives in its own module exporting `router()`; this file
-//! only merges them under `/api/v1`, adds the unauthenticated routes and the shared limits.
+//! only merges them under `/api/v1`, adds the unauthenticated routes (health, the console's
+//! static files from `ui.rs`) and the shared limits.
 
 pub mod agents;
 pub mod auth;
@@ -7,7 +8,9 @@ pub mod enrollment;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod terminals;
 pub mod tools;
+pub mod ui;
 pub mod variables;
 
 use std::collections::BTreeMap;
@@ -35,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .merge(enrollment::router())
         .merge(events::router())
         .merge(jobs::router())
+        .merge(terminals::router())
         .merge(tools::router())
         .merge(variables::router())
         .route(
@@ -47,6 +51,7 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        .merge(ui::router())
         .nest("/api/v1", api)
         .fallback(|| async {
             (

@@ -30,6 +30,7 @@ fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
         heartbeat: std::time::Duration::from_secs(5),
         docker_images: crate::DockerImages::default(),
         delivery: crate::tools::DeliveryOptions::default(),
+        terminals: crate::terminals::TerminalConfig::default(),
     }
 }
 
@@ -924,5 +925,188 @@ async fn variables_belong_to_their_owner_and_are_sealed_at_rest() {
                 entry.path().display()
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn me_names_the_caller_and_gives_a_console_session_its_csrf_token_again() {
+    let api = api().await;
+    let hash = super::auth::hash_password("correct horse".into())
+        .await
+        .unwrap();
+    api.state()
+        .store
+        .create_user("dora", &hash, Role::Viewer)
+        .await
+        .unwrap();
+    let login = Request::post("/api/v1/auth/login")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"username": "dora", "password": "correct horse"}).to_string(),
+        ))
+        .unwrap();
+    let (status, headers, body) = api.call(login).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cookie = headers[header::SET_COOKIE].to_str().unwrap();
+    let session = cookie.split(';').next().unwrap().to_string();
+
+    let me = Request::get("/api/v1/auth/me")
+        .header(header::COOKIE, &session)
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, answer) = api.call(me).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["username"], "dora");
+    assert_eq!(answer["role"], "viewer");
+    assert_eq!(answer["id"], body["user"]["id"]);
+    assert_eq!(answer["csrf_token"], body["csrf_token"]);
+
+    // A bearer token has no session, hence no CSRF token.
+    let token = api.token("dora", Role::Viewer).await;
+    let (status, answer) = api
+        .send(Method::GET, "/api/v1/auth/me", Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["username"], "dora");
+    assert!(answer["csrf_token"].is_null(), "{answer}");
+
+    // After logout the cookie names nobody.
+    let csrf = body["csrf_token"].as_str().unwrap();
+    let logout = Request::post("/api/v1/auth/logout")
+        .header(header::COOKIE, &session)
+        .header(super::auth::CSRF_HEADER, csrf)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.call(logout).await.0, StatusCode::NO_CONTENT);
+    let me = Request::get("/api/v1/auth/me")
+        .header(header::COOKIE, &session)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.call(me).await.0, StatusCode::UNAUTHORIZED);
+}
+
+/// A GET without credentials: status, headers and the raw body.
+async fn fetch_raw(
+    api: &Api,
+    path: &str,
+    if_none_match: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let mut request = Request::get(path);
+    if let Some(etag) = if_none_match {
+        request = request.header(header::IF_NONE_MATCH, etag);
+    }
+    let response = super::router(api.state().clone())
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    (status, headers, bytes.to_vec())
+}
+
+fn assert_console_security_headers(path: &str, headers: &axum::http::HeaderMap) {
+    let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    for directive in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(
+            csp.contains(directive),
+            "{path}: CSP {csp:?} lacks {directive:?}"
+        );
+    }
+    assert!(!csp.contains("script-src 'self' 'unsafe"), "{path}: {csp}");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer", "{path}");
+}
+
+#[tokio::test]
+async fn the_console_is_served_without_credentials_with_security_headers_and_caching() {
+    let api = api().await;
+    for path in ["/", "/ui"] {
+        let (status, headers, _) = fetch_raw(&api, path, None).await;
+        assert!(status.is_redirection(), "{path}: {status}");
+        assert_eq!(headers[header::LOCATION], "/ui/", "{path}");
+    }
+
+    let mut assets = std::collections::BTreeSet::new();
+    for (path, needle) in [
+        ("/ui/", "/ui/assets/index-"),
+        ("/ui/terminal", "/ui/assets/terminal-"),
+        ("/ui/terminal.html", "/ui/assets/terminal-"),
+    ] {
+        let (status, headers, body) = fetch_raw(&api, path, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/html; charset=utf-8",
+            "{path}"
+        );
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache", "{path}");
+        assert_console_security_headers(path, &headers);
+        let page = String::from_utf8(body).unwrap();
+        assert!(
+            page.contains(needle),
+            "{path} does not load {needle}…: {page}"
+        );
+        // Every script and style the page loads, from `src="…"` and `href="…"`.
+        for attribute in ["src=\"", "href=\""] {
+            for piece in page.split(attribute).skip(1) {
+                let url = piece.split('"').next().unwrap();
+                assert!(url.starts_with("/ui/"), "{path} loads {url}");
+                assets.insert(url.to_string());
+            }
+        }
+
+        // The ETag lets the browser revalidate a page without downloading it again.
+        let etag = headers[header::ETAG].to_str().unwrap().to_string();
+        let (status, headers, body) = fetch_raw(&api, path, Some(&etag)).await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED, "{path}");
+        assert!(body.is_empty());
+        assert_console_security_headers(path, &headers);
+    }
+    assert!(
+        assets.iter().any(|asset| asset.ends_with(".js"))
+            && assets.iter().any(|asset| asset.ends_with(".css")),
+        "{assets:?}"
+    );
+    for asset in &assets {
+        let (status, headers, body) = fetch_raw(&api, asset, None).await;
+        assert_eq!(status, StatusCode::OK, "{asset}");
+        assert!(!body.is_empty(), "{asset}");
+        let expected = match asset.rsplit_once('.').map(|(_, extension)| extension) {
+            Some("js") => "text/javascript; charset=utf-8",
+            Some("css") => "text/css; charset=utf-8",
+            Some("svg") => "image/svg+xml",
+            _ => panic!("unexpected file {asset}"),
+        };
+        assert_eq!(headers[header::CONTENT_TYPE], expected, "{asset}");
+        // Vite names what it builds after the contents; other files keep their names.
+        let cache = if asset.starts_with("/ui/assets/") {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-cache"
+        };
+        assert_eq!(headers[header::CACHE_CONTROL], cache, "{asset}");
+        assert_console_security_headers(asset, &headers);
+    }
+
+    for path in [
+        "/ui/nothing-here",
+        "/ui/assets/missing.js",
+        "/ui/../Cargo.toml",
+        "/ui/%2e%2e/Cargo.toml",
+        "/ui//etc/passwd",
+    ] {
+        let (status, headers, body) = fetch_raw(&api, path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_console_security_headers(path, &headers);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_error_shape(&body);
     }
 }

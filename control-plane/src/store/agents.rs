@@ -22,6 +22,8 @@ pub struct Agent {
     pub revoked_at: Option<i64>,
     /// Whether the agent's last hello reported a reachable Docker engine (`None`: not known yet).
     pub docker: Option<bool>,
+    /// Terminal sessions on this agent are recorded (when the control plane records at all).
+    pub record_terminals: bool,
 }
 
 /// What a consumed enrollment token allows.
@@ -74,11 +76,11 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
         docker: row
             .try_get::<Option<i64>, _>("docker")?
             .map(|docker| docker != 0),
+        record_terminals: row.try_get::<i64, _>("record_terminals")? != 0,
     })
 }
 
-const AGENT_COLUMNS: &str =
-    "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at, docker";
+const AGENT_COLUMNS: &str = "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at, docker, record_terminals";
 
 impl Store {
     /// Stores a new enrollment token (by hash).
@@ -188,6 +190,7 @@ impl Store {
                 created_at: now,
                 revoked_at: None,
                 docker: None,
+                record_terminals: false,
             };
             Ok(Ok((agent, grant)))
         })

@@ -12,6 +12,7 @@
 pub mod agents;
 pub mod events;
 pub mod jobs;
+pub mod terminals;
 pub mod tools;
 pub mod users;
 pub mod variables;

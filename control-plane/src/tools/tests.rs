@@ -172,6 +172,7 @@ fn server_config(dir: &Path, key: &str, retry_delays: Vec<Duration>) -> ServerCo
             retry_delays,
             request_timeout: Duration::from_secs(10),
         },
+        terminals: crate::terminals::TerminalConfig::default(),
     }
 }
 

@@ -1,0 +1,228 @@
+// The terminal page in a real browser (Debian's Chromium, driven by playwright-core): log in
+// through the form, run a command in the agent's shell, reload and see the session re-attached
+// with its output replayed, then close the session.
+//
+// Run by tests/tests/browser.rs, which starts the control plane and an agent. Environment:
+//   CRONIUM_URL               the control plane's base URL (http://127.0.0.1:PORT)
+//   CRONIUM_USERNAME          a user who may open terminals on the agent
+//   CRONIUM_PASSWORD          that user's password
+//   CRONIUM_AGENT_ID          the agent
+//   CRONIUM_TEST_ARTIFACTS    where screenshots go (default: target/test-artifacts/)
+//   CRONIUM_BROWSER_PROFILE   an empty directory for Chromium's profile (default: a new temp dir,
+//                             removed at the end)
+//   CHROMIUM                  the browser (default: /usr/bin/chromium)
+// Exits 0 when everything worked; otherwise prints which step failed and why, and exits 1.
+
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const STEP_TIMEOUT_MS = 30_000;
+
+function required(name) {
+  const value = process.env[name];
+  if (value === undefined || value === "") {
+    console.error(`terminal.browser: ${name} is not set`);
+    process.exit(2);
+  }
+  return value;
+}
+
+const baseUrl = required("CRONIUM_URL").replace(/\/$/, "");
+const username = required("CRONIUM_USERNAME");
+const password = required("CRONIUM_PASSWORD");
+const agentId = required("CRONIUM_AGENT_ID");
+const here = dirname(fileURLToPath(import.meta.url));
+const artifacts = resolve(process.env.CRONIUM_TEST_ARTIFACTS ?? join(here, "../../target/test-artifacts"));
+const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+mkdirSync(artifacts, { recursive: true });
+const ownProfile = process.env.CRONIUM_BROWSER_PROFILE === undefined;
+const profile = ownProfile ? mkdtempSync(join(tmpdir(), "cronium-chromium-")) : process.env.CRONIUM_BROWSER_PROFILE;
+
+/** Console messages and page errors, shown when a step fails. */
+const browserLog = [];
+/** Content-Security-Policy violations: the page must not need anything the policy forbids. */
+const violations = [];
+let page;
+let context;
+
+async function step(name, action) {
+  const started = Date.now();
+  try {
+    const result = await action();
+    console.log(`ok   ${name} (${Date.now() - started} ms)`);
+    return result;
+  } catch (error) {
+    throw new Error(`step "${name}" failed: ${error instanceof Error ? error.message : String(error)}`);
+  }
+}
+
+/** Whether the terminal's buffer (scrollback included) has a line containing `text`. */
+function bufferHas(text) {
+  return page.evaluate((wanted) => {
+    const terminal = window.croniumTerminal;
+    if (terminal === undefined) {
+      return false;
+    }
+    const buffer = terminal.buffer.active;
+    for (let row = 0; row < buffer.length; row += 1) {
+      if (buffer.getLine(row)?.translateToString(true).includes(wanted)) {
+        return true;
+      }
+    }
+    return false;
+  }, text);
+}
+
+async function waitForBuffer(text) {
+  const deadline = Date.now() + STEP_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    if (await bufferHas(text)) {
+      return;
+    }
+    await page.waitForTimeout(100);
+  }
+  const screen = await page.evaluate(() => {
+    const buffer = window.croniumTerminal?.buffer.active;
+    if (buffer === undefined) {
+      return "(no terminal)";
+    }
+    const lines = [];
+    for (let row = 0; row < buffer.length; row += 1) {
+      lines.push(buffer.getLine(row)?.translateToString(true) ?? "");
+    }
+    return lines.join("\n").trimEnd();
+  });
+  throw new Error(`no line with ${JSON.stringify(text)} within ${STEP_TIMEOUT_MS} ms; the terminal shows:\n${screen}`);
+}
+
+/** Waits until the page's `data-state` is one of `states`; returns it. */
+async function waitForState(states) {
+  await page.waitForFunction((wanted) => wanted.includes(document.body.dataset.state), states, {
+    timeout: STEP_TIMEOUT_MS,
+  });
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+/** Fails with what the page says (its banner) unless the terminal is connected. */
+async function expectConnected() {
+  const state = await waitForState(["connected", "failed", "disconnected", "detached", "exited"]);
+  if (state !== "connected") {
+    const banner = await page.evaluate(() => document.querySelector("#banner .message")?.textContent ?? "");
+    throw new Error(`the terminal WebSocket did not connect: state ${state}, the page says ${JSON.stringify(banner)}`);
+  }
+  await page.waitForFunction(() => document.body.dataset.sessionId !== undefined, null, { timeout: STEP_TIMEOUT_MS });
+  return page.evaluate(() => document.body.dataset.sessionId);
+}
+
+async function main() {
+  context = await step("launch Chromium", () =>
+    chromium.launchPersistentContext(profile, {
+      executablePath,
+      headless: true,
+      viewport: { width: 1100, height: 650 },
+      args: [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+      timeout: STEP_TIMEOUT_MS,
+    }),
+  );
+  page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  page.on("console", (message) => {
+    const text = `console.${message.type()}: ${message.text()}`;
+    browserLog.push(text);
+    if (message.text().includes("Content Security Policy")) {
+      violations.push(message.text());
+    }
+  });
+  page.on("pageerror", (error) => browserLog.push(`page error: ${error.message}`));
+
+  const address = `${baseUrl}/ui/terminal?agent=${encodeURIComponent(agentId)}`;
+  await step("open the terminal page", () => page.goto(address));
+  await step("log in through the form", async () => {
+    await page.locator("#login-username").waitFor();
+    await page.locator("#login-username").fill(username);
+    await page.locator("#login-password").fill(password);
+    await page.screenshot({ path: join(artifacts, "terminal-login.png") });
+    await page.locator("#login-password").press("Enter");
+    await page.locator(".statusbar").waitFor();
+    await page.locator("#terminal .xterm").waitFor();
+  });
+  const sessionId = await step("connect the terminal", async () => {
+    try {
+      return await expectConnected();
+    } finally {
+      await page.screenshot({ path: join(artifacts, "terminal-ui.png") });
+    }
+  });
+  await step("the address names the session, so a reload re-attaches", async () => {
+    const session = new URL(page.url()).searchParams.get("session");
+    if (session !== sessionId) {
+      throw new Error(`the address is ${page.url()}, expected session=${sessionId}`);
+    }
+  });
+  await step("run `echo hello-$((6*7))` in the shell", async () => {
+    await page.locator("#terminal .xterm").click();
+    await page.keyboard.type("echo hello-$((6*7))");
+    await page.keyboard.press("Enter");
+    await waitForBuffer("hello-42");
+    await page.screenshot({ path: join(artifacts, "terminal.png") });
+  });
+  await step("reload: the session re-attaches and replays its output", async () => {
+    await page.reload();
+    const reattached = await expectConnected();
+    if (reattached !== sessionId) {
+      throw new Error(`after the reload the page is on session ${reattached}, expected ${sessionId}`);
+    }
+    await waitForBuffer("hello-42");
+    await page.screenshot({ path: join(artifacts, "terminal-reattached.png") });
+  });
+  await step("Close session ends the shell and shows its exit code", async () => {
+    await page.locator("#close-session").click();
+    await waitForState(["exited"]);
+    const banner = await page.locator("#banner .message").textContent();
+    if (!/The session (ended|was closed)/.test(banner ?? "")) {
+      throw new Error(`the banner says ${JSON.stringify(banner)}`);
+    }
+    if (new URL(page.url()).searchParams.has("session")) {
+      throw new Error(`the address still names the ended session: ${page.url()}`);
+    }
+    await page.screenshot({ path: join(artifacts, "terminal-closed.png") });
+  });
+  if (violations.length > 0) {
+    throw new Error(`the page broke its Content-Security-Policy:\n${violations.join("\n")}`);
+  }
+}
+
+let failure = null;
+try {
+  await main();
+} catch (error) {
+  failure = error instanceof Error ? error.message : String(error);
+  if (page !== undefined) {
+    await page.screenshot({ path: join(artifacts, "terminal-failure.png") }).catch(() => {});
+  }
+} finally {
+  await context?.close().catch(() => {});
+  if (ownProfile) {
+    rmSync(profile, { recursive: true, force: true });
+  }
+}
+if (failure !== null) {
+  console.error(`FAILED: ${failure}`);
+  if (browserLog.length > 0) {
+    console.error(`browser console:\n  ${browserLog.slice(-30).join("\n  ")}`);
+  }
+  console.error(`screenshots: ${artifacts}`);
+  process.exit(1);
+}
+console.log(`terminal page: all steps passed; screenshots in ${artifacts}`);
