@@ -10,6 +10,9 @@ pub mod cli;
 pub mod crypto;
 pub mod http;
 pub mod queue;
+pub mod release;
+pub mod schedule;
+pub mod ssh;
 pub mod store;
 pub mod terminals;
 pub mod tools;
@@ -56,6 +59,8 @@ pub struct ServerConfig {
     pub delivery: tools::DeliveryOptions,
     /// Terminals: allowed origins, limits, timeouts asked of agents, recording.
     pub terminals: TerminalConfig,
+    /// Where the signed agent releases and their public key are.
+    pub releases: release::ReleaseConfig,
 }
 
 /// The image a Docker event runs in when it names none, per kind.
@@ -86,6 +91,10 @@ pub struct Settings {
     pub docker_images: DockerImages,
     pub delivery: tools::DeliveryOptions,
     pub terminals: TerminalSettings,
+    /// The signed agent releases served under `/downloads/agent/`.
+    pub releases_dir: PathBuf,
+    /// `--release-key`: the release public key file; `<releases dir>/release-key.pub` if `None`.
+    pub release_public_key: Option<PathBuf>,
 }
 
 /// Shared state of every handler and session. Cheap to clone.
@@ -103,6 +112,10 @@ pub struct AppState {
     pub notifier: Arc<Notify>,
     /// Terminal sessions being opened and who records which.
     pub terminals: TerminalHub,
+    /// Wakes the scheduler after an event's schedule was created, changed or removed.
+    pub schedules: Arc<Notify>,
+    /// The SSH fallback: wakes its worker, cancels its running jobs.
+    pub ssh: ssh::SshRunner,
     /// Cancelled when the control plane shuts down; every task watches it.
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -250,6 +263,10 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         &config.data_dir,
     )?;
     let ca = Arc::new(CertificateAuthority::load_or_create(&config.data_dir)?);
+    if let Some(path) = &config.releases.public_key_file {
+        // Fail at start-up rather than on the first install.
+        release::PublicKey::load(path).context("--release-key")?;
+    }
 
     let reset_key = load_or_create_secret(&config.data_dir.join("quic-reset.key"))?;
     let endpoint = agents::bind_endpoint(config.quic_addr, &ca, &reset_key)?;
@@ -290,6 +307,12 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             docker_images: config.docker_images.clone(),
             delivery: config.delivery.clone(),
             terminals: terminal_settings,
+            releases_dir: config
+                .releases
+                .dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("releases")),
+            release_public_key: config.releases.public_key_file.clone(),
         }),
         store,
         registry: AgentRegistry::default(),
@@ -299,6 +322,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         lease_reaper: Arc::new(Notify::new()),
         notifier: Arc::new(Notify::new()),
         terminals: TerminalHub::default(),
+        schedules: Arc::new(Notify::new()),
+        ssh: ssh::SshRunner::default(),
         shutdown,
         tasks: TaskTracker::new(),
     };
@@ -311,6 +336,10 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         state.clone(),
         state.notifier.clone(),
     ));
+    state.tasks.spawn(
+        schedule::scheduler::Scheduler::new(state.clone(), Arc::new(schedule::SystemClock)).run(),
+    );
+    state.tasks.spawn(ssh::run_worker(state.clone()));
     state.tasks.spawn(queue::record_last_seen(
         state.clone(),
         Duration::from_secs(30),

@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod docker;
 pub mod process;
 pub mod quic;
+pub mod release;
 pub mod sse;
 pub mod webhook;
 

@@ -1,6 +1,8 @@
 //! `cronium dev`: the whole product in one process on the embedded defaults: the control plane
 //! on SQLite plus a local agent, enrolled through the real enrollment endpoint on first start
-//! and connected over real QUIC. Ctrl-C stops the agent first, then the control plane.
+//! and connected over real QUIC. It also signs the `cronium-agent` built next to it with a
+//! release key it keeps in the data dir, so `/install.sh` works on a laptop. Ctrl-C stops the
+//! agent first, then the control plane.
 
 use std::time::Duration;
 
@@ -19,6 +21,40 @@ const KEY_FILE: &str = "encryption.key";
 
 /// The local agent's state dir inside the data dir.
 const AGENT_DIR: &str = "agent";
+
+/// The release signing key `cronium dev` generates once (mode 0600; never in the releases dir).
+const RELEASE_KEY_FILE: &str = "release-signing.key";
+
+/// Signs the `cronium-agent` next to this executable (the same build) into
+/// `<data dir>/releases/<version>/<host target>/` with the data dir's release key, made on first
+/// use, so `/install.sh` works on a laptop. Returns the published version.
+fn publish_local_agent(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let key_path = data_dir.join(RELEASE_KEY_FILE);
+    if !key_path.exists() {
+        write_private_file(
+            &key_path,
+            crate::release::ReleaseKey::generate().to_pem().as_bytes(),
+        )?;
+    }
+    let key = crate::release::ReleaseKey::load(&key_path)?;
+    let agent = std::env::current_exe()
+        .context("locating this executable")?
+        .with_file_name("cronium-agent");
+    if !agent.is_file() {
+        anyhow::bail!(
+            "no cronium-agent next to this executable ({}); build it too (cargo build -p cronium-agent)",
+            agent.display()
+        );
+    }
+    crate::release::publish(
+        &data_dir.join("releases"),
+        &agent,
+        &key,
+        cronium_agent::VERSION,
+        cronium_agent::TARGET,
+    )?;
+    Ok(cronium_agent::VERSION.to_owned())
+}
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     create_private_dir(&args.data_dir)?;
@@ -45,7 +81,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         docker_images: args.docker_images.clone().into(),
         delivery: crate::tools::DeliveryOptions::default(),
         terminals: args.terminals.config()?,
+        releases: crate::release::ReleaseConfig::default(),
     };
+    let release = publish_local_agent(&args.data_dir);
     let server_shutdown = CancellationToken::new();
     let running = crate::start(config, server_shutdown.clone()).await?;
     let url = running.local_url();
@@ -135,6 +173,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     println!("  API token      {token}");
     println!("  local agent    \"local\" (labels dev=true)");
+    match &release {
+        Ok(version) => println!(
+            "  install.sh     {url}/install.sh (serves the signed cronium-agent {version}, {})",
+            cronium_agent::TARGET
+        ),
+        Err(problem) => println!("  install.sh     unavailable: {problem:#}"),
+    }
     println!();
     println!("Try it (the CLI finds the URL and token in the data dir):");
     println!(

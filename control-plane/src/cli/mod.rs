@@ -4,6 +4,7 @@
 
 pub(crate) mod client;
 mod dev;
+mod release;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Command {
     Event(EventCommand),
     /// Trigger an event (through the API); `--wait` follows its logs and exits with the job's exit code.
     Run(RunArgs),
+    /// Sign agent releases (ed25519): keygen, sign, publish into a releases dir.
+    #[command(subcommand)]
+    Release(release::ReleaseCommand),
 }
 
 /// Where the data lives; shared by the commands that open the database directly.
@@ -96,6 +100,13 @@ pub struct ServeArgs {
     docker_images: DockerImageArgs,
     #[command(flatten)]
     terminals: TerminalArgs,
+    /// Signed agent releases served at /downloads/agent/ [default: <data dir>/releases].
+    #[arg(long, env = "CRONIUM_RELEASES_DIR")]
+    releases_dir: Option<PathBuf>,
+    /// The release PUBLIC key (PEM) /install.sh verifies agents with [default: release-key.pub
+    /// in the releases dir]. The private key is never needed here.
+    #[arg(long, env = "CRONIUM_RELEASE_KEY")]
+    release_key: Option<PathBuf>,
     /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -390,6 +401,8 @@ enum EventCommand {
         #[arg(long = "env", value_name = "NAME=VALUE")]
         env: Vec<String>,
         #[command(flatten)]
+        schedule: Box<ScheduleArgs>,
+        #[command(flatten)]
         runtime: Box<RuntimeArgs>,
         #[command(flatten)]
         api: client::ApiArgs,
@@ -399,6 +412,47 @@ enum EventCommand {
         #[command(flatten)]
         api: client::ApiArgs,
     },
+}
+
+/// An event's schedule (see the README's "Schedules").
+#[derive(Args, Debug)]
+struct ScheduleArgs {
+    /// Run on this cron schedule: 5 fields (minute first) or 6 (second first).
+    #[arg(long)]
+    cron: Option<String>,
+    /// IANA time zone of the schedule (default UTC).
+    #[arg(long, requires = "cron")]
+    timezone: Option<String>,
+    /// Daylight-saving policy: skip, once or twice.
+    #[arg(long, requires = "cron")]
+    dst: Option<String>,
+    /// After downtime: skip or run_once.
+    #[arg(long, requires = "cron")]
+    misfire: Option<String>,
+    /// While the previous scheduled run is unfinished: allow, forbid or queue.
+    #[arg(long, requires = "cron")]
+    overlap: Option<String>,
+}
+
+impl ScheduleArgs {
+    /// Sets `schedule` in an event body when `--cron` was given.
+    fn fill(&self, body: &mut serde_json::Value) {
+        let Some(cron) = &self.cron else { return };
+        let mut schedule = serde_json::json!({
+            "cron": cron,
+            "timezone": self.timezone.as_deref().unwrap_or("UTC"),
+        });
+        for (key, value) in [
+            ("dst", &self.dst),
+            ("misfire", &self.misfire),
+            ("overlap", &self.overlap),
+        ] {
+            if let Some(value) = value {
+                schedule[key] = serde_json::json!(value);
+            }
+        }
+        body["schedule"] = schedule;
+    }
 }
 
 #[derive(Args, Debug)]
@@ -548,6 +602,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 created["enroll_command"].as_str().unwrap_or_default()
             );
             println!("  cronium-agent run");
+            println!();
+            println!("Or install, enroll and start the agent on a host in one line:");
+            println!(
+                "  {}",
+                created["install_command"].as_str().unwrap_or_default()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Event(EventCommand::Create {
@@ -560,6 +620,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             timeout,
             retries,
             env,
+            schedule,
             runtime,
             api,
         }) => {
@@ -575,25 +636,31 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 "timeout_seconds": timeout, "retries": retries, "env": parse_env(&env)?,
             });
             runtime.fill(&mut body);
+            schedule.fill(&mut body);
             let event = api.client()?.post("/events", &body).await?;
             println!("{}", event["id"].as_str().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
         Command::Event(EventCommand::List { api }) => {
             let events = api.client()?.get("/events").await?;
-            println!("{:<34} {:<24} {:<8} TARGETS", "ID", "NAME", "KIND");
+            println!(
+                "{:<34} {:<24} {:<8} {:<24} TARGETS",
+                "ID", "NAME", "KIND", "NEXT RUN"
+            );
             for event in events.as_array().into_iter().flatten() {
                 println!(
-                    "{:<34} {:<24} {:<8} {}",
+                    "{:<34} {:<24} {:<8} {:<24} {}",
                     event["id"].as_str().unwrap_or_default(),
                     event["name"].as_str().unwrap_or_default(),
                     event["kind"].as_str().unwrap_or_default(),
+                    event["next_run_at"].as_str().unwrap_or("-"),
                     event["targets"]
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => client::run_event(args).await,
+        Command::Release(command) => release::run(command).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -663,6 +730,12 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
                 .map(|origin| origin.trim().to_owned())
                 .collect();
         }
+        if args.releases_dir.is_none() {
+            args.releases_dir = from_file("CRONIUM_RELEASES_DIR").map(PathBuf::from);
+        }
+        if args.release_key.is_none() {
+            args.release_key = from_file("CRONIUM_RELEASE_KEY").map(PathBuf::from);
+        }
         if let Some(dir) = from_file("CRONIUM_DATA_DIR") {
             args.data.data_dir = dir.into();
         }
@@ -696,6 +769,10 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         docker_images: args.docker_images.into(),
         delivery: crate::tools::DeliveryOptions::default(),
         terminals: args.terminals.config()?,
+        releases: crate::release::ReleaseConfig {
+            dir: args.releases_dir,
+            public_key_file: args.release_key,
+        },
     };
     if config.heartbeat * 2 > config.lease {
         bail!("--lease-seconds must be at least twice --heartbeat-seconds");
@@ -787,6 +864,42 @@ mod runtime_args_tests {
         assert_eq!(env["B"], "x=y");
         assert!(parse_env(&["novalue".into()]).is_err());
         assert!(parse_env(&["=1".into()]).is_err());
+    }
+
+    #[test]
+    fn schedule_flags_become_the_event_schedule() {
+        let cli = Cli::try_parse_from([
+            "cronium",
+            "event",
+            "create",
+            "e",
+            "--script",
+            "true",
+            "--cron",
+            "*/5 * * * *",
+            "--timezone",
+            "Europe/Berlin",
+            "--dst",
+            "twice",
+            "--overlap",
+            "forbid",
+        ])
+        .unwrap();
+        let Command::Event(EventCommand::Create { schedule, .. }) = cli.command else {
+            panic!("parsed as something else");
+        };
+        let mut body = serde_json::json!({});
+        schedule.fill(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({"schedule": {
+                "cron": "*/5 * * * *", "timezone": "Europe/Berlin", "dst": "twice", "overlap": "forbid",
+            }})
+        );
+        assert!(
+            Cli::try_parse_from(["cronium", "event", "create", "e", "--timezone", "UTC"]).is_err(),
+            "--timezone needs --cron"
+        );
     }
 
     #[test]

@@ -2,17 +2,20 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
 use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::{labels_field, timestamp};
 use crate::AppState;
+use crate::schedule::{
+    CompiledSchedule, DstPolicy, Misfire, Overlap, ScheduleSpec, fire_time_json,
+};
 use crate::store::StoreError;
 use crate::store::events::{
     DockerSettings, Event, EventFields, EventKind, Network, Runtime, Targets,
@@ -33,6 +36,108 @@ pub fn router() -> Router<AppState> {
         .route("/events", get(list).post(create))
         .route("/events/{id}", get(show).patch(update).delete(remove))
         .route("/events/{id}/runs", post(trigger))
+        .route("/events/{id}/schedule/preview", get(preview_event))
+        .route("/events/{id}/schedule/fires", get(slot_records))
+        .route("/schedules/preview", post(preview_unsaved))
+}
+
+/// Most fire times a preview returns.
+const MAX_PREVIEW: usize = 100;
+
+/// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
+fn double_option<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// An event's `schedule`: a cron expression (5 or 6 fields) in an IANA zone, and its policies.
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct ScheduleRequest {
+    cron: String,
+    timezone: Option<String>,
+    dst: Option<String>,
+    misfire: Option<String>,
+    overlap: Option<String>,
+}
+
+/// Validates a schedule; the error names the field (`schedule.cron`, `schedule.timezone`, …).
+fn schedule_spec(request: &ScheduleRequest) -> ApiResult<(ScheduleSpec, CompiledSchedule)> {
+    let policy =
+        |field: &str, value: &Option<String>, parse: &dyn Fn(&str) -> bool, expected: &str| {
+            match value {
+                Some(value) if !parse(value) => Err(ApiError::field(
+                    field,
+                    format!("unknown policy {value:?}; expected {expected}"),
+                )),
+                _ => Ok(()),
+            }
+        };
+    policy(
+        "schedule.dst",
+        &request.dst,
+        &|v| DstPolicy::parse(v).is_some(),
+        "skip, once or twice",
+    )?;
+    policy(
+        "schedule.misfire",
+        &request.misfire,
+        &|v| Misfire::parse(v).is_some(),
+        "skip or run_once",
+    )?;
+    policy(
+        "schedule.overlap",
+        &request.overlap,
+        &|v| Overlap::parse(v).is_some(),
+        "allow, forbid or queue",
+    )?;
+    if request.cron.len() > 256 {
+        return Err(ApiError::field(
+            "schedule.cron",
+            "is longer than 256 characters",
+        ));
+    }
+    let spec = ScheduleSpec {
+        cron: request.cron.trim().to_string(),
+        timezone: request.timezone.clone().unwrap_or_else(|| "UTC".into()),
+        dst: request
+            .dst
+            .as_deref()
+            .and_then(DstPolicy::parse)
+            .unwrap_or_default(),
+        misfire: request
+            .misfire
+            .as_deref()
+            .and_then(Misfire::parse)
+            .unwrap_or_default(),
+        overlap: request
+            .overlap
+            .as_deref()
+            .and_then(Overlap::parse)
+            .unwrap_or_default(),
+    };
+    let compiled = CompiledSchedule::new(&spec.cron, &spec.timezone, spec.dst)
+        .map_err(|error| ApiError::field(error.field, error.message))?;
+    if compiled.next_after(crate::store::now_ms()).is_none() {
+        return Err(ApiError::field(
+            "schedule.cron",
+            "never matches a future time",
+        ));
+    }
+    Ok((spec, compiled))
+}
+
+fn schedule_json(schedule: &ScheduleSpec) -> Value {
+    json!({
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "dst": schedule.dst.as_str(),
+        "misfire": schedule.misfire.as_str(),
+        "overlap": schedule.overlap.as_str(),
+    })
 }
 
 /// The body of `POST /events` and, with every field optional, `PATCH /events/{id}`.
@@ -56,6 +161,9 @@ struct EventRequest {
     /// Both runtimes; `""` resets to the default (Docker: the image's user, host: the agent's
     /// own user).
     user: Option<String>,
+    /// `null` removes the schedule.
+    #[serde(default, deserialize_with = "double_option")]
+    schedule: Option<Option<ScheduleRequest>>,
 }
 
 /// Job limits; a missing field means no limit (PIDs of Docker jobs: the default of 256).
@@ -74,6 +182,8 @@ struct TargetsRequest {
     agents: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    servers: Vec<String>,
 }
 
 impl From<TargetsRequest> for Targets {
@@ -81,6 +191,7 @@ impl From<TargetsRequest> for Targets {
         Targets {
             agents: request.agents,
             labels: request.labels,
+            servers: request.servers,
         }
     }
 }
@@ -93,11 +204,12 @@ fn event_json(event: &Event) -> Value {
         "kind": event.kind.as_str(),
         "script": event.script,
         "runtime": event.runtime.as_str(),
-        "targets": {"agents": event.targets.agents, "labels": event.targets.labels},
+        "targets": {"agents": event.targets.agents, "labels": event.targets.labels, "servers": event.targets.servers},
         "timeout_seconds": event.timeout_seconds,
         "retries": event.retries,
         "env": event.env,
-        "next_run_at": Value::Null,
+        "schedule": event.schedule.as_ref().map(schedule_json),
+        "next_run_at": timestamp(event.next_run_at),
         "created_at": timestamp(Some(event.created_at)),
         "updated_at": timestamp(Some(event.updated_at)),
     });
@@ -223,6 +335,24 @@ fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<Do
 /// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
 fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
     let docker = docker_settings(&request, base)?;
+    let (schedule, next_run_at, reschedule) = match &request.schedule {
+        None => (
+            base.and_then(|event| event.schedule.clone()),
+            base.and_then(|event| event.next_run_at),
+            false,
+        ),
+        Some(None) => (None, None, true),
+        Some(Some(schedule)) => {
+            let (spec, compiled) = schedule_spec(schedule)?;
+            let unchanged = base.is_some_and(|event| event.schedule.as_ref() == Some(&spec));
+            if unchanged {
+                (Some(spec), base.and_then(|event| event.next_run_at), false)
+            } else {
+                let next = compiled.next_after(crate::store::now_ms());
+                (Some(spec), next, true)
+            }
+        }
+    };
     let name = request
         .name
         .or_else(|| base.map(|event| event.name.clone()))
@@ -278,6 +408,9 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
     };
     if targets.agents.len() > 10_000 {
         return Err(ApiError::field("targets.agents", "lists too many agents"));
+    }
+    if targets.servers.len() > 10_000 {
+        return Err(ApiError::field("targets.servers", "lists too many servers"));
     }
     labels_field("targets.labels", &targets.labels)?;
     let env = request
@@ -335,6 +468,9 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         retries,
         env,
         docker,
+        schedule,
+        next_run_at,
+        reschedule,
     })
 }
 
@@ -365,6 +501,7 @@ async fn create(
             }
             other => other.into(),
         })?;
+    state.schedules.notify_one();
     Ok((StatusCode::CREATED, Json(event_json(&event))))
 }
 
@@ -404,6 +541,7 @@ async fn update(
             }
             other => other.into(),
         })?;
+    state.schedules.notify_one();
     Ok(Json(event_json(&event)))
 }
 
@@ -415,6 +553,7 @@ async fn remove(
     user.require_writer()?;
     visible_event(&state, &user, &id).await?;
     state.store.delete_event(&id).await?;
+    state.schedules.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -473,14 +612,7 @@ async fn trigger(
     if targets.is_empty() {
         return Err(ApiError::field(
             "targets",
-            "the event has no targets; give agents or labels",
-        ));
-    }
-    let agent_ids = resolve_targets(&state, &targets).await?;
-    if agent_ids.is_empty() {
-        return Err(ApiError::field(
-            "targets.labels",
-            "no enrolled agent matches these labels",
+            "the event has no targets; give agents, labels or servers",
         ));
     }
     let input = request.input.map(|input| input.to_string());
@@ -493,40 +625,174 @@ async fn trigger(
             format!("is larger than {MAX_INPUT_BYTES} bytes"),
         ));
     }
-    let runtime_spec = match event.runtime {
-        Runtime::Host => host_runtime_spec(&event),
-        Runtime::Docker => docker_runtime_spec(&state, &event, &agent_ids).await?,
-    };
-    let runtime_spec = serde_json::to_string(&runtime_spec)
-        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))?;
-    let kind = event.kind.as_str();
+    let prepared = prepare_run(&state, &event, &targets).await?;
     let (run_id, jobs) = state
         .store
         .create_run(NewRun {
             event_id: &event.id,
-            kind,
+            kind: event.kind.as_str(),
             script: &event.script,
             env: &event.env,
-            runtime_spec: Some(&runtime_spec),
+            runtime_spec: Some(&prepared.runtime_spec),
             input: input.as_deref(),
             timeout_seconds: event.timeout_seconds,
             max_attempts: event.retries + 1,
             created_by: &user.0.id,
-            agent_ids: &agent_ids,
+            agent_ids: &prepared.agent_ids,
         })
         .await?;
-    // The jobs are durable; now wake their agents (no agent polls).
+    // The jobs are durable; now wake their agents (no agent polls) and the SSH worker.
     for (_, agent_id) in &jobs {
         state.registry.wake(agent_id);
     }
+    state.ssh.wake();
     let jobs: Vec<Value> = jobs
         .iter()
-        .map(|(job_id, agent_id)| json!({"id": job_id, "agent_id": agent_id}))
+        .map(
+            |(job_id, runner)| match crate::ssh::server_of_runner(runner) {
+                Some(server_id) => json!({"id": job_id, "server_id": server_id}),
+                None => json!({"id": job_id, "agent_id": runner}),
+            },
+        )
         .collect();
     Ok((
         StatusCode::CREATED,
         Json(json!({"run_id": run_id, "jobs": jobs})),
     ))
+}
+
+/// What a run of an event needs besides the event: its agents and runtime settings.
+pub(crate) struct PreparedRun {
+    pub agent_ids: Vec<String>,
+    /// JSON of the wire's `RuntimeSpec`.
+    pub runtime_spec: String,
+}
+
+/// Resolves `targets` to agents and the event's runtime settings: the run-creation path shared
+/// by the API trigger and the scheduler.
+pub(crate) async fn prepare_run(
+    state: &AppState,
+    event: &Event,
+    targets: &Targets,
+) -> ApiResult<PreparedRun> {
+    let mut agent_ids = resolve_targets(state, targets).await?;
+    let servers = super::servers::resolve_servers(state, &event.owner_id, &targets.servers).await?;
+    if event.runtime == Runtime::Docker
+        && servers
+            .iter()
+            .any(|runner| crate::ssh::server_of_runner(runner).is_some())
+    {
+        return Err(ApiError::field(
+            "runtime",
+            "SSH servers run host jobs only; target an agent for Docker",
+        ));
+    }
+    agent_ids.extend(servers);
+    agent_ids.sort();
+    agent_ids.dedup();
+    if agent_ids.is_empty() {
+        return Err(ApiError::field(
+            "targets.labels",
+            "no enrolled agent matches these labels",
+        ));
+    }
+    let runtime_spec = match event.runtime {
+        Runtime::Host => host_runtime_spec(event),
+        Runtime::Docker => docker_runtime_spec(state, event, &agent_ids).await?,
+    };
+    let runtime_spec = serde_json::to_string(&runtime_spec)
+        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))?;
+    Ok(PreparedRun {
+        agent_ids,
+        runtime_spec,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewQuery {
+    count: Option<usize>,
+}
+
+/// The next `count` fire times of a schedule after now.
+fn preview_json(
+    spec: &ScheduleSpec,
+    compiled: &CompiledSchedule,
+    count: Option<usize>,
+) -> ApiResult<Value> {
+    let count = count.unwrap_or(10);
+    if !(1..=MAX_PREVIEW).contains(&count) {
+        return Err(ApiError::field("count", format!("must be 1-{MAX_PREVIEW}")));
+    }
+    let times: Vec<Value> = compiled
+        .upcoming(crate::store::now_ms(), count)
+        .into_iter()
+        .map(|instant| fire_time_json(instant, compiled.zone()))
+        .collect();
+    Ok(json!({"schedule": schedule_json(spec), "fire_times": times}))
+}
+
+async fn preview_event(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Query(query): Query<PreviewQuery>,
+) -> ApiResult<Json<Value>> {
+    let event = visible_event(&state, &user, &id).await?;
+    let spec = event
+        .schedule
+        .ok_or_else(|| ApiError::Conflict("the event has no schedule".into()))?;
+    let compiled = CompiledSchedule::new(&spec.cron, &spec.timezone, spec.dst)
+        .map_err(|error| ApiError::Internal(anyhow::anyhow!("stored schedule: {error}")))?;
+    Ok(Json(preview_json(&spec, &compiled, query.count)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    cron: String,
+    timezone: Option<String>,
+    dst: Option<String>,
+    count: Option<usize>,
+}
+
+async fn preview_unsaved(
+    _user: CurrentUser,
+    ApiJson(request): ApiJson<PreviewRequest>,
+) -> ApiResult<Json<Value>> {
+    let (spec, compiled) = schedule_spec(&ScheduleRequest {
+        cron: request.cron,
+        timezone: request.timezone,
+        dst: request.dst,
+        misfire: None,
+        overlap: None,
+    })?;
+    Ok(Json(preview_json(&spec, &compiled, request.count)?))
+}
+
+/// The most recent handled slots of an event (the slot keys), newest first.
+async fn slot_records(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let event = visible_event(&state, &user, &id).await?;
+    let records = state.store.slot_records(&event.id, 1000).await?;
+    Ok(Json(Value::Array(
+        records
+            .iter()
+            .map(|record| {
+                json!({
+                    "slot_at": timestamp(Some(record.slot_at)),
+                    "outcome": record.outcome,
+                    "reason": record.reason,
+                    "run_id": record.run_id,
+                    "missed_slots": record.missed_slots,
+                    "handled_at": timestamp(Some(record.handled_at)),
+                })
+            })
+            .collect(),
+    )))
 }
 
 /// The host settings copied into each job of a host event (stored as JSON of the wire's

@@ -73,6 +73,7 @@ async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
         "run_id": job.run_id,
         "event_id": job.event_id,
         "agent_id": job.agent_id,
+        "server_id": job.server_id,
         "status": job.status.as_str(),
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
@@ -153,6 +154,9 @@ async fn show_run(
         "status": status,
         "input": run.input.as_deref().and_then(|input| serde_json::from_str::<Value>(input).ok()),
         "created_at": timestamp(Some(run.created_at)),
+        "trigger": run.trigger,
+        "slot_at": timestamp(run.slot_at),
+        "missed_slots": run.missed_slots,
         "counts": {"queued": queued, "running": running, "completed": completed, "failed": failed, "cancelled": cancelled},
         "jobs": jobs,
     })))
@@ -365,6 +369,8 @@ async fn cancel(
     match state.store.request_cancel(&id).await? {
         CancelOutcome::Cancelled => state.job_events.notify(&id),
         CancelOutcome::Requested { agent_id, attempt } => {
+            // An SSH job run by this control plane stops at once (else at its next lease renewal).
+            state.ssh.cancel(&id);
             // An offline agent hears about it when it reconnects, or its lease settles the job.
             state.registry.cancel(
                 &agent_id,

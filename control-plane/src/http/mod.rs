@@ -1,13 +1,16 @@
 //! The HTTP API (axum). Each resource lives in its own module exporting `router()`; this file
 //! only merges them under `/api/v1`, adds the unauthenticated routes (health, the console's
-//! static files from `ui.rs`) and the shared limits.
+//! static files from `ui.rs`, the installer and agent downloads from `downloads.rs`) and the
+//! shared limits.
 
 pub mod agents;
 pub mod auth;
+pub mod downloads;
 pub mod enrollment;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod servers;
 pub mod terminals;
 pub mod tools;
 pub mod ui;
@@ -38,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .merge(enrollment::router())
         .merge(events::router())
         .merge(jobs::router())
+        .merge(servers::router())
         .merge(terminals::router())
         .merge(tools::router())
         .merge(variables::router())
@@ -52,6 +56,7 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
         .merge(ui::router())
+        .merge(downloads::router())
         .nest("/api/v1", api)
         .fallback(|| async {
             (

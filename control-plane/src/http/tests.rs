@@ -31,6 +31,7 @@ fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
         docker_images: crate::DockerImages::default(),
         delivery: crate::tools::DeliveryOptions::default(),
         terminals: crate::terminals::TerminalConfig::default(),
+        releases: crate::release::ReleaseConfig::default(),
     }
 }
 
@@ -130,6 +131,9 @@ const PUBLIC: &[(&str, &str)] = &[
     ("post", "/agents/enroll"),
     ("get", "/agents/ca"),
     ("get", "/openapi.json"),
+    ("get", "/install.sh"),
+    ("get", "/downloads/release-key"),
+    ("get", "/downloads/agent/{version}/{target}/{file}"),
 ];
 
 #[tokio::test]
@@ -142,8 +146,14 @@ async fn every_documented_route_exists_and_refuses_anonymous_callers() {
             if item.get(method).is_none() {
                 continue;
             }
-            let concrete = path.replace("{id}", "00000000000000000000000000000000");
-            let full = if path == "/healthz" {
+            let concrete = path
+                .replace("{id}", "00000000000000000000000000000000")
+                .replace("{version}", "latest")
+                .replace("{target}", cronium_agent::TARGET)
+                .replace("{file}", "cronium-agent");
+            // Operations served at the root say so with `"servers": [{"url": "/"}]`.
+            let at_root = item[method]["servers"][0]["url"] == "/";
+            let full = if at_root {
                 concrete.clone()
             } else {
                 format!("/api/v1{concrete}")
@@ -153,10 +163,17 @@ async fn every_documented_route_exists_and_refuses_anonymous_callers() {
                 .send(method_value.clone(), &full, None, Some("{}"))
                 .await;
             if PUBLIC.contains(&(method, path.as_str())) {
+                // A public route may answer 404 for what it serves (no release yet), never
+                // for the route itself.
+                assert!(
+                    status != StatusCode::NOT_FOUND
+                        || body["error"]["message"] != "route not found",
+                    "{method} {full} is documented but missing"
+                );
                 assert_ne!(
                     status,
-                    StatusCode::NOT_FOUND,
-                    "{method} {full} is documented but missing"
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {full} is public"
                 );
                 continue;
             }
@@ -1108,5 +1125,112 @@ async fn the_console_is_served_without_credentials_with_security_headers_and_cac
         assert_console_security_headers(path, &headers);
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_error_shape(&body);
+    }
+}
+
+/// `GET` of a path with the raw answer.
+async fn get_raw(api: &Api, path: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let response = super::router(api.state().clone())
+        .oneshot(Request::builder().uri(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    (status, headers, bytes.to_vec())
+}
+
+#[tokio::test]
+async fn install_script_and_agent_downloads_are_served_from_the_releases_dir_only() {
+    let api = api().await;
+    let (status, _, body) = get_raw(&api, "/install.sh").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no release key yet"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("no_release_key"));
+
+    let data_dir = api._dir.path();
+    let releases = data_dir.join("releases");
+    let key = crate::release::ReleaseKey::generate();
+    std::fs::write(data_dir.join("release-signing.key"), key.to_pem()).unwrap();
+    let binary = data_dir.join("agent-build");
+    std::fs::write(&binary, b"agent bytes").unwrap();
+    let target = cronium_agent::TARGET;
+    crate::release::publish(&releases, &binary, &key, "0.9.0", target).unwrap();
+    crate::release::publish(&releases, &binary, &key, "0.10.0", target).unwrap();
+
+    let (status, headers, body) = get_raw(&api, "/install.sh").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/x-shellscript")
+    );
+    let script = String::from_utf8(body).unwrap();
+    assert!(script.starts_with("#!/bin/sh\n"));
+    assert!(script.contains(&format!("CRONIUM_URL='{}'", api.state().config.public_url)));
+    assert!(script.contains(&format!(
+        "CRONIUM_CA_SHA256='{}'",
+        api.state().ca.fingerprint()
+    )));
+    assert!(script.contains(key.public().to_pem().trim_end()));
+    assert!(
+        script.contains("NoNewPrivileges=yes"),
+        "the unit is embedded"
+    );
+    assert!(!script.contains("@CRONIUM_"), "every placeholder is filled");
+    assert!(!script.contains("PRIVATE KEY"));
+
+    let (status, _, body) = get_raw(&api, "/downloads/release-key").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, key.public().to_pem().into_bytes());
+
+    let base = format!("/downloads/agent/latest/{target}");
+    let (status, headers, manifest) =
+        get_raw(&api, &format!("{base}/cronium-agent.manifest.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-cronium-release-version"], "0.10.0");
+    let (_, _, manifest_signature) =
+        get_raw(&api, &format!("{base}/cronium-agent.manifest.json.sig")).await;
+    let (_, _, agent) = get_raw(&api, &format!("{base}/cronium-agent")).await;
+    let (_, _, signature) = get_raw(&api, &format!("{base}/cronium-agent.sig")).await;
+    let verified = crate::release::verify_release(
+        &key.public(),
+        &agent,
+        &signature,
+        &manifest,
+        &manifest_signature,
+    )
+    .unwrap();
+    assert_eq!(verified.version, "0.10.0");
+    let (status, _, _) = get_raw(
+        &api,
+        &format!("/downloads/agent/0.9.0/{target}/cronium-agent.sig"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    for path in [
+        format!("/downloads/agent/latest/{target}/release-key.pub"),
+        format!("/downloads/agent/latest/{target}/..%2F..%2Frelease-signing.key"),
+        format!("/downloads/agent/..%2F..%2F/{target}/cronium-agent"),
+        "/downloads/agent/0.9.0/..%2F..%2F..%2F/cronium-agent".to_owned(),
+        format!("/downloads/agent/0.9.0/{target}/..%2Fcronium-agent"),
+        format!("/downloads/agent/0.9.0/{target}%00/cronium-agent"),
+        format!("/downloads/agent/1.0.0/{target}/cronium-agent"),
+        "/downloads/agent/latest/no-such-target/cronium-agent".to_owned(),
+        "/downloads/release-signing.key".to_owned(),
+    ] {
+        let (status, _, body) = get_raw(&api, &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(
+            !String::from_utf8_lossy(&body).contains("PRIVATE"),
+            "{path}"
+        );
     }
 }

@@ -6,6 +6,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::agents::{Labels, labels_from_json};
 use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
+use crate::schedule::{DstPolicy, Misfire, Overlap, ScheduleSpec};
 
 /// What an event runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,20 +130,23 @@ impl Default for DockerSettings {
     }
 }
 
-/// Which agents an event runs on: named agents (by id or name) plus every agent matching all labels.
+/// Which agents an event runs on: named agents (by id or name) plus every agent matching all
+/// labels, plus named servers (by id or name; SSH servers run their jobs over SSH).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targets {
     pub agents: Vec<String>,
     pub labels: Labels,
+    pub servers: Vec<String>,
 }
 
 impl Targets {
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty() && self.labels.is_empty()
+        self.agents.is_empty() && self.labels.is_empty() && self.servers.is_empty()
     }
 
     fn to_json(&self) -> String {
-        serde_json::json!({ "agents": self.agents, "labels": self.labels }).to_string()
+        serde_json::json!({ "agents": self.agents, "labels": self.labels, "servers": self.servers })
+            .to_string()
     }
 
     fn from_json(text: &str) -> StoreResult<Targets> {
@@ -157,13 +161,26 @@ impl Targets {
                     .collect()
             })
             .unwrap_or_default();
+        let servers = value["servers"]
+            .as_array()
+            .map(|servers| {
+                servers
+                    .iter()
+                    .filter_map(|server| server.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
         let labels = labels_from_json(
             &value
                 .get("labels")
                 .map(|labels| labels.to_string())
                 .unwrap_or_else(|| "{}".into()),
         )?;
-        Ok(Targets { agents, labels })
+        Ok(Targets {
+            agents,
+            labels,
+            servers,
+        })
     }
 }
 
@@ -181,6 +198,9 @@ pub struct Event {
     pub retries: u32,
     pub env: BTreeMap<String, String>,
     pub docker: DockerSettings,
+    pub schedule: Option<ScheduleSpec>,
+    /// The next slot not handled yet (ms); `None` without a schedule.
+    pub next_run_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -197,11 +217,16 @@ pub struct EventFields {
     pub retries: u32,
     pub env: BTreeMap<String, String>,
     pub docker: DockerSettings,
+    pub schedule: Option<ScheduleSpec>,
+    /// Written only when `reschedule` is set (a new or changed schedule); otherwise the stored
+    /// value, which the scheduler advances, stays.
+    pub next_run_at: Option<i64>,
+    pub reschedule: bool,
 }
 
-const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user";
+pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at";
 
-fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
+pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
     let runtime: String = row.try_get("runtime")?;
     let env: String = row.try_get("env")?;
@@ -220,6 +245,31 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
         read_only: row.try_get::<i64, _>("read_only")? != 0,
         user: row.try_get("run_as_user")?,
     };
+    let schedule = match row.try_get::<Option<String>, _>("schedule_cron")? {
+        None => None,
+        Some(cron) => {
+            let text = |column: &str| -> StoreResult<String> {
+                Ok(row
+                    .try_get::<Option<String>, _>(column)?
+                    .unwrap_or_default())
+            };
+            let (dst, misfire, overlap) = (
+                text("schedule_dst")?,
+                text("schedule_misfire")?,
+                text("schedule_overlap")?,
+            );
+            Some(ScheduleSpec {
+                cron,
+                timezone: text("schedule_timezone")?,
+                dst: DstPolicy::parse(&dst)
+                    .ok_or_else(|| StoreError::Corrupt(format!("schedule_dst {dst:?}")))?,
+                misfire: Misfire::parse(&misfire)
+                    .ok_or_else(|| StoreError::Corrupt(format!("schedule_misfire {misfire:?}")))?,
+                overlap: Overlap::parse(&overlap)
+                    .ok_or_else(|| StoreError::Corrupt(format!("schedule_overlap {overlap:?}")))?,
+            })
+        }
+    };
     Ok(Event {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -235,6 +285,8 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
         env: serde_json::from_str(&env)
             .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
         docker,
+        schedule,
+        next_run_at: row.try_get("next_run_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -254,8 +306,9 @@ impl Store {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at,
-             image, memory_mb, cpus, pids, network, read_only, run_as_user)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             image, memory_mb, cpus, pids, network, read_only, run_as_user,
+             schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -276,6 +329,12 @@ impl Store {
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))
         .bind(&fields.docker.user)
+        .bind(fields.schedule.as_ref().map(|s| s.cron.clone()))
+        .bind(fields.schedule.as_ref().map(|s| s.timezone.clone()))
+        .bind(fields.schedule.as_ref().map(|s| s.dst.as_str()))
+        .bind(fields.schedule.as_ref().map(|s| s.misfire.as_str()))
+        .bind(fields.schedule.as_ref().map(|s| s.overlap.as_str()))
+        .bind(fields.next_run_at)
         .execute(&mut *conn)
         .await?;
         Ok(id)
@@ -291,7 +350,9 @@ impl Store {
         write_op!(self, |conn| async {
         let changed = sqlx::query(
             "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
-             env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?
+             env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?,
+             schedule_cron = ?, schedule_timezone = ?, schedule_dst = ?, schedule_misfire = ?, schedule_overlap = ?,
+             next_run_at = CASE WHEN ? THEN ? ELSE next_run_at END
              WHERE id = ?",
         )
         .bind(&fields.name)
@@ -310,6 +371,13 @@ impl Store {
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))
         .bind(&fields.docker.user)
+        .bind(fields.schedule.as_ref().map(|s| s.cron.clone()))
+        .bind(fields.schedule.as_ref().map(|s| s.timezone.clone()))
+        .bind(fields.schedule.as_ref().map(|s| s.dst.as_str()))
+        .bind(fields.schedule.as_ref().map(|s| s.misfire.as_str()))
+        .bind(fields.schedule.as_ref().map(|s| s.overlap.as_str()))
+        .bind(fields.reschedule || fields.schedule.is_none())
+        .bind(fields.next_run_at)
         .bind(&id)
         .execute(&mut *conn)
         .await?

@@ -138,7 +138,10 @@ pub struct Job {
     pub id: String,
     pub run_id: String,
     pub event_id: String,
-    pub agent_id: String,
+    /// The agent that runs it; `None` for an SSH fallback job.
+    pub agent_id: Option<String>,
+    /// The SSH server the control plane runs it on (SSH fallback), if any.
+    pub server_id: Option<String>,
     pub status: JobStatus,
     pub reason: Option<Reason>,
     pub attempt: u32,
@@ -179,7 +182,114 @@ pub struct Run {
     pub event_id: String,
     pub input: Option<String>,
     pub created_at: i64,
+    /// `manual` (the API) or `schedule`.
+    pub trigger: String,
+    /// The schedule slot the run was created for.
+    pub slot_at: Option<i64>,
+    /// Slots missed during downtime this run stands for (misfire policy `run_once`).
+    pub missed_slots: i64,
     pub jobs: Vec<Job>,
+}
+
+/// An owned run to create inside a caller's transaction (see [`create_run_in`]).
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub event_id: String,
+    pub kind: String,
+    pub script: String,
+    /// JSON of the environment.
+    pub env: String,
+    pub runtime_spec: Option<String>,
+    pub input: Option<String>,
+    pub timeout_seconds: u32,
+    pub max_attempts: u32,
+    pub created_by: String,
+    pub agent_ids: Vec<String>,
+    /// `manual` or `schedule`.
+    pub trigger: &'static str,
+    pub slot_at: Option<i64>,
+    pub missed_slots: i64,
+}
+
+impl RunSpec {
+    /// The owned form of `new_run`, triggered manually.
+    pub fn manual(new_run: &NewRun<'_>) -> StoreResult<RunSpec> {
+        Ok(RunSpec {
+            event_id: new_run.event_id.to_string(),
+            kind: new_run.kind.to_string(),
+            script: new_run.script.to_string(),
+            env: serde_json::to_string(new_run.env)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+            runtime_spec: new_run.runtime_spec.map(str::to_string),
+            input: new_run.input.map(str::to_string),
+            timeout_seconds: new_run.timeout_seconds,
+            max_attempts: new_run.max_attempts,
+            created_by: new_run.created_by.to_string(),
+            agent_ids: new_run.agent_ids.to_vec(),
+            trigger: "manual",
+            slot_at: None,
+            missed_slots: 0,
+        })
+    }
+}
+
+/// The runner key of an SSH fallback job: `ssh:` followed by the server's id. Agent ids are
+/// UUIDs, so the two never collide. The store functions that check "the current attempt of this
+/// agent" take a runner key, so SSH jobs move forward through the same functions as agent jobs.
+pub const SSH_RUNNER_PREFIX: &str = "ssh:";
+
+/// Writes a run and one queued job per runner (agent id, or `ssh:<server id>`) in the caller's
+/// transaction; returns the run id and `(job id, runner)` pairs.
+pub(crate) async fn create_run_in(
+    conn: &mut sqlx::SqliteConnection,
+    spec: &RunSpec,
+) -> StoreResult<(String, Vec<(String, String)>)> {
+    let run_id = new_id();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO runs (id, event_id, input, created_by, created_at, trigger, slot_at, missed_slots)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&run_id)
+    .bind(&spec.event_id)
+    .bind(&spec.input)
+    .bind(&spec.created_by)
+    .bind(now)
+    .bind(spec.trigger)
+    .bind(spec.slot_at)
+    .bind(spec.missed_slots)
+    .execute(&mut *conn)
+    .await?;
+    let mut jobs = Vec::with_capacity(spec.agent_ids.len());
+    for agent_id in &spec.agent_ids {
+        let job_id = new_id();
+        // A runner key `ssh:<server id>` is a job the control plane runs over SSH.
+        let (agent, server) = match agent_id.strip_prefix(SSH_RUNNER_PREFIX) {
+            Some(server_id) => (None, Some(server_id)),
+            None => (Some(agent_id.as_str()), None),
+        };
+        sqlx::query(
+            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
+             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&job_id)
+        .bind(&run_id)
+        .bind(&spec.event_id)
+        .bind(agent)
+        .bind(server)
+        .bind(spec.max_attempts as i64)
+        .bind(&spec.kind)
+        .bind(&spec.script)
+        .bind(&spec.env)
+        .bind(&spec.input)
+        .bind(spec.timeout_seconds as i64)
+        .bind(now)
+        .bind(&spec.runtime_spec)
+        .execute(&mut *conn)
+        .await?;
+        jobs.push((job_id, agent_id.clone()));
+    }
+    Ok((run_id, jobs))
 }
 
 /// Input to [`Store::create_run`]: the event's settings are copied into each job, so editing
@@ -263,7 +373,7 @@ pub struct ExpiredJob {
     pub requeued: bool,
 }
 
-const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
+const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, server_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
      cancel_requested, queued_at, claimed_at, started_at, finished_at";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
@@ -274,6 +384,7 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
         run_id: row.try_get("run_id")?,
         event_id: row.try_get("event_id")?,
         agent_id: row.try_get("agent_id")?,
+        server_id: row.try_get("server_id")?,
         status: JobStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
         reason: match reason {
@@ -338,55 +449,8 @@ impl Store {
         &self,
         new_run: NewRun<'_>,
     ) -> StoreResult<(String, Vec<(String, String)>)> {
-        let event_id = new_run.event_id.to_string();
-        let kind = new_run.kind.to_string();
-        let script = new_run.script.to_string();
-        let input = new_run.input.map(str::to_string);
-        let runtime_spec = new_run.runtime_spec.map(str::to_string);
-        let created_by = new_run.created_by.to_string();
-        let agent_ids = new_run.agent_ids.to_vec();
-        let (timeout_seconds, max_attempts) = (new_run.timeout_seconds, new_run.max_attempts);
-        let env = serde_json::to_string(new_run.env)
-            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        write_op!(self, |conn| async {
-        let run_id = new_id();
-        let now = now_ms();
-                sqlx::query(
-            "INSERT INTO runs (id, event_id, input, created_by, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&run_id)
-        .bind(&event_id)
-        .bind(&input)
-        .bind(&created_by)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        let mut jobs = Vec::with_capacity(agent_ids.len());
-        for agent_id in &agent_ids {
-            let job_id = new_id();
-            sqlx::query(
-                "INSERT INTO jobs (id, run_id, event_id, agent_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
-                 VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&job_id)
-            .bind(&run_id)
-            .bind(&event_id)
-            .bind(agent_id)
-            .bind(max_attempts as i64)
-            .bind(&kind)
-            .bind(&script)
-            .bind(&env)
-            .bind(&input)
-            .bind(timeout_seconds as i64)
-            .bind(now)
-            .bind(&runtime_spec)
-            .execute(&mut *conn)
-            .await?;
-            jobs.push((job_id, agent_id.clone()));
-        }
-        Ok((run_id, jobs))
-        })
-        .await
+        let spec = RunSpec::manual(&new_run)?;
+        write_op!(self, |conn| async { create_run_in(conn, &spec).await }).await
     }
 
     /// Atomically claims up to `limit` queued jobs of one agent, starting a new attempt of each
@@ -404,7 +468,7 @@ impl Store {
         write_op!(self, |conn| async {
         let rows = sqlx::query(
             "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = ?, lease_expires_at = ?
-             WHERE id IN (SELECT id FROM jobs WHERE agent_id = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
+             WHERE id IN (SELECT id FROM jobs WHERE runner = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
              RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
         )
         .bind(now_ms())
@@ -455,7 +519,7 @@ impl Store {
             let mut cancel = Vec::new();
             for attempt in &attempts {
                 let renewed = sqlx::query(
-                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND agent_id = ?
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND runner = ?
                  AND status IN ('claimed', 'running') RETURNING cancel_requested",
             )
             .bind(lease_until)
@@ -480,7 +544,7 @@ impl Store {
     /// Attempts the control plane believes an agent runs.
     pub async fn active_attempts(&self, agent_id: &str) -> StoreResult<Vec<Attempt>> {
         let rows = sqlx::query(
-            "SELECT id, attempt FROM jobs WHERE agent_id = ? AND status IN ('claimed', 'running')",
+            "SELECT id, attempt FROM jobs WHERE runner = ? AND status IN ('claimed', 'running')",
         )
         .bind(agent_id)
         .fetch_all(&self.reader)
@@ -516,7 +580,7 @@ impl Store {
     pub async fn expire_leases(&self, now: i64) -> StoreResult<Vec<ExpiredJob>> {
         write_op!(self, |conn| async {
                 let rows = sqlx::query(
-            "SELECT id, agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
+            "SELECT id, runner AS agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
              WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
         )
         .bind(now)
@@ -596,7 +660,7 @@ impl Store {
         attempt: &Attempt,
     ) -> StoreResult<OpenedAttempt> {
         let row = sqlx::query(
-            "SELECT agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = ?",
+            "SELECT runner AS agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = ?",
         )
         .bind(&attempt.job_id)
         .fetch_optional(&self.reader)
@@ -632,7 +696,7 @@ impl Store {
         let (agent_id, attempt, chunks) = (agent_id.to_string(), attempt.clone(), chunks.to_vec());
         write_op!(self, |conn| async {
                 let row = sqlx::query(
-            "SELECT log_len FROM jobs WHERE id = ? AND attempt = ? AND agent_id = ? AND status IN ('claimed', 'running')",
+            "SELECT log_len FROM jobs WHERE id = ? AND attempt = ? AND runner = ? AND status IN ('claimed', 'running')",
         )
         .bind(&attempt.job_id)
         .bind(attempt.attempt as i64)
@@ -683,7 +747,7 @@ impl Store {
         write_op!(self, |conn| async {
         let now = now_ms();
                 let row = sqlx::query(
-            "SELECT agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = ?",
+            "SELECT runner AS agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = ?",
         )
         .bind(&attempt.job_id)
         .fetch_optional(&mut *conn)
@@ -760,7 +824,7 @@ impl Store {
         let job_id = job_id.to_string();
         write_op!(self, |conn| async {
         let now = now_ms();
-                let row = sqlx::query("SELECT status, agent_id, attempt FROM jobs WHERE id = ?")
+                let row = sqlx::query("SELECT status, runner AS agent_id, attempt FROM jobs WHERE id = ?")
             .bind(&job_id)
             .fetch_optional(&mut *conn)
             .await?
@@ -821,7 +885,7 @@ impl Store {
 
     /// One run with its jobs.
     pub async fn run(&self, id: &str) -> StoreResult<Run> {
-        let row = sqlx::query("SELECT id, event_id, input, created_at FROM runs WHERE id = ?")
+        let row = sqlx::query("SELECT id, event_id, input, created_at, trigger, slot_at, missed_slots FROM runs WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
@@ -837,6 +901,9 @@ impl Store {
             event_id: row.try_get("event_id")?,
             input: row.try_get("input")?,
             created_at: row.try_get("created_at")?,
+            trigger: row.try_get("trigger")?,
+            slot_at: row.try_get("slot_at")?,
+            missed_slots: row.try_get("missed_slots")?,
             jobs: jobs.iter().map(job_from_row).collect::<StoreResult<_>>()?,
         })
     }

@@ -12,6 +12,8 @@
 pub mod agents;
 pub mod events;
 pub mod jobs;
+pub mod schedules;
+pub mod servers;
 pub mod terminals;
 pub mod tools;
 pub mod users;

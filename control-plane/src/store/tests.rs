@@ -39,6 +39,9 @@ async fn fixture() -> Fixture {
         retries: 0,
         env: BTreeMap::new(),
         docker: Default::default(),
+        schedule: None,
+        next_run_at: None,
+        reschedule: false,
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
     Fixture {

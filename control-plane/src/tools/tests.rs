@@ -173,6 +173,7 @@ fn server_config(dir: &Path, key: &str, retry_delays: Vec<Duration>) -> ServerCo
             request_timeout: Duration::from_secs(10),
         },
         terminals: crate::terminals::TerminalConfig::default(),
+        releases: crate::release::ReleaseConfig::default(),
     }
 }
 
