@@ -33,6 +33,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Output is committed when this much is pending, or after `FLUSH_EVERY`.
 const FLUSH_BYTES: usize = 64 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Output kept per attempt (stdout and stderr; like the agent's default `--max-log-bytes`): the
+/// rest is dropped after one marker, and the script keeps running. (Small in unit tests.)
+#[cfg(not(test))]
+const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+#[cfg(test)]
+pub(super) const MAX_LOG_BYTES: u64 = 64 * 1024;
 /// The setup and cleanup commands.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,10 +69,32 @@ struct Log<'a> {
     pending_bytes: usize,
     /// Still the current attempt (an append was refused: the lease was lost).
     current: bool,
+    /// Output past [`MAX_LOG_BYTES`] was dropped (after one marker).
+    truncated: bool,
 }
 
 impl Log<'_> {
     fn push(&mut self, stream: Stream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if stream != Stream::System {
+            if self.truncated {
+                return;
+            }
+            let room = MAX_LOG_BYTES.saturating_sub(self.len + self.pending_bytes as u64);
+            if data.len() as u64 > room {
+                // `room` is smaller than `data.len()`, so it fits in usize.
+                self.push_chunk(stream, &data[..room as usize]);
+                self.truncated = true;
+                self.system(&format!("output truncated after {MAX_LOG_BYTES} bytes"));
+                return;
+            }
+        }
+        self.push_chunk(stream, data);
+    }
+
+    fn push_chunk(&mut self, stream: Stream, data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -152,6 +180,7 @@ pub(super) async fn run_attempt(
         len: 0,
         pending: Vec::new(),
         pending_bytes: 0,
+        truncated: false,
         current: true,
     };
     let ending = match attempt_on_server(state, &claimed, runner, &cancel, &mut log).await {

@@ -684,3 +684,41 @@ async fn a_passphrase_protected_key_works_and_a_wrong_passphrase_is_refused() {
     assert_eq!(job["status"], "completed", "{job}");
     assert!(job["output"].as_str().unwrap().contains("unlocked"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_dropped_after_one_marker() {
+    let sshd = Sshd::start();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    // Four times the cap, then a line after it: the job still completes.
+    let script = "head -c 262144 /dev/zero | tr '\\0' x\necho after-the-flood\n";
+    let job_id = api.run(&server, "bash", script, 60, json!({})).await;
+    let job = api.finished(&job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let logs = api
+        .running
+        .state
+        .store
+        .logs(&job_id, 0, u64::MAX)
+        .await
+        .unwrap();
+    let text: String = logs
+        .iter()
+        .map(|chunk| String::from_utf8_lossy(&chunk.data).into_owned())
+        .collect();
+    let kept = text.bytes().filter(|byte| *byte == b'x').count() as u64;
+    // The cap counts the whole log (the runner's own lines too), so a little less than the cap
+    // is the script's.
+    let cap = super::job::MAX_LOG_BYTES;
+    assert!(
+        kept <= cap && kept > cap - 4096,
+        "kept {kept} of a {cap} byte cap"
+    );
+    assert_eq!(
+        text.matches("output truncated after").count(),
+        1,
+        "{}",
+        &text[text.len() - 200..]
+    );
+    assert!(!text.contains("after-the-flood"));
+}
