@@ -455,3 +455,85 @@ async fn helper_values_are_absent_unless_set() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_events_notify_tells_its_tools_when_real_jobs_fail_and_succeed() -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let agent = cluster.add_agent("notify-host").await?;
+    let mut webhook = WebhookListener::start().await?;
+    cluster
+        .create_webhook_tool("ops-hook", webhook.url())
+        .await?;
+    let mut jobs = Vec::new();
+    for (name, script) in [
+        (
+            "notify-fails",
+            "for i in $(seq 1 25); do echo \"line $i\"; done\nexit 3\n",
+        ),
+        ("notify-works", "echo all good\n"),
+    ] {
+        let event_id = cluster
+            .create_event(&EventSpec::bash(name, script).target(&agent.id))
+            .await?;
+        cluster
+            .api()
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/events/{event_id}"),
+                Some(&json!({"notify": {"on_failure": "ops-hook", "on_success": "ops-hook"}})),
+            )
+            .await?
+            .expect_status(200, "set notify")?;
+        jobs.push(cluster.run_event(&event_id, None).await?.single_job()?);
+    }
+    for (job_id, expected) in jobs.iter().zip(["failed", "completed"]) {
+        let job = cluster.wait_job_final(job_id, JOB_TIMEOUT).await?;
+        if job["status"] != expected {
+            bail!(
+                "job {job}, expected {expected}\n(log tails)\n{}",
+                cluster.log_tails()
+            );
+        }
+    }
+    let mut seen = Vec::new();
+    for _ in &jobs {
+        let body = webhook.next_body(JOB_TIMEOUT).await?;
+        let payload: Value = serde_json::from_str(&body).context("the webhook body is JSON")?;
+        seen.push(payload);
+    }
+    seen.sort_by_key(|payload| payload["title"].as_str().unwrap_or_default().to_owned());
+    let (failed, succeeded) = (&seen[0], &seen[1]);
+    let message = failed["message"].as_str().unwrap_or_default();
+    if failed["title"] != "cronium: notify-fails failed on notify-host"
+        || failed["job_id"] != json!(jobs[0])
+        || !message.contains("exit code: 3")
+        || !message.ends_with("line 25")
+        || message.contains("line 5\n")
+    {
+        bail!("failure payload {failed}");
+    }
+    if succeeded["title"] != "cronium: notify-works succeeded on notify-host"
+        || succeeded["job_id"] != json!(jobs[1])
+        || !succeeded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("all good")
+    {
+        bail!("success payload {succeeded}");
+    }
+    // One notification per job in the outbox.
+    let outbox = cluster
+        .api()
+        .get_ok("/api/v1/notifications?limit=100")
+        .await?;
+    for job_id in &jobs {
+        let count = outbox
+            .as_array()
+            .map(|all| all.iter().filter(|n| n["job_id"] == json!(job_id)).count())
+            .unwrap_or_default();
+        if count != 1 {
+            bail!("{count} notifications for job {job_id}: {outbox}");
+        }
+    }
+    Ok(())
+}

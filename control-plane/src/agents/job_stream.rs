@@ -276,7 +276,12 @@ impl JobStream<'_> {
         self.pending.clear();
         self.pending_bytes = 0;
         let verdict = match outcome {
-            FinishOutcome::Recorded => FinishVerdict::Recorded,
+            FinishOutcome::Recorded { notified } => {
+                if notified {
+                    self.state.notifier.notify_one();
+                }
+                FinishVerdict::Recorded
+            }
             FinishOutcome::Requeued => {
                 self.state.registry.wake(self.agent_id);
                 FinishVerdict::Recorded

@@ -86,6 +86,8 @@ async fn revoke(
     if !state.store.revoke_agent(&id).await? {
         return Err(ApiError::NotFound("agent"));
     }
+    // The failed jobs' `notify.on_failure` notifications were enqueued with the revocation.
+    state.notifier.notify_one();
     state
         .registry
         .disconnect(&id, CloseCode::Revoked, "agent revoked");

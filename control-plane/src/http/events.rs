@@ -18,7 +18,7 @@ use crate::schedule::{
 };
 use crate::store::StoreError;
 use crate::store::events::{
-    DockerSettings, Event, EventFields, EventKind, Network, Runtime, Targets,
+    DockerSettings, Event, EventFields, EventKind, EventNotify, Network, Runtime, Targets,
 };
 use crate::store::jobs::NewRun;
 
@@ -164,6 +164,71 @@ struct EventRequest {
     /// `null` removes the schedule.
     #[serde(default, deserialize_with = "double_option")]
     schedule: Option<Option<ScheduleRequest>>,
+    /// `null` clears both; inside, a missing field keeps its value and `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    notify: Option<Option<NotifyRequest>>,
+}
+
+/// An event's `notify`: names of the owner's tools told when a job ends.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct NotifyRequest {
+    #[serde(default, deserialize_with = "double_option")]
+    on_failure: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    on_success: Option<Option<String>>,
+}
+
+/// Merges a request's `notify` over `base`'s.
+fn merge_notify(request: &Option<Option<NotifyRequest>>, base: Option<&Event>) -> EventNotify {
+    let mut notify = base.map(|event| event.notify.clone()).unwrap_or_default();
+    match request {
+        None => {}
+        Some(None) => notify = EventNotify::default(),
+        Some(Some(request)) => {
+            if let Some(on_failure) = &request.on_failure {
+                notify.on_failure = on_failure.clone();
+            }
+            if let Some(on_success) = &request.on_success {
+                notify.on_success = on_success.clone();
+            }
+        }
+    }
+    notify
+}
+
+/// Checks that the tools `notify` names exist among `owner_id`'s tools. Names kept from `base`
+/// are not checked again (a PATCH of other fields still works after a tool was deleted).
+async fn check_notify(
+    state: &AppState,
+    owner_id: &str,
+    notify: &EventNotify,
+    base: Option<&EventNotify>,
+) -> ApiResult<()> {
+    let base = base.cloned().unwrap_or_default();
+    let changed = [
+        ("notify.on_failure", &notify.on_failure, &base.on_failure),
+        ("notify.on_success", &notify.on_success, &base.on_success),
+    ];
+    if changed
+        .iter()
+        .all(|(_, name, before)| name.is_none() || name == before)
+    {
+        return Ok(());
+    }
+    let tools = state.store.tools(Some(owner_id)).await?;
+    for (field, name, before) in changed {
+        if let Some(name) = name
+            && name != before.as_deref().unwrap_or_default()
+            && !tools.iter().any(|tool| &tool.name == name)
+        {
+            return Err(ApiError::field(
+                field,
+                format!("you have no tool named {name:?}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Job limits; a missing field means no limit (PIDs of Docker jobs: the default of 256).
@@ -210,6 +275,7 @@ fn event_json(event: &Event) -> Value {
         "env": event.env,
         "schedule": event.schedule.as_ref().map(schedule_json),
         "next_run_at": timestamp(event.next_run_at),
+        "notify": {"on_failure": event.notify.on_failure, "on_success": event.notify.on_success},
         "created_at": timestamp(Some(event.created_at)),
         "updated_at": timestamp(Some(event.updated_at)),
     });
@@ -335,6 +401,7 @@ fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<Do
 /// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
 fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
     let docker = docker_settings(&request, base)?;
+    let notify = merge_notify(&request.notify, base);
     let (schedule, next_run_at, reschedule) = match &request.schedule {
         None => (
             base.and_then(|event| event.schedule.clone()),
@@ -469,6 +536,7 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         env,
         docker,
         schedule,
+        notify,
         next_run_at,
         reschedule,
     })
@@ -491,6 +559,7 @@ async fn create(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     user.require_writer()?;
     let fields = event_fields(request, None)?;
+    check_notify(&state, &user.0.id, &fields.notify, None).await?;
     let event = state
         .store
         .create_event(&user.0.id, &fields)
@@ -531,6 +600,7 @@ async fn update(
     user.require_writer()?;
     let event = visible_event(&state, &user, &id).await?;
     let fields = event_fields(request, Some(&event))?;
+    check_notify(&state, &event.owner_id, &fields.notify, Some(&event.notify)).await?;
     let event = state
         .store
         .update_event(&id, &fields)

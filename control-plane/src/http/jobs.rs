@@ -367,7 +367,11 @@ async fn cancel(
     user.require_writer()?;
     visible_job(&state, &user, &id).await?;
     match state.store.request_cancel(&id).await? {
-        CancelOutcome::Cancelled => state.job_events.notify(&id),
+        CancelOutcome::Cancelled => {
+            state.job_events.notify(&id);
+            // The event's `notify.on_failure`, if any, was enqueued with the cancel.
+            state.notifier.notify_one();
+        }
         CancelOutcome::Requested { agent_id, attempt } => {
             // An SSH job run by this control plane stops at once (else at its next lease renewal).
             state.ssh.cancel(&id);

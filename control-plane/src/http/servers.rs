@@ -395,6 +395,8 @@ async fn remove(
     user.require_writer()?;
     visible_server(&state, &user, &id).await?;
     state.store.delete_server(&id).await?;
+    // The cancelled jobs' `notify.on_failure` notifications were enqueued with the deletion.
+    state.notifier.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -54,6 +54,9 @@ pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
                     if job.requeued {
                         state.registry.wake(&job.agent_id);
                     }
+                    if job.notified {
+                        state.notifier.notify_one();
+                    }
                     state.job_events.notify(&job.job_id);
                 }
             }

@@ -378,6 +378,7 @@ impl Harness {
                 overlap,
             }),
             next_run_at: Some(first),
+            notify: Default::default(),
             reschedule: true,
         };
         self.running

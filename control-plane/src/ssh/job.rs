@@ -24,7 +24,9 @@ use tracing::{info, warn};
 
 use super::SshSecrets;
 use crate::AppState;
-use crate::store::jobs::{Attempt, AttemptResult, ClaimedJob, JobStatus, LogChunk, Reason, Stream};
+use crate::store::jobs::{
+    Attempt, AttemptResult, ClaimedJob, FinishOutcome, JobStatus, LogChunk, Reason, Stream,
+};
 use crate::store::now_ms;
 use crate::store::servers::{Connection, SshAuth, SshSettings};
 
@@ -214,6 +216,9 @@ pub(super) async fn run_attempt(
         .await
     {
         Ok(outcome) => {
+            if outcome == (FinishOutcome::Recorded { notified: true }) {
+                state.notifier.notify_one();
+            }
             info!(job = %claimed.id, attempt = claimed.attempt, ?outcome, status = result.status.as_str(), "SSH attempt finished")
         }
         Err(error) => warn!(%error, job = %claimed.id, "could not record the SSH job's result"),

@@ -317,8 +317,9 @@ impl Store {
         .await
     }
 
-    /// Revokes an agent and fails every job it had not finished. Returns false if it was
-    /// already revoked or does not exist.
+    /// Revokes an agent and fails every job it had not finished (enqueueing their events'
+    /// `notify.on_failure`; wake the dispatcher). Returns false if it was already revoked or does
+    /// not exist.
     pub async fn revoke_agent(&self, agent_id: &str) -> StoreResult<bool> {
         let agent_id = agent_id.to_string();
         write_op!(self, |conn| async {
@@ -333,14 +334,17 @@ impl Store {
         if changed == 0 {
             return Ok(false);
         }
-        sqlx::query(
+        let failed: Vec<String> = sqlx::query_scalar(
             "UPDATE jobs SET status = 'failed', reason = 'revoked', settled_by = 'revoke', finished_at = ?, lease_expires_at = NULL
-             WHERE agent_id = ? AND status IN ('queued', 'claimed', 'running')",
+             WHERE agent_id = ? AND status IN ('queued', 'claimed', 'running') RETURNING id",
         )
         .bind(now)
         .bind(&agent_id)
-        .execute(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
+        for job_id in failed {
+            super::jobs::notify_settled_in(conn, &job_id).await?;
+        }
         Ok(true)
         })
         .await

@@ -184,6 +184,15 @@ impl Targets {
     }
 }
 
+/// Which of the owner's tools (by name) are told when a job of the event ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventNotify {
+    /// Told when a job fails or is cancelled.
+    pub on_failure: Option<String>,
+    /// Told when a job completes.
+    pub on_success: Option<String>,
+}
+
 /// A stored event.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -201,6 +210,7 @@ pub struct Event {
     pub schedule: Option<ScheduleSpec>,
     /// The next slot not handled yet (ms); `None` without a schedule.
     pub next_run_at: Option<i64>,
+    pub notify: EventNotify,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -218,13 +228,14 @@ pub struct EventFields {
     pub env: BTreeMap<String, String>,
     pub docker: DockerSettings,
     pub schedule: Option<ScheduleSpec>,
+    pub notify: EventNotify,
     /// Written only when `reschedule` is set (a new or changed schedule); otherwise the stored
     /// value, which the scheduler advances, stays.
     pub next_run_at: Option<i64>,
     pub reschedule: bool,
 }
 
-pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at";
+pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success";
 
 pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
@@ -287,6 +298,10 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
         docker,
         schedule,
         next_run_at: row.try_get("next_run_at")?,
+        notify: EventNotify {
+            on_failure: row.try_get("notify_on_failure")?,
+            on_success: row.try_get("notify_on_success")?,
+        },
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -307,8 +322,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at,
              image, memory_mb, cpus, pids, network, read_only, run_as_user,
-             schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at,
+             notify_on_failure, notify_on_success)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -335,6 +351,8 @@ impl Store {
         .bind(fields.schedule.as_ref().map(|s| s.misfire.as_str()))
         .bind(fields.schedule.as_ref().map(|s| s.overlap.as_str()))
         .bind(fields.next_run_at)
+        .bind(&fields.notify.on_failure)
+        .bind(&fields.notify.on_success)
         .execute(&mut *conn)
         .await?;
         Ok(id)
@@ -352,7 +370,8 @@ impl Store {
             "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
              env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?,
              schedule_cron = ?, schedule_timezone = ?, schedule_dst = ?, schedule_misfire = ?, schedule_overlap = ?,
-             next_run_at = CASE WHEN ? THEN ? ELSE next_run_at END
+             next_run_at = CASE WHEN ? THEN ? ELSE next_run_at END,
+             notify_on_failure = ?, notify_on_success = ?
              WHERE id = ?",
         )
         .bind(&fields.name)
@@ -378,6 +397,8 @@ impl Store {
         .bind(fields.schedule.as_ref().map(|s| s.overlap.as_str()))
         .bind(fields.reschedule || fields.schedule.is_none())
         .bind(fields.next_run_at)
+        .bind(&fields.notify.on_failure)
+        .bind(&fields.notify.on_success)
         .bind(&id)
         .execute(&mut *conn)
         .await?

@@ -341,8 +341,9 @@ pub struct AttemptResult {
 /// What [`Store::finish_attempt`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishOutcome {
-    /// Recorded as final.
-    Recorded,
+    /// Recorded as final; `notified`: the event's `notify` enqueued a notification in the same
+    /// transaction (wake the dispatcher).
+    Recorded { notified: bool },
     /// The attempt failed and the job was queued again for another attempt.
     Requeued,
     /// This attempt's result was already recorded.
@@ -371,6 +372,8 @@ pub struct ExpiredJob {
     pub agent_id: String,
     /// Queued again for another attempt (as opposed to settled as lost or cancelled).
     pub requeued: bool,
+    /// The settlement enqueued the event's `notify` notification (wake the dispatcher).
+    pub notified: bool,
 }
 
 const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, server_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
@@ -440,6 +443,156 @@ async fn insert_chunks(
         log_len += chunk.data.len() as u64;
     }
     Ok(log_len)
+}
+
+/// Most lines of a job's output a settlement notification quotes.
+pub const NOTIFY_OUTPUT_LINES: usize = 20;
+
+/// Most bytes of a job's output a settlement notification quotes.
+pub const NOTIFY_OUTPUT_BYTES: usize = 2048;
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+fn clip_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The end of a job's stored log: at most [`NOTIFY_OUTPUT_BYTES`] bytes and
+/// [`NOTIFY_OUTPUT_LINES`] lines, decoded lossily.
+async fn output_tail(
+    conn: &mut sqlx::SqliteConnection,
+    job_id: &str,
+    log_len: u64,
+) -> StoreResult<String> {
+    let from = log_len.saturating_sub(NOTIFY_OUTPUT_BYTES as u64);
+    let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT offset, data FROM job_logs WHERE job_id = ? AND offset + length(data) > ? ORDER BY offset",
+    )
+    .bind(job_id)
+    .bind(from as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut bytes = Vec::with_capacity(NOTIFY_OUTPUT_BYTES);
+    for (offset, data) in chunks {
+        let skip = (from.saturating_sub(offset as u64) as usize).min(data.len());
+        bytes.extend_from_slice(&data[skip..]);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let text = text.trim_end_matches('\n');
+    let lines: Vec<&str> = text.split('\n').collect();
+    let start = lines.len().saturating_sub(NOTIFY_OUTPUT_LINES);
+    Ok(lines[start..].join("\n"))
+}
+
+/// Enqueues the notification an event asks for when one of its jobs ends (`notify.on_failure`
+/// for a failed or cancelled job, `notify.on_success` for a completed one), in the caller's
+/// transaction: the one that settled the job, so the notification exists exactly when the final
+/// status does. Call it once per settlement, after the job row holds its final status. Returns
+/// whether a notification was enqueued (the caller then wakes the dispatcher after the commit).
+/// A tool that no longer exists (deleted or renamed) is skipped and audited; it never fails the
+/// settlement.
+pub(crate) async fn notify_settled_in(
+    conn: &mut sqlx::SqliteConnection,
+    job_id: &str,
+) -> StoreResult<bool> {
+    let row = sqlx::query(
+        "SELECT j.status, j.reason, j.exit_code, j.attempt, j.run_id, j.log_len, j.agent_id, j.server_id,
+                e.id AS event_id, e.owner_id, e.name AS event_name, e.notify_on_failure, e.notify_on_success,
+                a.name AS agent_name, s.name AS server_name
+         FROM jobs j JOIN events e ON e.id = j.event_id
+         LEFT JOIN agents a ON a.id = j.agent_id
+         LEFT JOIN servers s ON s.id = j.server_id
+         WHERE j.id = ?",
+    )
+    .bind(job_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let status =
+        JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+    let tool: Option<String> = match status {
+        JobStatus::Completed => row.try_get("notify_on_success")?,
+        JobStatus::Failed | JobStatus::Cancelled => row.try_get("notify_on_failure")?,
+        _ => return Ok(false),
+    };
+    let Some(tool) = tool else {
+        return Ok(false);
+    };
+    let owner_id: String = row.try_get("owner_id")?;
+    let event_id: String = row.try_get("event_id")?;
+    let event_name: String = row.try_get("event_name")?;
+    let reason: Option<String> = row.try_get("reason")?;
+    let exit_code: Option<i64> = row.try_get("exit_code")?;
+    let runner = match (
+        row.try_get::<Option<String>, _>("agent_name")?,
+        row.try_get::<Option<String>, _>("server_name")?,
+    ) {
+        (Some(agent), _) => agent,
+        (None, Some(server)) => server,
+        (None, None) => match row.try_get::<Option<String>, _>("agent_id")? {
+            Some(agent_id) => format!("agent {agent_id}"),
+            None => "a deleted server".to_string(),
+        },
+    };
+    let verb = match status {
+        JobStatus::Completed => "succeeded",
+        JobStatus::Cancelled => "was cancelled",
+        _ => "failed",
+    };
+    let title = format!("cronium: {event_name} {verb} on {runner}");
+    let title = clip_bytes(&title, super::tools::MAX_TITLE_BYTES);
+    let log_len = row.try_get::<i64, _>("log_len")? as u64;
+    let tail = output_tail(conn, job_id, log_len).await?;
+    let mut message = format!(
+        "job: {job_id}\nrun: {}\nattempt: {}\nstatus: {}\nreason: {}\nexit code: {}\n",
+        row.try_get::<String, _>("run_id")?,
+        row.try_get::<i64, _>("attempt")?,
+        status.as_str(),
+        reason.as_deref().unwrap_or("-"),
+        exit_code.map_or_else(|| "-".to_string(), |code| code.to_string()),
+    );
+    if tail.trim().is_empty() {
+        message.push_str("output: (none)");
+    } else {
+        message.push_str("last output:\n");
+        message.push_str(&tail);
+    }
+    let outcome = super::tools::enqueue_notification_in(
+        conn,
+        &owner_id,
+        &tool,
+        Some(title),
+        &message,
+        Some(job_id),
+    )
+    .await?;
+    match outcome {
+        Ok(_) => Ok(true),
+        Err(refused) => {
+            audit_in(
+                conn,
+                "event_notify_skipped",
+                None,
+                serde_json::json!({
+                    "job_id": job_id,
+                    "event_id": event_id,
+                    "tool": tool,
+                    "status": status.as_str(),
+                    "why": refused.to_string(),
+                }),
+            )
+            .await?;
+            Ok(false)
+        }
+    }
 }
 
 impl Store {
@@ -593,6 +746,7 @@ impl Store {
             let attempt = row.try_get::<i64, _>("attempt")?;
             let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
             let requeued = !cancel_requested && attempt < row.try_get::<i64, _>("max_attempts")?;
+            let mut notified = false;
             if requeued {
                 sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
                     .bind(&job_id)
@@ -634,6 +788,7 @@ impl Store {
                 .bind(&job_id)
                 .execute(&mut *conn)
                 .await?;
+                notified = notify_settled_in(conn, &job_id).await?;
             }
             audit_in(
                 conn,
@@ -646,6 +801,7 @@ impl Store {
                 job_id,
                 agent_id,
                 requeued,
+                notified,
             });
         }
         Ok(expired)
@@ -814,7 +970,8 @@ impl Store {
         .bind(&attempt.job_id)
         .execute(&mut *conn)
         .await?;
-        Ok(FinishOutcome::Recorded)
+        let notified = notify_settled_in(conn, &attempt.job_id).await?;
+        Ok(FinishOutcome::Recorded { notified })
         })
         .await
     }
@@ -841,6 +998,7 @@ impl Store {
                 .bind(&job_id)
                 .execute(&mut *conn)
                 .await?;
+                notify_settled_in(conn, &job_id).await?;
                 CancelOutcome::Cancelled
             }
             JobStatus::Claimed | JobStatus::Running => {

@@ -215,19 +215,23 @@ impl Store {
         self.server(&updated_id).await
     }
 
-    /// Deletes a server. Its queued jobs are cancelled (nothing could run them any more); its
+    /// Deletes a server. Its queued jobs are cancelled (nothing could run them any more; their
+    /// events' `notify.on_failure` is enqueued, so wake the dispatcher); its
     /// past jobs stay, without `server_id`; a running one is settled by its lease.
     pub async fn delete_server(&self, id: &str) -> StoreResult<()> {
         let id = id.to_string();
         write_op!(self, |conn| async {
-            sqlx::query(
+            let cancelled: Vec<String> = sqlx::query_scalar(
                 "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', settled_by = 'api', cancel_requested = 1,
-                 finished_at = ? WHERE server_id = ? AND status = 'queued'",
+                 finished_at = ? WHERE server_id = ? AND status = 'queued' RETURNING id",
             )
             .bind(now_ms())
             .bind(&id)
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+            for job_id in cancelled {
+                super::jobs::notify_settled_in(conn, &job_id).await?;
+            }
             let done = sqlx::query("DELETE FROM servers WHERE id = ?")
                 .bind(&id)
                 .execute(&mut *conn)

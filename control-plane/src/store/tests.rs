@@ -41,6 +41,7 @@ async fn fixture() -> Fixture {
         docker: Default::default(),
         schedule: None,
         next_run_at: None,
+        notify: Default::default(),
         reschedule: false,
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
@@ -279,7 +280,7 @@ async fn a_result_is_recorded_once_and_a_replay_is_a_duplicate() {
             .finish_attempt(&agent, &attempt, &[last], &completed(11))
             .await
             .unwrap(),
-        FinishOutcome::Recorded
+        FinishOutcome::Recorded { notified: false }
     );
     assert_eq!(
         fixture
@@ -400,7 +401,7 @@ async fn a_failed_attempt_is_retried_while_attempts_remain() {
             .finish_attempt(&agent, &attempt, &[], &failed)
             .await
             .unwrap(),
-        FinishOutcome::Recorded
+        FinishOutcome::Recorded { notified: false }
     );
     let job = fixture.store.job(&job).await.unwrap();
     assert_eq!(
@@ -730,5 +731,282 @@ async fn helper_writes_apply_once_per_sequence_number_and_only_for_the_current_a
             .await
             .unwrap(),
         HelperWriteOutcome::Applied
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-event notifications (`notify.on_failure` / `notify.on_success`) enqueued by settlements.
+
+use super::tools::{Notification, SealedConfig, ToolKind};
+
+impl Fixture {
+    async fn tool(&self, name: &str) -> String {
+        let config = SealedConfig {
+            sealed: b"sealed".to_vec(),
+            target_host: "example.com".into(),
+        };
+        self.store
+            .create_tool(&self.owner, name, ToolKind::Webhook, config)
+            .await
+            .unwrap()
+            .id
+    }
+
+    async fn set_notify(&self, on_failure: Option<&str>, on_success: Option<&str>) {
+        let event = self.store.event(&self.event).await.unwrap();
+        let fields = EventFields {
+            name: event.name,
+            kind: event.kind,
+            script: event.script,
+            runtime: event.runtime,
+            targets: event.targets,
+            timeout_seconds: event.timeout_seconds,
+            retries: event.retries,
+            env: event.env,
+            docker: event.docker,
+            schedule: event.schedule,
+            notify: super::events::EventNotify {
+                on_failure: on_failure.map(str::to_string),
+                on_success: on_success.map(str::to_string),
+            },
+            next_run_at: event.next_run_at,
+            reschedule: false,
+        };
+        self.store.update_event(&self.event, &fields).await.unwrap();
+    }
+
+    /// The notifications whose source is `job_id`.
+    async fn notifications_of(&self, job_id: &str) -> Vec<Notification> {
+        self.store
+            .notifications(None, None, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|notification| notification.source_job_id.as_deref() == Some(job_id))
+            .collect()
+    }
+
+    async fn claim_one(&self, agent: &str, lease_until: i64) -> Attempt {
+        let claimed = self.store.claim_jobs(agent, 1, lease_until).await.unwrap();
+        Attempt {
+            job_id: claimed[0].id.clone(),
+            attempt: claimed[0].attempt,
+        }
+    }
+}
+
+fn failed(exit_code: i32, log_len: u64) -> AttemptResult {
+    AttemptResult {
+        status: JobStatus::Failed,
+        reason: Some(Reason::ExitCode),
+        exit_code: Some(exit_code),
+        log_len,
+        result: None,
+        condition: None,
+    }
+}
+
+#[tokio::test]
+async fn a_settled_job_enqueues_its_events_notification_exactly_once() {
+    let fixture = fixture().await;
+    let agent = fixture.agent("web-1").await;
+    fixture.tool("ops").await;
+    fixture.tool("done").await;
+    fixture.set_notify(Some("ops"), Some("done")).await;
+
+    // A failed attempt with attempts left is requeued: nothing yet.
+    let job = fixture.jobs(&agent, 1, 2).await.remove(0);
+    let attempt = fixture.claim_one(&agent, now_ms() + 60_000).await;
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &failed(1, 0))
+            .await
+            .unwrap(),
+        FinishOutcome::Requeued
+    );
+    assert!(fixture.notifications_of(&job).await.is_empty());
+
+    // The last attempt fails with 30 lines of output: one notification, the last 20 lines.
+    let attempt = fixture.claim_one(&agent, now_ms() + 60_000).await;
+    let output: String = (1..=30).map(|line| format!("line {line}\n")).collect();
+    let chunks = [LogChunk {
+        offset: 0,
+        stream: Stream::Stdout,
+        data: output.clone().into_bytes(),
+    }];
+    let result = failed(3, output.len() as u64);
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &chunks, &result)
+            .await
+            .unwrap(),
+        FinishOutcome::Recorded { notified: true }
+    );
+    // A replayed result is a duplicate and enqueues nothing more.
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &result)
+            .await
+            .unwrap(),
+        FinishOutcome::Duplicate
+    );
+    let sent = fixture.notifications_of(&job).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let notification = &sent[0];
+    assert_eq!(notification.tool_name, "ops");
+    assert_eq!(notification.owner_id, fixture.owner);
+    assert_eq!(
+        notification.title.as_deref(),
+        Some("cronium: e failed on web-1")
+    );
+    let message = &notification.message;
+    for expected in [
+        format!("job: {job}"),
+        "attempt: 2".to_string(),
+        "status: failed".to_string(),
+        "reason: exit_code".to_string(),
+        "exit code: 3".to_string(),
+        "line 11\n".to_string(),
+    ] {
+        assert!(message.contains(&expected), "{expected:?} in {message}");
+    }
+    assert!(message.ends_with("line 30"), "{message}");
+    assert!(!message.contains("line 10\n"), "{message}");
+
+    // A completed job tells `on_success`.
+    let job = fixture.jobs(&agent, 1, 1).await.remove(0);
+    let attempt = fixture.claim_one(&agent, now_ms() + 60_000).await;
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &completed(0))
+            .await
+            .unwrap(),
+        FinishOutcome::Recorded { notified: true }
+    );
+    let sent = fixture.notifications_of(&job).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].tool_name, "done");
+    assert_eq!(
+        sent[0].title.as_deref(),
+        Some("cronium: e succeeded on web-1")
+    );
+    assert!(sent[0].message.contains("output: (none)"));
+
+    // A queued job cancelled through the API tells `on_failure`.
+    let job = fixture.jobs(&agent, 1, 1).await.remove(0);
+    assert_eq!(
+        fixture.store.request_cancel(&job).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let sent = fixture.notifications_of(&job).await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].tool_name.as_str(), sent[0].title.as_deref()),
+        ("ops", Some("cronium: e was cancelled on web-1"))
+    );
+}
+
+#[tokio::test]
+async fn a_lost_lease_enqueues_on_failure_and_a_requeue_does_not() {
+    let fixture = fixture().await;
+    let agent = fixture.agent("a").await;
+    fixture.tool("ops").await;
+    fixture.set_notify(Some("ops"), None).await;
+    let job = fixture.jobs(&agent, 1, 2).await.remove(0);
+
+    fixture.claim_one(&agent, now_ms() - 1).await;
+    let expired = fixture.store.expire_leases(now_ms()).await.unwrap();
+    assert!(expired[0].requeued && !expired[0].notified);
+    assert!(fixture.notifications_of(&job).await.is_empty());
+
+    fixture.claim_one(&agent, now_ms() - 1).await;
+    let expired = fixture.store.expire_leases(now_ms()).await.unwrap();
+    assert!(!expired[0].requeued && expired[0].notified);
+    let sent = fixture.notifications_of(&job).await;
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].message.contains("reason: lost"),
+        "{}",
+        sent[0].message
+    );
+    assert!(
+        sent[0].message.contains("attempt 2 lost"),
+        "the lease's log note is quoted: {}",
+        sent[0].message
+    );
+    // A second sweep finds nothing to settle and enqueues nothing.
+    assert!(
+        fixture
+            .store
+            .expire_leases(now_ms())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(fixture.notifications_of(&job).await.len(), 1);
+}
+
+#[tokio::test]
+async fn without_notify_or_with_a_deleted_tool_nothing_is_enqueued_and_the_job_settles() {
+    let fixture = fixture().await;
+    let agent = fixture.agent("a").await;
+
+    // No `notify`: nothing, on any path.
+    let job = fixture.jobs(&agent, 1, 1).await.remove(0);
+    let attempt = fixture.claim_one(&agent, now_ms() + 60_000).await;
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &failed(1, 0))
+            .await
+            .unwrap(),
+        FinishOutcome::Recorded { notified: false }
+    );
+    let cancelled = fixture.jobs(&agent, 1, 1).await.remove(0);
+    fixture.store.request_cancel(&cancelled).await.unwrap();
+    assert!(
+        fixture
+            .store
+            .notifications(None, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        fixture.store.job(&job).await.unwrap().status,
+        JobStatus::Failed
+    );
+
+    // The tool was deleted after the event named it: skipped and audited, the job still settles.
+    let tool = fixture.tool("ops").await;
+    fixture.set_notify(Some("ops"), None).await;
+    fixture.store.delete_tool(&tool).await.unwrap();
+    let job = fixture.jobs(&agent, 1, 1).await.remove(0);
+    let attempt = fixture.claim_one(&agent, now_ms() + 60_000).await;
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &failed(2, 0))
+            .await
+            .unwrap(),
+        FinishOutcome::Recorded { notified: false }
+    );
+    let settled = fixture.store.job(&job).await.unwrap();
+    assert_eq!(
+        (settled.status, settled.exit_code),
+        (JobStatus::Failed, Some(2))
+    );
+    assert!(fixture.notifications_of(&job).await.is_empty());
+    assert_eq!(
+        fixture
+            .store
+            .count_audit("event_notify_skipped")
+            .await
+            .unwrap(),
+        1
     );
 }

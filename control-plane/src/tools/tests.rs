@@ -1193,3 +1193,252 @@ async fn a_pending_notification_survives_a_restart_and_is_delivered_afterwards()
     drop(endpoint);
     plane.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-event notifications: `notify` on events, enqueued when a job settles, really delivered.
+
+/// Enrolls an agent named `name` directly in the store (no process: the tests settle its jobs).
+async fn enrolled_agent(plane: &Plane, name: &str) -> String {
+    use crate::store::agents::{Labels, NewAgent};
+    let store = &plane.state().store;
+    let token = format!("token-{name}");
+    store
+        .create_enrollment_token(&token, &Labels::new(), 1, now_ms() + 60_000, None)
+        .await
+        .unwrap();
+    let new_agent = NewAgent {
+        token_sha256: &token,
+        name,
+        extra_labels: &Labels::new(),
+        hostname: "h",
+        os: "linux",
+        arch: "x86_64",
+    };
+    let (agent, _) = store.enroll_agent(new_agent).await.unwrap().unwrap();
+    store
+        .set_agent_certificate(&agent.id, &format!("cert-{name}"))
+        .await
+        .unwrap();
+    agent.id
+}
+
+#[tokio::test]
+async fn event_notify_names_the_owners_tools_and_null_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Plane::start(
+        dir.path(),
+        &EncryptionKey::generate_base64(),
+        fast_retries(1),
+    )
+    .await;
+    let alice = plane.token("alice", Role::User).await;
+    let bob = plane.token("bob", Role::User).await;
+    for (token, name) in [(&alice, "ops"), (&alice, "wins"), (&bob, "bobs")] {
+        let (status, answer) = plane
+            .send(
+                Method::POST,
+                "/api/v1/tools",
+                token,
+                Some(json!({"name": name, "kind": "webhook", "config": {"url": "http://127.0.0.1:9/x"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let event = |notify: Value| json!({"name": "nightly", "kind": "bash", "script": "true", "notify": notify});
+    for (notify, field) in [
+        (json!({"on_failure": "nope"}), "notify.on_failure"),
+        (json!({"on_success": "nope"}), "notify.on_success"),
+        // Another user's tool is not the caller's.
+        (json!({"on_failure": "bobs"}), "notify.on_failure"),
+        (json!({"on_failure": 7}), ""),
+        (json!({"on_error": "ops"}), ""),
+    ] {
+        let (status, answer) = plane
+            .send(
+                Method::POST,
+                "/api/v1/events",
+                &alice,
+                Some(event(notify.clone())),
+            )
+            .await;
+        if field.is_empty() {
+            assert!(status.is_client_error(), "{notify}: {status} {answer}");
+        } else {
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{notify}: {answer}"
+            );
+            assert_eq!(answer["error"]["field"], field, "{answer}");
+        }
+    }
+    let (status, answer) = plane
+        .send(Method::GET, "/api/v1/events", &alice, None)
+        .await;
+    assert_eq!(
+        (status, answer),
+        (StatusCode::OK, json!([])),
+        "nothing stored"
+    );
+
+    let (status, created) = plane
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            &alice,
+            Some(event(json!({"on_failure": "ops"}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(
+        created["notify"],
+        json!({"on_failure": "ops", "on_success": null})
+    );
+    let path = format!("/api/v1/events/{}", created["id"].as_str().unwrap());
+    let patch = async |body: Value| plane.send(Method::PATCH, &path, &alice, Some(body)).await;
+    // A missing field keeps its value.
+    let (status, answer) = patch(json!({"notify": {"on_success": "wins"}})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["notify"],
+        json!({"on_failure": "ops", "on_success": "wins"})
+    );
+    let (status, answer) = patch(json!({"notify": {"on_success": "gone"}})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["field"], "notify.on_success");
+    let (_, answer) = plane.send(Method::GET, &path, &alice, None).await;
+    assert_eq!(answer["notify"]["on_success"], "wins", "unchanged");
+    // `null` inside clears one; other fields leave `notify` alone.
+    let (status, answer) = patch(json!({"notify": {"on_failure": null}})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["notify"],
+        json!({"on_failure": null, "on_success": "wins"})
+    );
+    let (_, answer) = patch(json!({"script": "false"})).await;
+    assert_eq!(
+        answer["notify"],
+        json!({"on_failure": null, "on_success": "wins"})
+    );
+    // `notify: null` clears both.
+    let (status, answer) = patch(json!({"notify": null})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["notify"],
+        json!({"on_failure": null, "on_success": null})
+    );
+    plane.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_job_of_an_event_with_notify_reaches_the_webhook_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Plane::start(
+        dir.path(),
+        &EncryptionKey::generate_base64(),
+        fast_retries(5),
+    )
+    .await;
+    let mut endpoint = Endpoint::start(Vec::new()).await;
+    let token = plane.token("alice", Role::User).await;
+    let agent = enrolled_agent(&plane, "web-1").await;
+    let (status, answer) = plane
+        .send(
+            Method::POST,
+            "/api/v1/tools",
+            &token,
+            Some(json!({"name": "ops", "kind": "webhook",
+                        "config": {"url": format!("{}/ops", endpoint.base)}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, event) = plane
+        .send(
+            Method::POST,
+            "/api/v1/events",
+            &token,
+            Some(
+                json!({"name": "nightly", "kind": "bash", "script": "exit 3",
+                        "targets": {"agents": ["web-1"]}, "notify": {"on_failure": "ops"}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{event}");
+    let runs = format!("/api/v1/events/{}/runs", event["id"].as_str().unwrap());
+    let store = &plane.state().store;
+
+    // The agent claims the job and disappears: the real lease sweeper fails it as lost, and the
+    // settlement's notification reaches the endpoint.
+    let (status, run) = plane
+        .send(Method::POST, &runs, &token, Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let job = run["jobs"][0]["id"].as_str().unwrap().to_string();
+    let claimed = store.claim_jobs(&agent, 1, now_ms() - 1).await.unwrap();
+    assert_eq!(claimed[0].id, job);
+    let delivered = endpoint.next().await;
+    assert_eq!(delivered.path, "/ops");
+    let body = delivered.json();
+    assert_eq!(body["title"], "cronium: nightly failed on web-1");
+    assert_eq!(body["job_id"], json!(job));
+    assert_eq!(body["owner"], "alice");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("status: failed") && message.contains("reason: lost"),
+        "{message}"
+    );
+    let id = body["notification_id"].as_str().unwrap().to_string();
+    let sent = plane.settled(&id, NotificationStatus::Sent).await;
+    assert_eq!(sent.attempts, 1);
+    let of_job = |job: String| async move {
+        store
+            .notifications(None, None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|notification| notification.source_job_id.as_deref() == Some(job.as_str()))
+            .count()
+    };
+    assert_eq!(of_job(job.clone()).await, 1);
+    assert_eq!(
+        store.job(&job).await.unwrap().status,
+        crate::store::jobs::JobStatus::Failed
+    );
+
+    // A queued job cancelled through the API: `on_failure` too, one delivery.
+    let (_, run) = plane
+        .send(Method::POST, &runs, &token, Some(json!({})))
+        .await;
+    let cancelled = run["jobs"][0]["id"].as_str().unwrap().to_string();
+    let (status, answer) = plane
+        .send(
+            Method::POST,
+            &format!("/api/v1/jobs/{cancelled}/cancel"),
+            &token,
+            None,
+        )
+        .await;
+    assert!(status.is_success(), "{status} {answer}");
+    let delivered = endpoint.next().await;
+    let body = delivered.json();
+    assert_eq!(body["title"], "cronium: nightly was cancelled on web-1");
+    assert_eq!(body["job_id"], json!(cancelled));
+    plane
+        .settled(
+            body["notification_id"].as_str().unwrap(),
+            NotificationStatus::Sent,
+        )
+        .await;
+    assert_eq!(of_job(cancelled).await, 1);
+    // Every notification is sent, and the endpoint saw exactly the two deliveries.
+    assert!(
+        store
+            .notifications(None, Some(NotificationStatus::Pending), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(endpoint.received.try_recv().is_err(), "no other delivery");
+    drop(endpoint);
+    plane.stop().await;
+}
