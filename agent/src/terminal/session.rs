@@ -22,7 +22,9 @@
 //! lagging; once it has drained half its queue, the next chunk is preceded by one
 //! [`LAG_MARKER`]. When *every* attached
 //! viewer is full the reader waits until one has room, which stops reading the PTY and so
-//! throttles the program to the pace of the fastest viewer. With no viewer attached the reader
+//! throttles the program to the pace of the fastest viewer. A viewer takes everything queued
+//! for it at once, merged up to `MAX_TERMINAL_CHUNK` (a PTY read is about 4 KiB), so a viewer
+//! that is behind gets fewer, larger messages. With no viewer attached the reader
 //! keeps reading into the scrollback only, so a detached program never blocks on its output.
 //! Input has its own bounded channel and thread and never waits behind output.
 
@@ -32,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cronium_protocol::MAX_TERMINAL_CHUNK;
 use portable_pty::MasterPty;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -608,11 +610,30 @@ impl Viewer {
             slot.replay_marker = false;
             return Ok(ViewerEvent::ReplayDone);
         }
-        if let Some(chunk) = slot.queue.pop_front() {
-            slot.queued -= chunk.len();
+        if let Some(first) = slot.queue.pop_front() {
+            slot.queued -= first.len();
+            // What was queued behind it goes out with it, up to one chunk's worth: while the
+            // viewer is behind, fewer and larger messages cost less per byte on every hop.
+            let mut len = first.len();
+            let mut more = Vec::new();
+            while let Some(next) = slot.queue.front()
+                && len + next.len() <= MAX_TERMINAL_CHUNK
+            {
+                len += next.len();
+                slot.queued -= next.len();
+                more.extend(slot.queue.pop_front());
+            }
             drop(shared);
             self.session.room.notify_all();
-            return Ok(ViewerEvent::Output(chunk));
+            if more.is_empty() {
+                return Ok(ViewerEvent::Output(first));
+            }
+            let mut merged = BytesMut::with_capacity(len);
+            merged.extend_from_slice(&first);
+            for next in &more {
+                merged.extend_from_slice(next);
+            }
+            return Ok(ViewerEvent::Output(merged.freeze()));
         }
         match phase {
             Phase::Exited(code) => Ok(ViewerEvent::Exit(code)),
