@@ -83,6 +83,11 @@ impl Api {
         &self.base
     }
 
+    /// The API token (for clients other than this one, e.g. the terminal WebSocket).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> anyhow::Result<Value> {
         let response = request
             .bearer_auth(&self.token)

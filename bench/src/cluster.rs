@@ -142,13 +142,15 @@ pub async fn enrollment_token(api: &Api, uses: usize) -> anyhow::Result<Enrollme
 }
 
 /// Enrolls with the `cronium-agent enroll` binary (the token is passed in the environment, so it
-/// stays out of process listings) and starts `cronium-agent run` as a child process.
+/// stays out of process listings) and starts `cronium-agent run` as a child process whose
+/// terminals run `terminal_shell`.
 pub async fn start_agent_process(
     binaries: &Binaries,
     api: &Api,
     name: &str,
     state_dir: &Path,
     capacity: u32,
+    terminal_shell: &Path,
 ) -> anyhow::Result<ChildGuard> {
     let enrollment = enrollment_token(api, 1).await?;
     let mut enroll = tokio::process::Command::new(&binaries.agent);
@@ -173,6 +175,8 @@ pub async fn start_agent_process(
         .arg("--state-dir")
         .arg(state_dir)
         .args(["--capacity", &capacity.to_string()])
+        .arg("--terminal-shell")
+        .arg(terminal_shell)
         .env("RUST_LOG", "warn");
     // The agent finds the Docker engine through DOCKER_HOST (or the default socket); pass it on
     // explicitly so the Docker phase's jobs use the engine this process measures.

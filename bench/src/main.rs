@@ -9,7 +9,9 @@
 //! to `docker run --rm` of the same locally built image against the same engine (`DOCKER_HOST`,
 //! skipped when no engine answers), and per language the round trip of a runtime helper call
 //! timed inside the script next to a bare HTTP/1.1 request over a Unix socket to a trivial server
-//! of its own ([`helpers`]). It prints a markdown summary and optionally
+//! of its own ([`helpers`]), and a browser terminal's keystroke echo, `cat` throughput, Ctrl-C
+//! under a flood and session open next to `ssh -tt`, fresh and over a ControlMaster
+//! ([`terminal`]; `--terminal-only` runs just that). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -23,6 +25,7 @@ mod procs;
 mod report;
 mod ssh;
 mod stats;
+mod terminal;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,12 +36,14 @@ use serde_json::json;
 
 use crate::cluster::{ControlPlane, start_agent_process, wait_online};
 use crate::procs::{Binaries, rss_kib};
-use crate::report::{DockerComparison, DockerPhase, HelperPhase, HelperRoundTrip, Results};
+use crate::report::{
+    DockerComparison, DockerPhase, HelperPhase, HelperRoundTrip, Results, TerminalPhase,
+};
 use crate::ssh::SshPeer;
 use crate::stats::Summary;
 
 /// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory, Docker jobs vs
-/// `docker run`, helper calls vs a bare Unix socket) on 127.0.0.1.
+/// `docker run`, helper calls vs a bare Unix socket, terminals vs `ssh -tt`) on 127.0.0.1.
 #[derive(Debug, Parser)]
 #[command(name = "cronium-bench", version)]
 struct Cli {
@@ -67,6 +72,25 @@ struct Cli {
     /// one host job each (0 skips the phase).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     helper_calls: u64,
+    /// Keystroke echo samples per side of the terminal phase (Cronium, fresh `ssh -tt`, `ssh -tt`
+    /// over a ControlMaster), after 20 untimed ones (0 skips the terminal phase).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    terminal_echo: u64,
+    /// Session-open samples per side of the terminal phase.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    terminal_opens: u64,
+    /// Ctrl-C-under-a-flood samples per side of the terminal phase.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    terminal_interrupts: u64,
+    /// Size of the file the terminal phase `cat`s, MiB.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    terminal_cat_mib: u64,
+    /// `cat` runs per side of the terminal phase.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    terminal_cat_runs: u64,
+    /// Run only the terminal phase (with the control plane and one agent), none of the others.
+    #[arg(long)]
+    terminal_only: bool,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -153,11 +177,66 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
 
     progress("enrolling and starting the agent (capacity 8)");
     let agent_name = "bench-agent".to_owned();
-    let mut agent =
-        start_agent_process(&binaries, &api, &agent_name, &root.join("agent"), 8).await?;
+    let terminal_shell = terminal::write_shell(&root.join("terminal"))?;
+    let mut agent = start_agent_process(
+        &binaries,
+        &api,
+        &agent_name,
+        &root.join("agent"),
+        8,
+        &terminal_shell,
+    )
+    .await?;
     wait_online(&api, std::slice::from_ref(&agent_name), ONLINE_TIMEOUT)
         .await
         .with_context(|| format!("the agent's output:\n{}", agent.tail()))?;
+    let terminal_options = terminal::TerminalOptions {
+        echo: cli.terminal_echo as usize,
+        echo_warmup: 20,
+        opens: cli.terminal_opens as usize,
+        interrupts: cli.terminal_interrupts as usize,
+        cat_bytes: cli.terminal_cat_mib * 1024 * 1024,
+        cat_runs: cli.terminal_cat_runs as usize,
+    };
+    let run_terminal = async |agent: &mut procs::ChildGuard| -> anyhow::Result<TerminalPhase> {
+        if terminal_options.echo == 0 {
+            return Ok(TerminalPhase::Skipped("--terminal-echo 0".to_owned()));
+        }
+        let figures = terminal::run(
+            &api,
+            &agent_name,
+            &cli.sshd_script,
+            &terminal_shell,
+            &root.join("terminal"),
+            terminal_options,
+        )
+        .await
+        .with_context(|| format!("the agent's output:\n{}", agent.tail()))?;
+        agent.ensure_running()?;
+        Ok(TerminalPhase::Measured(Box::new(figures)))
+    };
+    if cli.terminal_only {
+        let phase = run_terminal(&mut agent).await?;
+        control_plane.process.ensure_running()?;
+        println!(
+            "### Cronium terminal benchmark ({} CPUs, {})\n\n{}",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            std::env::consts::ARCH,
+            phase.markdown()
+        );
+        if let Some(path) = &cli.out {
+            let text = serde_json::to_string_pretty(&json!({"terminal": phase.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        drop(agent);
+        drop(control_plane);
+        drop(temp);
+        return Ok(());
+    }
     tokio::time::sleep(SETTLE).await;
     agent.ensure_running()?;
     let agent_rss_idle_kib = rss_kib(agent.pid())?;
@@ -318,6 +397,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         HelperPhase::Measured(languages)
     };
 
+    let terminal = run_terminal(&mut agent).await?;
+
     // Last, so the Docker runner does not change the figures above (the agent's RSS).
     let docker = match docker_engine {
         Err(reason) => DockerPhase::Skipped(reason),
@@ -362,7 +443,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let results = Results {
         config: json!({
             "description": format!(
-                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}, docker-runs={docker_runs}, helper-calls={helper_calls}; {} CPUs, {}",
+                "runs={runs}, jobs={jobs}, clients={clients}, agents={agents}, docker-runs={docker_runs}, helper-calls={helper_calls}, terminal-echo={}; {} CPUs, {}",
+                terminal_options.echo,
                 std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 std::env::consts::ARCH
             ),
@@ -374,6 +456,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             "docker_runs": docker_runs,
             "docker_warmup": cli.docker_warmup,
             "helper_calls": helper_calls,
+            "terminal_echo": terminal_options.echo,
+            "terminal_opens": terminal_options.opens,
+            "terminal_interrupts": terminal_options.interrupts,
+            "terminal_cat_mib": cli.terminal_cat_mib,
+            "terminal_cat_runs": terminal_options.cat_runs,
             "agent_capacity": 8,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         }),
@@ -390,6 +477,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         memory,
         docker,
         helpers,
+        terminal,
     };
     println!("{}", results.markdown());
     if let Some(path) = &cli.out {

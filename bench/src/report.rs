@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use crate::phases::{MemoryPerAgent, SyncCounts, Throughput};
 use crate::stats::Summary;
+use crate::terminal::TerminalFigures;
 
 /// Targets the figures are compared with.
 pub mod targets {
@@ -21,6 +22,42 @@ pub mod targets {
     pub const KIB_PER_AGENT: f64 = 64.0;
     /// Docker job trigger → result at most this multiple of `docker run --rm` (p50 and p99).
     pub const DOCKER_VS_DOCKER_RUN: f64 = 1.1;
+    /// Terminal keystroke echo p50, milliseconds.
+    pub const TERMINAL_ECHO_P50_MS: f64 = 0.5;
+    /// Terminal keystroke echo p50 at most this multiple of `ssh -tt` over a ControlMaster.
+    pub const TERMINAL_ECHO_VS_CONTROLMASTER: f64 = 3.0;
+    /// `cat` throughput (median) at least this multiple of a fresh `ssh -tt`.
+    pub const TERMINAL_CAT_VS_FRESH_SSH: f64 = 1.0;
+    /// Session open p50 at most this fraction of a fresh `ssh -tt`.
+    pub const TERMINAL_OPEN_VS_FRESH_SSH: f64 = 0.1;
+    /// Ctrl-C under a flood until the prompt, p99, milliseconds.
+    pub const TERMINAL_INTERRUPT_MS: f64 = 100.0;
+}
+
+/// The terminal phase's outcome.
+pub enum TerminalPhase {
+    /// Not run, and why (`--terminal-echo 0`).
+    Skipped(String),
+    /// Measured.
+    Measured(Box<TerminalFigures>),
+}
+
+impl TerminalPhase {
+    /// The markdown section (a table, or why it was skipped).
+    pub fn markdown(&self) -> String {
+        match self {
+            TerminalPhase::Measured(figures) => figures.markdown(),
+            TerminalPhase::Skipped(reason) => format!("(terminal comparison skipped: {reason})"),
+        }
+    }
+
+    /// The figures as JSON.
+    pub fn json(&self) -> Value {
+        match self {
+            TerminalPhase::Measured(figures) => figures.json(),
+            TerminalPhase::Skipped(reason) => json!({"skipped": reason}),
+        }
+    }
 }
 
 /// The Docker phase's outcome.
@@ -138,10 +175,12 @@ pub struct Results {
     pub docker: DockerPhase,
     /// Helper calls vs bare Unix-socket round trips, per language.
     pub helpers: HelperPhase,
+    /// Terminals vs `ssh -tt`.
+    pub terminal: TerminalPhase,
 }
 
 /// "met", or by how much the figure missed an upper-bound target.
-fn at_most(value: f64, target: f64, unit: &str) -> String {
+pub(crate) fn at_most(value: f64, target: f64, unit: &str) -> String {
     if value <= target {
         format!("met ({:.0}% of the target)", value / target * 100.0)
     } else {
@@ -154,7 +193,7 @@ fn at_most(value: f64, target: f64, unit: &str) -> String {
 }
 
 /// "met", or by how much the figure missed a lower-bound target.
-fn at_least(value: f64, target: f64, unit: &str) -> String {
+pub(crate) fn at_least(value: f64, target: f64, unit: &str) -> String {
     if value >= target {
         format!("met ({:.2}× the target)", value / target)
     } else {
@@ -320,6 +359,8 @@ impl Results {
                 out.push(String::new());
             }
         }
+        out.push(self.terminal.markdown());
+        out.push(String::new());
         out.push("| figure | value | target | verdict |".to_owned());
         out.push("|---|---:|---|---|".to_owned());
         out.push(format!(
@@ -470,6 +511,7 @@ impl Results {
                     }))
                     .collect::<Vec<_>>()),
             },
+            "terminal": self.terminal.json(),
             "targets": {
                 "result_p50_vs_fresh_ssh": targets::RESULT_P50_VS_FRESH_SSH,
                 "result_p99_ms": targets::RESULT_P99_MS,
@@ -478,6 +520,11 @@ impl Results {
                 "agent_rss_mib": targets::AGENT_RSS_MIB,
                 "kib_per_agent": targets::KIB_PER_AGENT,
                 "docker_vs_docker_run": targets::DOCKER_VS_DOCKER_RUN,
+                "terminal_echo_p50_ms": targets::TERMINAL_ECHO_P50_MS,
+                "terminal_echo_vs_controlmaster": targets::TERMINAL_ECHO_VS_CONTROLMASTER,
+                "terminal_cat_vs_fresh_ssh": targets::TERMINAL_CAT_VS_FRESH_SSH,
+                "terminal_open_vs_fresh_ssh": targets::TERMINAL_OPEN_VS_FRESH_SSH,
+                "terminal_interrupt_p99_ms": targets::TERMINAL_INTERRUPT_MS,
             },
         })
     }

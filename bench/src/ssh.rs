@@ -1,5 +1,6 @@
 //! The SSH peer: a throwaway sshd on 127.0.0.1 (started by the shared `sshd-throwaway` script)
-//! and `ssh … true` timed with a fresh connection and over a ControlMaster connection.
+//! and `ssh … true` timed with a fresh connection and over a ControlMaster connection; for the
+//! terminal phase, `ssh -tt` commands of both kinds ([`SshPeer::terminal_command`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,6 +23,8 @@ pub struct SshPeer {
     destination: String,
     control_path: String,
     master_started: bool,
+    /// The ControlMaster's pid (from `ssh -O check`), to stop it should `ssh -O exit` not.
+    master_pid: Option<libc::pid_t>,
 }
 
 impl SshPeer {
@@ -50,6 +53,7 @@ impl SshPeer {
             destination: String::new(),
             control_path: format!("{}/cm-%r@%h:%p", dir.display()),
             master_started: false,
+            master_pid: None,
         };
         // From here on the guard stops whatever the script started, also if it fails half-way.
         let printed = run_output("sshd-throwaway start", command, Duration::from_secs(30)).await?;
@@ -122,10 +126,65 @@ impl SshPeer {
             "ControlPersist=60",
         ]);
         self.master_started = true;
-        self.time(command, "ssh (ControlMaster) true").await
+        let elapsed = self.time(command, "ssh (ControlMaster) true").await?;
+        if self.master_pid.is_none() {
+            self.master_pid = self.master_pid().await;
+        }
+        Ok(elapsed)
     }
 
-    /// Closes the ControlMaster connection (`ssh -O exit`), if one was started.
+    /// The ControlMaster's pid, as `ssh -O check` reports it (`Master running (pid=N)`).
+    async fn master_pid(&self) -> Option<libc::pid_t> {
+        let mut command = tokio::process::Command::new("ssh");
+        command
+            .args(&self.options)
+            .args(["-o", &format!("ControlPath={}", self.control_path)])
+            .args(["-O", "check"])
+            .arg(&self.destination)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+            .await
+            .ok()?
+            .ok()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let (_, rest) = stderr.split_once("(pid=")?;
+        rest.split_once(')')?.0.parse().ok()
+    }
+
+    /// `ssh -tt -e none … REMOTE` (a remote PTY, no escape character), over a connection of its
+    /// own or through the ControlMaster ([`SshPeer::ensure_master`] first), with
+    /// `TERM=xterm-256color` like a Cronium terminal. Stdio is left to the caller.
+    pub fn terminal_command(&self, multiplexed: bool, remote: &str) -> tokio::process::Command {
+        let control_path = if multiplexed {
+            format!("ControlPath={}", self.control_path)
+        } else {
+            "ControlPath=none".to_owned()
+        };
+        let mut command = tokio::process::Command::new("ssh");
+        command
+            .args(&self.options)
+            .args(["-tt", "-e", "none", "-o", "ControlMaster=no", "-o"])
+            .arg(control_path)
+            .arg(&self.destination)
+            .arg(remote)
+            .env("TERM", "xterm-256color")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Starts the ControlMaster connection if needed and checks that it answers (`ssh -O
+    /// check`), so multiplexed commands cannot silently fall back to connections of their own.
+    pub async fn ensure_master(&mut self) -> anyhow::Result<()> {
+        self.multiplexed().await?;
+        if self.master_pid().await.is_none() {
+            bail!("the ControlMaster does not answer `ssh -O check`");
+        }
+        Ok(())
+    }
+
+    /// Closes the ControlMaster connection (`ssh -O exit`), if one was started, and stops the
+    /// master process if it is still there afterwards.
     pub fn close_master(&mut self) {
         if !self.master_started {
             return;
@@ -142,7 +201,41 @@ impl SshPeer {
             ])
             .arg(&self.destination);
         run_bounded(command, Duration::from_secs(10));
+        if let Some(pid) = self.master_pid.take() {
+            stop_master(pid, &self.dir);
+        }
     }
+}
+
+/// Stops the ControlMaster `pid` should `ssh -O exit` not have (a master interrupted together
+/// with its clients may miss it): waits for it to go, then sends SIGTERM, then SIGKILL, each
+/// only while its command line still names `dir`, so a recycled pid is never signalled. The
+/// master is not our child (it detached), so it cannot be waited for otherwise.
+fn stop_master(pid: libc::pid_t, dir: &Path) {
+    let dir = dir.to_string_lossy().into_owned();
+    let still_there = || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&dir))
+    };
+    for signal in [None, Some(libc::SIGTERM), Some(libc::SIGKILL)] {
+        if let Some(signal) = signal {
+            if !still_there() {
+                return;
+            }
+            // SAFETY: kill(2) on a pid whose command line named our control path just now.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !still_there() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!("the ssh ControlMaster (pid {pid}) did not stop");
 }
 
 impl Drop for SshPeer {
