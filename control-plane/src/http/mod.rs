@@ -69,6 +69,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The name of a server or a tool: 1-64 letters, digits, `.`, `_` or `-` (field `name`).
+pub(crate) fn object_name(name: &str) -> error::ApiResult<String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(error::ApiError::field(
+            "name",
+            "must be 1-64 letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
 /// Formats a stored millisecond timestamp as RFC 3339 (UTC), or null.
 pub fn timestamp(millis: Option<i64>) -> serde_json::Value {
     millis

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
-use super::timestamp;
+use super::{object_name, timestamp};
 use crate::AppState;
 use crate::ssh::{SshSecrets, runner_of_server};
 use crate::store::StoreError;
@@ -72,23 +72,6 @@ fn server_json(server: &Server) -> Value {
         "created_at": timestamp(Some(server.created_at)),
         "updated_at": timestamp(Some(server.updated_at)),
     })
-}
-
-/// A name: 1-64 letters, digits, `.`, `_` or `-`.
-fn server_name(name: &str) -> ApiResult<String> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        Ok(name.to_string())
-    } else {
-        Err(ApiError::field(
-            "name",
-            "must be 1-64 letters, digits, '.', '_' or '-'",
-        ))
-    }
 }
 
 /// A host name or IP address. Never starts with `-` (no option injection anywhere it might be
@@ -246,7 +229,7 @@ async fn server_fields(
     request: ServerRequest,
 ) -> ApiResult<ServerFields> {
     let name = match &request.name {
-        Some(name) => server_name(name)?,
+        Some(name) => object_name(name)?,
         None => stored
             .map(|server| server.name.clone())
             .ok_or_else(|| ApiError::field("name", "is required"))?,

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
-use super::timestamp;
+use super::{object_name, timestamp};
 use crate::AppState;
 use crate::store::StoreError;
 use crate::store::tools::{
@@ -86,23 +86,6 @@ fn notification_json(notification: &Notification) -> Value {
     })
 }
 
-/// A tool name: 1-64 letters, digits, `.`, `_` or `-`.
-fn tool_name(name: &str) -> ApiResult<String> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        Ok(name.to_string())
-    } else {
-        Err(ApiError::field(
-            "name",
-            "must be 1-64 letters, digits, '.', '_' or '-'",
-        ))
-    }
-}
-
 fn tool_kind(kind: &str) -> ApiResult<ToolKind> {
     ToolKind::parse(kind).ok_or_else(|| {
         ApiError::field(
@@ -149,7 +132,7 @@ async fn create(
     ApiJson(request): ApiJson<ToolRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     user.require_writer()?;
-    let name = tool_name(
+    let name = object_name(
         request
             .name
             .as_deref()
@@ -206,7 +189,7 @@ async fn update(
             "cannot be changed; create a new tool instead",
         ));
     }
-    let name = request.name.as_deref().map(tool_name).transpose()?;
+    let name = request.name.as_deref().map(object_name).transpose()?;
     let config = request
         .config
         .as_ref()
