@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -44,6 +44,25 @@ pub struct ClusterOptions {
     pub lease_seconds: Option<u32>,
     /// `--heartbeat-seconds`, the server default when `None`.
     pub heartbeat_seconds: Option<u32>,
+}
+
+/// Where `cronium serve` runs: under a command prefix (e.g. `ip netns exec NS`, see
+/// [`crate::netns`]) and on which address both listeners bind (on free ports); the public URL and
+/// the QUIC address agents are told to dial follow from it.
+#[derive(Clone, Debug)]
+pub struct ServeIn {
+    /// Program and arguments put before the `cronium` binary; empty for none.
+    pub prefix: Vec<String>,
+    pub ip: IpAddr,
+}
+
+impl Default for ServeIn {
+    fn default() -> Self {
+        ServeIn {
+            prefix: Vec::new(),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
 }
 
 /// Settings of one agent process.
@@ -250,6 +269,10 @@ pub struct TestCluster {
     docker_images: Option<DefaultImages>,
     /// More arguments of `cronium serve` (e.g. terminal settings).
     extra_args: Vec<String>,
+    serve_in: ServeIn,
+    /// Where the harness sends its own API requests when that is not the control plane's address
+    /// (see [`TestCluster::set_api_base`]).
+    api_base: Option<String>,
     control_plane: Option<ControlPlane>,
     http_addr: String,
     quic_addr: SocketAddr,
@@ -288,10 +311,25 @@ impl TestCluster {
         TestCluster::start_inner(options, Some(images), Vec::new()).await
     }
 
+    /// Like [`TestCluster::start_with`], with the control plane started as `serve_in` says
+    /// (e.g. inside a network namespace, bound to its address).
+    pub async fn start_in(options: ClusterOptions, serve_in: ServeIn) -> Result<TestCluster> {
+        TestCluster::start_configured(options, None, Vec::new(), serve_in).await
+    }
+
     async fn start_inner(
         options: ClusterOptions,
         docker_images: Option<DefaultImages>,
         extra_args: Vec<String>,
+    ) -> Result<TestCluster> {
+        TestCluster::start_configured(options, docker_images, extra_args, ServeIn::default()).await
+    }
+
+    async fn start_configured(
+        options: ClusterOptions,
+        docker_images: Option<DefaultImages>,
+        extra_args: Vec<String>,
+        serve_in: ServeIn,
     ) -> Result<TestCluster> {
         crate::init_crypto();
         let dir = tempfile::Builder::new()
@@ -312,6 +350,8 @@ impl TestCluster {
             options,
             docker_images,
             extra_args,
+            serve_in,
+            api_base: None,
             control_plane: None,
             http_addr: String::new(),
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -321,9 +361,8 @@ impl TestCluster {
             old_logs: Vec::new(),
             agent_log_counter: 0,
         };
-        cluster
-            .spawn_control_plane("127.0.0.1:0", "127.0.0.1:0")
-            .await?;
+        let any_port = SocketAddr::new(cluster.serve_in.ip, 0).to_string();
+        cluster.spawn_control_plane(&any_port, &any_port).await?;
         let token = cluster.cli_token_create().await?;
         cluster.api = cluster.api.with_token(Some(&token));
         cluster.admin_token = token;
@@ -333,6 +372,19 @@ impl TestCluster {
     /// The admin API client.
     pub fn api(&self) -> &Api {
         &self.api
+    }
+
+    /// Sends the harness's own API requests (and [`TestCluster::api`]'s) to `base_url` instead of
+    /// the control plane's address, also after restarts: for a control plane the test process
+    /// cannot reach directly, e.g. through a [`crate::netns::TcpForwarder`].
+    pub fn set_api_base(&mut self, base_url: &str) -> Result<()> {
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        self.api = Api::new(
+            &base_url,
+            (!self.admin_token.is_empty()).then_some(self.admin_token.as_str()),
+        )?;
+        self.api_base = Some(base_url);
+        Ok(())
     }
 
     /// The admin API token.
@@ -908,7 +960,16 @@ impl TestCluster {
     }
 
     async fn spawn_control_plane(&mut self, http: &str, quic: &str) -> Result<()> {
-        let mut command = self.cronium_command()?;
+        let mut command = match self.serve_in.prefix.split_first() {
+            None => self.cronium_command()?,
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(crate::binary("cronium")?);
+                self.tag_environment(&mut command);
+                command.env("ENCRYPTION_KEY", &self.encryption_key);
+                command
+            }
+        };
         command
             .arg("serve")
             .arg("--data-dir")
@@ -940,13 +1001,13 @@ impl TestCluster {
             ),
         };
         let (http_addr, quic_addr) = parse_ready_line(&line)?;
-        if http != "127.0.0.1:0" && http_addr != http {
+        if !http.ends_with(":0") && http_addr != http {
             bail!("the control plane was asked for --http {http} but listens on {http_addr}");
         }
         self.http_addr = http_addr;
         self.quic_addr = quic_addr;
         self.api = Api::new(
-            &self.http_url(),
+            self.api_base.as_deref().unwrap_or(&self.http_url()),
             (!self.admin_token.is_empty()).then_some(self.admin_token.as_str()),
         )?;
         self.control_plane = Some(control_plane);

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cluster;
 pub mod docker;
+pub mod netns;
 pub mod process;
 pub mod quic;
 pub mod release;
@@ -29,7 +30,7 @@ use anyhow::{Context, Result, bail};
 pub use api::{Api, ApiResponse};
 pub use cluster::{
     AgentOptions, ClusterOptions, EnrollOutcome, EnrollRequest, EnrolledAgent, EventSpec,
-    RunStarted, TestCluster,
+    RunStarted, ServeIn, TestCluster,
 };
 pub use process::{ChildGuard, ProcessInfo, live_processes_with_arg};
 pub use sse::{FollowedLog, LogEvent, follow_job_logs};

@@ -124,7 +124,7 @@ impl TestCluster {
 
     /// Downloads `/install.sh` (unauthenticated) into the cluster's dir and returns its path.
     pub async fn download_install_script(&self) -> Result<PathBuf> {
-        let response = reqwest::get(format!("{}/install.sh", self.http_url()))
+        let response = reqwest::get(self.api().url("/install.sh"))
             .await
             .context("GET /install.sh")?;
         let status = response.status();
