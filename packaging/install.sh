@@ -2,14 +2,16 @@
 # Cronium agent installer, served by the control plane at /install.sh with its settings filled in.
 #
 #   curl -fsSL URL/install.sh | sudo sh -s -- --token TOKEN [--name N] [--labels k=v,...]
-#        [--prefix DIR] [--state-dir DIR] [--version V] [--target TRIPLE] [--no-service]
+#        [--prefix DIR] [--state-dir DIR] [--version V] [--target TRIPLE] [--from-dir DIR]
+#        [--no-service [--detach]]
 #   curl -fsSL URL/install.sh | sudo sh -s -- --uninstall [--purge] [--prefix DIR]
 #
 # It downloads the agent's signed manifest and binary, verifies both ed25519 signatures with
 # `openssl pkeyutl -verify -rawin` (OpenSSL 3 or newer) and the binary's sha256 against the
 # manifest BEFORE the binary is moved into place or run, refuses a version older than the
 # installed one, installs atomically, enrolls (once), and installs and starts the systemd unit
-# (or, with --no-service, runs the agent in the foreground). Safe to run again.
+# (or, with --no-service, runs the agent in the foreground, or in the background with --detach).
+# Safe to run again.
 set -eu
 
 CRONIUM_URL='@CRONIUM_URL@'
@@ -33,7 +35,12 @@ Usage: install.sh [options]
                      DIR/var/lib/cronium-agent with another --prefix)
   --version V        install version V instead of the latest
   --target TRIPLE    download this target instead of the detected one
+  --from-dir DIR     take the release files from DIR instead of downloading them (they are
+                     verified all the same); used by the control plane's SSH bootstrap
   --no-service       run the agent in the foreground instead of installing a systemd service
+  --detach           with --no-service: start the agent in the background (its own session,
+                     output in STATE_DIR/agent.log, pid in STATE_DIR/agent.pid) and return;
+                     a run again restarts it
   --uninstall        stop and remove the service and the binary (--purge: the state dir too)
 EOF
 }
@@ -45,13 +52,15 @@ prefix=/usr/local
 state_dir=
 version=latest
 target=
+from_dir=
 no_service=0
+detach=0
 uninstall=0
 purge=0
 
 while [ $# -gt 0 ]; do
 	case $1 in
-	--token | --name | --labels | --prefix | --state-dir | --version | --target)
+	--token | --name | --labels | --prefix | --state-dir | --version | --target | --from-dir)
 		[ $# -ge 2 ] || die "$1 needs a value"
 		option=$1
 		value=$2
@@ -64,6 +73,11 @@ while [ $# -gt 0 ]; do
 		;;
 	--no-service)
 		no_service=1
+		shift
+		continue
+		;;
+	--detach)
+		detach=1
 		shift
 		continue
 		;;
@@ -91,6 +105,7 @@ while [ $# -gt 0 ]; do
 	--state-dir) state_dir=$value ;;
 	--version) version=$value ;;
 	--target) target=$value ;;
+	--from-dir) from_dir=$value ;;
 	*) die "unknown option: $option (see --help)" ;;
 	esac
 done
@@ -116,12 +131,43 @@ if [ -z "$state_dir" ]; then
 	fi
 fi
 safe_path --state-dir "$state_dir"
+if [ -n "$from_dir" ]; then
+	safe_path --from-dir "${from_dir%/}"
+	[ -d "$from_dir" ] || die "--from-dir: $from_dir is not a directory"
+fi
+if [ "$detach" = 1 ] && [ "$no_service" = 0 ]; then
+	die "--detach goes with --no-service (the systemd service runs in the background anyway)"
+fi
 case $version in
 '' | *[!0-9A-Za-z.+-]*) die "--version: '$version' is not a version" ;;
 esac
 
 bin=$prefix/bin/cronium-agent
 unit=/etc/systemd/system/cronium-agent.service
+pid_file=$state_dir/agent.pid
+
+# stop_detached: stops an agent started with --detach (its pid file names it), if it runs.
+stop_detached() {
+	[ -f "$pid_file" ] || return 0
+	old_pid=$(cat "$pid_file" 2>/dev/null || true)
+	case $old_pid in
+	'' | *[!0-9]*) ;;
+	*)
+		# Only an agent of this install: its command line names this binary.
+		if [ -r "/proc/$old_pid/cmdline" ] && tr '\0' ' ' <"/proc/$old_pid/cmdline" | grep -q "cronium-agent"; then
+			kill "$old_pid" 2>/dev/null || true
+			tries=0
+			while kill -0 "$old_pid" 2>/dev/null && [ "$tries" -lt 100 ]; do
+				sleep 0.1
+				tries=$((tries + 1))
+			done
+			kill -KILL "$old_pid" 2>/dev/null || true
+			say "stopped the detached agent (pid $old_pid)"
+		fi
+		;;
+	esac
+	rm -f "$pid_file"
+}
 
 if [ "$uninstall" = 1 ]; then
 	if [ -f "$unit" ] && command -v systemctl >/dev/null 2>&1; then
@@ -130,6 +176,7 @@ if [ "$uninstall" = 1 ]; then
 		systemctl daemon-reload || true
 		say "removed the cronium-agent service"
 	fi
+	stop_detached
 	rm -f "$bin"
 	say "removed $bin"
 	if [ "$purge" = 1 ]; then
@@ -173,7 +220,9 @@ case $target in
 '' | .* | *[!0-9A-Za-z_.-]*) die "--target: '$target' is not a target triple" ;;
 esac
 
-if command -v curl >/dev/null 2>&1; then
+if [ -n "$from_dir" ]; then
+	fetch() { cp "$from_dir/${1##*/}" "$2"; }
+elif command -v curl >/dev/null 2>&1; then
 	fetch() { curl -fsSL --proto '=http,https' -o "$2" "$1"; }
 elif command -v wget >/dev/null 2>&1; then
 	fetch() { wget -q -O "$2" "$1"; }
@@ -193,7 +242,11 @@ printf '%s\n' "$CRONIUM_RELEASE_KEY" >"$tmp/release-key.pem"
 
 base=$CRONIUM_URL/downloads/agent/$version/$target
 download() {
-	fetch "$base/$1" "$tmp/$1" || die "cannot download $base/$1 (missing on the control plane, or the network failed). Nothing was installed."
+	if [ -n "$from_dir" ]; then
+		fetch "$1" "$tmp/$1" || die "cannot read $from_dir/$1. Nothing was installed."
+	else
+		fetch "$base/$1" "$tmp/$1" || die "cannot download $base/$1 (missing on the control plane, or the network failed). Nothing was installed."
+	fi
 }
 
 # verify FILE WHAT: FILE.sig must be a valid signature of FILE by the release key.
@@ -232,7 +285,11 @@ version_compare() {
 	}'
 }
 
-say "downloading the agent ($version, $target) from $CRONIUM_URL"
+if [ -n "$from_dir" ]; then
+	say "taking the agent ($version, $target) from $from_dir"
+else
+	say "downloading the agent ($version, $target) from $CRONIUM_URL"
+fi
 download cronium-agent.manifest.json
 download cronium-agent.manifest.json.sig
 verify cronium-agent.manifest.json "the release manifest"
@@ -290,8 +347,9 @@ else
 	mkdir -p "$state_dir"
 	chmod 0700 "$state_dir"
 	set -- enroll --server "$CRONIUM_URL" --ca-sha256 "$CRONIUM_CA_SHA256" --state-dir "$state_dir"
-	if [ -n "$name" ]; then set -- "$@" --name "$name"; fi
-	if [ -n "$labels" ]; then set -- "$@" --labels "$labels"; fi
+	# --opt=value: a value that starts with '-' is never taken for an option.
+	if [ -n "$name" ]; then set -- "$@" "--name=$name"; fi
+	if [ -n "$labels" ]; then set -- "$@" "--labels=$labels"; fi
 	# The token travels in the environment, never in the agent's arguments.
 	if ! CRONIUM_ENROLL_TOKEN=$token "$bin" "$@"; then
 		# Nothing stays installed by a run that could not enroll.
@@ -300,6 +358,26 @@ else
 		die "enrollment was refused (see the message above): the token may be used up, expired or mistyped; create a new one with 'cronium enroll-token create'"
 	fi
 	say "enrolled the agent (state in $state_dir)"
+fi
+
+# The agent's self-updater verifies releases only with the key pinned here (never one sent later),
+# and reads its version from the signed manifest of the binary it runs.
+if [ ! -f "$state_dir/release-key.pub" ]; then
+	cp "$tmp/release-key.pem" "$state_dir/release-key.pub"
+fi
+if [ "$replace" = 1 ]; then
+	cp "$tmp/cronium-agent.manifest.json" "$state_dir/installed.manifest.json"
+	cp "$tmp/cronium-agent.manifest.json.sig" "$state_dir/installed.manifest.json.sig"
+fi
+
+if [ "$no_service" = 1 ] && [ "$detach" = 1 ]; then
+	stop_detached
+	# Its own session, no terminal, every descriptor redirected: it outlives this shell (and an
+	# SSH session that ran it).
+	setsid "$bin" run --state-dir "$state_dir" </dev/null >>"$state_dir/agent.log" 2>&1 &
+	printf '%s\n' "$!" >"$pid_file"
+	say "started the agent in the background (pid $!, log $state_dir/agent.log)"
+	exit 0
 fi
 
 if [ "$no_service" = 1 ]; then
@@ -312,7 +390,7 @@ fi
 cat >"$tmp/cronium-agent.service" <<'CRONIUM_UNIT'
 @CRONIUM_SERVICE_UNIT@
 CRONIUM_UNIT
-sed -e "s|@BIN@|$bin|g" -e "s|@STATE_DIR@|$state_dir|g" "$tmp/cronium-agent.service" >"$unit.new"
+sed -e "s|@BIN@|$bin|g" -e "s|@BIN_DIR@|$prefix/bin|g" -e "s|@STATE_DIR@|$state_dir|g" "$tmp/cronium-agent.service" >"$unit.new"
 chmod 0644 "$unit.new"
 mv -f "$unit.new" "$unit"
 systemctl daemon-reload

@@ -131,6 +131,7 @@ impl Jobs {
                 return;
             }
         };
+        spool.set_masker(spec.secret_env.masker());
         let (stop, stop_receiver) = watch::channel(None);
         let attempt = Arc::new(Attempt {
             spool: spool.clone(),

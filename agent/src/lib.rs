@@ -17,6 +17,7 @@ mod jobs;
 pub mod runner;
 pub mod spool;
 pub mod terminal;
+pub mod update;
 
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub use conn::FatalError;
 pub use enroll::{EnrollError, EnrollOptions, LabelError, parse_labels};
 pub use identity::Identity;
 pub use terminal::{TerminalOptions, Terminals};
+pub use update::SelfUpdateOptions;
 
 use crate::conn::ConnOptions;
 use crate::helper::forward::HelperLink;
@@ -116,12 +118,44 @@ pub async fn run_with_terminals(
     terminal_options: TerminalOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_agent(options, terminal_options, None, shutdown).await
+}
+
+/// [`run_with_terminals`] for the `cronium-agent` binary, which also updates itself when the
+/// control plane announces a newer version (see [`update`]): after a verified update it drains
+/// like a stop and then executes the new binary in place of this process; this function returns
+/// only if that fails.
+pub async fn run_self_updating(
+    options: AgentOptions,
+    terminal_options: TerminalOptions,
+    self_update: SelfUpdateOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_agent(options, terminal_options, Some(self_update), shutdown).await
+}
+
+async fn run_agent(
+    options: AgentOptions,
+    terminal_options: TerminalOptions,
+    self_update: Option<SelfUpdateOptions>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     install_crypto_provider();
     anyhow::ensure!(options.capacity > 0, "the capacity must be at least 1");
     let state_dir = std::path::absolute(&options.state_dir)
         .with_context(|| format!("invalid state dir {}", options.state_dir.display()))?;
     let identity = Identity::load(&state_dir)?;
     let client_config = identity.quic_client_config()?;
+    let updater = match self_update {
+        Some(self_update) => {
+            update::Updater::start(&state_dir, &identity.server_url, self_update).await?
+        }
+        None => update::Updater::disabled(VERSION),
+    };
+    let agent_version = updater.installed_version();
+    // A stop: the caller's shutdown, or a verified update waiting for the agent to drain.
+    let caller_shutdown = shutdown;
+    let shutdown = caller_shutdown.child_token();
 
     let work_root = state_dir.join("work");
     spool::create_private_dir(&work_root)?;
@@ -214,9 +248,23 @@ pub async fn run_with_terminals(
     for attempt in recovered {
         jobs.adopt(attempt);
     }
+    {
+        let restart = updater.restart_requested();
+        let (shutdown, exit) = (shutdown.clone(), exit.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                () = restart.cancelled() => {
+                    tracing::info!("a verified update is ready: stopping to restart into it");
+                    shutdown.cancel();
+                }
+                () = exit.cancelled() => {}
+            }
+        });
+    }
+    tracker.spawn(updater.clone().serve(exit.clone()));
     tracing::info!(
         agent_id = %identity.agent_id,
-        version = VERSION,
+        version = %agent_version,
         capacity = options.capacity,
         interpreters = ?capabilities.interpreters,
         docker = capabilities.docker,
@@ -227,7 +275,7 @@ pub async fn run_with_terminals(
         ConnOptions {
             identity,
             client_config,
-            agent_version: VERSION.to_owned(),
+            agent_version: agent_version.clone(),
             capacity: options.capacity,
             capabilities,
             host: host_info(),
@@ -236,6 +284,7 @@ pub async fn run_with_terminals(
             shutdown: shutdown.clone(),
             exit: exit.clone(),
             terminals: terminals.clone(),
+            updater: updater.clone(),
         },
         jobs.clone(),
     ));
@@ -272,6 +321,12 @@ pub async fn run_with_terminals(
         tracing::warn!("some job tasks did not end in time");
     }
     tracing::info!("agent stopped");
+    if result.is_ok()
+        && !caller_shutdown.is_cancelled()
+        && let Some(error) = updater.restart()
+    {
+        return Err(error);
+    }
     result
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use cronium_agent::{AgentOptions, EnrollOptions, TerminalOptions};
+use cronium_agent::{AgentOptions, EnrollOptions, SelfUpdateOptions, TerminalOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -28,6 +28,12 @@ enum Command {
     Run(RunArgs),
     /// Prints the version, the target triple and the protocol version.
     Version,
+    /// Guards a new binary on trial after a self-update (started by the agent itself).
+    #[command(hide = true)]
+    UpdateWatchdog {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +63,10 @@ struct EnrollArgs {
     /// Replace an existing identity in the state dir.
     #[arg(long)]
     force: bool,
+    /// The release PUBLIC key (PEM) to pin for self-updates: copied to the state dir as
+    /// `release-key.pub` (an agent without a pinned key refuses every update).
+    #[arg(long, value_name = "FILE")]
+    release_key: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +127,10 @@ struct RunArgs {
     /// Terminal sessions this agent runs at once; more are refused.
     #[arg(long, env = "CRONIUM_AGENT_TERMINAL_MAX_SESSIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     terminal_max_sessions: u32,
+    /// After a self-update, how long the new binary has to connect to the control plane before
+    /// the previous one is started again (rolled back).
+    #[arg(long, env = "CRONIUM_AGENT_UPDATE_DEADLINE", default_value = "2m", value_parser = parse_duration)]
+    update_deadline: Duration,
 }
 
 /// Parses a duration: seconds (`90`) or a number with a unit (`500ms`, `90s`, `10m`, `1h`).
@@ -148,6 +162,10 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::UpdateWatchdog { state_dir } = &cli.command {
+        // Before any thread exists: the watchdog forks.
+        return cronium_agent::update::watchdog::run(state_dir);
+    }
     if let Command::Version = cli.command {
         println!(
             "cronium-agent {} ({}), protocol {}..={}",
@@ -181,6 +199,11 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Enroll(args) => {
+            // Checked before enrolling, so a bad key file leaves nothing behind.
+            let release_key = match &args.release_key {
+                Some(path) => Some(cronium_agent::update::pinned_key_text(path)?),
+                None => None,
+            };
             let identity = cronium_agent::enroll(EnrollOptions {
                 server_url: args.server,
                 token: args.token,
@@ -191,6 +214,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 force: args.force,
             })
             .await?;
+            if let Some(text) = release_key {
+                cronium_agent::update::pin_release_key(&identity.state_dir, &text)?;
+            }
             println!(
                 "enrolled as {} ({}) in {}",
                 identity.name,
@@ -226,11 +252,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             };
             let signals = watch_signals(shutdown.clone(), force_stop);
             tokio::select! {
-                result = cronium_agent::run_with_terminals(options, terminals, shutdown) => result,
+                result = cronium_agent::run_self_updating(
+                    options,
+                    terminals,
+                    SelfUpdateOptions { deadline: args.update_deadline },
+                    shutdown,
+                ) => result,
                 error = signals => Err(error),
             }
         }
-        Command::Version => Ok(()),
+        Command::Version | Command::UpdateWatchdog { .. } => Ok(()),
     }
 }
 

@@ -14,6 +14,12 @@
 //! Nothing here is fsynced: see [`write_atomically`] for why the page cache is enough.
 //!
 //! Output past `max_log_bytes` is dropped after one [`LogStream::System`] marker record.
+//!
+//! Nothing reaches the spool unmasked: the values of the attempt's secret environment variables
+//! (see [`AttemptSpool::set_masker`]) are replaced with `***` in the log (stdout and stderr
+//! chunk by chunk, holding back a tail that could start a value until the next chunk or the
+//! result; system records whole) and in the `output` value. What a crash loses is at most the
+//! held-back tail.
 //! The spool outlives connections and agent restarts: uploads resume from the control plane's
 //! offset, and [`Spool::recover`] settles attempts a crashed agent left behind.
 
@@ -23,7 +29,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cronium_protocol::{AttemptRef, FailReason, FinalStatus, LogStream};
+use cronium_protocol::{AttemptRef, FailReason, FinalStatus, LogStream, Masker, StreamMasker};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -132,6 +138,26 @@ struct SpoolState {
     output: Option<String>,
     /// Set with the `set_condition` helper.
     condition: Option<bool>,
+    /// Masks secret values in what is written.
+    masking: Masking,
+}
+
+/// The secret values of an attempt and the per-stream state of their masking.
+#[derive(Debug, Default)]
+struct Masking {
+    masker: Masker,
+    stdout: StreamMasker,
+    stderr: StreamMasker,
+}
+
+impl Masking {
+    fn new(masker: Masker) -> Masking {
+        Masking {
+            stdout: masker.stream(),
+            stderr: masker.stream(),
+            masker,
+        }
+    }
 }
 
 /// What the script set through the runtime helpers.
@@ -241,6 +267,7 @@ impl Spool {
                 result: None,
                 output: None,
                 condition: None,
+                masking: Masking::default(),
             },
         ))
     }
@@ -373,6 +400,7 @@ impl Spool {
                 result,
                 output,
                 condition,
+                masking: Masking::default(),
             },
         );
         if result.is_none() {
@@ -445,25 +473,55 @@ impl AttemptSpool {
     /// always stored.
     pub fn append(&self, stream: LogStream, data: &[u8]) -> Result<(), SpoolError> {
         let mut state = self.lock();
+        let masked = match stream {
+            LogStream::Stdout => state.masking.stdout.push(data),
+            LogStream::Stderr => state.masking.stderr.push(data),
+            LogStream::System => state.masking.masker.mask(data),
+        };
+        self.append_locked(&mut state, stream, &masked)?;
+        drop(state);
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Sets the secret values masked in everything written from now on (before the attempt's
+    /// process starts).
+    pub fn set_masker(&self, masker: Masker) {
+        self.lock().masking = Masking::new(masker);
+    }
+
+    /// The secret values masked in this attempt's output.
+    pub fn masker(&self) -> Masker {
+        self.lock().masking.masker.clone()
+    }
+
+    /// [`append`](Self::append) of already masked data, under the lock.
+    fn append_locked(
+        &self,
+        state: &mut SpoolState,
+        stream: LogStream,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
+        if data.is_empty() {
+            return Ok(());
+        }
         if stream == LogStream::System {
-            self.write_records(&mut state, stream, data)?;
+            self.write_records(state, stream, data)?;
         } else if !state.truncated {
             let room = self.inner.max_log_bytes.saturating_sub(state.log_len);
             if (data.len() as u64) <= room {
-                self.write_records(&mut state, stream, data)?;
+                self.write_records(state, stream, data)?;
             } else {
                 // `room` is smaller than `data.len()`, so it fits in usize.
-                self.write_records(&mut state, stream, &data[..room as usize])?;
+                self.write_records(state, stream, &data[..room as usize])?;
                 let marker = format!(
                     "\n[cronium: output truncated after {} bytes]\n",
                     self.inner.max_log_bytes
                 );
-                self.write_records(&mut state, LogStream::System, marker.as_bytes())?;
+                self.write_records(state, LogStream::System, marker.as_bytes())?;
                 state.truncated = true;
             }
         }
-        drop(state);
-        self.inner.changed.notify_waiters();
         Ok(())
     }
 
@@ -482,8 +540,9 @@ impl AttemptSpool {
         if state.result.is_some() {
             return Ok(());
         }
+        let json = mask_json(&state.masking.masker, json);
         write_atomically(&self.inner.dir.join("output.json"), json.as_bytes())?;
-        state.output = Some(json.to_owned());
+        state.output = Some(json);
         Ok(())
     }
 
@@ -516,6 +575,17 @@ impl AttemptSpool {
         if let Some(result) = state.result {
             return Ok(result);
         }
+        // What the maskers still hold back is output too (masked: it ends here).
+        let mut flushed = Ok(());
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            let tail = match stream {
+                LogStream::Stdout => state.masking.stdout.finish(),
+                _ => state.masking.stderr.finish(),
+            };
+            if flushed.is_ok() {
+                flushed = self.append_locked(&mut state, stream, &tail);
+            }
+        }
         let result = AttemptResult {
             outcome,
             log_len: state.log_len,
@@ -535,7 +605,7 @@ impl AttemptSpool {
         state.log = None;
         drop(state);
         self.inner.changed.notify_waiters();
-        written.map(|()| result)
+        flushed.and(written).map(|()| result)
     }
 
     /// Opens a reader positioned at log offset `offset`.
@@ -682,6 +752,48 @@ impl LogReader {
         }
         self.position += RECORD_HEADER_LEN;
         Ok(Some((stream, len)))
+    }
+}
+
+/// Masks secret values in the JSON text of an `output` value: every string (keys too) and
+/// number is masked where it holds a value; if the result still contains one (a value with
+/// characters JSON escapes, or spanning syntax), the whole text is masked and kept as a JSON
+/// string.
+fn mask_json(masker: &Masker, json: &str) -> String {
+    fn walk(masker: &Masker, value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => Value::String(masker.mask_str(&text)),
+            Value::Number(number) if masker.contains_secret(number.to_string().as_bytes()) => {
+                Value::String(masker.mask_str(&number.to_string()))
+            }
+            Value::Array(items) => {
+                Value::Array(items.into_iter().map(|item| walk(masker, item)).collect())
+            }
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(key, item)| (masker.mask_str(&key), walk(masker, item)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+    if masker.is_empty() {
+        return json.to_owned();
+    }
+    let masked = match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(value) => walk(masker, value).to_string(),
+        Err(_) => json.to_owned(),
+    };
+    if !masker.contains_secret(masked.as_bytes()) {
+        return masked;
+    }
+    let quoted = serde_json::Value::String(masker.mask_str(&masked)).to_string();
+    if masker.contains_secret(quoted.as_bytes()) {
+        // Escaping made a value appear again (it contains `\` or `"`): keep nothing.
+        "\"***\"".to_owned()
+    } else {
+        quoted
     }
 }
 
@@ -870,6 +982,63 @@ mod tests {
 
     fn concat(pieces: &[LogPiece]) -> Vec<u8> {
         pieces.iter().flat_map(|piece| piece.data.clone()).collect()
+    }
+
+    #[test]
+    fn secret_values_never_reach_the_spool() {
+        let canary = "canary-0d9e7f-secret";
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        let attempt = spool.create(&spec("job-masked"), 1 << 20).unwrap();
+        attempt.set_masker(Masker::new([canary, "abc"]));
+        attempt
+            .append(LogStream::Stdout, b"plain canary-0d9e7f-secret\n")
+            .unwrap();
+        // Split across two writes, with stderr in between.
+        attempt
+            .append(LogStream::Stdout, b"split canary-0d9")
+            .unwrap();
+        attempt.append(LogStream::Stderr, b"err abc\n").unwrap();
+        attempt.append(LogStream::Stdout, b"e7f-secret!\n").unwrap();
+        attempt
+            .append(LogStream::System, b"[cronium: canary-0d9e7f-secret]\n")
+            .unwrap();
+        // A tail that could start the value waits, and is written (masked) with the result.
+        attempt.append(LogStream::Stdout, b"end canary-0").unwrap();
+        attempt
+            .set_output(&serde_json::json!({"token": canary, "n": 1, canary: [canary]}).to_string())
+            .unwrap();
+        let result = attempt
+            .finish(Outcome {
+                status: FinalStatus::Completed,
+                reason: None,
+                exit_code: Some(0),
+            })
+            .unwrap();
+        let log = String::from_utf8(concat(&read_all(&attempt, 0, 1 << 20))).unwrap();
+        assert_eq!(
+            log,
+            "plain ***\nsplit err abc\n***!\n[cronium: ***]\nend canary-0"
+        );
+        assert_eq!(result.log_len, log.len() as u64);
+        let output = attempt.helper_values().output.unwrap();
+        assert!(!output.contains(canary), "{output}");
+        let value: serde_json::Value = serde_json::from_str(&output).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"token": "***", "n": 1, "***": ["***"]})
+        );
+        let on_disk = fs::read(attempt.dir().join("output.json")).unwrap();
+        assert!(!String::from_utf8_lossy(&on_disk).contains(canary));
+
+        // JSON escaping cannot smuggle a value out: the whole text is masked.
+        let quoted = Masker::new(["a\"quoted\"secret"]);
+        let escaped = mask_json(
+            &quoted,
+            &serde_json::json!({"v": "a\"quoted\"secret"}).to_string(),
+        );
+        assert!(!escaped.contains("quoted"), "{escaped}");
+        assert_eq!(mask_json(&Masker::default(), "{\"a\":1}"), "{\"a\":1}");
     }
 
     #[test]

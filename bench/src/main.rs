@@ -24,6 +24,7 @@ mod phases;
 mod procs;
 mod report;
 mod ssh;
+mod ssh_fallback;
 mod stats;
 mod terminal;
 
@@ -91,6 +92,13 @@ struct Cli {
     /// Run only the terminal phase (with the control plane and one agent), none of the others.
     #[arg(long)]
     terminal_only: bool,
+    /// Timed rounds of the SSH fallback phase (a job over SSH with a connection per job and
+    /// with a kept connection, next to fresh and ControlMaster `ssh … true`; 0 skips it).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    ssh_fallback_runs: u64,
+    /// Run only the SSH fallback phase (with the control plane alone), none of the others.
+    #[arg(long)]
+    ssh_fallback_only: bool,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -174,6 +182,51 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         control_plane.quic,
         control_plane.pid()
     ));
+
+    let run_ssh_fallback = async || -> anyhow::Result<Option<ssh_fallback::SshFallbackFigures>> {
+        let rounds = cli.ssh_fallback_runs as usize;
+        if rounds == 0 {
+            return Ok(None);
+        }
+        let Some(mut peer) = SshPeer::start(&cli.sshd_script, &root.join("ssh-fallback")).await?
+        else {
+            return Ok(None);
+        };
+        progress(&format!(
+            "ssh fallback: {} warm-up + {rounds} rounds of a job over SSH (connection per job, kept connection) and `ssh … true` (fresh, ControlMaster)",
+            cli.warmup.min(10)
+        ));
+        let figures =
+            ssh_fallback::measure(&api, &mut peer, cli.warmup.min(10) as usize, rounds).await?;
+        progress(&format!(
+            "ssh fallback: p50 {:.2} ms vs fresh ssh {:.2} ms; kept connection {:.2} ms vs ControlMaster {:.2} ms",
+            figures.fresh.p50, figures.ssh_fresh.p50, figures.reused.p50, figures.ssh_master.p50
+        ));
+        Ok(Some(figures))
+    };
+    if cli.ssh_fallback_only {
+        let figures = run_ssh_fallback().await?;
+        control_plane.process.ensure_running()?;
+        match &figures {
+            Some(figures) => println!(
+                "### Cronium SSH fallback benchmark ({} CPUs, {})\n\n{}",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0),
+                std::env::consts::ARCH,
+                figures.markdown()
+            ),
+            None => println!("(SSH fallback phase skipped)"),
+        }
+        if let (Some(path), Some(figures)) = (&cli.out, &figures) {
+            let text = serde_json::to_string_pretty(&json!({"ssh_fallback": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        drop(control_plane);
+        drop(temp);
+        return Ok(());
+    }
 
     progress("enrolling and starting the agent (capacity 8)");
     let agent_name = "bench-agent".to_owned();
@@ -398,6 +451,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     };
 
     let terminal = run_terminal(&mut agent).await?;
+    let ssh_fallback = run_ssh_fallback().await?;
 
     // Last, so the Docker runner does not change the figures above (the agent's RSS).
     let docker = match docker_engine {
@@ -480,8 +534,15 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         terminal,
     };
     println!("{}", results.markdown());
+    if let Some(figures) = &ssh_fallback {
+        println!("{}", figures.markdown());
+    }
     if let Some(path) = &cli.out {
-        let text = serde_json::to_string_pretty(&results.json())?;
+        let mut all = results.json();
+        if let Some(figures) = &ssh_fallback {
+            all["ssh_fallback"] = figures.json();
+        }
+        let text = serde_json::to_string_pretty(&all)?;
         std::fs::write(path, text + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         progress(&format!("wrote {}", path.display()));

@@ -79,6 +79,25 @@ impl SshPeer {
         Ok(Some(peer))
     }
 
+    /// The value after `flag` in the peer's ssh options (`-i` key file, `-p` port).
+    fn option(&self, flag: &str) -> Option<&str> {
+        let at = self.options.iter().position(|option| option == flag)?;
+        self.options.get(at + 1).map(String::as_str)
+    }
+
+    /// The private key root logs in with, and the port: what a Cronium SSH server needs.
+    pub fn login(&self) -> anyhow::Result<(String, u16)> {
+        let key = self
+            .option("-i")
+            .context("the peer's ssh options name no key")?;
+        let port = self
+            .option("-p")
+            .and_then(|port| port.parse().ok())
+            .context("the peer's ssh options name no port")?;
+        let key = std::fs::read_to_string(key).with_context(|| format!("cannot read {key}"))?;
+        Ok((key, port))
+    }
+
     fn command(&self, extra: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ssh");
         command

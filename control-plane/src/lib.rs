@@ -17,6 +17,9 @@ pub mod store;
 pub mod terminals;
 pub mod tools;
 
+#[cfg(test)]
+mod secrets_tests;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,6 +132,9 @@ pub struct Running {
     pub state: AppState,
     /// The generated admin password, on first start only.
     pub admin_password: Option<String>,
+    /// The shared lock on `<database>.running.lock`, held until [`Running::wait`] returns (or
+    /// the process ends), so `cronium keys rotate` refuses while this control plane runs.
+    _running_lock: std::fs::File,
 }
 
 impl Running {
@@ -143,6 +149,7 @@ impl Running {
             warn!("some tasks did not stop within 10 s");
         }
         self.state.store.close().await;
+        drop(self._running_lock);
         info!("control plane stopped");
     }
 
@@ -173,7 +180,15 @@ fn local_url(address: SocketAddr) -> String {
 
 /// Opens the store named by the config (or the default in the data dir).
 pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Store> {
-    let path = match database_url {
+    let path = database_path(data_dir, database_url)?;
+    Store::open_sqlite(&path)
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))
+}
+
+/// The SQLite file named by the config (or `cronium.db` in the data dir).
+pub fn database_path(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(match database_url {
         None => data_dir.join("cronium.db"),
         Some(url) if url.starts_with("sqlite://") => {
             PathBuf::from(url.trim_start_matches("sqlite://"))
@@ -184,10 +199,36 @@ pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::
             )
         }
         Some(_) => bail!("CRONIUM_DATABASE_URL must start with sqlite://"),
-    };
-    Store::open_sqlite(&path)
-        .await
-        .with_context(|| format!("opening the database {}", path.display()))
+    })
+}
+
+/// The lock file next to a database: every running control plane holds a shared lock on it,
+/// `cronium keys rotate` an exclusive one (the OS drops a lock when its process dies).
+pub fn running_lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".running.lock");
+    PathBuf::from(name)
+}
+
+/// Takes the shared "a control plane runs on this database" lock.
+fn take_running_lock(database: &Path) -> anyhow::Result<std::fs::File> {
+    let path = running_lock_path(database);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock_shared() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is locked: `cronium keys rotate` is re-encrypting this database; start again when it is done",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Creates the data dir (mode 0700) if needed.
@@ -238,6 +279,10 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// Starts the control plane: database, key check, CA, listeners and background tasks.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
+    let running_lock = take_running_lock(&database_path(
+        &config.data_dir,
+        config.database_url.as_deref(),
+    )?)?;
     let store = open_store(&config.data_dir, config.database_url.as_deref()).await?;
     match store.key_check().await? {
         Some(sealed) => config.encryption_key.verify_key_check(&sealed)?,
@@ -369,6 +414,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         quic_addr,
         state,
         admin_password,
+        _running_lock: running_lock,
     })
 }
 

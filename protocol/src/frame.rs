@@ -217,6 +217,7 @@ mod tests {
                     read_only: true,
                     user: Some("1000:1000".into()),
                 }),
+                secret_env: SecretEnv(vec![("TOKEN".into(), "s3cret-value".into())]),
             }),
             Message::Assign(JobSpec {
                 job_id: "h".into(),
@@ -234,6 +235,7 @@ mod tests {
                     cpus: Some(1.5),
                     pids: Some(20),
                 }),
+                secret_env: SecretEnv::default(),
             }),
             Message::ClaimDone(ClaimDone { claimed: 1 }),
             Message::Cancel(Cancel {
@@ -318,6 +320,15 @@ mod tests {
             Message::TerminalEnded(TerminalEnded {
                 session: "0123456789abcdef0123456789abcdef".into(),
                 code: None,
+            }),
+            Message::AgentUpdate(crate::AgentUpdate {
+                version: Some("0.2.0".into()),
+            }),
+            Message::AgentUpdate(crate::AgentUpdate { version: None }),
+            Message::UpdateStatus(crate::UpdateStatus {
+                target_version: "0.2.0".into(),
+                state: crate::UpdateState::RolledBack,
+                reason: Some("did not connect".into()),
             }),
         ]
     }

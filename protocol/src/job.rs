@@ -65,6 +65,31 @@ pub struct JobSpec {
     pub input: Option<String>,
     /// Where the script runs: directly on the host or in a Docker container.
     pub runtime: RuntimeSpec,
+    /// The event's secret environment variables, given to the script like `env`; the agent
+    /// masks their values in the attempt's output and helper values. Never logged.
+    #[serde(default)]
+    pub secret_env: SecretEnv,
+}
+
+/// Secret environment variables (name, value). Its `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretEnv(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_list()
+            .entries(self.0.iter().map(|(name, _)| format!("{name}=***")))
+            .finish()
+    }
+}
+
+impl SecretEnv {
+    /// A masker for the values.
+    pub fn masker(&self) -> crate::mask::Masker {
+        crate::mask::Masker::new(self.0.iter().map(|(_, value)| value.as_bytes()))
+    }
 }
 
 /// Where an attempt runs.

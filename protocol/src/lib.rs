@@ -16,7 +16,9 @@ pub mod frame;
 pub mod hello;
 pub mod helper;
 pub mod job;
+pub mod mask;
 pub mod terminal;
+pub mod update;
 
 pub use close::CloseCode;
 pub use frame::{FrameDecoder, FrameError, decode, encode};
@@ -27,12 +29,14 @@ pub use helper::{
 pub use job::{
     AttemptRef, Cancel, Claim, ClaimDone, DockerNetwork, DockerSpec, FailReason, FinalStatus,
     FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, HostSpec, JobFinished, JobOpen, JobOpened,
-    JobSpec, JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind,
+    JobSpec, JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind, SecretEnv,
 };
+pub use mask::{MASK, MIN_SECRET_LEN, Masker, StreamMasker};
 pub use terminal::{
     MAX_TERMINAL_CHUNK, TerminalEnded, TerminalExit, TerminalInput, TerminalOpen, TerminalOpened,
     TerminalOutput, TerminalRefusal, TerminalResize,
 };
+pub use update::{AgentUpdate, MAX_UPDATE_REASON, UpdateState, UpdateStatus};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +117,10 @@ pub enum Message {
     TerminalExit(TerminalExit),
     /// Agent → control plane, on the control stream: a terminal session ended.
     TerminalEnded(TerminalEnded),
+    /// Control plane → agent, on the control stream: the agent version wanted for this agent.
+    AgentUpdate(AgentUpdate),
+    /// Agent → control plane, on the control stream: progress or outcome of a self-update.
+    UpdateStatus(UpdateStatus),
 }
 
 impl Message {
@@ -146,6 +154,8 @@ impl Message {
             Message::TerminalClose => "terminal_close",
             Message::TerminalExit(_) => "terminal_exit",
             Message::TerminalEnded(_) => "terminal_ended",
+            Message::AgentUpdate(_) => "agent_update",
+            Message::UpdateStatus(_) => "update_status",
         }
     }
 }

@@ -397,6 +397,12 @@ impl TestCluster {
         &self.encryption_key
     }
 
+    /// Sets the `ENCRYPTION_KEY` the control plane is started with from now on (after
+    /// `cronium keys rotate`).
+    pub fn set_encryption_key(&mut self, key: &str) {
+        self.encryption_key = key.to_owned();
+    }
+
     /// The log files of this cluster (control plane and agents, also stopped ones) that contain
     /// `needle`, for checks that secrets never reach a log.
     pub fn logs_containing(&self, needle: &str) -> Vec<PathBuf> {
@@ -468,6 +474,17 @@ impl TestCluster {
                 "cronium token create must print the token alone on stdout, printed {stdout:?}"
             ),
         }
+    }
+
+    /// Runs `cronium ARGS…` as an API client of this cluster (`CRONIUM_URL` and `CRONIUM_TOKEN`
+    /// name it and the admin token), stdout and stderr captured, killed after `timeout`.
+    pub async fn cli(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {
+        let mut command = self.cronium_command()?;
+        command
+            .args(args)
+            .env("CRONIUM_URL", self.http_url())
+            .env("CRONIUM_TOKEN", &self.admin_token);
+        run_with_timeout(command, timeout).await
     }
 
     /// Runs `cronium user create NAME --role ROLE` and returns the password it generated (for

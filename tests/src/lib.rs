@@ -18,6 +18,7 @@ pub mod process;
 pub mod quic;
 pub mod release;
 pub mod sse;
+pub mod sshd;
 pub mod webhook;
 
 use std::path::PathBuf;

@@ -34,6 +34,7 @@ use crate::frame_io::{FrameIoError, read_message, write_message};
 use crate::identity::Identity;
 use crate::jobs::Jobs;
 use crate::terminal::Terminals;
+use crate::update::Updater;
 
 /// First reconnect delay ceiling; it doubles up to `reconnect_max`.
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
@@ -82,6 +83,8 @@ pub(crate) struct ConnOptions {
     pub(crate) exit: CancellationToken,
     /// The terminal sessions, served on streams the control plane opens.
     pub(crate) terminals: Terminals,
+    /// Self-update: announcements in, statuses out.
+    pub(crate) updater: Updater,
 }
 
 /// How a session ended.
@@ -307,6 +310,15 @@ impl Session {
         self.options
             .connection
             .send_replace(Some(connection.clone()));
+        // A new binary on trial has connected: it installs itself now.
+        self.options.updater.welcomed();
+        let mut update_statuses = self.options.updater.statuses();
+        let last_status = update_statuses.borrow_and_update().clone();
+        if let Some(status) = last_status
+            && let Err(error) = write_message(&mut send, &Message::UpdateStatus(status)).await
+        {
+            return self.stream_failed(connection, true, error);
+        }
 
         let period =
             Duration::from_millis(u64::from(welcome.heartbeat_interval_ms)).max(MIN_HEARTBEAT);
@@ -369,6 +381,14 @@ impl Session {
                     Ok((send, recv)) => self.options.terminals.serve_stream(send, recv),
                     Err(error) => return lost(connection, true, error.to_string()),
                 },
+                Ok(()) = update_statuses.changed() => {
+                    let status = update_statuses.borrow_and_update().clone();
+                    if let Some(status) = status
+                        && let Err(error) = write_message(&mut send, &Message::UpdateStatus(status)).await
+                    {
+                        return self.stream_failed(connection, true, error);
+                    }
+                }
                 ended = self.options.terminals.next_ended() => {
                     if let Err(error) = write_message(&mut send, &Message::TerminalEnded(ended)).await {
                         return self.stream_failed(connection, true, error);
@@ -414,6 +434,7 @@ impl Session {
                     self.jobs.abandon(attempt);
                 }
             }
+            Message::AgentUpdate(update) => self.options.updater.announce(update.version),
             other => return Err(SessionError::Protocol(other.name())),
         }
         Ok(())

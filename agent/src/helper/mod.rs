@@ -517,6 +517,22 @@ fn parse_notify(mut object: serde_json::Map<String, Value>) -> Result<HelperRequ
 /// Journals a write, then tries to deliver it: 200 once the control plane applied it, 202
 /// `{"queued": true}` while the link is down, the refusal when it was refused.
 async fn forward_write(context: &Context, request: HelperRequest) -> Response<Full<Bytes>> {
+    // Notifications leave the system: secret values in them are masked like the log.
+    let request = match request {
+        HelperRequest::Notify {
+            tool,
+            title,
+            message,
+        } => {
+            let masker = context.spool.masker();
+            HelperRequest::Notify {
+                tool,
+                title: title.map(|title| masker.mask_str(&title)),
+                message: masker.mask_str(&message),
+            }
+        }
+        other => other,
+    };
     let journal = context.spool.journal();
     let seq = match journal.append(request) {
         Ok(seq) => seq,

@@ -43,6 +43,7 @@ fn fixture(input: Option<&str>) -> Fixture {
         timeout_ms: 0,
         input: input.map(str::to_owned),
         runtime: RuntimeSpec::default(),
+        secret_env: Default::default(),
     };
     Fixture {
         _temp: temp,

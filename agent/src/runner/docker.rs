@@ -526,7 +526,7 @@ fn write_env_file(
     let mut ignored = Vec::new();
     // The token is hex, so it needs no quoting beyond the plain single quotes.
     let mut text = format!("CRONIUM_JOB_TOKEN='{token}'\n");
-    for (name, value) in &spec.env {
+    for (name, value) in spec.env.iter().chain(&spec.secret_env.0) {
         let valid_name = name
             .chars()
             .next()
@@ -710,6 +710,7 @@ mod tests {
             timeout_ms: 0,
             input: None,
             runtime: RuntimeSpec::Docker(docker_spec()),
+            secret_env: Default::default(),
         }
     }
 

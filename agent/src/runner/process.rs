@@ -266,7 +266,7 @@ impl ProcessRunner {
             return spawn_failure();
         }
         let mut ignored = Vec::new();
-        for (name, value) in &spec.env {
+        for (name, value) in spec.env.iter().chain(&spec.secret_env.0) {
             let valid_name = !name.is_empty() && !name.contains(['=', '\0']);
             if name.starts_with("CRONIUM_") || !valid_name {
                 ignored.push(name.escape_debug().to_string());
@@ -712,6 +712,7 @@ mod tests {
             timeout_ms: 0,
             input: None,
             runtime: RuntimeSpec::default(),
+            secret_env: Default::default(),
         }
     }
 

@@ -5,7 +5,8 @@ pub mod ca;
 mod helper_stream;
 mod job_stream;
 pub mod registry;
-mod session;
+pub(crate) mod session;
+pub mod update;
 pub(crate) mod wire;
 
 use std::net::SocketAddr;

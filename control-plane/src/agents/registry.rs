@@ -12,6 +12,8 @@ use tokio::sync::{Notify, mpsc};
 #[derive(Debug)]
 pub enum Outbound {
     Cancel(AttemptRef),
+    /// The agent version this agent should run (`AgentUpdate`).
+    AgentUpdate(Option<String>),
 }
 
 /// The live agents. Cheap to clone.
@@ -92,6 +94,14 @@ impl AgentRegistry {
         match self.lock().get(agent_id) {
             Some(link) => link.outbound.send(Outbound::Cancel(attempt)).is_ok(),
             None => false,
+        }
+    }
+
+    /// Tells an online agent which version it should run; offline agents hear it when they
+    /// connect.
+    pub fn announce_update(&self, agent_id: &str, version: Option<String>) {
+        if let Some(link) = self.lock().get(agent_id) {
+            let _ = link.outbound.send(Outbound::AgentUpdate(version));
         }
     }
 

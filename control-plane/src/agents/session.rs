@@ -71,7 +71,7 @@ fn to_ref(attempt: &Attempt) -> AttemptRef {
     }
 }
 
-fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
+fn job_spec(job: ClaimedJob, key: &crate::crypto::EncryptionKey) -> anyhow::Result<JobSpec> {
     let kind = match job.kind.as_str() {
         "bash" => ScriptKind::Bash,
         "python" => ScriptKind::Python,
@@ -80,6 +80,8 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
     };
     let runtime = runtime_spec(job.runtime_spec.as_deref())
         .with_context(|| format!("job {} has an unreadable runtime_spec", job.id))?;
+    let secret_env = crate::http::events::open_secret_env(key, &job.secret_env)
+        .with_context(|| format!("job {}", job.id))?;
     Ok(JobSpec {
         job_id: job.id,
         attempt: job.attempt,
@@ -91,13 +93,14 @@ fn job_spec(job: ClaimedJob) -> anyhow::Result<JobSpec> {
         timeout_ms: job.timeout_seconds as u64 * 1000,
         input: job.input,
         runtime,
+        secret_env: cronium_protocol::SecretEnv(secret_env),
     })
 }
 
 /// A job row's `runtime_spec`: JSON of the wire's [`RuntimeSpec`]; in rows written before host
 /// jobs had settings, NULL (a host job as the agent's user, without limits) or the bare JSON of a
 /// `DockerSpec`.
-fn runtime_spec(text: Option<&str>) -> serde_json::Result<RuntimeSpec> {
+pub(crate) fn runtime_spec(text: Option<&str>) -> serde_json::Result<RuntimeSpec> {
     let Some(text) = text else {
         return Ok(RuntimeSpec::default());
     };
@@ -167,6 +170,12 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         for attempt in abandon.cancel {
             write_message(&mut send, &Message::Cancel(cronium_protocol::Cancel { job: attempt })).await?;
         }
+        // The version this agent should run (the agent checks and refuses what it must).
+        let agent_now = state.store.agent(&agent.id).await.unwrap_or_else(|_| agent.clone());
+        let announcement = super::update::announcement_for(&state, &agent_now).await?;
+        if announcement.version.is_some() {
+            write_message(&mut send, &Message::AgentUpdate(announcement)).await?;
+        }
 
         let streams = {
             let connection = connection.clone();
@@ -220,6 +229,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
                     }
                     Some(outbound) = registration.outbound.recv() => match outbound {
                         Outbound::Cancel(job) => write_message(&mut send, &Message::Cancel(cronium_protocol::Cancel { job })).await?,
+                        Outbound::AgentUpdate(version) => write_message(&mut send, &Message::AgentUpdate(cronium_protocol::AgentUpdate { version })).await?,
                     },
                     _ = state.shutdown.cancelled() => {
                         connection.close(CloseCode::Shutdown.to_u32().into(), b"control plane shutting down");
@@ -345,7 +355,7 @@ async fn handle_control_message(
             let count = claimed.len() as u32;
             for job in claimed {
                 let job_id = job.id.clone();
-                match job_spec(job) {
+                match job_spec(job, &state.key) {
                     Ok(spec) => write_message(send, &Message::Assign(spec)).await?,
                     Err(error) => warn!(%job_id, %error, "claimed a job the agent cannot run"),
                 }
@@ -362,8 +372,34 @@ async fn handle_control_message(
                 info!(session = %ended.session, code = ?ended.code, "terminal session ended");
             }
         }
+        Message::UpdateStatus(status) => record_update_status(state, agent_id, status).await?,
         other => bail!("unexpected {} on the control stream", other.name()),
     }
+    Ok(())
+}
+
+/// Records an agent's self-update report (version checked, reason made printable and bounded).
+async fn record_update_status(
+    state: &AppState,
+    agent_id: &str,
+    status: cronium_protocol::UpdateStatus,
+) -> anyhow::Result<()> {
+    if crate::release::check_version(&status.target_version).is_err() {
+        bail!("update_status with an invalid version");
+    }
+    let reason = status.reason.map(|reason| {
+        reason
+            .chars()
+            .filter(|character| !character.is_control())
+            .take(cronium_protocol::MAX_UPDATE_REASON)
+            .collect::<String>()
+    });
+    let kind = crate::store::agent_updates::UpdateStateKind::from_wire(status.state);
+    info!(target_version = %status.target_version, state = kind.as_str(), reason = reason.as_deref().unwrap_or(""), "agent update");
+    state
+        .store
+        .record_update_status(agent_id, &status.target_version, kind, reason.as_deref())
+        .await?;
     Ok(())
 }
 

@@ -137,6 +137,63 @@ impl Client {
         Client::decode(response).await
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .put(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("PUT {}", self.url(path)))?;
+        Client::decode(response).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {}", self.url(path)))?;
+        Client::decode(response).await
+    }
+
+    /// POSTs `body` and hands each JSON line of a streamed answer (`application/x-ndjson`) to
+    /// `on_line` as it arrives; an error answer becomes the error.
+    pub async fn post_lines(
+        &self,
+        path: &str,
+        body: &Value,
+        mut on_line: impl FnMut(Value),
+    ) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {}", self.url(path)))?;
+        if !response.status().is_success() {
+            Client::decode(response).await?;
+            bail!("the server refused the request");
+        }
+        let mut stream = response.bytes_stream();
+        let mut pending = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk.context("reading the answer")?);
+            while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if let Ok(value) = serde_json::from_slice(&line[..end]) {
+                    on_line(value);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Follows a job's logs, writing output as it arrives; returns the final job.
     pub async fn follow(&self, job_id: &str, prefix: Option<&str>) -> anyhow::Result<Value> {
         let url = self.url(&format!("/jobs/{job_id}/logs?follow=true"));

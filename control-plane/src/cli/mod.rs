@@ -2,9 +2,12 @@
 //! directly (`user create`, `token create`), and API clients (`enroll-token create`, `run`,
 //! `event`). Every flag's doc comment is its `--help` text.
 
+mod agent_update;
 pub(crate) mod client;
 mod dev;
+mod keys;
 mod release;
+mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,11 +48,21 @@ enum Command {
     /// Manage events (through the API).
     #[command(subcommand)]
     Event(EventCommand),
+    /// Servers (through the API): list, and install the agent over SSH.
+    #[command(subcommand)]
+    Server(server::ServerCommand),
     /// Trigger an event (through the API); `--wait` follows its logs and exits with the job's exit code.
     Run(RunArgs),
     /// Sign agent releases (ed25519): keygen, sign, publish into a releases dir.
     #[command(subcommand)]
     Release(release::ReleaseCommand),
+    /// The agent version the fleet should run (through the API): set, show, clear.
+    #[command(subcommand, name = "agent-update")]
+    AgentUpdate(agent_update::AgentUpdateCommand),
+    /// Manage ENCRYPTION_KEY: `rotate` re-encrypts every stored secret under a new key (works on
+    /// the database directly; the control plane must be stopped).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 /// Where the data lives; shared by the commands that open the database directly.
@@ -660,8 +673,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => client::run_event(args).await,
+        Command::Server(command) => server::run(command).await,
         Command::Release(command) => release::run(command).map(|()| ExitCode::SUCCESS),
+        Command::AgentUpdate(command) => agent_update::run(command).await,
+        Command::Keys(command) => keys::run(command).await.map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// Runs a parsed command line (tests of commands that work on the database directly).
+#[cfg(test)]
+pub(crate) async fn dispatch_for_tests(cli: Cli) -> anyhow::Result<()> {
+    dispatch(cli.command).await.map(|_| ())
 }
 
 /// Creates an API token for `username` and returns it (shown once, stored hashed).

@@ -43,6 +43,12 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "docker": agent.docker,
         "record_terminals": agent.record_terminals,
         "server_id": Value::Null,
+        "update": agent.update.as_ref().map(|update| json!({
+            "target_version": update.target_version,
+            "state": update.state.as_str(),
+            "reason": update.reason,
+            "at": timestamp(Some(update.at)),
+        })),
     })
 }
 

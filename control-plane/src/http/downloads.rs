@@ -44,14 +44,19 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-/// The release public key: `--release-key`, else `<releases dir>/release-key.pub`; read on each
-/// request, so a key published while the control plane runs is picked up.
-fn public_key(state: &AppState) -> Result<PublicKey, Box<Response>> {
-    let path = state
+/// Where the release public key is: `--release-key`, else `<releases dir>/release-key.pub`.
+pub(crate) fn release_key_path(state: &AppState) -> PathBuf {
+    state
         .config
         .release_public_key
         .clone()
-        .unwrap_or_else(|| state.config.releases_dir.join(release::PUBLIC_KEY_FILE));
+        .unwrap_or_else(|| state.config.releases_dir.join(release::PUBLIC_KEY_FILE))
+}
+
+/// The release public key: `--release-key`, else `<releases dir>/release-key.pub`; read on each
+/// request, so a key published while the control plane runs is picked up.
+fn public_key(state: &AppState) -> Result<PublicKey, Box<Response>> {
+    let path = release_key_path(state);
     if !path.exists() {
         return Err(Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -146,6 +146,26 @@ impl From<anyhow::Error> for ApiError {
 /// `axum::Json` with rejections turned into [`ApiError`]s that name the problem.
 pub struct ApiJson<T>(pub T);
 
+/// `Option<ApiJson<T>>`: `None` for a request without a body (no `Content-Type` and no length),
+/// for routes whose body is optional.
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::OptionalFromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let headers = request.headers();
+        let empty = !headers.contains_key(axum::http::header::CONTENT_TYPE)
+            && headers
+                .get(axum::http::header::CONTENT_LENGTH)
+                .is_none_or(|length| length.as_bytes() == b"0");
+        if empty {
+            return Ok(None);
+        }
+        <ApiJson<T> as FromRequest<S>>::from_request(request, state)
+            .await
+            .map(Some)
+    }
+}
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 

@@ -13,12 +13,14 @@ use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::{labels_field, timestamp};
 use crate::AppState;
+use crate::crypto::EncryptionKey;
 use crate::schedule::{
     CompiledSchedule, DstPolicy, Misfire, Overlap, ScheduleSpec, fire_time_json,
 };
 use crate::store::StoreError;
 use crate::store::events::{
-    DockerSettings, Event, EventFields, EventKind, EventNotify, Network, Runtime, Targets,
+    DockerSettings, Event, EventFields, EventKind, EventNotify, Network, Runtime, SecretEnvChange,
+    Targets,
 };
 use crate::store::jobs::NewRun;
 
@@ -30,6 +32,12 @@ const MAX_INPUT_BYTES: usize = 256 * 1024;
 
 /// Default timeout of an event's jobs.
 const DEFAULT_TIMEOUT_SECONDS: u32 = 3600;
+
+/// Most secret environment variables an event may have.
+pub const MAX_SECRET_ENV: usize = 32;
+
+/// Largest value of a secret environment variable, in bytes.
+pub const MAX_SECRET_VALUE_BYTES: usize = 8 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -167,6 +175,10 @@ struct EventRequest {
     /// `null` clears both; inside, a missing field keeps its value and `null` clears it.
     #[serde(default, deserialize_with = "double_option")]
     notify: Option<Option<NotifyRequest>>,
+    /// Write-only: `{"NAME": "value"}` sets (or replaces) a secret environment variable,
+    /// `{"NAME": null}` removes it; names not given are kept. Values are checked by
+    /// [`secret_env_change`] (not by serde, whose errors would quote them).
+    secret_env: Option<BTreeMap<String, Value>>,
 }
 
 /// An event's `notify`: names of the owner's tools told when a job ends.
@@ -276,6 +288,7 @@ fn event_json(event: &Event) -> Value {
         "schedule": event.schedule.as_ref().map(schedule_json),
         "next_run_at": timestamp(event.next_run_at),
         "notify": {"on_failure": event.notify.on_failure, "on_success": event.notify.on_success},
+        "secret_env_names": event.secret_env_names,
         "created_at": timestamp(Some(event.created_at)),
         "updated_at": timestamp(Some(event.updated_at)),
     });
@@ -398,6 +411,106 @@ fn docker_settings(request: &EventRequest, base: Option<&Event>) -> ApiResult<Do
     Ok(settings)
 }
 
+/// Checks the name of an environment variable (plain or secret): letters, digits and `_`, not
+/// starting with a digit, at most 128 characters, not `CRONIUM_…`.
+fn check_env_name(field: &str, key: &str) -> ApiResult<()> {
+    let valid_key = !key.is_empty()
+        && key.len() <= 128
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !key.starts_with(|c: char| c.is_ascii_digit());
+    if !valid_key {
+        return Err(ApiError::field(
+            field,
+            format!("{key:?} is not a valid environment variable name"),
+        ));
+    }
+    if key.starts_with("CRONIUM_") {
+        return Err(ApiError::field(
+            field,
+            format!("{key} is reserved for Cronium"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a request's `secret_env` against the event's resulting `env` and the secret names
+/// it has (`existing`), and seals the new values. Error messages name variables, never values.
+fn secret_env_change(
+    key: &EncryptionKey,
+    request: Option<BTreeMap<String, Value>>,
+    env: &BTreeMap<String, String>,
+    existing: &[String],
+) -> ApiResult<SecretEnvChange> {
+    let mut change = SecretEnvChange::default();
+    let mut names: std::collections::BTreeSet<String> = existing.iter().cloned().collect();
+    for (name, value) in request.unwrap_or_default() {
+        check_env_name("secret_env", &name)?;
+        match value {
+            Value::Null => {
+                names.remove(&name);
+                change.remove.push(name);
+            }
+            Value::String(value) => {
+                if value.contains('\0') {
+                    return Err(ApiError::field(
+                        "secret_env",
+                        format!("the value of {name} contains a NUL byte"),
+                    ));
+                }
+                if value.len() > MAX_SECRET_VALUE_BYTES {
+                    return Err(ApiError::field(
+                        "secret_env",
+                        format!(
+                            "the value of {name} is larger than {MAX_SECRET_VALUE_BYTES} bytes"
+                        ),
+                    ));
+                }
+                names.insert(name.clone());
+                change.set.push((name, key.seal(value.as_bytes())));
+            }
+            _ => {
+                return Err(ApiError::field(
+                    "secret_env",
+                    format!("the value of {name} must be a string (or null to remove it)"),
+                ));
+            }
+        }
+    }
+    if names.len() > MAX_SECRET_ENV {
+        return Err(ApiError::field(
+            "secret_env",
+            format!("an event has at most {MAX_SECRET_ENV} secret environment variables"),
+        ));
+    }
+    if let Some(name) = names.iter().find(|name| env.contains_key(*name)) {
+        return Err(ApiError::field(
+            "secret_env",
+            format!(
+                "{name} is in env too; a variable is either plain (env) or secret (secret_env)"
+            ),
+        ));
+    }
+    Ok(change)
+}
+
+/// Opens a job's sealed secret environment (name, sealed value) for the runner.
+pub(crate) fn open_secret_env(
+    key: &EncryptionKey,
+    sealed: &[(String, Vec<u8>)],
+) -> anyhow::Result<Vec<(String, String)>> {
+    sealed
+        .iter()
+        .map(|(name, sealed)| {
+            let value = key.open(sealed).map_err(|_| {
+                anyhow::anyhow!("the secret env var {name} does not open with ENCRYPTION_KEY")
+            })?;
+            let value = String::from_utf8(value)
+                .map_err(|_| anyhow::anyhow!("the secret env var {name} is not UTF-8"))?;
+            Ok((name.clone(), value))
+        })
+        .collect()
+}
+
 /// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
 fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
     let docker = docker_settings(&request, base)?;
@@ -485,22 +598,7 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         .or_else(|| base.map(|event| event.env.clone()))
         .unwrap_or_default();
     for (key, value) in &env {
-        let valid_key = !key.is_empty()
-            && key.len() <= 128
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !key.starts_with(|c: char| c.is_ascii_digit());
-        if !valid_key {
-            return Err(ApiError::field(
-                "env",
-                format!("{key:?} is not a valid environment variable name"),
-            ));
-        }
-        if key.starts_with("CRONIUM_") {
-            return Err(ApiError::field(
-                "env",
-                format!("{key} is reserved for Cronium"),
-            ));
-        }
+        check_env_name("env", key)?;
         if value.contains('\0') || value.len() > 64 * 1024 {
             return Err(ApiError::field(
                 "env",
@@ -558,11 +656,14 @@ async fn create(
     ApiJson(request): ApiJson<EventRequest>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     user.require_writer()?;
+    let mut request = request;
+    let secret_env = request.secret_env.take();
     let fields = event_fields(request, None)?;
+    let secrets = secret_env_change(&state.key, secret_env, &fields.env, &[])?;
     check_notify(&state, &user.0.id, &fields.notify, None).await?;
     let event = state
         .store
-        .create_event(&user.0.id, &fields)
+        .create_event_with_secrets(&user.0.id, &fields, secrets)
         .await
         .map_err(|error| match error {
             StoreError::Constraint(_) => {
@@ -599,11 +700,14 @@ async fn update(
 ) -> ApiResult<Json<Value>> {
     user.require_writer()?;
     let event = visible_event(&state, &user, &id).await?;
+    let mut request = request;
+    let secret_env = request.secret_env.take();
     let fields = event_fields(request, Some(&event))?;
+    let secrets = secret_env_change(&state.key, secret_env, &fields.env, &event.secret_env_names)?;
     check_notify(&state, &event.owner_id, &fields.notify, Some(&event.notify)).await?;
     let event = state
         .store
-        .update_event(&id, &fields)
+        .update_event_with_secrets(&id, &fields, secrets)
         .await
         .map_err(|error| match error {
             StoreError::Constraint(_) => {

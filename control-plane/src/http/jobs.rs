@@ -1,4 +1,4 @@
-//! `/runs/{id}` and `/jobs/{id}`: status, logs (whole or followed live over server-sent
+//! `/runs` (the newest runs), `/runs/{id}` and `/jobs/{id}`: status, logs (whole or followed live over server-sent
 //! events) and cancellation.
 
 use std::convert::Infallible;
@@ -23,7 +23,9 @@ use super::error::{ApiError, ApiResult};
 use super::timestamp;
 use crate::AppState;
 use crate::store::StoreError;
-use crate::store::jobs::{CancelOutcome, Job, JobStatus, LogChunk, Stream as LogStream};
+use crate::store::jobs::{
+    CancelOutcome, Job, JobStatus, LogChunk, Run, RunStatus, Stream as LogStream,
+};
 
 /// How much of the log's end `GET /jobs/{id}` includes as `output`.
 const OUTPUT_TAIL_BYTES: u64 = 64 * 1024;
@@ -33,6 +35,7 @@ const LOG_PAGE_BYTES: u64 = 1024 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/runs", get(list_runs))
         .route("/runs/{id}", get(show_run))
         .route("/jobs/{id}", get(show_job))
         .route("/jobs/{id}/logs", get(logs))
@@ -92,6 +95,27 @@ async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
     }))
 }
 
+/// A job without its output: what listings and status pollers need.
+fn job_summary_json(job: &Job) -> Value {
+    json!({
+        "id": job.id,
+        "run_id": job.run_id,
+        "event_id": job.event_id,
+        "agent_id": job.agent_id,
+        "server_id": job.server_id,
+        "status": job.status.as_str(),
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "exit_code": job.exit_code,
+        "reason": job.reason.map(|reason| reason.as_str()),
+        "log_bytes": job.log_len,
+        "cancel_requested": job.cancel_requested,
+        "queued_at": timestamp(Some(job.queued_at)),
+        "started_at": timestamp(job.started_at),
+        "finished_at": timestamp(job.finished_at),
+    })
+}
+
 /// Loads a job the caller may see.
 async fn visible_job(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Job> {
     let owner = match state.store.job_owner(id).await {
@@ -105,10 +129,18 @@ async fn visible_job(state: &AppState, user: &CurrentUser, id: &str) -> ApiResul
     Ok(state.store.job(id).await?)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunQuery {
+    /// `false`: the jobs without `output` (a poller that only wants statuses).
+    output: Option<bool>,
+}
+
 async fn show_run(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<String>,
+    Query(query): Query<RunQuery>,
 ) -> ApiResult<Json<Value>> {
     let run = state.store.run(&id).await.map_err(|error| match error {
         StoreError::NotFound => ApiError::NotFound("run"),
@@ -118,50 +150,108 @@ async fn show_run(
     if !user.may_access(&event.owner_id) {
         return Err(ApiError::NotFound("run"));
     }
+    let mut jobs = Vec::with_capacity(run.jobs.len());
+    for job in &run.jobs {
+        jobs.push(if query.output == Some(false) {
+            job_summary_json(job)
+        } else {
+            job_json(&state, job).await?
+        });
+    }
+    let mut body = run_json(&run);
+    body["jobs"] = Value::Array(jobs);
+    Ok(Json(body))
+}
+
+/// A run without its jobs: status and counts derived from its jobs.
+fn run_json(run: &Run) -> Value {
     let count = |statuses: &[JobStatus]| {
         run.jobs
             .iter()
             .filter(|job| statuses.contains(&job.status))
             .count()
     };
-    let queued = count(&[JobStatus::Queued]);
-    let running = count(&[JobStatus::Claimed, JobStatus::Running]);
-    let completed = count(&[JobStatus::Completed]);
-    let failed = count(&[JobStatus::Failed]);
-    let cancelled = count(&[JobStatus::Cancelled]);
-    let status = if running > 0 {
-        "running"
-    } else if queued > 0 {
-        if queued == run.jobs.len() {
-            "queued"
-        } else {
-            "running"
-        }
-    } else if failed > 0 {
-        "failed"
-    } else if cancelled > 0 && completed == 0 {
-        "cancelled"
-    } else {
-        "completed"
-    };
-    let mut jobs = Vec::with_capacity(run.jobs.len());
-    for job in &run.jobs {
-        jobs.push(job_json(&state, job).await?);
-    }
-    Ok(Json(json!({
+    json!({
         "id": run.id,
         "event_id": run.event_id,
-        "status": status,
+        "status": RunStatus::of(&run.jobs).as_str(),
         "input": run.input.as_deref().and_then(|input| serde_json::from_str::<Value>(input).ok()),
         "created_at": timestamp(Some(run.created_at)),
         "trigger": run.trigger,
         "slot_at": timestamp(run.slot_at),
         "missed_slots": run.missed_slots,
-        "counts": {"queued": queued, "running": running, "completed": completed, "failed": failed, "cancelled": cancelled},
-        "jobs": jobs,
-    })))
+        "counts": {
+            "queued": count(&[JobStatus::Queued]),
+            "running": count(&[JobStatus::Claimed, JobStatus::Running]),
+            "completed": count(&[JobStatus::Completed]),
+            "failed": count(&[JobStatus::Failed]),
+            "cancelled": count(&[JobStatus::Cancelled]),
+        },
+    })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    event_id: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Most runs one `GET /runs` lists.
+const MAX_RUNS_LISTED: u32 = 200;
+
+/// The newest runs the caller may see (admins: all; others: of their own events), with their
+/// jobs' statuses but not their output.
+async fn list_runs(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Query(query): Query<RunsQuery>,
+) -> ApiResult<Json<Value>> {
+    let status = match query.status.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(RunStatus::parse(text).ok_or_else(|| {
+            ApiError::field(
+                "status",
+                "must be queued, running, completed, failed or cancelled",
+            )
+        })?),
+    };
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_RUNS_LISTED {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be 1-{MAX_RUNS_LISTED}"),
+        ));
+    }
+    let owner = (!user.is_admin()).then(|| user.0.id.clone());
+    let runs = state
+        .store
+        .recent_runs(
+            owner.as_deref(),
+            query.event_id.as_deref().filter(|id| !id.is_empty()),
+            status,
+            limit,
+        )
+        .await?;
+    Ok(Json(Value::Array(
+        runs.iter()
+            .map(|(run, event_name)| {
+                let mut body = run_json(run);
+                body["event_name"] = json!(event_name);
+                body["finished_at"] = timestamp(
+                    run.jobs
+                        .iter()
+                        .all(|job| job.status.is_final())
+                        .then(|| run.jobs.iter().filter_map(|job| job.finished_at).max())
+                        .flatten(),
+                );
+                body["jobs"] = run.jobs.iter().map(job_summary_json).collect();
+                body
+            })
+            .collect(),
+    )))
+}
 async fn show_job(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -3,6 +3,7 @@
 //! static files from `ui.rs`, the installer and agent downloads from `downloads.rs`) and the
 //! shared limits.
 
+pub mod agent_update;
 pub mod agents;
 pub mod auth;
 pub mod downloads;
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(auth::router())
         .merge(agents::router())
+        .merge(agent_update::router())
         .merge(enrollment::router())
         .merge(events::router())
         .merge(jobs::router())

@@ -6,10 +6,13 @@
 
 use std::collections::BTreeMap;
 
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -17,6 +20,7 @@ use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::{object_name, timestamp};
 use crate::AppState;
+use crate::ssh::bootstrap::{self, InstallOptions, ServiceMode};
 use crate::ssh::{SshSecrets, runner_of_server};
 use crate::store::StoreError;
 use crate::store::servers::{Connection, Server, ServerFields, SshAuth, SshSettings};
@@ -25,6 +29,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/servers", get(list).post(create))
         .route("/servers/{id}", get(show).patch(update).delete(remove))
+        .route("/servers/{id}/install-agent", post(install_agent))
 }
 
 /// The body of `POST /servers` and, with every field optional, `PATCH /servers/{id}`.
@@ -51,6 +56,8 @@ struct SshRequest {
     password: Option<String>,
     /// An OpenSSH public key line; `""` forgets the pinned key (the next connection pins again).
     host_key: Option<String>,
+    /// Keep the connection open for the next jobs (default true).
+    reuse_connection: Option<bool>,
 }
 
 fn server_json(server: &Server) -> Value {
@@ -68,6 +75,7 @@ fn server_json(server: &Server) -> Value {
             "username": ssh.username,
             "auth": ssh.auth.as_str(),
             "host_key": ssh.host_key,
+            "reuse_connection": ssh.reuse_connection,
         })),
         "created_at": timestamp(Some(server.created_at)),
         "updated_at": timestamp(Some(server.updated_at)),
@@ -212,6 +220,10 @@ fn ssh_settings(
         None if moved => None,
         None => stored.and_then(|ssh| ssh.host_key.clone()),
     };
+    let reuse_connection = request
+        .reuse_connection
+        .or(stored.map(|ssh| ssh.reuse_connection))
+        .unwrap_or(true);
     Ok(SshSettings {
         host,
         port,
@@ -219,6 +231,7 @@ fn ssh_settings(
         auth,
         secrets: secrets.seal(&state.key),
         host_key,
+        reuse_connection,
     })
 }
 
@@ -381,6 +394,86 @@ async fn remove(
     // The cancelled jobs' `notify.on_failure` notifications were enqueued with the deletion.
     state.notifier.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The body of `POST /servers/{id}/install-agent`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct InstallRequest {
+    /// `systemd` (default) or `detached`.
+    service: Option<String>,
+    /// The installer's `--prefix`.
+    prefix: Option<String>,
+}
+
+/// An absolute path of plain characters (the installer puts it into a systemd unit).
+fn install_prefix(prefix: &str) -> ApiResult<String> {
+    let valid = prefix.starts_with('/')
+        && prefix.len() <= 255
+        && !prefix.split('/').any(|part| part == "..")
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
+    if valid {
+        let trimmed = prefix.trim_end_matches('/');
+        Ok(if trimmed.is_empty() { "/" } else { trimmed }.to_string())
+    } else {
+        Err(ApiError::field(
+            "prefix",
+            "must be an absolute path of letters, digits and / . _ - (no ..)",
+        ))
+    }
+}
+
+/// SSH bootstrap: installs the agent over SSH and switches the server to it. The answer is a
+/// stream of progress, one JSON object per line (`step`, `output`, then `done` or `failed`).
+async fn install_agent(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    body: Option<ApiJson<InstallRequest>>,
+) -> ApiResult<Response> {
+    // It creates an enrollment token, which only admins may.
+    user.require_admin()?;
+    let request = body.map(|ApiJson(request)| request).unwrap_or_default();
+    let server = visible_server(&state, &user, &id).await?;
+    let service = match request.service.as_deref() {
+        None => ServiceMode::Systemd,
+        Some(text) => ServiceMode::parse(text).ok_or_else(|| {
+            ApiError::field(
+                "service",
+                format!("unknown service {text:?}; expected systemd or detached"),
+            )
+        })?,
+    };
+    let prefix = request.prefix.as_deref().map(install_prefix).transpose()?;
+    if server.ssh.is_none() {
+        return Err(ApiError::field(
+            "ssh",
+            "the server has no SSH settings to install the agent with (PATCH its ssh first)",
+        ));
+    }
+    let options = InstallOptions {
+        service,
+        prefix,
+        actor_id: user.0.id.clone(),
+        actor_name: user.0.username.clone(),
+    };
+    let mut progress = bootstrap::start(&state, server, options)
+        .map_err(|error| ApiError::Conflict(error.to_string()))?;
+    let lines = futures_util::stream::poll_fn(move |cx| progress.poll_recv(cx)).map(|item| {
+        let mut line = serde_json::to_vec(&item).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    });
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// Resolves an event's `targets.servers` (ids or names of servers the event's owner may use) to

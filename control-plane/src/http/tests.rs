@@ -1234,3 +1234,217 @@ async fn install_script_and_agent_downloads_are_served_from_the_releases_dir_onl
         );
     }
 }
+
+#[tokio::test]
+async fn runs_list_newest_first_per_owner_with_status_filters() {
+    let api = api().await;
+    let alice = api.token("alice", Role::User).await;
+    let bob = api.token("bob", Role::User).await;
+    let admin = api.token("root", Role::Admin).await;
+    let store = &api.state().store;
+    store
+        .create_enrollment_token(
+            "token-runs",
+            &Default::default(),
+            1,
+            crate::store::now_ms() + 60_000,
+            None,
+        )
+        .await
+        .unwrap();
+    let (agent, _) = store
+        .enroll_agent(crate::store::agents::NewAgent {
+            token_sha256: "token-runs",
+            name: "runner",
+            extra_labels: &Default::default(),
+            hostname: "h",
+            os: "linux",
+            arch: "x86_64",
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .set_agent_certificate(&agent.id, "cert-runner")
+        .await
+        .unwrap();
+
+    // Each user's event, and runs of them: two of alice's, one of bob's.
+    let mut run_ids = Vec::new();
+    for (token, name) in [(&alice, "alices"), (&bob, "bobs"), (&alice, "alices")] {
+        let (status, events) = api
+            .send(Method::GET, "/api/v1/events", Some(token), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let id = match events.as_array().unwrap().first() {
+            Some(event) => event["id"].as_str().unwrap().to_string(),
+            None => {
+                let body = json!({"name": name, "kind": "bash", "script": "true",
+                    "targets": {"agents": ["runner"]}})
+                .to_string();
+                let (status, event) = api
+                    .send(Method::POST, "/api/v1/events", Some(token), Some(&body))
+                    .await;
+                assert_eq!(status, StatusCode::CREATED, "{event}");
+                event["id"].as_str().unwrap().to_string()
+            }
+        };
+        let (status, run) = api
+            .send(
+                Method::POST,
+                &format!("/api/v1/events/{id}/runs"),
+                Some(token),
+                Some("{}"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{run}");
+        run_ids.push((
+            run["run_id"].as_str().unwrap().to_string(),
+            run["jobs"][0]["id"].as_str().unwrap().to_string(),
+        ));
+    }
+    let ids = |runs: &Value| -> Vec<String> {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .map(|run| run["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let (status, runs) = api
+        .send(Method::GET, "/api/v1/runs", Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{runs}");
+    assert_eq!(ids(&runs), vec![run_ids[2].0.clone(), run_ids[0].0.clone()]);
+    assert_eq!(runs[0]["event_name"], "alices");
+    assert_eq!(runs[0]["status"], "queued");
+    assert_eq!(runs[0]["counts"]["queued"], 1);
+    assert_eq!(runs[0]["jobs"][0]["id"], json!(run_ids[2].1));
+    assert_eq!(runs[0]["jobs"][0]["agent_id"], json!(agent.id));
+    assert!(
+        runs[0]["jobs"][0].get("output").is_none(),
+        "no output in a listing"
+    );
+
+    let (_, runs) = api
+        .send(Method::GET, "/api/v1/runs", Some(&admin), None)
+        .await;
+    assert_eq!(
+        ids(&runs),
+        vec![
+            run_ids[2].0.clone(),
+            run_ids[1].0.clone(),
+            run_ids[0].0.clone()
+        ]
+    );
+    let (_, runs) = api
+        .send(Method::GET, "/api/v1/runs?limit=1", Some(&admin), None)
+        .await;
+    assert_eq!(ids(&runs), vec![run_ids[2].0.clone()]);
+
+    // Cancelling a queued job ends it at once: its run is cancelled, the others stay queued.
+    let (status, _) = api
+        .send(
+            Method::POST,
+            &format!("/api/v1/jobs/{}/cancel", run_ids[0].1),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (_, runs) = api
+        .send(
+            Method::GET,
+            "/api/v1/runs?status=cancelled",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&runs), vec![run_ids[0].0.clone()]);
+    assert_eq!(runs[0]["status"], "cancelled");
+    assert!(runs[0]["finished_at"].is_string(), "{runs}");
+    let (_, runs) = api
+        .send(
+            Method::GET,
+            "/api/v1/runs?status=queued",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&runs), vec![run_ids[2].0.clone()]);
+    assert_eq!(runs[0]["finished_at"], Value::Null);
+    let (_, runs) = api
+        .send(
+            Method::GET,
+            "/api/v1/runs?status=failed",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(runs, json!([]));
+    // A status poller can leave the jobs' output out.
+    let (status, run) = api
+        .send(
+            Method::GET,
+            &format!("/api/v1/runs/{}?output=false", run_ids[0].0),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["jobs"][0]["status"], "cancelled");
+    assert!(run["jobs"][0].get("output").is_none(), "{run}");
+    let (_, run) = api
+        .send(
+            Method::GET,
+            &format!("/api/v1/runs/{}", run_ids[0].0),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(run["jobs"][0]["output"], "");
+    let event_id = runs_event_id(&api, &admin, &run_ids[1].0).await;
+    let (_, runs) = api
+        .send(
+            Method::GET,
+            &format!("/api/v1/runs?event_id={event_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&runs), vec![run_ids[1].0.clone()]);
+
+    for (query, field) in [
+        ("status=bogus", "status"),
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+    ] {
+        let (status, answer) = api
+            .send(
+                Method::GET,
+                &format!("/api/v1/runs?{query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, &answer["error"]["field"]),
+            (StatusCode::UNPROCESSABLE_ENTITY, &json!(field)),
+            "{query}"
+        );
+    }
+}
+
+async fn runs_event_id(api: &Api, token: &str, run_id: &str) -> String {
+    let (status, run) = api
+        .send(
+            Method::GET,
+            &format!("/api/v1/runs/{run_id}"),
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    run["event_id"].as_str().unwrap().to_string()
+}

@@ -1,5 +1,6 @@
 //! `/tools` and `/notifications`: tool credentials (write-only: the configuration is sealed and
-//! never returned; lists show the URL's host at most) and the caller's notification outbox.
+//! never returned; lists show the URL's host, or an email tool's SMTP `host:port`, at most) and
+//! the caller's notification outbox.
 //! Ownership works as for events: users see and use their own tools, admins everyone's.
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use crate::store::StoreError;
 use crate::store::tools::{
     Notification, NotificationStatus, NotifyRefused, SealedConfig, Tool, ToolChange, ToolKind,
 };
+use crate::tools::email::EmailConfig;
 use crate::tools::{InvalidConfig, ToolConfig};
 
 /// Default and largest `limit` of `GET /notifications`.
@@ -90,7 +92,7 @@ fn tool_kind(kind: &str) -> ApiResult<ToolKind> {
     ToolKind::parse(kind).ok_or_else(|| {
         ApiError::field(
             "kind",
-            format!("unknown kind {kind:?}; expected slack, discord or webhook"),
+            format!("unknown kind {kind:?}; expected slack, discord, webhook or email"),
         )
     })
 }
@@ -106,6 +108,11 @@ fn config_error(error: InvalidConfig) -> ApiError {
 
 /// Validates and seals a configuration for `kind`.
 fn sealed_config(state: &AppState, kind: ToolKind, config: &Value) -> ApiResult<SealedConfig> {
+    if kind == ToolKind::Email {
+        return EmailConfig::from_json(config)
+            .and_then(|config| config.seal(&state.key))
+            .map_err(config_error);
+    }
     ToolConfig::from_json(config)
         .and_then(|config| config.seal(kind, &state.key))
         .map_err(config_error)

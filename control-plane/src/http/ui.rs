@@ -34,7 +34,8 @@ pub use built::FILES;
 
 /// Only this origin may provide scripts, styles, images, fonts and connections (the API and the
 /// terminal WebSocket); no page may frame the console. xterm.js sets the terminal's sizes and
-/// colours in `<style>` elements it creates, hence `'unsafe-inline'` for styles (not scripts).
+/// colours, and CodeMirror its editor's theme, in `<style>` elements they create, hence
+/// `'unsafe-inline'` for styles (never for scripts).
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
      style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; connect-src 'self'; \
      object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";

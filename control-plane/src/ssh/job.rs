@@ -1,37 +1,40 @@
-//! One attempt of an SSH fallback job: connect, check the host key against the pinned one (or
-//! pin it on first use), authenticate, upload the script and a wrapper into a fresh temp dir,
-//! run the wrapper under `setsid -w` (its own process group, recorded in the temp dir), stream
-//! the output into the job's log, and always remove the temp dir. Timeout and cancel kill the
-//! remote process group.
+//! One attempt of an SSH fallback job, on one channel of a connection (kept in the pool for the
+//! server's next jobs, or opened for this attempt alone): the host key was checked against the
+//! pinned one (or pinned on first use) when the connection was made. The channel runs one fixed
+//! command ([`REMOTE_COMMAND`]) that makes a private temp dir, prints its path, runs the wrapper
+//! it reads from stdin under `setsid -w` (its own process group, recorded in the temp dir), and
+//! then kills what is left of the group and removes the dir. Output streams
+//! into the job's log; timeout and cancel kill the remote process group from another channel.
 //!
-//! The remote commands are fixed strings; the only value placed in them is the temp dir path
-//! `mktemp` printed, checked against a strict character set first. The script and the
-//! environment travel on stdin: the wrapper (`run.sh`) holds one `export NAME='value'` per
-//! variable, each value single-quoted (a `'` becomes `'\''`), so nothing in a value is ever
-//! expanded, and it ends with `exec <interpreter> ./script`.
+//! Nothing from an event or a server is interpolated into a remote command line: the command
+//! is a constant, and the only value ever placed in the kill command is the temp dir path,
+//! checked against a strict character set first. The script and the environment travel on
+//! stdin inside the wrapper (run by `sh -s`): the script as a base64 here-document (its exact bytes),
+//! one `export NAME='value'` per variable, each value single-quoted (a `'` becomes `'\''`), so
+//! nothing in a value is ever expanded, and it ends with `exec <interpreter> ./script`. The
+//! event's secret environment variables travel the same way; their values are masked in the
+//! job's log (see `cronium_protocol::mask`), split across chunks or not.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use cronium_protocol::{Masker, StreamMasker};
 use russh::ChannelMsg;
-use russh::client::{self, AuthResult, Handle};
-use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
+use russh::client::Handle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::SshSecrets;
+use super::pool;
+use super::session::{Client, checked_dir, connect, exec_collect, single_quoted};
 use crate::AppState;
 use crate::store::jobs::{
     Attempt, AttemptResult, ClaimedJob, FinishOutcome, JobStatus, LogChunk, Reason, Stream,
 };
 use crate::store::now_ms;
-use crate::store::servers::{Connection, SshAuth, SshSettings};
+use crate::store::servers::Connection;
 
-/// Connecting, key exchange and authentication together.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Output is committed when this much is pending, or after `FLUSH_EVERY`.
 const FLUSH_BYTES: usize = 64 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -41,8 +44,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(250);
 const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 #[cfg(test)]
 pub(super) const MAX_LOG_BYTES: u64 = 64 * 1024;
-/// The setup and cleanup commands.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an attempt could not run or how it ended, before it becomes an `AttemptResult`.
 struct Ending {
@@ -73,10 +74,33 @@ struct Log<'a> {
     current: bool,
     /// Output past [`MAX_LOG_BYTES`] was dropped (after one marker).
     truncated: bool,
+    /// Masks the values of the job's secret environment variables.
+    masker: Masker,
+    stdout: StreamMasker,
+    stderr: StreamMasker,
 }
 
 impl Log<'_> {
+    /// Adds output, masked: stdout and stderr chunk by chunk (a tail that could start a secret
+    /// value waits for the next chunk), system lines whole.
     fn push(&mut self, stream: Stream, data: &[u8]) {
+        let masked = match stream {
+            Stream::Stdout => self.stdout.push(data),
+            Stream::Stderr => self.stderr.push(data),
+            Stream::System => self.masker.mask(data),
+        };
+        self.push_masked(stream, &masked);
+    }
+
+    /// Writes out what the stream maskers still hold back (at the end of the attempt).
+    fn finish_masking(&mut self) {
+        let stdout = self.stdout.finish();
+        self.push_masked(Stream::Stdout, &stdout);
+        let stderr = self.stderr.finish();
+        self.push_masked(Stream::Stderr, &stderr);
+    }
+
+    fn push_masked(&mut self, stream: Stream, data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -138,32 +162,6 @@ impl Log<'_> {
     }
 }
 
-/// Checks the server's host key against the pinned one; remembers what the server showed.
-struct Client {
-    pinned: Option<PublicKey>,
-    seen: Arc<Mutex<Option<PublicKey>>>,
-}
-
-impl client::Handler for Client {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        // Certificates are not trusted: only a pinned plain key is.
-        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            return Ok(false);
-        };
-        *self.seen.lock().expect("seen key") = Some(key.clone());
-        Ok(match &self.pinned {
-            Some(pinned) => pinned.key_data() == key.key_data(),
-            // Pinned after the connection succeeded (first use).
-            None => true,
-        })
-    }
-}
-
 /// Runs one claimed attempt to its end and records the result.
 pub(super) async fn run_attempt(
     state: &AppState,
@@ -175,6 +173,11 @@ pub(super) async fn run_attempt(
         job_id: claimed.id.clone(),
         attempt: claimed.attempt,
     };
+    let secret_env = crate::http::events::open_secret_env(&state.key, &claimed.secret_env);
+    let masker = match &secret_env {
+        Ok(secret_env) => Masker::new(secret_env.iter().map(|(_, value)| value.as_bytes())),
+        Err(_) => Masker::default(),
+    };
     let mut log = Log {
         state,
         runner,
@@ -184,8 +187,17 @@ pub(super) async fn run_attempt(
         pending_bytes: 0,
         truncated: false,
         current: true,
+        stdout: masker.stream(),
+        stderr: masker.stream(),
+        masker,
     };
-    let ending = match attempt_on_server(state, &claimed, runner, &cancel, &mut log).await {
+    let outcome = match &secret_env {
+        Ok(secret_env) => {
+            attempt_on_server(state, &claimed, runner, secret_env, &cancel, &mut log).await
+        }
+        Err(error) => Err(anyhow!("{error:#}")),
+    };
+    let ending = match outcome {
         Ok(ending) => ending,
         Err(error) => {
             // The message names the step; it never contains a secret.
@@ -193,6 +205,7 @@ pub(super) async fn run_attempt(
             Ending::failed(Reason::Spawn)
         }
     };
+    log.finish_masking();
     if !log.current {
         info!(job = %claimed.id, "SSH attempt no longer current; its result is dropped");
         return;
@@ -230,6 +243,7 @@ async fn attempt_on_server(
     state: &AppState,
     claimed: &ClaimedJob,
     runner: &str,
+    secret_env: &[(String, String)],
     cancel: &CancellationToken,
     log: &mut Log<'_>,
 ) -> anyhow::Result<Ending> {
@@ -249,177 +263,194 @@ async fn attempt_on_server(
         "nodejs" => "node",
         other => bail!("{other} jobs cannot run over SSH"),
     };
+    check_runtime(claimed, &ssh, log)?;
+    let pool = &state.ssh.pool;
+    let settings = pool::settings_key(&ssh);
+    let mut pooled = if ssh.reuse_connection {
+        pool.take(server_id, &settings)
+    } else {
+        None
+    };
     log.system(&format!(
-        "running over SSH on {}@{}:{} (attempt {})",
-        ssh.username, ssh.host, ssh.port, claimed.attempt
+        "running over SSH on {}@{}:{} (attempt {}{})",
+        ssh.username,
+        ssh.host,
+        ssh.port,
+        claimed.attempt,
+        if pooled.is_some() {
+            ", on a kept connection"
+        } else {
+            ""
+        }
     ));
-    let session = tokio::time::timeout(CONNECT_TIMEOUT, connect(state, server_id, &ssh, log))
-        .await
-        .map_err(|_| anyhow!("connecting to {}:{} timed out", ssh.host, ssh.port))??;
-    let outcome = run_in_temp_dir(state, claimed, runner, interpreter, cancel, &session, log).await;
-    let _ = session
-        .disconnect(russh::Disconnect::ByApplication, "", "en")
+    let wrapper = wrapper(claimed, secret_env, interpreter);
+    loop {
+        let connection = match pooled.take() {
+            Some(lease) => Link::Pooled(lease),
+            None => {
+                let mut notes = Vec::new();
+                let connected = connect(state, server_id, &ssh, &mut |note| notes.push(note)).await;
+                for note in notes {
+                    log.system(&note);
+                }
+                let handle = connected?;
+                if ssh.reuse_connection {
+                    // Filed under the settings as they are now: a first connection pinned the
+                    // host key, and the next job reads the server with that pin.
+                    let settings = match state.store.server(server_id).await {
+                        Ok(server) => server.ssh.as_ref().map_or(settings, pool::settings_key),
+                        Err(_) => settings,
+                    };
+                    Link::Pooled(pool.insert(server_id, settings, handle))
+                } else {
+                    Link::Own(handle)
+                }
+            }
+        };
+        let outcome = run_script(
+            state,
+            claimed,
+            runner,
+            &wrapper,
+            cancel,
+            connection.handle(),
+            log,
+        )
         .await;
-    outcome
+        match connection {
+            Link::Own(handle) => {
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, "", "en")
+                    .await;
+            }
+            Link::Pooled(lease) => {
+                let reused = lease.reused;
+                let broken = matches!(outcome, Err(RunError::NoChannel(_)));
+                pool.put(lease, broken);
+                if broken && reused {
+                    // The kept connection died since its last job: once more on a new one.
+                    continue;
+                }
+            }
+        }
+        return outcome.map_err(|error| match error {
+            RunError::NoChannel(error) | RunError::Other(error) => error,
+        });
+    }
 }
 
-/// Connects, checks or pins the host key and authenticates.
-async fn connect(
-    state: &AppState,
-    server_id: &str,
-    ssh: &SshSettings,
+/// What of the event's runtime settings the SSH fallback can honour: a Docker job and a job for
+/// another user are refused (both need the agent); limits are named in the log as not applied
+/// (like an agent on a host without cgroups does), and the job runs.
+fn check_runtime(
+    claimed: &ClaimedJob,
+    ssh: &crate::store::servers::SshSettings,
     log: &mut Log<'_>,
-) -> anyhow::Result<Handle<Client>> {
-    let pinned = match &ssh.host_key {
-        Some(line) => Some(
-            PublicKey::from_openssh(line)
-                .map_err(|_| anyhow!("the pinned host key is unreadable"))?,
+) -> anyhow::Result<()> {
+    use cronium_protocol::RuntimeSpec;
+    let spec = crate::agents::session::runtime_spec(claimed.runtime_spec.as_deref())
+        .context("the job's runtime settings are unreadable")?;
+    let host = match spec {
+        RuntimeSpec::Docker(_) => bail!(
+            "Docker jobs cannot run over SSH: install the agent on this server (cronium server install-agent)"
         ),
-        None => None,
+        RuntimeSpec::Host(host) => host,
     };
-    let seen = Arc::new(Mutex::new(None));
-    let config = Arc::new(client::Config {
-        inactivity_timeout: None,
-        ..Default::default()
-    });
-    let handler = Client {
-        pinned: pinned.clone(),
-        seen: seen.clone(),
-    };
-    let connected = client::connect(config, (ssh.host.as_str(), ssh.port), handler).await;
-    let shown = seen.lock().expect("seen key").clone();
-    let mut session = match connected {
-        Ok(session) => session,
-        Err(error) => {
-            if let (Some(_), Some(shown)) = (&pinned, &shown)
-                && pinned.as_ref().map(PublicKey::key_data) != Some(shown.key_data())
-            {
-                let fingerprint = shown.fingerprint(Default::default());
-                bail!(
-                    "host key changed: {}:{} showed {} {fingerprint}, which is not the pinned key; refused (if the change is expected, set the server's ssh.host_key)",
-                    ssh.host,
-                    ssh.port,
-                    shown.algorithm().as_str()
-                );
-            }
-            bail!("could not connect to {}:{}: {error}", ssh.host, ssh.port);
-        }
-    };
-    let shown = shown.ok_or_else(|| anyhow!("the server showed no host key"))?;
-    if pinned.is_none() {
-        let line = super::normalize_host_key(
-            &shown
-                .to_openssh()
-                .map_err(|error| anyhow!("host key: {error}"))?,
-        )
-        .ok_or_else(|| anyhow!("host key cannot be encoded"))?;
-        let now_pinned = state.store.pin_host_key(server_id, &line).await?;
-        if now_pinned != line {
-            bail!("host key changed while it was being pinned; refused");
-        }
-        log.system(&format!(
-            "pinned host key {} on first use",
-            shown.fingerprint(Default::default())
-        ));
-    }
-    let secrets = SshSecrets::open(&state.key, &ssh.secrets)?;
-    let auth = match ssh.auth {
-        SshAuth::Key => {
-            let text = secrets
-                .private_key
-                .as_deref()
-                .ok_or_else(|| anyhow!("no private key is stored"))?;
-            let key = russh::keys::decode_secret_key(text, secrets.passphrase.as_deref())
-                .map_err(|_| anyhow!("the stored private key cannot be read"))?;
-            let hash = session.best_supported_rsa_hash().await?.flatten();
-            session
-                .authenticate_publickey(
-                    &ssh.username,
-                    PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-                )
-                .await?
-        }
-        SshAuth::Password => {
-            let password = secrets
-                .password
-                .ok_or_else(|| anyhow!("no password is stored"))?;
-            session
-                .authenticate_password(&ssh.username, password)
-                .await?
-        }
-    };
-    if !matches!(auth, AuthResult::Success) {
+    if let Some(user) = host.user.as_deref()
+        && user != ssh.username
+    {
         bail!(
-            "authentication as {:?} with a {} was refused",
-            ssh.username,
-            ssh.auth.as_str()
+            "the job asks to run as {user:?}, but over SSH it would run as the SSH user {:?}; running as another user needs the agent",
+            ssh.username
         );
     }
-    Ok(session)
+    let unapplied: Vec<&str> = [
+        ("memory_mb", host.memory_mb.is_some()),
+        ("cpus", host.cpus.is_some()),
+        ("pids", host.pids.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if !unapplied.is_empty() {
+        log.system(&format!(
+            "limits not applied over SSH (they need the agent's cgroups): {}",
+            unapplied.join(", ")
+        ));
+    }
+    Ok(())
 }
 
-/// Runs `command` on a new channel, with `stdin` sent and closed; returns the exit status and
-/// stdout (stderr is dropped).
-async fn exec_collect(
-    session: &Handle<Client>,
-    command: &str,
-    stdin: &[u8],
-) -> anyhow::Result<(u32, Vec<u8>)> {
-    let step = async {
-        let mut channel = session.channel_open_session().await?;
-        channel.exec(true, command).await?;
-        if !stdin.is_empty() {
-            channel
-                .data_bytes(bytes::Bytes::copy_from_slice(stdin))
-                .await?;
+/// A connection an attempt runs on: shared through the pool, or its own.
+enum Link {
+    Pooled(pool::Lease),
+    Own(Handle<Client>),
+}
+
+impl Link {
+    fn handle(&self) -> &Handle<Client> {
+        match self {
+            Link::Pooled(lease) => &lease.handle,
+            Link::Own(handle) => handle,
         }
-        channel.eof().await?;
-        let (mut status, mut stdout) = (None, Vec::new());
-        while let Some(message) = channel.wait().await {
-            match message {
-                ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
-                ChannelMsg::Failure => bail!("the server refused to run a command"),
-                _ => {}
-            }
-        }
-        Ok::<_, anyhow::Error>((status.unwrap_or(255), stdout))
-    };
-    tokio::time::timeout(STEP_TIMEOUT, step)
-        .await
-        .map_err(|_| anyhow!("a setup step timed out"))?
+    }
 }
 
-/// A temp dir path as printed by `mktemp -d`: absolute, and only characters that need no
-/// quoting in a POSIX shell.
-fn checked_dir(output: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(output).ok()?.trim_end_matches('\n');
-    let fine = text.starts_with('/')
-        && text.len() < 512
-        && !text.contains("..")
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
-    fine.then(|| text.to_string())
+/// Why [`run_script`] failed: no channel could be opened (a kept connection may have died; the
+/// caller retries once on a new one), or anything later.
+enum RunError {
+    NoChannel(anyhow::Error),
+    Other(anyhow::Error),
 }
 
-/// A value single-quoted for a POSIX shell: nothing inside is expanded.
-fn single_quoted(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
+impl From<anyhow::Error> for RunError {
+    fn from(error: anyhow::Error) -> RunError {
+        RunError::Other(error)
+    }
 }
 
-/// The wrapper the remote shell runs: records its process group, exports the environment and
-/// replaces itself with the interpreter.
-fn wrapper(claimed: &ClaimedJob, interpreter: &str) -> String {
+/// The one command an attempt runs, a fixed string: make a private temp dir, print its path as
+/// the first line of stdout, run the wrapper it reads from stdin (`sh -s`) in its own session
+/// and process group, then kill whatever is left of the group, remove the dir and exit with the
+/// script's status. Only builtins besides `mktemp`, `setsid`, `sh` and `rm`: every process the
+/// host starts is time on a short job's clock. The script's stdin is the channel's, at its end.
+const REMOTE_COMMAND: &str = concat!(
+    "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/cronium.XXXXXXXXXX\") && cd \"$d\" && ",
+    "printf '%s\\n' \"$d\" && ",
+    "{ setsid -w sh -s; code=$?; ",
+    "read -r pg 2>/dev/null < ./pgid && kill -KILL -- \"-$pg\" 2>/dev/null; ",
+    "cd / && rm -rf -- \"$d\"; exit \"$code\"; }"
+);
+
+/// The delimiter of the script's here-document in the wrapper: never a line of base64.
+const SCRIPT_END: &str = "CRONIUM_SCRIPT_END";
+
+/// The wrapper the remote shell runs: records its process group, writes the script from a
+/// base64 here-document (exact bytes, nothing expanded), exports the environment (the secret
+/// variables too) and replaces itself with the interpreter.
+fn wrapper(claimed: &ClaimedJob, secret_env: &[(String, String)], interpreter: &str) -> String {
+    use base64::Engine;
     let mut env: BTreeMap<&str, &str> = claimed
         .env
         .iter()
+        .chain(secret_env.iter().map(|(key, value)| (key, value)))
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     env.insert("CRONIUM_JOB_ID", &claimed.id);
     env.insert("CRONIUM_RUN_ID", &claimed.run_id);
     env.insert("CRONIUM_EVENT_ID", &claimed.event_id);
     let mut text = String::from("echo $$ > ./pgid\n");
+    text.push_str(&format!(
+        "base64 -d > ./script <<'{SCRIPT_END}' || {{ echo 'cronium: base64 is needed on the server' >&2; exit 127; }}\n"
+    ));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(claimed.script.as_bytes());
+    for line in encoded.as_bytes().chunks(76) {
+        // Base64 is ASCII.
+        text.push_str(std::str::from_utf8(line).unwrap_or_default());
+        text.push('\n');
+    }
+    text.push_str(SCRIPT_END);
+    text.push('\n');
     for (key, value) in env {
         // Names were checked when the event was saved; a bad one is skipped, never interpolated.
         let valid = !key.is_empty()
@@ -433,82 +464,65 @@ fn wrapper(claimed: &ClaimedJob, interpreter: &str) -> String {
     text
 }
 
-async fn run_in_temp_dir(
-    state: &AppState,
-    claimed: &ClaimedJob,
-    runner: &str,
-    interpreter: &str,
-    cancel: &CancellationToken,
-    session: &Handle<Client>,
-    log: &mut Log<'_>,
-) -> anyhow::Result<Ending> {
-    let (status, output) = exec_collect(
-        session,
-        "umask 077 && mktemp -d \"${TMPDIR:-/tmp}/cronium.XXXXXXXXXX\"",
-        b"",
-    )
-    .await?;
-    let dir = match (status, checked_dir(&output)) {
-        (0, Some(dir)) => dir,
-        _ => bail!("could not make a temp dir on the server (mktemp exited with {status})"),
-    };
-    let outcome = run_script(
-        state,
-        claimed,
-        runner,
-        interpreter,
-        cancel,
-        session,
-        log,
-        &dir,
-    )
-    .await;
-    // Always clean up: kill what may be left of the process group, then remove the dir.
-    let cleanup = format!(
-        "cd {dir} && {{ [ -s ./pgid ] && kill -KILL -- -\"$(cat ./pgid)\" 2>/dev/null; cd / && rm -rf -- {dir}; }}"
-    );
-    if let Err(error) = exec_collect(session, &cleanup, b"").await {
-        log.system(&format!("could not remove the temp dir {dir}: {error:#}"));
-    }
-    outcome
-}
+/// The longest first line (the temp dir path) accepted.
+const MAX_DIR_LINE: usize = 600;
+/// How long the remote command gets to clean up after its process group was killed.
+const CLEANUP_WAIT: Duration = Duration::from_secs(10);
 
-#[allow(clippy::too_many_arguments)]
+/// Runs the attempt on one channel of `session`.
 async fn run_script(
     state: &AppState,
     claimed: &ClaimedJob,
     runner: &str,
-    interpreter: &str,
+    wrapper: &str,
     cancel: &CancellationToken,
     session: &Handle<Client>,
     log: &mut Log<'_>,
-    dir: &str,
-) -> anyhow::Result<Ending> {
-    for (file, bytes) in [
-        ("script", claimed.script.as_bytes().to_vec()),
-        ("run.sh", wrapper(claimed, interpreter).into_bytes()),
-    ] {
-        let (status, _) = exec_collect(session, &format!("cat > {dir}/{file}"), &bytes).await?;
-        if status != 0 {
-            bail!("could not upload the {file} (cat exited with {status})");
-        }
-    }
-    let mut channel = session.channel_open_session().await?;
+) -> Result<Ending, RunError> {
+    let mut channel = session
+        .channel_open_session()
+        .await
+        .map_err(|error| RunError::NoChannel(error.into()))?;
     channel
-        .exec(true, format!("cd {dir} && exec setsid -w sh ./run.sh"))
-        .await?;
-    channel.eof().await?;
-    log.flush().await;
+        .exec(true, REMOTE_COMMAND)
+        .await
+        .map_err(|error| RunError::NoChannel(error.into()))?;
+    channel
+        .data_bytes(bytes::Bytes::copy_from_slice(wrapper.as_bytes()))
+        .await
+        .map_err(anyhow::Error::from)?;
+    channel.eof().await.map_err(anyhow::Error::from)?;
+    // The "running over SSH" line is committed with the first output or the result (or by the
+    // flush timer): no commit before the script runs.
     let deadline = (claimed.timeout_seconds > 0)
         .then(|| Instant::now() + Duration::from_secs(claimed.timeout_seconds as u64));
     let lease_every = state.config.lease / 3;
     let mut renew = tokio::time::interval_at(Instant::now() + lease_every, lease_every);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut exit: Option<Ending> = None;
+    // The temp dir, once the first stdout line named it; stdout before that is buffered.
+    let mut dir: Option<String> = None;
+    let mut first_line = Vec::new();
     let stop = loop {
         tokio::select! {
             message = channel.wait() => match message {
-                Some(ChannelMsg::Data { data }) => log.push(Stream::Stdout, &data),
+                Some(ChannelMsg::Data { data }) => {
+                    if dir.is_some() {
+                        log.push(Stream::Stdout, &data);
+                        continue;
+                    }
+                    first_line.extend_from_slice(&data);
+                    if let Some(end) = first_line.iter().position(|&byte| byte == b'\n') {
+                        let named = checked_dir(&first_line[..end]).ok_or_else(|| {
+                            anyhow!("the server printed an unexpected temp dir line")
+                        })?;
+                        dir = Some(named);
+                        let rest = first_line.split_off(end + 1);
+                        log.push(Stream::Stdout, &rest);
+                    } else if first_line.len() > MAX_DIR_LINE {
+                        return Err(anyhow!("the server printed an unexpected temp dir line").into());
+                    }
+                }
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => log.push(Stream::Stderr, &data),
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     let code = exit_status as i32;
@@ -557,13 +571,32 @@ async fn run_script(
     };
     if let Some((reason, line)) = stop {
         log.system(&line);
-        let kill = format!("cd {dir} && kill -KILL -- -\"$(cat ./pgid)\"");
-        if let Err(error) = exec_collect(session, &kill, b"").await {
-            log.system(&format!(
-                "could not kill the remote process group: {error:#}"
-            ));
+        match &dir {
+            Some(dir) => {
+                let kill = format!("cd {dir} && kill -KILL -- -\"$(cat ./pgid)\"");
+                if let Err(error) = exec_collect(session, &kill, b"").await {
+                    log.system(&format!(
+                        "could not kill the remote process group: {error:#}"
+                    ));
+                }
+                // The remote command now removes the dir and exits; if it does not, remove it.
+                let ended = tokio::time::timeout(CLEANUP_WAIT, async {
+                    while channel.wait().await.is_some() {}
+                })
+                .await
+                .is_ok();
+                if !ended {
+                    let _ = channel.close().await;
+                    let remove = format!("rm -rf -- {dir}");
+                    if let Err(error) = exec_collect(session, &remove, b"").await {
+                        log.system(&format!("could not remove the temp dir {dir}: {error:#}"));
+                    }
+                }
+            }
+            None => {
+                let _ = channel.close().await;
+            }
         }
-        let _ = channel.close().await;
         return Ok(match reason {
             Reason::Cancelled => Ending {
                 status: JobStatus::Cancelled,
@@ -572,6 +605,14 @@ async fn run_script(
             },
             reason => Ending::failed(reason),
         });
+    }
+    if dir.is_none() {
+        let code = exit.as_ref().and_then(|exit| exit.exit_code);
+        return Err(anyhow!(
+            "could not make a temp dir on the server and start the script (exit status {})",
+            code.map_or_else(|| "none".to_string(), |code| code.to_string())
+        )
+        .into());
     }
     Ok(exit.unwrap_or_else(|| {
         log.system("the SSH channel closed without an exit status");

@@ -8,11 +8,14 @@
 //! Nothing from an event or a server is interpolated into a remote command line: the commands
 //! are fixed strings; the script and the environment travel as bytes on the channel's stdin.
 
+pub mod bootstrap;
 mod job;
+mod pool;
+mod session;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,12 +83,28 @@ pub fn normalize_host_key(line: &str) -> Option<String> {
 pub struct SshRunner {
     wake: Arc<Notify>,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Servers with an agent install (`bootstrap.rs`) in progress.
+    installing: Arc<Mutex<HashSet<String>>>,
+    /// Connections kept open for the servers' next jobs.
+    pool: pool::SessionPool,
 }
 
 impl SshRunner {
     /// Tells the worker that SSH jobs may be queued.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Marks an agent install on `server_id` as running; false when one runs already.
+    fn begin_install(&self, server_id: &str) -> bool {
+        self.installing
+            .lock()
+            .expect("installs")
+            .insert(server_id.to_string())
+    }
+
+    fn end_install(&self, server_id: &str) {
+        self.installing.lock().expect("installs").remove(server_id);
     }
 
     /// Asks the running attempt of `job_id` (if this control plane runs it) to stop.
@@ -100,6 +119,7 @@ impl SshRunner {
 pub async fn run_worker(state: AppState) {
     let runner = state.ssh.clone();
     let jobs = tokio_util::task::TaskTracker::new();
+    let mut last_sweep = std::time::Instant::now();
     loop {
         // Claim while there is room and there are jobs.
         loop {
@@ -136,10 +156,15 @@ pub async fn run_worker(state: AppState) {
             _ = runner.wake.notified() => {}
             _ = tokio::time::sleep(IDLE_CHECK) => {}
         }
+        if last_sweep.elapsed() >= IDLE_CHECK {
+            runner.pool.sweep().await;
+            last_sweep = std::time::Instant::now();
+        }
     }
     // Running attempts see the shutdown (their tokens are children of it), kill their remote
     // process groups and clean up; whatever they cannot settle, the lease settles.
     jobs.close();
     jobs.wait().await;
+    runner.pool.clear();
     info!("SSH worker stopped");
 }

@@ -1,11 +1,10 @@
-//! SSH fallback against a real OpenSSH server: the test starts its own `/usr/sbin/sshd` with a
-//! temp config and host key on a free 127.0.0.1 port (killed on drop), lets the test's own user
-//! log in with a generated key (`AuthorizedKeysFile` in the temp dir), and drives a real control
-//! plane through its router. Password auth is not exercised: it would need a user with a known
-//! password, and the tests add no system users.
+//! SSH fallback and bootstrap against a real OpenSSH server: the test starts its own
+//! `/usr/sbin/sshd` (`cronium_e2e::sshd`: temp config and host key on a free 127.0.0.1 port,
+//! killed on drop), lets the test's own user log in with a generated key, or a user the harness
+//! creates (and deletes) with a password, and drives a real control plane through its router.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -14,101 +13,16 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use cronium_e2e::sshd::{Sshd, SshdOptions, ssh_keygen};
+
 use crate::crypto::EncryptionKey;
 use crate::store::users::Role;
 use crate::{Running, ServerConfig};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A throwaway sshd; killed (and reaped) on drop.
-struct Sshd {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-    user: String,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn keygen(path: &Path) {
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .status()
-        .expect("ssh-keygen (openssh-client) is needed");
-    assert!(status.success());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Sshd {
-    fn start() -> Sshd {
-        assert!(
-            Path::new("/usr/sbin/sshd").exists(),
-            "these tests need Debian's openssh-server (/usr/sbin/sshd)"
-        );
-        std::fs::create_dir_all("/run/sshd").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        keygen(&dir.path().join("host"));
-        keygen(&dir.path().join("client"));
-        std::fs::copy(
-            dir.path().join("client.pub"),
-            dir.path().join("authorized_keys"),
-        )
-        .unwrap();
-        let port = free_port();
-        let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
-            d = dir.path().display()
-        );
-        std::fs::write(dir.path().join("sshd_config"), config).unwrap();
-        let log = std::fs::File::create(dir.path().join("sshd.log")).unwrap();
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(dir.path().join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_string();
-        let sshd = Sshd {
-            dir,
-            port,
-            child,
-            user,
-        };
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < DEADLINE, "sshd did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sshd
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn private_key(&self) -> String {
-        std::fs::read_to_string(self.file("client")).unwrap()
-    }
+    ssh_keygen(path).unwrap();
 }
 
 struct Api {
@@ -221,7 +135,7 @@ impl Api {
         .await
     }
 
-    /// Creates an event on `server` and triggers it; returns the job id.
+    /// Creates an event on `server` and triggers it; returns the job id (an SSH job).
     async fn run(
         &self,
         server: &Value,
@@ -230,6 +144,28 @@ impl Api {
         timeout: u32,
         env: Value,
     ) -> String {
+        let run = self.trigger(server, kind, script, timeout, env).await;
+        assert_eq!(run["jobs"][0]["server_id"], server["id"]);
+        assert!(run["jobs"][0].get("agent_id").is_none());
+        run["jobs"][0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Runs a bash script on a server with `connection: agent`; returns the job id.
+    async fn run_on_agent(&self, server: &Value, script: &str) -> String {
+        let run = self.trigger(server, "bash", script, 60, json!({})).await;
+        assert_eq!(run["jobs"][0]["agent_id"], server["agent_id"]);
+        run["jobs"][0]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Creates an event on `server` and triggers it; returns the run.
+    async fn trigger(
+        &self,
+        server: &Value,
+        kind: &str,
+        script: &str,
+        timeout: u32,
+        env: Value,
+    ) -> Value {
         let event = self
             .ok(
                 Method::POST,
@@ -246,16 +182,12 @@ impl Api {
                 })),
             )
             .await;
-        let run = self
-            .ok(
-                Method::POST,
-                &format!("/events/{}/runs", event["id"].as_str().unwrap()),
-                Some(json!({})),
-            )
-            .await;
-        assert_eq!(run["jobs"][0]["server_id"], server["id"]);
-        assert!(run["jobs"][0].get("agent_id").is_none());
-        run["jobs"][0]["id"].as_str().unwrap().to_string()
+        self.ok(
+            Method::POST,
+            &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+            Some(json!({})),
+        )
+        .await
     }
 
     /// Polls the job until `done` holds for it (deadline).
@@ -318,7 +250,7 @@ fn temp_dir_of(output: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_jobs_run_with_output_exit_codes_and_literal_env() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     // A canary passphrase-less key is the secret: it must never come back.
     let server = api.add_server(&sshd, json!({})).await;
@@ -403,7 +335,7 @@ async fn ssh_jobs_run_with_output_exit_codes_and_literal_env() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_host_key_is_refused() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     keygen(&sshd.file("other"));
     let other = std::fs::read_to_string(sshd.file("other.pub")).unwrap();
@@ -432,7 +364,7 @@ async fn a_changed_host_key_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_and_cancel_kill_the_remote_process_group() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     let server = api.add_server(&sshd, json!({})).await;
 
@@ -440,7 +372,8 @@ async fn timeout_and_cancel_kill_the_remote_process_group() {
     let script = format!(
         "echo \"DIR=$PWD\"\nbash -c 'sleep 1000; : {marker}' &\nbash -c 'sleep 1000; : {marker}'\n"
     );
-    let job_id = api.run(&server, "bash", &script, 1, json!({})).await;
+    // Long enough for the script to print its dir even on a loaded machine.
+    let job_id = api.run(&server, "bash", &script, 5, json!({})).await;
     let job = api.finished(&job_id).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["reason"], "timeout");
@@ -603,7 +536,7 @@ async fn users_cannot_see_change_or_target_other_users_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_stopped_mid_job_leaves_the_job_to_its_lease() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     let server = api.add_server(&sshd, json!({})).await;
     let marker = format!("cronium-stop-{}", crate::store::new_id());
@@ -643,7 +576,7 @@ async fn a_control_plane_stopped_mid_job_leaves_the_job_to_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passphrase_protected_key_works_and_a_wrong_passphrase_is_refused() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     let path = sshd.file("locked");
     let status = Command::new("ssh-keygen")
@@ -687,7 +620,7 @@ async fn a_passphrase_protected_key_works_and_a_wrong_passphrase_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_past_the_cap_is_dropped_after_one_marker() {
-    let sshd = Sshd::start();
+    let sshd = Sshd::start().unwrap();
     let api = api().await;
     let server = api.add_server(&sshd, json!({})).await;
     // Four times the cap, then a line after it: the job still completes.
@@ -721,4 +654,487 @@ async fn output_past_the_cap_is_dropped_after_one_marker() {
         &text[text.len() - 200..]
     );
     assert!(!text.contains("after-the-flood"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_user_runs_jobs_and_a_wrong_password_is_refused() {
+    let sshd = Sshd::start_with(SshdOptions {
+        password_user: true,
+        ..SshdOptions::default()
+    })
+    .unwrap();
+    let user = sshd.password_user.as_ref().unwrap();
+    let api = api().await;
+    let server = api
+        .ok(
+            Method::POST,
+            "/servers",
+            Some(json!({"name": "by-password", "connection": "ssh", "ssh": {
+                "host": "127.0.0.1", "port": sshd.port, "username": user.name,
+                "auth": "password", "password": user.password,
+            }})),
+        )
+        .await;
+    assert!(!server.to_string().contains(&user.password));
+    assert_eq!(server["ssh"]["auth"], "password");
+
+    let job = api
+        .run(
+            &server,
+            "bash",
+            "id -un; echo \"home=$HOME\"",
+            30,
+            json!({}),
+        )
+        .await;
+    let job = api.finished(&job).await;
+    let output = job["output"].as_str().unwrap_or_default().to_string();
+    assert_eq!(job["status"], "completed", "{job} {output}");
+    assert!(output.contains(&format!("{}\n", user.name)), "{output}");
+    assert!(
+        output.contains(&format!("home={}", user.home().display())),
+        "{output}"
+    );
+    assert!(!output.contains(&user.password));
+
+    // A wrong password: the job fails saying so, and never repeats the password.
+    let wrong = "not-the-password-7f3a";
+    api.ok(
+        Method::PATCH,
+        &format!("/servers/{}", server["id"].as_str().unwrap()),
+        Some(json!({"ssh": {"password": wrong}})),
+    )
+    .await;
+    let job = api.run(&server, "bash", "echo never", 30, json!({})).await;
+    let job = api.finished(&job).await;
+    let output = job["output"].as_str().unwrap_or_default().to_string();
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(output.contains("with a password was refused"), "{output}");
+    assert!(
+        !output.contains(wrong) && !output.contains("never\n"),
+        "{output}"
+    );
+}
+
+/// Kills the agent an install started with `--detach` (its pid file names it) when dropped.
+struct DetachedAgent {
+    pid_file: PathBuf,
+}
+
+impl Drop for DetachedAgent {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid read from the file the installer wrote.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Api {
+    /// `POST /servers/{id}/install-agent`; returns the status and the progress lines.
+    async fn install_agent(&self, server_id: &str, body: Value) -> (StatusCode, Vec<Value>) {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/api/v1/servers/{server_id}/install-agent"))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = crate::http::router(self.running.state.clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(300),
+            axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024),
+        )
+        .await
+        .expect("the install ends")
+        .unwrap();
+        let lines = if status == StatusCode::OK {
+            bytes
+                .split(|&byte| byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| serde_json::from_slice(line).expect("one JSON object per line"))
+                .collect()
+        } else {
+            vec![serde_json::from_slice(&bytes).unwrap_or(Value::Null)]
+        };
+        (status, lines)
+    }
+
+    /// Publishes the agent binary this workspace built as a signed release.
+    fn publish_agent(&self) {
+        let key = crate::release::ReleaseKey::generate();
+        let agent = cronium_e2e::binary("cronium-agent").unwrap();
+        crate::release::publish(
+            &self.running.state.config.releases_dir,
+            &agent,
+            &key,
+            env!("CARGO_PKG_VERSION"),
+            cronium_agent::TARGET,
+        )
+        .unwrap();
+    }
+}
+
+fn text_of(lines: &[Value]) -> String {
+    lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_agent_over_ssh_installs_a_verified_agent_and_switches_the_server() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    api.publish_agent();
+    let server = api.add_server(&sshd, json!({})).await;
+    let server_id = server["id"].as_str().unwrap();
+    let prefix = tempfile::tempdir().unwrap();
+    let _agent = DetachedAgent {
+        pid_file: prefix.path().join("var/lib/cronium-agent/agent.pid"),
+    };
+    let body = json!({"service": "detached", "prefix": prefix.path()});
+
+    let (status, lines) = api.install_agent(server_id, body.clone()).await;
+    let text = text_of(&lines);
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "done", "{text}");
+    let agent_id = last["agent_id"].as_str().unwrap().to_string();
+    assert_eq!(last["agent_name"], server["name"]);
+    // Progress: every step, the host key pinned on first use, the upload over SFTP, the
+    // installer's own lines (its signature check) streamed as they came.
+    for step in ["connect", "inspect", "upload", "install", "wait", "switch"] {
+        assert!(
+            lines
+                .iter()
+                .any(|line| line["type"] == "step" && line["step"] == step),
+            "no {step} step in {text}"
+        );
+    }
+    assert!(text.contains("pinned host key"), "{text}");
+    assert!(!text.contains("instead"), "SFTP was used: {text}");
+    assert!(text.contains("signature verified"), "{text}");
+    assert!(
+        text.contains("started the agent in the background"),
+        "{text}"
+    );
+    // The upload dir is gone again.
+    let upload_dir = lines
+        .iter()
+        .filter_map(|line| line["message"].as_str())
+        .find_map(|message| message.split(" to ").nth(1))
+        .expect("the upload step names its dir");
+    assert!(!Path::new(upload_dir).exists(), "{upload_dir} was left");
+
+    // The server now runs its jobs through the agent, which is online.
+    let server = api
+        .ok(Method::GET, &format!("/servers/{server_id}"), None)
+        .await;
+    assert_eq!(server["connection"], "agent");
+    assert_eq!(server["agent_id"], agent_id);
+    let agent = api
+        .ok(Method::GET, &format!("/agents/{agent_id}"), None)
+        .await;
+    assert_eq!(agent["status"], "online", "{agent}");
+    let job = api.run_on_agent(&server, "echo via the agent").await;
+    let job = api.finished(&job).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["agent_id"], agent_id);
+    assert!(job["output"].as_str().unwrap().contains("via the agent"));
+    assert!(
+        prefix.path().join("bin/cronium-agent").is_file(),
+        "installed under the prefix"
+    );
+
+    // Safe to run again: the same agent, not a second enrollment.
+    let (status, lines) = api.install_agent(server_id, body).await;
+    let text = text_of(&lines);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lines.last().unwrap()["type"], "done", "{text}");
+    assert_eq!(lines.last().unwrap()["agent_id"], agent_id, "{text}");
+    assert!(text.contains("already enrolled"), "{text}");
+    let agents = api.ok(Method::GET, "/agents", None).await;
+    assert_eq!(
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|agent| agent["name"] == server["name"])
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_agent_refuses_bad_input_a_changed_host_key_and_a_missing_release() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let server_id = server["id"].as_str().unwrap();
+    for (body, field) in [
+        (json!({"service": "cron"}), "service"),
+        (json!({"prefix": "relative/path"}), "prefix"),
+        (json!({"prefix": "/opt/x;touch /tmp/pwned"}), "prefix"),
+        (json!({"prefix": "/opt/$(id)"}), "prefix"),
+        (json!({"prefix": "/opt/../etc"}), "prefix"),
+    ] {
+        let (status, lines) = api.install_agent(server_id, body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(lines[0]["error"]["field"], field, "{body}");
+    }
+    let (status, _) = api.install_agent("no-such-server", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // No release for the host's target yet: a clear failure, nothing switched.
+    let (status, lines) = api.install_agent(server_id, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "failed", "{}", text_of(&lines));
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("no signed agent release"),
+        "{last}"
+    );
+
+    // A host that shows another key than the pinned one is refused before anything is sent.
+    api.publish_agent();
+    keygen(&sshd.file("other"));
+    let other = std::fs::read_to_string(sshd.file("other.pub")).unwrap();
+    api.ok(
+        Method::PATCH,
+        &format!("/servers/{server_id}"),
+        Some(json!({"ssh": {"host_key": other}})),
+    )
+    .await;
+    let (_, lines) = api.install_agent(server_id, json!({})).await;
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "failed");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("host key changed"),
+        "{last}"
+    );
+    assert!(
+        !text_of(&lines).contains("\"upload\""),
+        "nothing was uploaded"
+    );
+    let server = api
+        .ok(Method::GET, &format!("/servers/{server_id}"), None)
+        .await;
+    assert_eq!(server["connection"], "ssh");
+    assert_eq!(
+        crate::ssh::normalize_host_key(server["ssh"]["host_key"].as_str().unwrap()),
+        crate::ssh::normalize_host_key(&other),
+        "the pin was kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_env_reaches_ssh_jobs_and_is_masked_in_their_log() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let canary = "ssh-canary-5e1d0b7a-secret";
+    let event = api
+        .ok(
+            Method::POST,
+            "/events",
+            Some(json!({
+                "name": "ssh-secret",
+                "kind": "bash",
+                // Whole, split across two writes with a pause (two SSH data messages), on
+                // stderr, and its length to prove the job had it.
+                "script": "echo \"plain: $TOKEN\"\nprintf 'split: %s' \"${TOKEN:0:8}\"\nsleep 1\nprintf '%s :end\\n' \"${TOKEN:8}\"\necho \"err: $TOKEN\" >&2\necho \"length: ${#TOKEN}\"\n",
+                "targets": {"servers": [server["id"]]},
+                "secret_env": {"TOKEN": canary},
+            })),
+        )
+        .await;
+    let run = api
+        .ok(
+            Method::POST,
+            &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+            Some(json!({})),
+        )
+        .await;
+    let job_id = run["jobs"][0]["id"].as_str().unwrap().to_owned();
+    let job = api.finished(&job_id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let output = job["output"].as_str().unwrap();
+    for expected in [
+        "plain: ***\n",
+        "split: *** :end\n",
+        "err: ***\n",
+        &format!("length: {}\n", canary.len()),
+    ] {
+        assert!(output.contains(expected), "{expected:?} not in {output}");
+    }
+    let logs = api
+        .send(Method::GET, &format!("/jobs/{job_id}/logs"), None)
+        .await
+        .1;
+    for answer in [&job, &logs, &event] {
+        assert!(!answer.to_string().contains(canary), "leaked: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_reuse_a_kept_connection_unless_the_server_says_not_to() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let logins = || sshd.log().matches("Accepted publickey").count();
+    let kept = api.add_server(&sshd, json!({})).await;
+    assert_eq!(kept["ssh"]["reuse_connection"], true, "the default");
+    for round in 0..3 {
+        let job = api
+            .run(&kept, "bash", &format!("echo round {round}"), 30, json!({}))
+            .await;
+        let job = api.finished(&job).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        let output = job["output"].as_str().unwrap();
+        assert!(output.contains(&format!("round {round}\n")), "{output}");
+        assert_eq!(
+            output.contains("on a kept connection"),
+            round > 0,
+            "round {round}: {output}"
+        );
+    }
+    assert_eq!(logins(), 1, "three jobs, one login: {}", sshd.log());
+    assert_eq!(api.running.state.ssh.pool.len(), 1);
+
+    // Changing the server's settings retires the kept connection: the next job logs in again.
+    let kept_id = kept["id"].as_str().unwrap();
+    api.ok(
+        Method::PATCH,
+        &format!("/servers/{kept_id}"),
+        Some(json!({"labels": {"changed": "yes"}, "ssh": {"reuse_connection": true, "private_key": sshd.private_key()}})),
+    )
+    .await;
+    let job = api.run(&kept, "bash", "true", 30, json!({})).await;
+    assert_eq!(api.finished(&job).await["status"], "completed");
+    assert_eq!(logins(), 2, "{}", sshd.log());
+
+    // A server that does not keep connections logs in for every job and keeps nothing.
+    let own = api
+        .add_server(&sshd, json!({"reuse_connection": false}))
+        .await;
+    assert_eq!(own["ssh"]["reuse_connection"], false);
+    let pooled_before = api.running.state.ssh.pool.len();
+    for _ in 0..2 {
+        let job = api.run(&own, "bash", "true", 30, json!({})).await;
+        let job = api.finished(&job).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        assert!(!job["output"].as_str().unwrap().contains("kept connection"));
+    }
+    assert_eq!(logins(), 4, "{}", sshd.log());
+    assert_eq!(api.running.state.ssh.pool.len(), pooled_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_that_died_is_replaced_without_failing_the_job() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let job = api.run(&server, "bash", "echo first", 30, json!({})).await;
+    assert_eq!(api.finished(&job).await["status"], "completed");
+    // Kill the process serving the kept connection (the listener's child), not the listener:
+    // the pool still holds the connection, now dead.
+    let sessions = sshd.session_pids();
+    assert_eq!(sessions.len(), 1, "one kept connection");
+    for pid in sessions {
+        // SAFETY: kill(2) on the process serving this test's own connection.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let job = api.run(&server, "bash", "echo second", 30, json!({})).await;
+    let job = api.finished(&job).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(job["output"].as_str().unwrap().contains("second\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_and_other_user_jobs_are_refused_over_ssh_and_limits_are_named_in_the_log() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let server_id = server["id"].as_str().unwrap();
+    let run_with = |fields: Value| {
+        let api = &api;
+        async move {
+            let mut body = json!({
+                "name": format!("e-{}", crate::store::new_id()),
+                "kind": "bash",
+                "script": "echo ran",
+                "targets": {"servers": [server_id]},
+                "timeout_seconds": 30,
+            });
+            for (key, value) in fields.as_object().unwrap() {
+                body[key] = value.clone();
+            }
+            let event = api.ok(Method::POST, "/events", Some(body)).await;
+            let run = api
+                .ok(
+                    Method::POST,
+                    &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+                    Some(json!({})),
+                )
+                .await;
+            api.finished(run["jobs"][0]["id"].as_str().unwrap()).await
+        }
+    };
+
+    // A Docker event is refused when the run is created.
+    let event = api
+        .ok(
+            Method::POST,
+            "/events",
+            Some(
+                json!({"name": "docker-over-ssh", "kind": "bash", "script": "echo ran",
+                        "runtime": "docker", "image": "busybox",
+                        "targets": {"servers": [server_id]}}),
+            ),
+        )
+        .await;
+    let (status, body) = api
+        .send(
+            Method::POST,
+            &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "runtime");
+
+    let job = run_with(json!({"user": "nobody"})).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let output = job["output"].as_str().unwrap();
+    assert!(
+        output.contains("running as another user needs the agent"),
+        "{output}"
+    );
+    assert!(!output.contains("ran\n"));
+
+    // Its own user is fine; limits run without being applied, and the log says so.
+    let job = run_with(json!({"user": sshd.user, "limits": {"memory_mb": 64, "pids": 32}})).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let output = job["output"].as_str().unwrap();
+    assert!(
+        output.contains(
+            "limits not applied over SSH (they need the agent's cgroups): memory_mb, pids"
+        ),
+        "{output}"
+    );
+    assert!(output.contains("ran\n"));
 }

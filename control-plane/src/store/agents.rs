@@ -24,6 +24,8 @@ pub struct Agent {
     pub docker: Option<bool>,
     /// Terminal sessions on this agent are recorded (when the control plane records at all).
     pub record_terminals: bool,
+    /// The last self-update announced to this agent and what it reported about it.
+    pub update: Option<super::agent_updates::AgentUpdateState>,
 }
 
 /// What a consumed enrollment token allows.
@@ -77,10 +79,11 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
             .try_get::<Option<i64>, _>("docker")?
             .map(|docker| docker != 0),
         record_terminals: row.try_get::<i64, _>("record_terminals")? != 0,
+        update: super::agent_updates::update_state_from_row(row)?,
     })
 }
 
-const AGENT_COLUMNS: &str = "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at, docker, record_terminals";
+const AGENT_COLUMNS: &str = "id, name, labels, version, hostname, last_seen_at, created_at, revoked_at, docker, record_terminals, update_target, update_state, update_reason, update_at";
 
 impl Store {
     /// Stores a new enrollment token (by hash).
@@ -191,6 +194,7 @@ impl Store {
                 revoked_at: None,
                 docker: None,
                 record_terminals: false,
+                update: None,
             };
             Ok(Ok((agent, grant)))
         })

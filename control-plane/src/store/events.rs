@@ -211,8 +211,18 @@ pub struct Event {
     /// The next slot not handled yet (ms); `None` without a schedule.
     pub next_run_at: Option<i64>,
     pub notify: EventNotify,
+    /// The names of its secret environment variables (values are never read here), sorted.
+    pub secret_env_names: Vec<String>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// Changes to an event's secret environment variables: values (already sealed) to set by
+/// name, and names to remove.
+#[derive(Debug, Clone, Default)]
+pub struct SecretEnvChange {
+    pub set: Vec<(String, Vec<u8>)>,
+    pub remove: Vec<String>,
 }
 
 /// The fields of an event a caller sets.
@@ -235,7 +245,7 @@ pub struct EventFields {
     pub reschedule: bool,
 }
 
-pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success";
+pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success, (SELECT json_group_array(name) FROM event_secret_env WHERE event_secret_env.event_id = events.id) AS secret_env_names";
 
 pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
@@ -281,6 +291,13 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
             })
         }
     };
+    let secret_env_names: Option<String> = row.try_get("secret_env_names")?;
+    let mut secret_env_names: Vec<String> = match secret_env_names {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|error| StoreError::Corrupt(format!("secret_env_names: {error}")))?,
+        None => Vec::new(),
+    };
+    secret_env_names.sort();
     Ok(Event {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -302,6 +319,7 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
             on_failure: row.try_get("notify_on_failure")?,
             on_success: row.try_get("notify_on_success")?,
         },
+        secret_env_names,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -315,6 +333,17 @@ fn env_to_json(env: &BTreeMap<String, String>) -> String {
 impl Store {
     /// Creates an event owned by `owner_id`.
     pub async fn create_event(&self, owner_id: &str, fields: &EventFields) -> StoreResult<Event> {
+        self.create_event_with_secrets(owner_id, fields, SecretEnvChange::default())
+            .await
+    }
+
+    /// Creates an event with its secret environment variables, in one transaction.
+    pub async fn create_event_with_secrets(
+        &self,
+        owner_id: &str,
+        fields: &EventFields,
+        secrets: SecretEnvChange,
+    ) -> StoreResult<Event> {
         let (owner_id, fields) = (owner_id.to_string(), fields.clone());
         let id = write_op!(self, |conn| async {
         let id = new_id();
@@ -355,6 +384,7 @@ impl Store {
         .bind(&fields.notify.on_success)
         .execute(&mut *conn)
         .await?;
+        super::secrets::change_secret_env_in(conn, &id, &secrets.set, &secrets.remove).await?;
         Ok(id)
         })
         .await?;
@@ -363,6 +393,18 @@ impl Store {
 
     /// Replaces the caller-set fields of an event.
     pub async fn update_event(&self, id: &str, fields: &EventFields) -> StoreResult<Event> {
+        self.update_event_with_secrets(id, fields, SecretEnvChange::default())
+            .await
+    }
+
+    /// Replaces the caller-set fields of an event and changes its secret environment
+    /// variables, in one transaction.
+    pub async fn update_event_with_secrets(
+        &self,
+        id: &str,
+        fields: &EventFields,
+        secrets: SecretEnvChange,
+    ) -> StoreResult<Event> {
         let (id, fields) = (id.to_string(), fields.clone());
         let event_id = id.clone();
         write_op!(self, |conn| async {
@@ -406,6 +448,7 @@ impl Store {
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
+        super::secrets::change_secret_env_in(conn, &id, &secrets.set, &secrets.remove).await?;
         Ok(())
         })
         .await?;

@@ -158,8 +158,8 @@ pub struct Job {
     pub finished_at: Option<i64>,
 }
 
-/// A job as handed to an agent by a claim.
-#[derive(Debug, Clone)]
+/// A job as handed to an agent by a claim. Its `Debug` shows neither script nor environment.
+#[derive(Clone)]
 pub struct ClaimedJob {
     pub id: String,
     pub attempt: u32,
@@ -173,6 +173,19 @@ pub struct ClaimedJob {
     pub timeout_seconds: u32,
     /// JSON of the container settings (`cronium_protocol::DockerSpec`); `None`: a host job.
     pub runtime_spec: Option<String>,
+    /// The secret environment copied from the event: (name, value sealed with the key).
+    pub secret_env: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClaimedJob {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClaimedJob")
+            .field("id", &self.id)
+            .field("attempt", &self.attempt)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A run: one trigger of an event, with one job per target agent.
@@ -189,6 +202,81 @@ pub struct Run {
     /// Slots missed during downtime this run stands for (misfire policy `run_once`).
     pub missed_slots: i64,
     pub jobs: Vec<Job>,
+}
+
+/// A run's status, derived from its jobs' statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RunStatus> {
+        Some(match text {
+            "queued" => RunStatus::Queued,
+            "running" => RunStatus::Running,
+            "completed" => RunStatus::Completed,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// The status of a run with these jobs: running while any job is (or some are still
+    /// queued while others ended), queued while all are, then failed if any failed, cancelled
+    /// if jobs were cancelled and none completed, else completed.
+    pub fn of(jobs: &[Job]) -> RunStatus {
+        let count = |statuses: &[JobStatus]| {
+            jobs.iter()
+                .filter(|job| statuses.contains(&job.status))
+                .count()
+        };
+        let queued = count(&[JobStatus::Queued]);
+        let running = count(&[JobStatus::Claimed, JobStatus::Running]);
+        let completed = count(&[JobStatus::Completed]);
+        let failed = count(&[JobStatus::Failed]);
+        let cancelled = count(&[JobStatus::Cancelled]);
+        if running > 0 || (queued > 0 && queued < jobs.len()) {
+            RunStatus::Running
+        } else if queued > 0 {
+            RunStatus::Queued
+        } else if failed > 0 {
+            RunStatus::Failed
+        } else if cancelled > 0 && completed == 0 {
+            RunStatus::Cancelled
+        } else {
+            RunStatus::Completed
+        }
+    }
+
+    /// The same rule over the counts [`Store::recent_runs`] computes, as an SQL condition.
+    fn sql_condition(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running > 0 OR (queued > 0 AND queued < total)",
+            RunStatus::Queued => "running = 0 AND queued > 0 AND queued = total",
+            RunStatus::Failed => "running = 0 AND queued = 0 AND failed > 0",
+            RunStatus::Cancelled => {
+                "running = 0 AND queued = 0 AND failed = 0 AND cancelled > 0 AND completed = 0"
+            }
+            RunStatus::Completed => {
+                "running = 0 AND queued = 0 AND failed = 0 AND NOT (cancelled > 0 AND completed = 0)"
+            }
+        }
+    }
 }
 
 /// An owned run to create inside a caller's transaction (see [`create_run_in`]).
@@ -287,6 +375,7 @@ pub(crate) async fn create_run_in(
         .bind(&spec.runtime_spec)
         .execute(&mut *conn)
         .await?;
+        super::secrets::copy_secret_env_in(conn, &spec.event_id, &job_id).await?;
         jobs.push((job_id, agent_id.clone()));
     }
     Ok((run_id, jobs))
@@ -646,9 +735,22 @@ impl Store {
                     input: row.try_get("input")?,
                     timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
                     runtime_spec: row.try_get("runtime_spec")?,
+                    secret_env: Vec::new(),
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
+        for job in &mut claimed {
+            let rows = sqlx::query(
+                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = ? ORDER BY name",
+            )
+            .bind(&job.id)
+            .fetch_all(&mut *conn)
+            .await?;
+            job.secret_env = rows
+                .iter()
+                .map(|row| Ok((row.try_get("name")?, row.try_get("sealed_value")?)))
+                .collect::<StoreResult<Vec<_>>>()?;
+        }
         claimed.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(claimed)
         })
@@ -1064,6 +1166,76 @@ impl Store {
             missed_slots: row.try_get("missed_slots")?,
             jobs: jobs.iter().map(job_from_row).collect::<StoreResult<_>>()?,
         })
+    }
+
+    /// The newest runs, newest first, with their jobs and their event's name: of events owned by
+    /// `owner` (every event when `None`), of one event, and/or whose status (as
+    /// [`RunStatus::of`] derives it) is `status`.
+    pub async fn recent_runs(
+        &self,
+        owner: Option<&str>,
+        event_id: Option<&str>,
+        status: Option<RunStatus>,
+        limit: u32,
+    ) -> StoreResult<Vec<(Run, String)>> {
+        let having = status.map_or("1", RunStatus::sql_condition);
+        // Without a status filter the newest runs are picked before their jobs are counted;
+        // with one, every run of the selection is counted, then filtered.
+        let inner_limit = if status.is_none() { "LIMIT ?" } else { "" };
+        let mut query = sqlx::query(AssertSqlSafe(format!(
+            "SELECT r.id, r.event_id, e.name AS event_name, r.input, r.created_at, r.trigger, r.slot_at,
+                    r.missed_slots, COUNT(j.id) AS total,
+                    COALESCE(SUM(j.status = 'queued'), 0) AS queued,
+                    COALESCE(SUM(j.status IN ('claimed', 'running')), 0) AS running,
+                    COALESCE(SUM(j.status = 'completed'), 0) AS completed,
+                    COALESCE(SUM(j.status = 'failed'), 0) AS failed,
+                    COALESCE(SUM(j.status = 'cancelled'), 0) AS cancelled
+             FROM (SELECT r.* FROM runs r JOIN events e ON e.id = r.event_id
+                   WHERE (? IS NULL OR e.owner_id = ?) AND (? IS NULL OR r.event_id = ?)
+                   ORDER BY r.created_at DESC, r.id DESC {inner_limit}) r
+             JOIN events e ON e.id = r.event_id LEFT JOIN jobs j ON j.run_id = r.id
+             GROUP BY r.id HAVING {having}
+             ORDER BY r.created_at DESC, r.id DESC LIMIT ?"
+        )))
+        .bind(owner)
+        .bind(owner)
+        .bind(event_id)
+        .bind(event_id);
+        if status.is_none() {
+            query = query.bind(i64::from(limit));
+        }
+        let rows = query.bind(i64::from(limit)).fetch_all(&self.reader).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; rows.len()].join(", ");
+        let query =
+            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE run_id IN ({placeholders}) ORDER BY id");
+        let mut jobs_query = sqlx::query(AssertSqlSafe(query));
+        for row in &rows {
+            jobs_query = jobs_query.bind(row.try_get::<String, _>("id")?);
+        }
+        let mut jobs: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        for row in jobs_query.fetch_all(&self.reader).await? {
+            let job = job_from_row(&row)?;
+            jobs.entry(job.run_id.clone()).or_default().push(job);
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let run = Run {
+                    jobs: jobs.remove(&id).unwrap_or_default(),
+                    id,
+                    event_id: row.try_get("event_id")?,
+                    input: row.try_get("input")?,
+                    created_at: row.try_get("created_at")?,
+                    trigger: row.try_get("trigger")?,
+                    slot_at: row.try_get("slot_at")?,
+                    missed_slots: row.try_get("missed_slots")?,
+                };
+                Ok((run, row.try_get("event_name")?))
+            })
+            .collect()
     }
 
     /// Log chunks of a job overlapping `[from, from + max_bytes)`, in order.

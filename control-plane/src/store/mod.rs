@@ -9,10 +9,12 @@
 //! Concurrent requests share an fsync instead of queueing for one each, and an answer still
 //! means "on disk".
 
+pub mod agent_updates;
 pub mod agents;
 pub mod events;
 pub mod jobs;
 pub mod schedules;
+pub mod secrets;
 pub mod servers;
 pub mod terminals;
 pub mod tools;

@@ -68,6 +68,8 @@ pub struct SshSettings {
     pub secrets: Vec<u8>,
     /// The pinned OpenSSH public key line (`ssh-ed25519 AAAA…`), if known.
     pub host_key: Option<String>,
+    /// Keep the connection open for the server's next jobs (`ssh/pool.rs`).
+    pub reuse_connection: bool,
 }
 
 impl std::fmt::Debug for SshSettings {
@@ -78,6 +80,7 @@ impl std::fmt::Debug for SshSettings {
             .field("username", &self.username)
             .field("auth", &self.auth)
             .field("host_key", &self.host_key)
+            .field("reuse_connection", &self.reuse_connection)
             .finish_non_exhaustive()
     }
 }
@@ -108,7 +111,7 @@ pub struct ServerFields {
     pub ssh: Option<SshSettings>,
 }
 
-const SERVER_COLUMNS: &str = "id, owner_id, name, address, labels, connection, agent_id, ssh_host, ssh_port, ssh_user, ssh_auth, ssh_secrets, host_key, created_at, updated_at";
+const SERVER_COLUMNS: &str = "id, owner_id, name, address, labels, connection, agent_id, ssh_host, ssh_port, ssh_user, ssh_auth, ssh_secrets, host_key, ssh_reuse, created_at, updated_at";
 
 fn server_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Server> {
     let connection: String = row.try_get("connection")?;
@@ -125,6 +128,7 @@ fn server_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Server> {
                     .ok_or_else(|| StoreError::Corrupt(format!("ssh_auth {auth:?}")))?,
                 secrets: row.try_get("ssh_secrets")?,
                 host_key: row.try_get("host_key")?,
+                reuse_connection: row.try_get::<i64, _>("ssh_reuse")? != 0,
             })
         }
         None => None,
@@ -156,7 +160,7 @@ impl Store {
             let ssh = fields.ssh.as_ref();
             sqlx::query(
                 "INSERT INTO servers (id, owner_id, name, address, labels, connection, agent_id, ssh_host, ssh_port, ssh_user,
-                 ssh_auth, ssh_secrets, host_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 ssh_auth, ssh_secrets, host_key, ssh_reuse, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&id)
             .bind(&owner_id)
@@ -171,6 +175,7 @@ impl Store {
             .bind(ssh.map(|ssh| ssh.auth.as_str()))
             .bind(ssh.map(|ssh| ssh.secrets.clone()))
             .bind(ssh.and_then(|ssh| ssh.host_key.clone()))
+            .bind(ssh.is_none_or(|ssh| ssh.reuse_connection))
             .bind(now)
             .bind(now)
             .execute(&mut *conn)
@@ -189,7 +194,7 @@ impl Store {
             let ssh = fields.ssh.as_ref();
             let done = sqlx::query(
                 "UPDATE servers SET name = ?, address = ?, labels = ?, connection = ?, agent_id = ?, ssh_host = ?, ssh_port = ?,
-                 ssh_user = ?, ssh_auth = ?, ssh_secrets = ?, host_key = ?, updated_at = ? WHERE id = ?",
+                 ssh_user = ?, ssh_auth = ?, ssh_secrets = ?, host_key = ?, ssh_reuse = ?, updated_at = ? WHERE id = ?",
             )
             .bind(&fields.name)
             .bind(&fields.address)
@@ -202,6 +207,7 @@ impl Store {
             .bind(ssh.map(|ssh| ssh.auth.as_str()))
             .bind(ssh.map(|ssh| ssh.secrets.clone()))
             .bind(ssh.and_then(|ssh| ssh.host_key.clone()))
+            .bind(ssh.is_none_or(|ssh| ssh.reuse_connection))
             .bind(now_ms())
             .bind(&id)
             .execute(&mut *conn)

@@ -1,4 +1,4 @@
-//! Tools (Slack, Discord, generic webhooks) and the notification outbox.
+//! Tools (Slack, Discord, generic webhooks, email) and the notification outbox.
 //!
 //! A tool's configuration is stored only sealed: the caller hands in the bytes made by
 //! `EncryptionKey::seal` and gets them back only through [`Store::claim_notifications`], for the
@@ -31,6 +31,8 @@ pub enum ToolKind {
     Discord,
     /// Any HTTP endpoint, with optional headers and an HMAC signature.
     Webhook,
+    /// Email over SMTP (`tools/email.rs`).
+    Email,
 }
 
 impl ToolKind {
@@ -39,6 +41,7 @@ impl ToolKind {
             ToolKind::Slack => "slack",
             ToolKind::Discord => "discord",
             ToolKind::Webhook => "webhook",
+            ToolKind::Email => "email",
         }
     }
 
@@ -47,6 +50,7 @@ impl ToolKind {
             "slack" => Some(ToolKind::Slack),
             "discord" => Some(ToolKind::Discord),
             "webhook" => Some(ToolKind::Webhook),
+            "email" => Some(ToolKind::Email),
             _ => None,
         }
     }
@@ -59,7 +63,8 @@ pub struct Tool {
     pub owner_id: String,
     pub name: String,
     pub kind: ToolKind,
-    /// The host of the configured URL (not a secret; shown in lists).
+    /// The host of the configured URL, or `host:port` of an email tool's SMTP server (not a
+    /// secret; shown in lists).
     pub target_host: String,
     pub created_at: i64,
     pub updated_at: i64,
@@ -174,6 +179,8 @@ pub struct ClaimedNotification {
     pub title: Option<String>,
     pub message: String,
     pub source_job_id: Option<String>,
+    /// The run of that job, while the job exists (for links).
+    pub source_run_id: Option<String>,
     /// This attempt's number (1 for the first).
     pub attempt: u32,
 }
@@ -503,9 +510,10 @@ impl Store {
             for id in ids {
                 let row = sqlx::query(
                     "SELECT n.id, n.title, n.message, n.source_job_id, n.attempts, n.tool_id, n.tool_name,
-                            t.kind, t.config, u.username
+                            t.kind, t.config, u.username, j.run_id
                      FROM notifications n JOIN users u ON u.id = n.owner_id
                      LEFT JOIN tools t ON t.id = n.tool_id
+                     LEFT JOIN jobs j ON j.id = n.source_job_id
                      WHERE n.id = ?",
                 )
                 .bind(&id)
@@ -533,6 +541,7 @@ impl Store {
                     title: row.try_get("title")?,
                     message: row.try_get("message")?,
                     source_job_id: row.try_get("source_job_id")?,
+                    source_run_id: row.try_get("run_id")?,
                     attempt: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(0),
                 });
             }

@@ -88,6 +88,7 @@ pub async fn deliver(
         ToolKind::Webhook => webhook_body(notification, &sent_at_now())
             .to_string()
             .into_bytes(),
+        ToolKind::Email => return Outcome::Fail("an email tool is not delivered over HTTP".into()),
     };
     let mut request = client
         .post(&config.url)

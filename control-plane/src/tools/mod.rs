@@ -11,6 +11,7 @@
 //! once on the next start and the interrupted attempt does not count.
 
 pub mod delivery;
+pub mod email;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -65,8 +66,10 @@ pub struct DeliveryOptions {
     /// The wait before each retry; the first attempt is immediate, so a notification gets
     /// `retry_delays.len() + 1` attempts before it fails.
     pub retry_delays: Vec<Duration>,
-    /// The limit of one delivery request (connect, send, answer).
+    /// The limit of one delivery request (connect, send, answer); for email, of each SMTP step.
     pub request_timeout: Duration,
+    /// CA certificates trusted for SMTP over TLS besides the system's bundle (tests add theirs).
+    pub extra_smtp_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 impl Default for DeliveryOptions {
@@ -78,12 +81,14 @@ impl Default for DeliveryOptions {
                 .map(Duration::from_secs)
                 .collect(),
             request_timeout: Duration::from_secs(10),
+            extra_smtp_roots: Vec::new(),
         }
     }
 }
 
 impl DeliveryOptions {
     /// How long a claim lasts: a request and a margin, after which a crashed delivery is retried.
+    /// An SMTP exchange is bounded by `request_timeout` and a smaller margin (`email.rs`).
     fn claim_lease(&self) -> Duration {
         self.request_timeout + Duration::from_secs(30)
     }
@@ -348,6 +353,13 @@ pub async fn dispatch_notifications(state: AppState, wake: Arc<Notify>) {
             return;
         }
     };
+    let mailer = match email::Mailer::new(&options, &state.config.public_url) {
+        Ok(mailer) => mailer,
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "notifications cannot be delivered: no TLS configuration for email");
+            return;
+        }
+    };
     let mut in_flight = FuturesUnordered::new();
     let mut in_flight_ids = HashSet::new();
     loop {
@@ -364,7 +376,12 @@ pub async fn dispatch_notifications(state: AppState, wake: Arc<Notify>) {
                 Ok(claimed) => {
                     for notification in claimed {
                         in_flight_ids.insert(notification.id.clone());
-                        in_flight.push(deliver(client.clone(), state.key.clone(), notification));
+                        in_flight.push(deliver(
+                            client.clone(),
+                            mailer.clone(),
+                            state.key.clone(),
+                            notification,
+                        ));
                     }
                     if in_flight.len() < MAX_IN_FLIGHT {
                         match state.store.next_notification_due().await {
@@ -405,12 +422,20 @@ pub async fn dispatch_notifications(state: AppState, wake: Arc<Notify>) {
 /// Opens the tool's configuration and delivers one notification.
 async fn deliver(
     client: reqwest::Client,
+    mailer: email::Mailer,
     key: EncryptionKey,
     notification: ClaimedNotification,
 ) -> (ClaimedNotification, Outcome) {
-    let outcome = match ToolConfig::open(&notification.sealed_config, &key) {
-        Ok(config) => delivery::deliver(&client, &config, &notification).await,
-        Err(error) => Outcome::Fail(error.to_string()),
+    let outcome = if notification.kind == ToolKind::Email {
+        match email::EmailConfig::open(&notification.sealed_config, &key) {
+            Ok(config) => email::deliver(&mailer, &config, &notification).await,
+            Err(error) => Outcome::Fail(error.to_string()),
+        }
+    } else {
+        match ToolConfig::open(&notification.sealed_config, &key) {
+            Ok(config) => delivery::deliver(&client, &config, &notification).await,
+            Err(error) => Outcome::Fail(error.to_string()),
+        }
     };
     (notification, outcome)
 }

@@ -16,6 +16,8 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::store::tools::{Notification, NotificationStatus};
+
+mod smtp;
 use crate::store::users::Role;
 use crate::{Running, ServerConfig};
 
@@ -171,6 +173,7 @@ fn server_config(dir: &Path, key: &str, retry_delays: Vec<Duration>) -> ServerCo
         delivery: DeliveryOptions {
             retry_delays,
             request_timeout: Duration::from_secs(10),
+            extra_smtp_roots: Vec::new(),
         },
         terminals: crate::terminals::TerminalConfig::default(),
         releases: crate::release::ReleaseConfig::default(),
@@ -669,7 +672,7 @@ async fn bad_tool_input_is_refused_with_a_field_and_nothing_is_stored() {
             Some("kind"),
         ),
         (
-            json!({"name": "a", "kind": "email", "config": {"url": url}}),
+            json!({"name": "a", "kind": "sms", "config": {"url": url}}),
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("kind"),
         ),

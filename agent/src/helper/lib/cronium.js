@@ -88,7 +88,7 @@ async function setVariable(name, value) {
 }
 
 /**
- * Sends `message` through one of the event owner's tools (Slack, Discord, webhook).
+ * Sends `message` through one of the event owner's tools (Slack, Discord, webhook, email).
  * `options.tool` names the tool (default: the owner's only tool); `options.title` is optional.
  */
 async function notify(message, options) {

@@ -111,7 +111,7 @@ def set_variable(name, value):
 
 
 def notify(message, tool=None, title=None):
-    """Sends `message` through one of the event owner's tools (Slack, Discord, webhook).
+    """Sends `message` through one of the event owner's tools (Slack, Discord, webhook, email).
 
     `tool` names the tool (default: the owner's only tool); `title` is optional."""
     body = {"message": message}

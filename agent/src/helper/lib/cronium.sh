@@ -133,7 +133,7 @@ cronium_set_variable() {
 }
 
 # cronium_notify [--tool NAME] [--title TITLE] MESSAGE...: sends a notification through one of
-# the event owner's tools (Slack, Discord, webhook; without --tool: the owner's only tool).
+# the event owner's tools (Slack, Discord, webhook, email; without --tool: the owner's only tool).
 cronium_notify() {
   local tool="" title="" fields=""
   while [ $# -gt 0 ]; do
