@@ -1,9 +1,11 @@
 // Vite builds the console's pages into the directory control-plane/build.rs names (it passes
 // --outDir); the control plane embeds that directory and serves it under /ui/.
 //
-// Every HTML file listed in `pages` is one page. Today there are two: the index (the agents and
-// their "Open terminal" links) and the terminal. The console's other pages join this list, or
-// replace the index with a client-side routed app, without changing how the files are embedded.
+// Every HTML file listed in `pages` is one page: the index is the console (a single-page app,
+// src/main.ts, whose routes live in the address's hash) and the terminal has a page of its own
+// (src/terminal/main.ts), linked from the console as `terminal?agent=ID`. A route of the console
+// is not a page here; a new page is only needed for something that must not share the app's
+// bundle. Vite splits what only some routes use (the CodeMirror editor) into chunks of their own.
 import { resolve } from "node:path";
 import { defineConfig } from "vite";
 

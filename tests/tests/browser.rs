@@ -1,7 +1,9 @@
-//! The web console's terminal page in a real browser: a control plane and an agent, a user with a
-//! password, and `web/tests/terminal.browser.mjs` (playwright-core driving Debian's Chromium)
-//! logging in through the form, running a command in the agent's shell, reloading to re-attach
-//! and closing the session. Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default
+//! The web console in a real browser: a control plane and an agent, users with passwords, and
+//! scripts under `web/tests/` (playwright-core driving Debian's Chromium). `terminal.browser.mjs`
+//! logs in through the form, runs a command in the agent's shell, reloads to re-attach and closes
+//! the session; `console.browser.mjs` goes through the app shell's pages as an admin (an agent
+//! installed over SSH through a real sshd, an event created in the editor, run, its log watched
+//! live, a second run cancelled) and as a viewer (no change buttons, the API refuses). Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default
 //! `target/test-artifacts/`).
 //!
 //! Needs `/usr/bin/chromium` (Debian's `chromium`), Node.js and `web/node_modules` (the control
@@ -14,10 +16,30 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cronium_e2e::TestCluster;
 use cronium_e2e::cluster::CLUSTER_MARKER_VAR;
+use cronium_e2e::sshd::Sshd;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-/// The whole script: launching the browser, logging in, two page loads, a command, a close.
+/// The whole terminal script: launching the browser, logging in, two page loads, a command, a
+/// close.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(150);
+/// The whole console script: two logins, every page, an agent installed over SSH, an event
+/// created, two runs.
+const CONSOLE_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Kills the agent the console's SSH install started in the background (its pid file names it).
+struct DetachedAgent(PathBuf);
+
+impl Drop for DetachedAgent {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the pid the installer recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,17 +75,17 @@ fn check_prerequisites(web: &Path) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload() -> Result<()> {
+/// Runs one of `web/tests/*.browser.mjs` with `env` (plus the artifacts dir, a fresh Chromium
+/// profile and the cluster marker) and fails with its output unless it exits 0; then checks no
+/// browser process outlived it.
+async fn run_browser_script(
+    cluster: &TestCluster,
+    script: &str,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<()> {
     let root = workspace_root();
     let web = root.join("web");
-    check_prerequisites(&web)?;
-
-    let mut cluster = TestCluster::start().await?;
-    let agent = cluster.add_agent("browser-agent").await?;
-    // An admin needs no grant to open a terminal on any agent.
-    let password = cluster.cli_user_create("operator", "admin").await?;
-
     let artifacts = std::env::var_os("CRONIUM_TEST_ARTIFACTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/test-artifacts"));
@@ -77,12 +99,9 @@ async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload(
 
     let mut command = tokio::process::Command::new("node");
     command
-        .arg(web.join("tests/terminal.browser.mjs"))
+        .arg(web.join("tests").join(script))
         .current_dir(&web)
         .env("CRONIUM_URL", cluster.http_url())
-        .env("CRONIUM_USERNAME", "operator")
-        .env("CRONIUM_PASSWORD", &password)
-        .env("CRONIUM_AGENT_ID", &agent.id)
         .env("CRONIUM_TEST_ARTIFACTS", &artifacts)
         .env("CRONIUM_BROWSER_PROFILE", profile.path())
         .env("CHROMIUM", CHROMIUM)
@@ -92,21 +111,24 @@ async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
     let child = command.spawn().context("start node")?;
-    let output = match tokio::time::timeout(SCRIPT_TIMEOUT, child.wait_with_output()).await {
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(output) => output.context("wait for node")?,
         Err(_) => bail!(
-            "terminal.browser.mjs did not finish within {SCRIPT_TIMEOUT:?} (screenshots in {})",
+            "{script} did not finish within {timeout:?} (screenshots in {})",
             artifacts.display()
         ),
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("terminal.browser.mjs stdout:\n{stdout}\nstderr:\n{stderr}");
+    println!("{script} stdout:\n{stdout}\nstderr:\n{stderr}");
 
     assert!(
         output.status.success(),
-        "the terminal page failed in the browser ({}):\n{stderr}\n{stdout}",
+        "{script} failed in the browser ({}):\n{stderr}\n{stdout}",
         output.status
     );
     // The script closes the browser; nothing may keep running with its profile.
@@ -116,4 +138,60 @@ async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload(
         .await
         .context("browser processes outlived the script")?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload() -> Result<()> {
+    check_prerequisites(&workspace_root().join("web"))?;
+    let mut cluster = TestCluster::start().await?;
+    let agent = cluster.add_agent("browser-agent").await?;
+    // An admin needs no grant to open a terminal on any agent.
+    let password = cluster.cli_user_create("operator", "admin").await?;
+    run_browser_script(
+        &cluster,
+        "terminal.browser.mjs",
+        &[
+            ("CRONIUM_USERNAME", "operator"),
+            ("CRONIUM_PASSWORD", &password),
+            ("CRONIUM_AGENT_ID", &agent.id),
+        ],
+        SCRIPT_TIMEOUT,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_creates_runs_and_streams_an_event_and_a_viewer_changes_nothing() -> Result<()>
+{
+    check_prerequisites(&workspace_root().join("web"))?;
+    let mut cluster = TestCluster::start().await?;
+    // Online when this returns.
+    cluster.add_agent("console-agent").await?;
+    let admin_password = cluster.cli_user_create("operator", "admin").await?;
+    let viewer_password = cluster.cli_user_create("watcher", "viewer").await?;
+    // A host to install an agent on over SSH from the console: a real sshd, a signed release.
+    cluster.publish_agent_release(None, None).await?;
+    let sshd = Sshd::start()?;
+    let prefix = cluster.dir().join("remote-prefix");
+    let _installed = DetachedAgent(prefix.join("var/lib/cronium-agent/agent.pid"));
+    let ssh_port = sshd.port.to_string();
+    let private_key = sshd.private_key();
+    let prefix_arg = prefix.to_str().context("prefix")?.to_owned();
+    run_browser_script(
+        &cluster,
+        "console.browser.mjs",
+        &[
+            ("CRONIUM_USERNAME", "operator"),
+            ("CRONIUM_PASSWORD", &admin_password),
+            ("CRONIUM_VIEWER_USERNAME", "watcher"),
+            ("CRONIUM_VIEWER_PASSWORD", &viewer_password),
+            ("CRONIUM_AGENT_NAME", "console-agent"),
+            ("CRONIUM_SSH_PORT", &ssh_port),
+            ("CRONIUM_SSH_USER", &sshd.user),
+            ("CRONIUM_SSH_PRIVATE_KEY", &private_key),
+            ("CRONIUM_SSH_PREFIX", &prefix_arg),
+        ],
+        CONSOLE_SCRIPT_TIMEOUT,
+    )
+    .await
 }

@@ -22,20 +22,28 @@ export interface Agent {
   last_seen_at: string | null;
 }
 
-/** An error answer of the API: its status and the message the API gave. */
+/** An error answer of the API: its status, the message the API gave and the field at fault. */
 export class ApiError extends Error {
   readonly status: number;
   readonly code: string;
+  readonly field: string | null;
 
-  constructor(status: number, code: string, message: string) {
+  constructor(status: number, code: string, message: string, field: string | null = null) {
     super(message);
     this.name = "ApiError";
     this.status = status;
     this.code = code;
+    this.field = field;
   }
 }
 
 let csrfToken: string | null = null;
+let onSessionLost: (() => void) | null = null;
+
+/** Called when a request of a logged-in page is refused with 401 (the session ended). */
+export function whenSessionLost(handler: () => void): void {
+  onSessionLost = handler;
+}
 
 /**
  * Calls the API and returns the decoded JSON body (null for an empty one).
@@ -61,6 +69,9 @@ export async function request<T>(method: string, path: string, body?: unknown): 
     throw new ApiError(0, "network", `the control plane cannot be reached (${String(error)})`);
   }
   if (!response.ok) {
+    if (response.status === 401 && !path.startsWith("/auth/")) {
+      onSessionLost?.();
+    }
     throw await errorFrom(response);
   }
   const text = await response.text();
@@ -71,9 +82,9 @@ export async function request<T>(method: string, path: string, body?: unknown): 
 export async function errorFrom(response: Response): Promise<ApiError> {
   const text = await response.text().catch(() => "");
   try {
-    const parsed = JSON.parse(text) as { error?: { code?: string; message?: string } };
+    const parsed = JSON.parse(text) as { error?: { code?: string; message?: string; field?: string } };
     if (parsed.error?.message !== undefined) {
-      return new ApiError(response.status, parsed.error.code ?? "error", parsed.error.message);
+      return new ApiError(response.status, parsed.error.code ?? "error", parsed.error.message, parsed.error.field ?? null);
     }
   } catch {
     // Not JSON: fall through to a message made from the status.
@@ -122,7 +133,287 @@ export function fetchAgent(id: string): Promise<Agent> {
   return request<Agent>("GET", `/agents/${encodeURIComponent(id)}`);
 }
 
+/** The session's CSRF token, for requests made without `request` (streamed answers). */
+export function csrfHeader(): Record<string, string> {
+  return csrfToken === null ? {} : { "X-CSRF-Token": csrfToken };
+}
+
 /** A readable message for anything thrown. */
 export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
+}
+
+// ---- The console's resources (see control-plane/src/http/openapi.json) ----
+
+export type Labels = Record<string, string>;
+export type JobStatus = "queued" | "claimed" | "running" | "completed" | "failed" | "cancelled";
+export type RunStatus = "queued" | "running" | "completed" | "failed" | "cancelled";
+export type ScriptKind = "bash" | "python" | "nodejs";
+
+export interface Targets {
+  agents?: string[];
+  labels?: Labels;
+  servers?: string[];
+}
+
+export interface Schedule {
+  cron: string;
+  timezone?: string;
+  dst?: "skip" | "once" | "twice";
+  misfire?: "skip" | "run_once";
+  overlap?: "allow" | "forbid" | "queue";
+}
+
+export interface Limits {
+  memory_mb?: number | null;
+  cpus?: number | null;
+  pids?: number | null;
+}
+
+/** The writable fields of an event (the body of POST /events and PATCH /events/{id}). */
+export interface EventInput {
+  name?: string;
+  kind?: ScriptKind;
+  script?: string;
+  runtime?: "host" | "docker";
+  image?: string | null;
+  limits?: Limits;
+  network?: "none" | "bridge";
+  read_only?: boolean;
+  user?: string | null;
+  schedule?: Schedule | null;
+  targets?: Targets;
+  timeout_seconds?: number;
+  retries?: number;
+  env?: Record<string, string>;
+  /** Write-only: a value sets or replaces a secret, null removes it. */
+  secret_env?: Record<string, string | null>;
+}
+
+export interface CronEvent {
+  id: string;
+  owner_id: string;
+  name: string;
+  kind: ScriptKind;
+  script: string;
+  runtime: "host" | "docker";
+  image?: string | null;
+  limits?: Limits;
+  network?: "none" | "bridge";
+  read_only?: boolean;
+  user?: string | null;
+  targets: { agents: string[]; labels: Labels; servers: string[] };
+  timeout_seconds: number;
+  retries: number;
+  env: Record<string, string>;
+  secret_env_names?: string[];
+  schedule: Schedule | null;
+  next_run_at: string | null;
+  created_at: string | null;
+  updated_at: string | null;
+}
+
+export interface FireTime {
+  local: string;
+  utc: string;
+}
+
+export interface Job {
+  id: string;
+  run_id: string;
+  event_id: string;
+  agent_id: string | null;
+  server_id: string | null;
+  status: JobStatus;
+  attempt: number;
+  max_attempts: number;
+  exit_code: number | null;
+  reason: string | null;
+  /** The log's last 64 KiB (absent when asked without output). */
+  output?: string;
+  output_truncated?: boolean;
+  log_bytes: number;
+  result?: unknown;
+  cancel_requested: boolean;
+  queued_at: string | null;
+  started_at: string | null;
+  finished_at: string | null;
+}
+
+export interface RunCounts {
+  queued: number;
+  running: number;
+  completed: number;
+  failed: number;
+  cancelled: number;
+}
+
+export interface Run {
+  id: string;
+  event_id: string;
+  status: RunStatus;
+  input?: unknown;
+  created_at: string | null;
+  trigger: "manual" | "schedule";
+  counts: RunCounts;
+  jobs: Job[];
+}
+
+/** A run as `GET /runs` lists it: its jobs without their output. */
+export interface RunSummary {
+  id: string;
+  event_id: string;
+  event_name: string;
+  status: RunStatus;
+  created_at: string | null;
+  finished_at: string | null;
+  trigger: "manual" | "schedule";
+  counts: RunCounts;
+  jobs: Array<Pick<Job, "id" | "agent_id" | "server_id" | "status" | "attempt" | "exit_code" | "reason" | "started_at" | "finished_at">>;
+}
+
+export interface Server {
+  id: string;
+  owner_id: string;
+  name: string;
+  address: string;
+  labels: Labels;
+  connection: "agent" | "ssh";
+  agent_id: string | null;
+  ssh: { host: string; port: number; username: string; auth: "key" | "password"; host_key: string | null } | null;
+  created_at: string;
+}
+
+export interface ServerInput {
+  name: string;
+  address?: string;
+  labels?: Labels;
+  connection: "agent" | "ssh";
+  agent_id?: string;
+  ssh?: {
+    host: string;
+    port?: number;
+    username: string;
+    auth: "key" | "password";
+    private_key?: string;
+    passphrase?: string;
+    password?: string;
+  };
+}
+
+export interface EnrollmentToken {
+  token: string;
+  install_command: string;
+  enroll_command?: string;
+  ca_sha256: string;
+  expires_at: string | null;
+}
+
+/** One line of `POST /servers/{id}/install-agent`'s progress. */
+export interface InstallProgress {
+  type: "step" | "output" | "done" | "failed";
+  step?: string;
+  message?: string;
+  stream?: string;
+  line?: string;
+  agent_id?: string;
+  agent_name?: string;
+}
+
+const id = encodeURIComponent;
+
+export const listEvents = (): Promise<CronEvent[]> => request("GET", "/events");
+export const fetchEvent = (eventId: string): Promise<CronEvent> => request("GET", `/events/${id(eventId)}`);
+export const createEvent = (body: EventInput): Promise<CronEvent> => request("POST", "/events", body);
+export const updateEvent = (eventId: string, body: EventInput): Promise<CronEvent> =>
+  request("PATCH", `/events/${id(eventId)}`, body);
+export const deleteEvent = (eventId: string): Promise<null> => request("DELETE", `/events/${id(eventId)}`);
+export const triggerRun = (
+  eventId: string,
+  input: unknown,
+): Promise<{ run_id: string; jobs: Array<{ id: string; agent_id?: string | null }> }> =>
+  request("POST", `/events/${id(eventId)}/runs`, input === undefined ? {} : { input });
+export const previewSchedule = (schedule: { cron: string; timezone: string; count: number }): Promise<{
+  fire_times: FireTime[];
+}> => request("POST", "/schedules/preview", schedule);
+
+export function listRuns(filters: { status?: RunStatus; event_id?: string; limit?: number } = {}): Promise<RunSummary[]> {
+  const query = new URLSearchParams();
+  for (const [key, value] of Object.entries(filters)) {
+    if (value !== undefined && value !== "") {
+      query.set(key, String(value));
+    }
+  }
+  const text = query.toString();
+  return request("GET", `/runs${text === "" ? "" : `?${text}`}`);
+}
+/** A run; `withOutput: false` leaves the jobs' output out (for polling statuses). */
+export const fetchRun = (runId: string, withOutput = true): Promise<Run> =>
+  request("GET", `/runs/${id(runId)}${withOutput ? "" : "?output=false"}`);
+export const fetchJob = (jobId: string): Promise<Job> => request("GET", `/jobs/${id(jobId)}`);
+export const cancelJob = (jobId: string): Promise<Job> => request("POST", `/jobs/${id(jobId)}/cancel`);
+export const jobLogUrl = (jobId: string, follow: boolean, from = 0): string =>
+  `${API_BASE}/jobs/${id(jobId)}/logs${follow ? `?follow=true&from=${from}` : ""}`;
+
+export const listServers = (): Promise<Server[]> => request("GET", "/servers");
+export const createServer = (body: ServerInput): Promise<Server> => request("POST", "/servers", body);
+export const deleteServer = (serverId: string): Promise<null> => request("DELETE", `/servers/${id(serverId)}`);
+export const createEnrollmentToken = (body: { labels?: Labels; uses?: number; ttl_seconds?: number }): Promise<EnrollmentToken> =>
+  request("POST", "/enrollment-tokens", body);
+
+/**
+ * Installs the agent on an SSH server: calls `onLine` with each progress line as it arrives and
+ * resolves with the last one (`done` or `failed`).
+ */
+export interface InstallOptions {
+  /** systemd (a hardened unit; needs root or passwordless sudo) or detached (no systemd). */
+  service?: "systemd" | "detached";
+  /** Install under this absolute path instead of /usr/local. */
+  prefix?: string;
+}
+
+export async function installAgent(
+  serverId: string,
+  options: InstallOptions,
+  onLine: (line: InstallProgress) => void,
+): Promise<InstallProgress> {
+  let response: Response;
+  try {
+    response = await fetch(`${API_BASE}/servers/${id(serverId)}/install-agent`, {
+      method: "POST",
+      headers: { Accept: "application/x-ndjson", "Content-Type": "application/json", ...csrfHeader() },
+      credentials: "same-origin",
+      body: JSON.stringify(options),
+    });
+  } catch (error) {
+    throw new ApiError(0, "network", `the control plane cannot be reached (${String(error)})`);
+  }
+  if (!response.ok || response.body === null) {
+    throw await errorFrom(response);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  let last: InstallProgress = { type: "failed", message: "the install stream ended without a result" };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (value !== undefined) {
+      buffered += value;
+    }
+    let newline = buffered.indexOf("\n");
+    while (newline >= 0 || (done && buffered.trim() !== "")) {
+      const line = newline >= 0 ? buffered.slice(0, newline) : buffered;
+      buffered = newline >= 0 ? buffered.slice(newline + 1) : "";
+      if (line.trim() !== "") {
+        const parsed = JSON.parse(line) as InstallProgress;
+        onLine(parsed);
+        if (parsed.type === "done" || parsed.type === "failed") {
+          last = parsed;
+        }
+      }
+      newline = buffered.indexOf("\n");
+    }
+    if (done) {
+      return last;
+    }
+  }
 }

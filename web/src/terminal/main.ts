@@ -106,7 +106,7 @@ function fail(message: string): void {
       "div",
       { class: "page" },
       el("p", { class: "form-error", role: "alert" }, message),
-      el("p", {}, el("a", { href: "./" }, "Back to the agents")),
+      el("p", {}, el("a", { href: "./#/servers" }, "Back to the agents")),
     ),
   );
 }
@@ -133,7 +133,7 @@ class TerminalPage {
     const bar = el(
       "header",
       { class: "statusbar", "aria-label": "Terminal status" },
-      el("a", { href: "./", class: "brand", title: "Back to the agents" }, "Cronium"),
+      el("a", { href: "./#/servers", class: "brand", title: "Back to the agents" }, "Cronium"),
       el("span", { class: "field" }, el("span", { class: "muted" }, "agent "), el("strong", { id: "status-agent" }, agent.name)),
       el("span", { class: "field" }, el("span", { class: "muted" }, "session "), this.sessionLabel),
       el("span", { class: "field" }, el("span", { id: "status-state", class: "state", "aria-live": "polite" })),

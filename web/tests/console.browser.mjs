@@ -1,0 +1,601 @@
+// The console (the app shell under /ui/) in a real browser (Debian's Chromium, driven by
+// playwright-core) against a real control plane and agent:
+//   - an admin logs in through the form and sees the dashboard, the agent on the servers page
+//     (with an install command from "Add server"; an SSH server added with a password that is
+//     never shown; another one installed over SSH through a real sshd, its progress streamed
+//     live, its private key never shown), creates an event in the editor (CodeMirror script, agent target with its
+//     preview, a schedule with the server's preview of the next runs, a variable and a secret),
+//     sees an invalid cron refused next to its field, runs the event and watches its log
+//     stream live (a line shows while the job is still running, ANSI colours as spans), runs it
+//     again with JSON input and cancels it, and finds both runs on the dashboard and the runs
+//     page; dark and light themes both render;
+//   - a viewer sees the same pages without any button that changes things, and the API refuses
+//     the viewer's direct attempt (403).
+// Every page is screenshotted into the artifacts directory (console-*.png), and no page may
+// break its Content-Security-Policy.
+//
+// Run by tests/tests/browser.rs, which starts the control plane and an agent. Environment:
+//   CRONIUM_URL               the control plane's base URL (http://127.0.0.1:PORT)
+//   CRONIUM_USERNAME          an admin
+//   CRONIUM_PASSWORD          the admin's password
+//   CRONIUM_VIEWER_USERNAME   a viewer
+//   CRONIUM_VIEWER_PASSWORD   the viewer's password
+//   CRONIUM_AGENT_NAME        the (online) agent's name
+//   CRONIUM_SSH_PORT, CRONIUM_SSH_USER, CRONIUM_SSH_PRIVATE_KEY
+//                             an sshd on 127.0.0.1 the agent is installed through
+//   CRONIUM_SSH_PREFIX        where the installer puts the agent on that "host" (detached)
+//   CRONIUM_TEST_ARTIFACTS    where screenshots go (default: target/test-artifacts/)
+//   CRONIUM_BROWSER_PROFILE   an empty directory for Chromium's profile (default: a new temp dir,
+//                             removed at the end)
+//   CHROMIUM                  the browser (default: /usr/bin/chromium)
+// Exits 0 when everything worked; otherwise prints which step failed and why, and exits 1.
+
+import { mkdirSync, mkdtempSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const STEP_TIMEOUT_MS = 30_000;
+
+function required(name) {
+  const value = process.env[name];
+  if (value === undefined || value === "") {
+    console.error(`console.browser: ${name} is not set`);
+    process.exit(2);
+  }
+  return value;
+}
+
+const baseUrl = required("CRONIUM_URL").replace(/\/$/, "");
+const admin = { username: required("CRONIUM_USERNAME"), password: required("CRONIUM_PASSWORD") };
+const viewer = { username: required("CRONIUM_VIEWER_USERNAME"), password: required("CRONIUM_VIEWER_PASSWORD") };
+const agentName = required("CRONIUM_AGENT_NAME");
+// A real sshd the agent is installed through (key login as the test's user, detached service
+// under a prefix, since the test is not a systemd host).
+const ssh = {
+  port: required("CRONIUM_SSH_PORT"),
+  user: required("CRONIUM_SSH_USER"),
+  privateKey: required("CRONIUM_SSH_PRIVATE_KEY"),
+  prefix: required("CRONIUM_SSH_PREFIX"),
+};
+const here = dirname(fileURLToPath(import.meta.url));
+const artifacts = resolve(process.env.CRONIUM_TEST_ARTIFACTS ?? join(here, "../../target/test-artifacts"));
+const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+mkdirSync(artifacts, { recursive: true });
+const ownProfile = process.env.CRONIUM_BROWSER_PROFILE === undefined;
+const profile = ownProfile ? mkdtempSync(join(tmpdir(), "cronium-chromium-")) : process.env.CRONIUM_BROWSER_PROFILE;
+// The job waits for this file before it prints its second line: the test sees the first line
+// while the job is still running, then lets it finish.
+const gateDir = mkdtempSync(join(tmpdir(), "cronium-console-gate-"));
+const gate = join(gateDir, "go");
+
+const EVENT_NAME = "browser-hello";
+const SECRET_VALUE = "hunter2-browser";
+const SSH_PASSWORD = "ssh-password-never-shown";
+const SCRIPT = [
+  "printf '\\033[31mred-%s\\033[0m plain\\n' \"$((6*7))\"",
+  "printf '\\033[1;38;5;208mbold-orange\\033[0m \\033[2Jcleared\\n'",
+  "printf 'progress 1\\rprogress 2\\n'",
+  'echo "greeting=$GREETING secret-length=${#API_TOKEN}"',
+  "echo first-line",
+  `while [ ! -e ${gate} ]; do sleep 0.1; done`,
+  "echo second-line",
+].join("\n");
+
+/** Console messages and page errors, shown when a step fails. */
+const browserLog = [];
+/** Content-Security-Policy violations: no page may need anything the policy forbids. */
+const violations = [];
+let page;
+let context;
+
+async function step(name, action) {
+  const started = Date.now();
+  try {
+    const result = await action();
+    console.log(`ok   ${name} (${Date.now() - started} ms)`);
+    return result;
+  } catch (error) {
+    throw new Error(`step "${name}" failed: ${error instanceof Error ? error.message : String(error)}`);
+  }
+}
+
+async function shot(name) {
+  // The sidebar is sticky: from the top, a full-page screenshot shows it where it belongs.
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.screenshot({ path: join(artifacts, `console-${name}.png`), fullPage: true });
+}
+
+/** Goes to a console route and waits for its title. */
+async function go(hash, title) {
+  await page.goto(`${baseUrl}/ui/${hash}`);
+  await page.locator("#page-title", { hasText: title }).waitFor();
+}
+
+async function text(selector) {
+  return (await page.locator(selector).first().textContent()) ?? "";
+}
+
+/** Fails if the page's DOM (text, attributes or form values) contains `secret`. */
+async function expectNotRendered(secret, where) {
+  const found = await page.evaluate((wanted) => {
+    if (document.documentElement.outerHTML.includes(wanted)) {
+      return "the markup";
+    }
+    for (const field of document.querySelectorAll("input, textarea")) {
+      if (field.value.includes(wanted)) {
+        return `the value of ${field.id || field.className || field.tagName}`;
+      }
+    }
+    return null;
+  }, secret);
+  if (found !== null) {
+    throw new Error(`${where}: a secret is rendered in ${found}`);
+  }
+}
+
+async function logIn(user) {
+  await page.goto(`${baseUrl}/ui/`);
+  await page.locator("#login-username").waitFor();
+  await page.locator("#login-username").fill(user.username);
+  await page.locator("#login-password").fill(user.password);
+  await page.locator("#login-password").press("Enter");
+  await page.locator("#page-title", { hasText: "Dashboard" }).waitFor();
+  const shown = await text("#whoami-name");
+  if (shown !== user.username) {
+    throw new Error(`the sidebar names ${JSON.stringify(shown)}, expected ${user.username}`);
+  }
+}
+
+async function logOut() {
+  await page.locator("#logout").click();
+  await page.locator("#login-username").waitFor();
+}
+
+/** Waits for the selected job's log to contain `wanted`. */
+async function waitForLog(wanted) {
+  try {
+    await page.locator(".log-lines", { hasText: wanted }).waitFor({ timeout: STEP_TIMEOUT_MS });
+  } catch {
+    throw new Error(`the log never showed ${JSON.stringify(wanted)}; it shows ${JSON.stringify(await text(".log-lines"))}`);
+  }
+}
+
+async function adminSteps() {
+  await step("the login page", async () => {
+    await page.goto(`${baseUrl}/ui/`);
+    await page.locator("#login-username").waitFor();
+    await shot("login");
+  });
+  await step("a wrong password is refused with the API's message", async () => {
+    await page.locator("#login-username").fill(admin.username);
+    await page.locator("#login-password").fill("not-the-password");
+    await page.locator("#login-password").press("Enter");
+    await page.locator(".login .form-error:not(:empty)").waitFor();
+  });
+  await step("log in as the admin: the dashboard", async () => {
+    await logIn(admin);
+    await page.locator("#stats .stat-ok .stat-value", { hasText: "1" }).waitFor();
+    await page.locator("#recent-runs .empty").waitFor();
+    await shot("dashboard-empty");
+  });
+
+  await step("servers: the agent is online with an Open terminal link", async () => {
+    await go("#/servers", "Servers");
+    const row = page.locator("table.agents tr", { hasText: agentName });
+    await row.locator(".badge-online").waitFor();
+    const href = await row.locator("a", { hasText: "Open terminal" }).getAttribute("href");
+    if (!href?.startsWith("terminal?agent=")) {
+      throw new Error(`the terminal link is ${href}`);
+    }
+    await shot("servers");
+  });
+  await step("Add server: a one-line install command with a copy button", async () => {
+    await page.locator("#add-server").click();
+    await page.locator("#enroll-labels").fill("env=browser");
+    await page.locator("#panel-command button[type=submit]").click();
+    await page.locator("#install-command").waitFor();
+    const command = await text("#install-command");
+    if (!command.includes("install.sh")) {
+      throw new Error(`the install command is ${JSON.stringify(command)}`);
+    }
+    await page.locator(".install-command button.copy").waitFor();
+    await shot("add-server-command");
+  });
+  await step("Add server over SSH: the password is sent, never shown", async () => {
+    await page.locator("#tab-ssh").click();
+    await page.locator("#ssh-name").fill("ssh-box");
+    await page.locator("#ssh-host").fill("192.0.2.10");
+    await page.locator("#ssh-username").fill("deploy");
+    await page.locator("#ssh-auth").selectOption("password");
+    await page.locator("#ssh-password").fill(SSH_PASSWORD);
+    // Installing needs a reachable host; here the server is only added.
+    await page.locator("#ssh-install").uncheck();
+    await shot("add-server-ssh");
+    await page.locator("#ssh-submit").click();
+    await page.locator("#install-progress", { hasText: "Added ssh-box" }).waitFor();
+    await expectNotRendered(SSH_PASSWORD, "the SSH form after adding");
+    await page.keyboard.press("Escape");
+    await page.locator("dialog").waitFor({ state: "detached" });
+    await page.locator("tr[data-server-id]", { hasText: "ssh-box" }).waitFor();
+    await expectNotRendered(SSH_PASSWORD, "the servers page");
+  });
+
+  await step("Add server over SSH and install the agent: progress streams live", async () => {
+    await page.locator("#add-server").click();
+    await page.locator("#tab-ssh").click();
+    await page.locator("#ssh-name").fill("ssh-installed");
+    await page.locator("#ssh-host").fill("127.0.0.1");
+    await page.locator("#ssh-port").fill(ssh.port);
+    await page.locator("#ssh-username").fill(ssh.user);
+    await page.locator("#ssh-auth").selectOption("key");
+    await page.locator("#ssh-private-key").fill(ssh.privateKey);
+    await page.locator("#ssh-labels").fill("site=lab");
+    await page.locator("#install-service").selectOption("detached");
+    await page.locator("#install-prefix").fill(ssh.prefix);
+    await page.locator("#ssh-submit").click();
+    await page.locator('#install-progress li[data-step="connect"]').waitFor();
+    // The key left with the request: the form no longer holds it, the page never shows it.
+    const keyLine = ssh.privateKey.split("\n").find((line) => line.length > 40 && !line.startsWith("-----"));
+    await expectNotRendered(keyLine, "the SSH form during the install");
+    await shot("add-server-ssh-installing");
+    await page.locator("#install-progress[data-state=done], #install-progress[data-state=failed]").waitFor({ timeout: 240_000 });
+    const state = await page.locator("#install-progress").getAttribute("data-state");
+    if (state !== "done") {
+      throw new Error(`the install failed: ${await text("#install-progress")}`);
+    }
+    const steps = await page.locator("#install-progress li").evaluateAll((items) => items.map((item) => item.dataset.step));
+    for (const wanted of ["connect", "upload", "install", "wait", "switch"]) {
+      if (!steps.includes(wanted)) {
+        throw new Error(`no ${wanted} step among ${steps.join(", ")}`);
+      }
+    }
+    if ((await text("#install-progress pre.install-output")).trim() === "") {
+      throw new Error("the installer's own output lines were not shown");
+    }
+    await shot("add-server-ssh-installed");
+    await page.keyboard.press("Escape");
+    await page.locator("dialog").waitFor({ state: "detached" });
+    await page.locator("table.agents tr", { hasText: "ssh-installed" }).locator(".badge-online").waitFor();
+    await page.locator("tr[data-server-id]", { hasText: "ssh-installed" }).locator("td", { hasText: /^agent/ }).waitFor();
+    await expectNotRendered(keyLine, "the servers page");
+    await shot("servers-installed");
+  });
+
+  await step("events: the empty state leads to the editor", async () => {
+    await go("#/events", "Events");
+    await page.locator(".empty").waitFor();
+    await shot("events-empty");
+    await page.locator("#new-event").click();
+    await page.locator("#page-title", { hasText: "New event" }).waitFor();
+    await page.locator("#event-script[data-ready=true] .cm-content").waitFor();
+  });
+  await step("the editor: script in CodeMirror, target preview, schedule preview", async () => {
+    await page.locator("#event-name").fill(EVENT_NAME);
+    await page.locator("#event-kind").selectOption("bash");
+    await page.locator("#event-script .cm-content").click();
+    await page.keyboard.press("Control+A");
+    await page.keyboard.insertText(SCRIPT);
+    const highlighted = await page.locator("#event-script .cm-line span").count();
+    if (highlighted === 0) {
+      throw new Error("the bash script has no highlighted tokens");
+    }
+    // Both agents: the cluster's and the one installed over SSH above (a fan-out run).
+    await page.locator("#target-agents label", { hasText: agentName }).locator("input").check();
+    await page.locator("#target-preview", { hasText: `Runs on 1 host: ${agentName}` }).waitFor();
+    await page.locator("#target-agents label", { hasText: "ssh-installed" }).locator("input").check();
+    const hosts = [agentName, "ssh-installed"].sort().join(", ");
+    await page.locator("#target-preview", { hasText: `Runs on 2 hosts: ${hosts}` }).waitFor();
+    await page.locator("#schedule-enabled").check();
+    await page.locator("#schedule-timezone").fill("UTC");
+    await page.locator("#schedule-cron").fill("not a cron");
+    await page.locator("#error-schedule-cron:not(:empty)").waitFor();
+    // Once a year: no scheduled run joins the manual ones this test counts.
+    await page.locator("#schedule-cron").fill("0 3 1 1 *");
+    await page.locator("#schedule-preview li").nth(4).waitFor();
+    const first = await text("#schedule-preview li");
+    if (!first.includes("(UTC)")) {
+      throw new Error(`the first fire time reads ${JSON.stringify(first)}`);
+    }
+    await page.locator("#add-env").click();
+    await page.locator("#env-rows .env-key").last().fill("GREETING");
+    await page.locator("#env-rows .env-value").last().fill("hi");
+    await page.locator("#add-secret").click();
+    await page.locator("#secret-env .secret-key").last().fill("API_TOKEN");
+    await page.locator("#secret-env .secret-value").last().fill(SECRET_VALUE);
+    await shot("event-editor-new");
+  });
+  await step("saving an invalid schedule shows the API's error next to the field", async () => {
+    await page.locator("#schedule-cron").fill("61 * * * *");
+    await page.locator("#save-event").click();
+    await page.locator('.field.invalid[data-field="schedule.cron"]').waitFor();
+    await page.locator("#form-error:not(:empty)").waitFor();
+    await shot("event-editor-field-error");
+    await page.locator("#schedule-cron").fill("0 3 1 1 *");
+  });
+  await step("save: the event is created; the secret comes back as a name only", async () => {
+    await page.locator("#save-event").click();
+    await page.locator("#saved", { hasText: "Created." }).waitFor();
+    await page.locator("#page-title", { hasText: EVENT_NAME }).waitFor();
+    await page.locator('#secret-rows [data-secret="API_TOKEN"]').waitFor();
+    await page.locator("#event-script[data-ready=true] .cm-content", { hasText: "second-line" }).waitFor();
+    await expectNotRendered(SECRET_VALUE, "the saved event");
+    await shot("event-editor");
+  });
+  await step("the events list shows it and filters", async () => {
+    await go("#/events", "Events");
+    await page.locator("tr[data-event-id]", { hasText: EVENT_NAME }).waitFor();
+    await page.locator("#events-filter").fill("no-such-event");
+    await page.locator(".empty", { hasText: "No event matches" }).waitFor();
+    await page.locator("#events-filter").fill("hello");
+    await page.locator("tr[data-event-id]", { hasText: EVENT_NAME }).waitFor();
+    await shot("events");
+    await page.locator("tr[data-event-id] a", { hasText: EVENT_NAME }).click();
+    await page.locator("#run-now").waitFor();
+  });
+
+  await step("Run now: the run page streams the log live", async () => {
+    await page.locator("#run-now").click();
+    await page.locator("#run-input").waitFor();
+    await page.locator("#run-confirm").click();
+    await page.locator("#page-title", { hasText: /^Run( of .*)?$/ }).waitFor();
+    await waitForLog("first-line");
+    // The job waits for the gate, so the line above arrived while it ran: live, not replayed.
+    await page.locator('#job-facts .badge[data-status="running"]').waitFor();
+    await page.locator("#log-state.live").waitFor();
+    if ((await text(".log-lines")).includes("second-line")) {
+      throw new Error("the job went past its gate before the test opened it");
+    }
+    await shot("run-live");
+    const red = page.locator(".log-line span.ansi-fg-1", { hasText: "red-42" });
+    if ((await red.count()) !== 1) {
+      throw new Error(`no red span for the ANSI colour; the log is ${JSON.stringify(await text(".log-lines"))}`);
+    }
+    const orange = page.locator(".log-line span.ansi-bold", { hasText: "bold-orange" });
+    const colour = await orange.evaluate((span) => span.style.color);
+    if (colour !== "rgb(255, 135, 0)") {
+      throw new Error(`the 256-colour span is ${JSON.stringify(colour)}`);
+    }
+    const lines = await page.locator(".log-line").allTextContents();
+    if (!lines.includes("bold-orange cleared") || !lines.includes("progress 2")) {
+      throw new Error(`escape sequences or the carriage return were not handled: ${JSON.stringify(lines)}`);
+    }
+    await waitForLog(`greeting=hi secret-length=${SECRET_VALUE.length}`);
+    await expectNotRendered(SECRET_VALUE, "the run page");
+  });
+  await step("the job ends: second line, exit code 0, completed", async () => {
+    writeFileSync(gate, "");
+    await waitForLog("second-line");
+    await page.locator('#job-log[data-ended="true"]').waitFor();
+    await page.locator('#job-facts .badge[data-status="completed"]').waitFor();
+    await page.locator("#job-facts", { hasText: "exit code 0" }).waitFor();
+    await page.locator('#run-status .badge[data-status="completed"]').waitFor();
+    await page.locator("#log-search").fill("SECOND");
+    await page.locator("#log-matches", { hasText: "1 matching line" }).waitFor();
+    const visible = await page.locator(".log-line:not(.filtered-out)").allTextContents();
+    if (visible.length !== 1 || visible[0] !== "second-line") {
+      throw new Error(`the log filter shows ${JSON.stringify(visible)}`);
+    }
+    await page.locator("#log-search").fill("");
+    const download = await page.locator("#download-log").getAttribute("href");
+    if (!download?.match(/^\/api\/v1\/jobs\/[^/]+\/logs$/)) {
+      throw new Error(`the download link is ${download}`);
+    }
+    await shot("run-completed");
+  });
+  await step("the per-host matrix: both hosts completed, the other host's log", async () => {
+    const rows = page.locator("table.matrix tr[data-job-id]");
+    if ((await rows.count()) !== 2) {
+      throw new Error(`the matrix has ${await rows.count()} rows, expected 2`);
+    }
+    await page.locator('table.matrix tr[data-job-id] .badge[data-status="completed"]').nth(1).waitFor();
+    const before = await text("#log-title");
+    const other = page.locator("table.matrix tr[data-job-id]:not(.selected)");
+    const otherId = await other.getAttribute("data-job-id");
+    await other.locator("button", { hasText: "Show log" }).click();
+    await page.locator(`#job-log[data-job-id="${otherId}"][data-ended="true"]`).waitFor();
+    const after = await text("#log-title");
+    if (after === before) {
+      throw new Error(`the log heading stayed ${JSON.stringify(before)}`);
+    }
+    await waitForLog("second-line");
+    await shot("run-matrix");
+  });
+  await step("Run again with JSON input, then cancel it while it runs", async () => {
+    unlinkSync(gate);
+    await go("#/events", "Events");
+    await page.locator("tr[data-event-id] a", { hasText: EVENT_NAME }).click();
+    await page.locator("#run-now").click();
+    await page.locator("#run-input").fill("{not json");
+    await page.locator("#run-confirm").click();
+    await page.locator("dialog .form-error", { hasText: "not JSON" }).waitFor();
+    await page.locator("#run-input").fill('{"who": "browser"}');
+    await page.locator("#run-confirm").click();
+    await page.locator("#page-title", { hasText: /^Run( of .*)?$/ }).waitFor();
+    await page.locator("pre.input", { hasText: '"who": "browser"' }).waitFor();
+    await waitForLog("first-line");
+    await page.locator('#job-facts button[data-action="cancel"]').click();
+    await page.locator('#job-facts .badge[data-status="cancelled"]').waitFor();
+    // The other host's job still waits at the gate: cancel it from the matrix.
+    const waiting = page.locator('table.matrix tr[data-job-id]:not(.selected) [data-action="cancel"]');
+    await waiting.click();
+    await page.locator('table.matrix tr[data-job-id]:not(.selected) .badge[data-status="cancelled"]').waitFor();
+    await page.locator('#run-status .badge[data-status="cancelled"]').waitFor();
+    await page.locator("#rerun-failed", { hasText: "Re-run 2 failed hosts" }).waitFor();
+    await shot("run-cancelled");
+  });
+  await step("the dashboard lists both runs", async () => {
+    await go("#/", "Dashboard");
+    await page.locator('#recent-runs tr[data-run-id] .badge[data-status="completed"]').waitFor();
+    await page.locator('#recent-runs tr[data-run-id] .badge[data-status="cancelled"]').waitFor();
+    const rows = await page.locator("#recent-runs tr[data-run-id]", { hasText: EVENT_NAME }).count();
+    if (rows !== 2) {
+      throw new Error(`the dashboard lists ${rows} runs of ${EVENT_NAME}, expected 2`);
+    }
+    await page.locator("#upcoming tr", { hasText: EVENT_NAME }).waitFor();
+    await shot("dashboard");
+  });
+  await step("the runs page filters by status", async () => {
+    await go("#/runs", "Runs");
+    await page.locator("tr[data-run-id]").nth(1).waitFor();
+    await page.locator("#runs-status").selectOption("cancelled");
+    await page.locator('tr[data-run-id] .badge[data-status="cancelled"]').waitFor();
+    await page.waitForFunction(() => document.querySelectorAll("tr[data-run-id]").length === 1);
+    await shot("runs");
+  });
+  await step("the theme toggle switches between dark and light", async () => {
+    const before = await page.evaluate(() => document.documentElement.dataset.theme);
+    await page.locator("#theme-toggle").click();
+    const after = await page.evaluate(() => document.documentElement.dataset.theme);
+    if (before === after || !["dark", "light"].includes(after ?? "")) {
+      throw new Error(`the theme went from ${before} to ${after}`);
+    }
+    await go("#/", "Dashboard");
+    await shot(`dashboard-${after}`);
+    await page.locator("#theme-toggle").click();
+  });
+  await step("keyboard: Tab reaches the navigation from the skip link", async () => {
+    await page.reload();
+    await page.locator("#page-title", { hasText: "Dashboard" }).waitFor();
+    await page.keyboard.press("Tab");
+    const first = await page.evaluate(() => document.activeElement?.textContent ?? "");
+    if (first !== "Skip to content") {
+      throw new Error(`the first Tab stop is ${JSON.stringify(first)}`);
+    }
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Tab");
+    await page.keyboard.press("Enter");
+    await page.locator("#page-title", { hasText: "Servers" }).waitFor();
+  });
+  await step("log out", logOut);
+}
+
+async function viewerSteps() {
+  await step("log in as the viewer: read-only", async () => {
+    await logIn(viewer);
+    await page.locator("#read-only-note").waitFor();
+    await shot("viewer-dashboard");
+  });
+  await step("the viewer sees servers and agents but no Add server", async () => {
+    await go("#/servers", "Servers");
+    await page.locator("table.agents tr", { hasText: agentName }).waitFor();
+    // Servers belong to their owner: the admin's SSH server is not the viewer's to see.
+    await page.locator("#servers .empty").waitFor();
+    if ((await page.locator("#add-server").count()) !== 0) {
+      throw new Error("the viewer has an Add server button");
+    }
+    if ((await page.locator("table.agents a", { hasText: "Open terminal" }).count()) !== 0) {
+      throw new Error("the viewer has Open terminal links (viewers cannot open terminals)");
+    }
+    if ((await page.locator(".page-body button").count()) !== 0) {
+      throw new Error("the viewer has buttons on the servers page");
+    }
+    await shot("viewer-servers");
+  });
+  await step("the viewer gets no New event, and the editor refuses", async () => {
+    await go("#/events", "Events");
+    await page.locator(".empty").waitFor();
+    if ((await page.locator("#new-event").count()) !== 0) {
+      throw new Error("the viewer has a New event button");
+    }
+    await shot("viewer-events");
+    await go("#/events/new", "New event");
+    await page.locator(".form-error", { hasText: "Viewers cannot create events" }).waitFor();
+    if ((await page.locator("#save-event, #run-now, #delete-event").count()) !== 0) {
+      throw new Error("the viewer has change buttons in the editor");
+    }
+  });
+  await step("the viewer's runs page has no run buttons", async () => {
+    await go("#/runs", "Runs");
+    await page.locator(".empty, table.runs").first().waitFor();
+    if ((await page.locator("#run-again, #rerun-failed, [data-action=cancel]").count()) !== 0) {
+      throw new Error("the viewer has run buttons");
+    }
+    await shot("viewer-runs");
+  });
+  await step("a direct API call by the viewer is refused with 403", async () => {
+    const answer = await page.evaluate(async () => {
+      const me = await (await fetch("/api/v1/auth/me")).json();
+      const response = await fetch("/api/v1/events", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": me.csrf_token },
+        body: JSON.stringify({ name: "viewer-made", kind: "bash", script: "true" }),
+      });
+      return { status: response.status, body: await response.text() };
+    });
+    if (answer.status !== 403) {
+      throw new Error(`POST /events as the viewer answered ${answer.status}: ${answer.body}`);
+    }
+  });
+  await step("log out", logOut);
+}
+
+async function main() {
+  context = await step("launch Chromium", () =>
+    chromium.launchPersistentContext(profile, {
+      executablePath,
+      headless: true,
+      viewport: { width: 1280, height: 800 },
+      colorScheme: "dark",
+      args: [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+      timeout: STEP_TIMEOUT_MS,
+    }),
+  );
+  page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+  page.on("console", (message) => {
+    const text = `console.${message.type()}: ${message.text()}`;
+    browserLog.push(text);
+    if (message.text().includes("Content Security Policy")) {
+      violations.push(message.text());
+    }
+  });
+  page.on("pageerror", (error) => browserLog.push(`page error: ${error.message}`));
+  // Confirmation dialogs (none expected on the paths above) are accepted.
+  page.on("dialog", (dialog) => void dialog.accept());
+
+  await adminSteps();
+  await viewerSteps();
+  if (violations.length > 0) {
+    throw new Error(`a page broke its Content-Security-Policy:\n${violations.join("\n")}`);
+  }
+  const errors = browserLog.filter((line) => line.startsWith("page error"));
+  if (errors.length > 0) {
+    throw new Error(`the pages threw:\n${errors.join("\n")}`);
+  }
+}
+
+let failure = null;
+try {
+  await main();
+} catch (error) {
+  failure = error instanceof Error ? error.message : String(error);
+  if (page !== undefined) {
+    await page.screenshot({ path: join(artifacts, "console-failure.png"), fullPage: true }).catch(() => {});
+  }
+} finally {
+  await context?.close().catch(() => {});
+  if (ownProfile) {
+    rmSync(profile, { recursive: true, force: true });
+  }
+  rmSync(gateDir, { recursive: true, force: true });
+}
+if (failure !== null) {
+  console.error(`FAILED: ${failure}`);
+  if (browserLog.length > 0) {
+    console.error(`browser console:\n  ${browserLog.slice(-30).join("\n  ")}`);
+  }
+  console.error(`screenshots: ${artifacts}`);
+  process.exit(1);
+}
+console.log(`console: all steps passed; screenshots in ${artifacts}`);
