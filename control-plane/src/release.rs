@@ -22,10 +22,10 @@ use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.
-const SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
+// What the agent's self-updater checks is checked the same way here: the public key's format
+// and the version order come from `cronium_agent::update::verify`.
+pub use cronium_agent::update::verify::compare_versions;
+use cronium_agent::update::verify::{self as agent_verify, SPKI_PREFIX, pem_body};
 
 /// DER prefix of an ed25519 PKCS#8 v1 private key (RFC 8410); the 32 seed bytes follow.
 const PKCS8_PREFIX: [u8; 16] = [
@@ -119,32 +119,14 @@ pub struct PublicKey(VerifyingKey);
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo PEM, or the raw 32 bytes as base64 or hex.
     pub fn parse(text: &str) -> anyhow::Result<PublicKey> {
-        let text = text.trim();
         if text.contains("PRIVATE KEY") {
             bail!(
                 "this is a PRIVATE key; the control plane needs only the public key (cronium release keygen writes it as {KEYGEN_PUBLIC})"
             );
         }
-        let raw = if text.starts_with("-----") {
-            let der = pem_body(text, "PUBLIC KEY")
-                .context("not a PEM public key (-----BEGIN PUBLIC KEY-----)")?;
-            der.strip_prefix(&SPKI_PREFIX[..])
-                .map(<[u8]>::to_vec)
-                .context("not an ed25519 public key")?
-        } else if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
-            hex::decode(text)?
-        } else {
-            STANDARD
-                .decode(text)
-                .context("not a PEM, hex or base64 public key")?
-        };
-        let raw: [u8; 32] = raw
-            .as_slice()
-            .try_into()
-            .context("an ed25519 public key has 32 bytes")?;
-        Ok(PublicKey(
-            VerifyingKey::from_bytes(&raw).context("not a valid ed25519 public key")?,
-        ))
+        let key =
+            agent_verify::ReleaseKey::parse(text).map_err(|error| anyhow::anyhow!("{error}"))?;
+        Ok(PublicKey(*key.verifying_key()))
     }
 
     /// Reads a public key file.
@@ -191,15 +173,6 @@ fn pem(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
-}
-
-fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    let body: String = text[start..stop].split_whitespace().collect();
-    STANDARD.decode(body).ok()
 }
 
 /// What a release manifest says about one binary; signed next to it.
@@ -269,7 +242,7 @@ impl Manifest {
 
 /// A version: `MAJOR.MINOR.PATCH` with an optional `-pre` and `+build` of `[0-9A-Za-z.-]`.
 pub fn check_version(version: &str) -> anyhow::Result<()> {
-    if parse_version(version).is_none() {
+    if !agent_verify::is_version(version) {
         bail!("{version:?} is not a version of the form MAJOR.MINOR.PATCH[-PRE][+BUILD]");
     }
     Ok(())
@@ -287,60 +260,6 @@ pub fn check_target(target: &str) -> anyhow::Result<()> {
         bail!("{target:?} is not a target triple");
     }
     Ok(())
-}
-
-type ParsedVersion<'a> = ([u64; 3], Option<&'a str>);
-
-fn parse_version(version: &str) -> Option<ParsedVersion<'_>> {
-    if version.is_empty() || version.len() > 64 {
-        return None;
-    }
-    let allowed = |text: &str| {
-        !text.is_empty()
-            && text
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
-    };
-    let (rest, build) = match version.split_once('+') {
-        Some((rest, build)) => (rest, Some(build)),
-        None => (version, None),
-    };
-    if build.is_some_and(|build| !allowed(build)) {
-        return None;
-    }
-    let (core, pre) = match rest.split_once('-') {
-        Some((core, pre)) => (core, Some(pre)),
-        None => (rest, None),
-    };
-    if pre.is_some_and(|pre| !allowed(pre)) {
-        return None;
-    }
-    let mut numbers = [0u64; 3];
-    let mut parts = core.split('.');
-    for number in &mut numbers {
-        let part = parts.next()?;
-        if part.is_empty() || !part.chars().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        *number = part.parse().ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some((numbers, pre))
-}
-
-/// Orders two versions by semver precedence (a pre-release sorts before its release; the build
-/// part is ignored). `None` if either is not a version.
-pub fn compare_versions(a: &str, b: &str) -> Option<Ordering> {
-    let (a_core, a_pre) = parse_version(a)?;
-    let (b_core, b_pre) = parse_version(b)?;
-    Some(a_core.cmp(&b_core).then_with(|| match (a_pre, b_pre) {
-        (None, None) => Ordering::Equal,
-        (None, Some(_)) => Ordering::Greater,
-        (Some(_), None) => Ordering::Less,
-        (Some(a), Some(b)) => a.cmp(b),
-    }))
 }
 
 /// Writes `path` through a temp file and a rename, with `mode`.

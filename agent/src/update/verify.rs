@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.
-const SPKI_PREFIX: [u8; 12] = [
+pub const SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
@@ -85,6 +85,11 @@ impl ReleaseKey {
             .map_err(|_| VerifyError::Key("not a valid ed25519 public key".into()))
     }
 
+    /// The key itself.
+    pub fn verifying_key(&self) -> &VerifyingKey {
+        &self.0
+    }
+
     /// Checks a raw detached signature over `message`.
     pub fn verify(
         &self,
@@ -101,7 +106,8 @@ impl ReleaseKey {
     }
 }
 
-fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
+/// The DER inside a PEM block labelled `label`.
+pub fn pem_body(text: &str, label: &str) -> Option<Vec<u8>> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
     let start = text.find(&begin)? + begin.len();
