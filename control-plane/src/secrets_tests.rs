@@ -90,34 +90,7 @@ async fn send(
 
 /// An enrolled agent (rows only; nothing connects).
 async fn agent(running: &Running) -> String {
-    let store = &running.state.store;
-    store
-        .create_enrollment_token(
-            "agent-token",
-            &Default::default(),
-            1,
-            crate::store::now_ms() + 60_000,
-            None,
-        )
-        .await
-        .unwrap();
-    let (agent, _) = store
-        .enroll_agent(crate::store::agents::NewAgent {
-            token_sha256: "agent-token",
-            name: "a1",
-            extra_labels: &Default::default(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .set_agent_certificate(&agent.id, "cert-a1")
-        .await
-        .unwrap();
-    agent.id
+    running.state.store.enroll_test_agent("a1").await.id
 }
 
 const CANARY: &str = "canary-7f3a9c1e-secret";

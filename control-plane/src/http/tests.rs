@@ -730,32 +730,7 @@ async fn host_events_carry_user_and_limits_without_the_docker_pids_default() {
     let api = api().await;
     let token = api.token("admin", Role::Admin).await;
     let store = &api.state().store;
-    store
-        .create_enrollment_token(
-            "token-host",
-            &Default::default(),
-            1,
-            crate::store::now_ms() + 60_000,
-            None,
-        )
-        .await
-        .unwrap();
-    let (agent, _) = store
-        .enroll_agent(crate::store::agents::NewAgent {
-            token_sha256: "token-host",
-            name: "host-agent",
-            extra_labels: &Default::default(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .set_agent_certificate(&agent.id, "cert-host-agent")
-        .await
-        .unwrap();
+    let agent = store.enroll_test_agent("host-agent").await;
 
     // No limits: host jobs get none (not the Docker PIDs default), and no user.
     let body = json!({
@@ -1242,32 +1217,7 @@ async fn runs_list_newest_first_per_owner_with_status_filters() {
     let bob = api.token("bob", Role::User).await;
     let admin = api.token("root", Role::Admin).await;
     let store = &api.state().store;
-    store
-        .create_enrollment_token(
-            "token-runs",
-            &Default::default(),
-            1,
-            crate::store::now_ms() + 60_000,
-            None,
-        )
-        .await
-        .unwrap();
-    let (agent, _) = store
-        .enroll_agent(crate::store::agents::NewAgent {
-            token_sha256: "token-runs",
-            name: "runner",
-            extra_labels: &Default::default(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .set_agent_certificate(&agent.id, "cert-runner")
-        .await
-        .unwrap();
+    let agent = store.enroll_test_agent("runner").await;
 
     // Each user's event, and runs of them: two of alice's, one of bob's.
     let mut run_ids = Vec::new();

@@ -16,7 +16,7 @@ use tower::ServiceExt;
 use super::scheduler::Scheduler;
 use super::{Clock, CompiledSchedule, DstPolicy, Misfire, Overlap, ScheduleSpec};
 use crate::crypto::EncryptionKey;
-use crate::store::agents::{Labels, NewAgent};
+
 use crate::store::events::{EventFields, EventKind, Runtime, Targets};
 use crate::store::schedules::SlotOutcome;
 use crate::store::users::Role;
@@ -316,32 +316,7 @@ async fn harness() -> Harness {
         .await
         .unwrap()
         .id;
-    store
-        .create_enrollment_token(
-            "token",
-            &Labels::new(),
-            1,
-            crate::store::now_ms() + 60_000,
-            None,
-        )
-        .await
-        .unwrap();
-    let (agent, _) = store
-        .enroll_agent(NewAgent {
-            token_sha256: "token",
-            name: "a",
-            extra_labels: &Labels::new(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .set_agent_certificate(&agent.id, "cert-a")
-        .await
-        .unwrap();
+    let agent = store.enroll_test_agent("a").await;
     Harness {
         _dir: dir,
         running,

@@ -248,7 +248,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::agents::NewAgent;
 
     #[tokio::test]
     async fn the_policy_round_trips_and_update_states_follow_announcements() {
@@ -276,27 +275,7 @@ mod tests {
             1
         );
 
-        let labels = Labels::new();
-        store
-            .create_enrollment_token("token-hash", &labels, 1, now_ms() + 60_000, None)
-            .await
-            .unwrap();
-        let (agent, _) = store
-            .enroll_agent(NewAgent {
-                token_sha256: "token-hash",
-                name: "a",
-                extra_labels: &labels,
-                hostname: "h",
-                os: "linux",
-                arch: "x86_64",
-            })
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .set_agent_certificate(&agent.id, "cert")
-            .await
-            .unwrap();
+        let agent = store.enroll_test_agent("a").await;
         let state = |store: Store, id: String| async move {
             store
                 .agent(&id)

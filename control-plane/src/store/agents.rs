@@ -354,3 +354,31 @@ impl Store {
         .await
     }
 }
+
+#[cfg(test)]
+impl Store {
+    /// An agent enrolled straight into the store for tests (rows only; nothing connects): token
+    /// `token-<name>`, certificate fingerprint `cert-<name>`.
+    pub(crate) async fn enroll_test_agent(&self, name: &str) -> Agent {
+        let token = format!("token-{name}");
+        self.create_enrollment_token(&token, &Labels::new(), 1, now_ms() + 60_000, None)
+            .await
+            .expect("enrollment token");
+        let (agent, _) = self
+            .enroll_agent(NewAgent {
+                token_sha256: &token,
+                name,
+                extra_labels: &Labels::new(),
+                hostname: "h",
+                os: "linux",
+                arch: "x86_64",
+            })
+            .await
+            .expect("enroll")
+            .expect("token accepted");
+        self.set_agent_certificate(&agent.id, &format!("cert-{name}"))
+            .await
+            .expect("certificate");
+        agent
+    }
+}

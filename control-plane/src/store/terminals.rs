@@ -309,30 +309,11 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::agents::{Labels, NewAgent};
     use super::super::users::Role;
     use super::*;
 
     async fn agent(store: &Store, name: &str) -> String {
-        let token = format!("token-{name}");
-        store
-            .create_enrollment_token(&token, &Labels::new(), 1, now_ms() + 60_000, None)
-            .await
-            .unwrap();
-        let new_agent = NewAgent {
-            token_sha256: &token,
-            name,
-            extra_labels: &Labels::new(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        };
-        let (agent, _) = store.enroll_agent(new_agent).await.unwrap().unwrap();
-        store
-            .set_agent_certificate(&agent.id, &format!("cert-{name}"))
-            .await
-            .unwrap();
-        agent.id
+        store.enroll_test_agent(name).await.id
     }
 
     #[tokio::test]

@@ -55,25 +55,7 @@ async fn fixture() -> Fixture {
 
 impl Fixture {
     async fn agent(&self, name: &str) -> String {
-        let token = format!("token-{name}");
-        self.store
-            .create_enrollment_token(&token, &Labels::new(), 1, now_ms() + 60_000, None)
-            .await
-            .unwrap();
-        let new_agent = NewAgent {
-            token_sha256: &token,
-            name,
-            extra_labels: &Labels::new(),
-            hostname: "h",
-            os: "linux",
-            arch: "x86_64",
-        };
-        let (agent, _) = self.store.enroll_agent(new_agent).await.unwrap().unwrap();
-        self.store
-            .set_agent_certificate(&agent.id, &format!("cert-{name}"))
-            .await
-            .unwrap();
-        agent.id
+        self.store.enroll_test_agent(name).await.id
     }
 
     async fn jobs(&self, agent_id: &str, count: usize, max_attempts: u32) -> Vec<String> {

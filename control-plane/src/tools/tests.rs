@@ -1202,27 +1202,7 @@ async fn a_pending_notification_survives_a_restart_and_is_delivered_afterwards()
 
 /// Enrolls an agent named `name` directly in the store (no process: the tests settle its jobs).
 async fn enrolled_agent(plane: &Plane, name: &str) -> String {
-    use crate::store::agents::{Labels, NewAgent};
-    let store = &plane.state().store;
-    let token = format!("token-{name}");
-    store
-        .create_enrollment_token(&token, &Labels::new(), 1, now_ms() + 60_000, None)
-        .await
-        .unwrap();
-    let new_agent = NewAgent {
-        token_sha256: &token,
-        name,
-        extra_labels: &Labels::new(),
-        hostname: "h",
-        os: "linux",
-        arch: "x86_64",
-    };
-    let (agent, _) = store.enroll_agent(new_agent).await.unwrap().unwrap();
-    store
-        .set_agent_certificate(&agent.id, &format!("cert-{name}"))
-        .await
-        .unwrap();
-    agent.id
+    plane.state().store.enroll_test_agent(name).await.id
 }
 
 #[tokio::test]
