@@ -113,6 +113,30 @@ impl Api {
             .await
     }
 
+    /// `DELETE {base}/api/v1{path}` (the answer has no body).
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let url = format!("{}/api/v1{path}", self.base);
+        let response = self
+            .client
+            .delete(&url)
+            .bearer_auth(&self.token)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {path}: request failed"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("DELETE {path}: HTTP {status}: {body}");
+        }
+        Ok(())
+    }
+
+    /// The HTTP client (for unauthenticated downloads from the same control plane).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// `POST {base}/api/v1{path}` with a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let url = format!("{}/api/v1{path}", self.base);

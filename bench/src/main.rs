@@ -11,7 +11,9 @@
 //! timed inside the script next to a bare HTTP/1.1 request over a Unix socket to a trivial server
 //! of its own ([`helpers`]), and a browser terminal's keystroke echo, `cat` throughput, Ctrl-C
 //! under a flood and session open next to `ssh -tt`, fresh and over a ControlMaster
-//! ([`terminal`]; `--terminal-only` runs just that). It prints a markdown summary and optionally
+//! ([`terminal`]; `--terminal-only` runs just that), SSH fallback jobs next to `ssh … true`
+//! ([`ssh_fallback`]; `--ssh-fallback-only`), and `install.sh` start → agent online next to a
+//! download of the binary alone ([`install`]; `--install-only`). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -20,6 +22,7 @@ mod api;
 mod cluster;
 mod docker;
 mod helpers;
+mod install;
 mod phases;
 mod procs;
 mod report;
@@ -99,6 +102,13 @@ struct Cli {
     /// Run only the SSH fallback phase (with the control plane alone), none of the others.
     #[arg(long)]
     ssh_fallback_only: bool,
+    /// Timed rounds of the install phase (`install.sh` start → agent online, next to a download
+    /// of the agent binary alone; 0 skips it).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    install_runs: u64,
+    /// Run only the install phase (with the control plane alone), none of the others.
+    #[arg(long)]
+    install_only: bool,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -204,6 +214,44 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ));
         Ok(Some(figures))
     };
+    let run_install = async || -> anyhow::Result<Option<install::InstallFigures>> {
+        if cli.install_runs == 0 {
+            return Ok(None);
+        }
+        install::publish(
+            &binaries,
+            &root.join("data/releases"),
+            &root.join("release-keys"),
+        )
+        .await?;
+        progress(&format!(
+            "install: 1 warm-up + {} rounds of install.sh → agent online",
+            cli.install_runs
+        ));
+        let figures =
+            install::measure(&api, &root.join("install"), cli.install_runs as usize).await?;
+        progress(&format!(
+            "install: p50 {:.1} ms to online; the binary's download alone {:.1} ms",
+            figures.online.p50, figures.download.p50
+        ));
+        Ok(Some(figures))
+    };
+    if cli.install_only {
+        let figures = run_install().await?;
+        control_plane.process.ensure_running()?;
+        match &figures {
+            Some(figures) => println!("### Cronium install benchmark\n\n{}", figures.markdown()),
+            None => println!("(install phase skipped)"),
+        }
+        if let (Some(path), Some(figures)) = (&cli.out, &figures) {
+            let text = serde_json::to_string_pretty(&json!({"install": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        drop(control_plane);
+        drop(temp);
+        return Ok(());
+    }
     if cli.ssh_fallback_only {
         let figures = run_ssh_fallback().await?;
         control_plane.process.ensure_running()?;
@@ -452,6 +500,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
 
     let terminal = run_terminal(&mut agent).await?;
     let ssh_fallback = run_ssh_fallback().await?;
+    let installs = run_install().await?;
 
     // Last, so the Docker runner does not change the figures above (the agent's RSS).
     let docker = match docker_engine {
@@ -537,10 +586,16 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Some(figures) = &ssh_fallback {
         println!("{}", figures.markdown());
     }
+    if let Some(figures) = &installs {
+        println!("{}", figures.markdown());
+    }
     if let Some(path) = &cli.out {
         let mut all = results.json();
         if let Some(figures) = &ssh_fallback {
             all["ssh_fallback"] = figures.json();
+        }
+        if let Some(figures) = &installs {
+            all["install"] = figures.json();
         }
         let text = serde_json::to_string_pretty(&all)?;
         std::fs::write(path, text + "\n")
