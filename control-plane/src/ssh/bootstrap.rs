@@ -125,9 +125,9 @@ pub fn start(
     server: Server,
     options: InstallOptions,
 ) -> Result<mpsc::Receiver<Progress>, StartError> {
-    if !state.ssh.begin_install(&server.id) {
+    let Some(installing) = state.ssh.begin_install(&server.id) else {
         return Err(StartError::AlreadyRunning);
-    }
+    };
     let (tx, rx) = mpsc::channel(PROGRESS_QUEUE);
     let state = state.clone();
     let tasks = state.tasks.clone();
@@ -172,7 +172,7 @@ pub fn start(
         {
             warn!(%error, "could not audit an agent install");
         }
-        state.ssh.end_install(&server_id);
+        drop(installing);
     });
     Ok(rx)
 }

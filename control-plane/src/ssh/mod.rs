@@ -95,22 +95,38 @@ impl SshRunner {
         self.wake.notify_one();
     }
 
-    /// Marks an agent install on `server_id` as running; false when one runs already.
-    fn begin_install(&self, server_id: &str) -> bool {
-        self.installing
+    /// Marks an agent install on `server_id` as running until the returned guard drops (also
+    /// when the install's task panics); `None` when one runs already.
+    fn begin_install(&self, server_id: &str) -> Option<InstallGuard> {
+        let fresh = self
+            .installing
             .lock()
             .expect("installs")
-            .insert(server_id.to_string())
-    }
-
-    fn end_install(&self, server_id: &str) {
-        self.installing.lock().expect("installs").remove(server_id);
+            .insert(server_id.to_string());
+        fresh.then(|| InstallGuard {
+            installing: self.installing.clone(),
+            server_id: server_id.to_string(),
+        })
     }
 
     /// Asks the running attempt of `job_id` (if this control plane runs it) to stop.
     pub fn cancel(&self, job_id: &str) {
         if let Some(token) = self.running.lock().expect("ssh jobs").get(job_id) {
             token.cancel();
+        }
+    }
+}
+
+/// An agent install in progress on one server (see [`SshRunner::begin_install`]).
+struct InstallGuard {
+    installing: Arc<Mutex<HashSet<String>>>,
+    server_id: String,
+}
+
+impl Drop for InstallGuard {
+    fn drop(&mut self) {
+        if let Ok(mut installing) = self.installing.lock() {
+            installing.remove(&self.server_id);
         }
     }
 }

@@ -736,6 +736,16 @@ impl Drop for DetachedAgent {
 impl Api {
     /// `POST /servers/{id}/install-agent`; returns the status and the progress lines.
     async fn install_agent(&self, server_id: &str, body: Value) -> (StatusCode, Vec<Value>) {
+        let response = self.start_install(server_id, body).await;
+        progress_lines(response).await
+    }
+
+    /// `POST /servers/{id}/install-agent`, the answer's body not read yet.
+    async fn start_install(
+        &self,
+        server_id: &str,
+        body: Value,
+    ) -> axum::http::Response<axum::body::Body> {
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!("/api/v1/servers/{server_id}/install-agent"))
@@ -743,28 +753,10 @@ impl Api {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body.to_string()))
             .unwrap();
-        let response = crate::http::router(self.running.state.clone())
+        crate::http::router(self.running.state.clone())
             .oneshot(request)
             .await
-            .unwrap();
-        let status = response.status();
-        let bytes = tokio::time::timeout(
-            Duration::from_secs(300),
-            axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024),
-        )
-        .await
-        .expect("the install ends")
-        .unwrap();
-        let lines = if status == StatusCode::OK {
-            bytes
-                .split(|&byte| byte == b'\n')
-                .filter(|line| !line.is_empty())
-                .map(|line| serde_json::from_slice(line).expect("one JSON object per line"))
-                .collect()
-        } else {
-            vec![serde_json::from_slice(&bytes).unwrap_or(Value::Null)]
-        };
-        (status, lines)
+            .unwrap()
     }
 
     /// Publishes the agent binary this workspace built as a signed release.
@@ -780,6 +772,30 @@ impl Api {
         )
         .unwrap();
     }
+}
+
+/// The status and the progress lines (one JSON object per line) of an install's answer.
+async fn progress_lines(
+    response: axum::http::Response<axum::body::Body>,
+) -> (StatusCode, Vec<Value>) {
+    let status = response.status();
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(300),
+        axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024),
+    )
+    .await
+    .expect("the install ends")
+    .unwrap();
+    let lines = if status == StatusCode::OK {
+        bytes
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("one JSON object per line"))
+            .collect()
+    } else {
+        vec![serde_json::from_slice(&bytes).unwrap_or(Value::Null)]
+    };
+    (status, lines)
 }
 
 fn text_of(lines: &[Value]) -> String {
@@ -803,7 +819,11 @@ async fn install_agent_over_ssh_installs_a_verified_agent_and_switches_the_serve
     };
     let body = json!({"service": "detached", "prefix": prefix.path()});
 
-    let (status, lines) = api.install_agent(server_id, body.clone()).await;
+    let first = api.start_install(server_id, body.clone()).await;
+    // One install per server at a time: this one waits for an agent that is seconds away.
+    let (status, second) = api.install_agent(server_id, body.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{second:?}");
+    let (status, lines) = progress_lines(first).await;
     let text = text_of(&lines);
     assert_eq!(status, StatusCode::OK, "{text}");
     let last = lines.last().unwrap();
