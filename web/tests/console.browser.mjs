@@ -34,7 +34,7 @@ import { mkdirSync, mkdtempSync, rmSync, unlinkSync, writeFileSync } from "node:
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const STEP_TIMEOUT_MS = 30_000;
 
@@ -533,34 +533,17 @@ async function viewerSteps() {
 }
 
 async function main() {
-  context = await step("launch Chromium", () =>
-    chromium.launchPersistentContext(profile, {
+  ({ context, page } = await step("launch Chromium", () =>
+    launchChromium({
       executablePath,
-      headless: true,
+      profile,
       viewport: { width: 1280, height: 800 },
       colorScheme: "dark",
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
-      timeout: STEP_TIMEOUT_MS,
+      timeoutMs: STEP_TIMEOUT_MS,
+      browserLog,
+      violations,
     }),
-  );
-  page = context.pages()[0] ?? (await context.newPage());
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
-  page.on("console", (message) => {
-    const text = `console.${message.type()}: ${message.text()}`;
-    browserLog.push(text);
-    if (message.text().includes("Content Security Policy")) {
-      violations.push(message.text());
-    }
-  });
-  page.on("pageerror", (error) => browserLog.push(`page error: ${error.message}`));
+  ));
   // Confirmation dialogs (none expected on the paths above) are accepted.
   page.on("dialog", (dialog) => void dialog.accept());
 

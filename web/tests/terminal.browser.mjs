@@ -17,7 +17,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const STEP_TIMEOUT_MS = 30_000;
 
@@ -118,33 +118,16 @@ async function expectConnected() {
 }
 
 async function main() {
-  context = await step("launch Chromium", () =>
-    chromium.launchPersistentContext(profile, {
+  ({ context, page } = await step("launch Chromium", () =>
+    launchChromium({
       executablePath,
-      headless: true,
+      profile,
       viewport: { width: 1100, height: 650 },
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-      ],
-      timeout: STEP_TIMEOUT_MS,
+      timeoutMs: STEP_TIMEOUT_MS,
+      browserLog,
+      violations,
     }),
-  );
-  page = context.pages()[0] ?? (await context.newPage());
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
-  page.on("console", (message) => {
-    const text = `console.${message.type()}: ${message.text()}`;
-    browserLog.push(text);
-    if (message.text().includes("Content Security Policy")) {
-      violations.push(message.text());
-    }
-  });
-  page.on("pageerror", (error) => browserLog.push(`page error: ${error.message}`));
+  ));
 
   const address = `${baseUrl}/ui/terminal?agent=${encodeURIComponent(agentId)}`;
   await step("open the terminal page", () => page.goto(address));
