@@ -64,6 +64,23 @@ impl CurrentUser {
     pub fn may_access(&self, owner_id: &str) -> bool {
         self.is_admin() || self.0.id == owner_id
     }
+
+    /// An owned object as the caller may see it: a missing one and another user's are the same
+    /// 404 (named `what`), so ids of other users' objects are never confirmed.
+    pub fn visible<T>(
+        &self,
+        loaded: crate::store::StoreResult<T>,
+        owner_of: impl Fn(&T) -> &str,
+        what: &'static str,
+    ) -> super::error::ApiResult<T> {
+        match loaded {
+            Ok(object) if self.may_access(owner_of(&object)) => Ok(object),
+            Ok(_) | Err(crate::store::StoreError::NotFound) => {
+                Err(super::error::ApiError::NotFound(what))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for CurrentUser {

@@ -677,11 +677,11 @@ async fn create(
 
 /// Loads an event the caller may see.
 async fn visible_event(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Event> {
-    match state.store.event(id).await {
-        Ok(event) if user.may_access(&event.owner_id) => Ok(event),
-        Ok(_) | Err(StoreError::NotFound) => Err(ApiError::NotFound("event")),
-        Err(error) => Err(error.into()),
-    }
+    user.visible(
+        state.store.event(id).await,
+        |event| &event.owner_id,
+        "event",
+    )
 }
 
 async fn show(

@@ -349,11 +349,11 @@ async fn create(
 
 /// Loads a server the caller may see.
 async fn visible_server(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Server> {
-    match state.store.server(id).await {
-        Ok(server) if user.may_access(&server.owner_id) => Ok(server),
-        Ok(_) | Err(StoreError::NotFound) => Err(ApiError::NotFound("server")),
-        Err(error) => Err(error.into()),
-    }
+    user.visible(
+        state.store.server(id).await,
+        |server| &server.owner_id,
+        "server",
+    )
 }
 
 async fn show(

@@ -165,11 +165,7 @@ async fn create(
 
 /// Loads a tool the caller may see.
 async fn visible_tool(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Tool> {
-    match state.store.tool(id).await {
-        Ok(tool) if user.may_access(&tool.owner_id) => Ok(tool),
-        Ok(_) | Err(StoreError::NotFound) => Err(ApiError::NotFound("tool")),
-        Err(error) => Err(error.into()),
-    }
+    user.visible(state.store.tool(id).await, |tool| &tool.owner_id, "tool")
 }
 
 async fn show(
