@@ -114,50 +114,41 @@ impl Client {
         }
     }
 
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let response = self
+    /// Sends an authenticated request with an optional JSON body.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = self.url(path);
+        let mut request = self
             .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request
             .send()
             .await
-            .with_context(|| format!("GET {}", self.url(path)))?;
-        Client::decode(response).await
+            .with_context(|| format!("{method} {url}"))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        Client::decode(self.send(reqwest::Method::GET, path, None).await?).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("POST {}", self.url(path)))?;
-        Client::decode(response).await
+        Client::decode(self.send(reqwest::Method::POST, path, Some(body)).await?).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .put(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("PUT {}", self.url(path)))?;
-        Client::decode(response).await
+        Client::decode(self.send(reqwest::Method::PUT, path, Some(body)).await?).await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .delete(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("DELETE {}", self.url(path)))?;
-        Client::decode(response).await
+        Client::decode(self.send(reqwest::Method::DELETE, path, None).await?).await
     }
 
     /// POSTs `body` and hands each JSON line of a streamed answer (`application/x-ndjson`) to
@@ -168,14 +159,7 @@ impl Client {
         body: &Value,
         mut on_line: impl FnMut(Value),
     ) -> anyhow::Result<()> {
-        let response = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .with_context(|| format!("POST {}", self.url(path)))?;
+        let response = self.send(reqwest::Method::POST, path, Some(body)).await?;
         if !response.status().is_success() {
             Client::decode(response).await?;
             bail!("the server refused the request");
@@ -196,14 +180,13 @@ impl Client {
 
     /// Follows a job's logs, writing output as it arrives; returns the final job.
     pub async fn follow(&self, job_id: &str, prefix: Option<&str>) -> anyhow::Result<Value> {
-        let url = self.url(&format!("/jobs/{job_id}/logs?follow=true"));
         let response = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
+            .send(
+                reqwest::Method::GET,
+                &format!("/jobs/{job_id}/logs?follow=true"),
+                None,
+            )
+            .await?;
         if !response.status().is_success() {
             return Client::decode(response).await;
         }
