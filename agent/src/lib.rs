@@ -226,6 +226,7 @@ async fn run_agent(
             cgroups,
         }),
         docker: docker_runner,
+        http: crate::runner::http::HttpRunner::new(),
     });
 
     let tracker = TaskTracker::new();

@@ -759,7 +759,7 @@ impl LogReader {
 /// number is masked where it holds a value; if the result still contains one (a value with
 /// characters JSON escapes, or spanning syntax), the whole text is masked and kept as a JSON
 /// string.
-fn mask_json(masker: &Masker, json: &str) -> String {
+pub fn mask_json(masker: &Masker, json: &str) -> String {
     fn walk(masker: &Masker, value: serde_json::Value) -> serde_json::Value {
         use serde_json::Value;
         match value {

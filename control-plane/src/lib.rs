@@ -5,9 +5,11 @@
 //! token is cancelled. `main.rs` only parses the command line and calls into this crate, and
 //! the tests and `cronium dev` use the same entry points.
 
+pub mod actions;
 pub mod agents;
 pub mod cli;
 pub mod crypto;
+pub mod dispatch;
 pub mod http;
 pub mod queue;
 pub mod release;
@@ -16,6 +18,7 @@ pub mod ssh;
 pub mod store;
 pub mod terminals;
 pub mod tools;
+pub mod workflows;
 
 #[cfg(test)]
 mod secrets_tests;
@@ -119,6 +122,9 @@ pub struct AppState {
     pub schedules: Arc<Notify>,
     /// The SSH fallback: wakes its worker, cancels its running jobs.
     pub ssh: ssh::SshRunner,
+    /// The control plane's own jobs (HTTP requests, tool actions): wakes their worker, cancels
+    /// them.
+    pub actions: actions::ActionRunner,
     /// Cancelled when the control plane shuts down; every task watches it.
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -369,6 +375,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         terminals: TerminalHub::default(),
         schedules: Arc::new(Notify::new()),
         ssh: ssh::SshRunner::default(),
+        actions: actions::ActionRunner::default(),
         shutdown,
         tasks: TaskTracker::new(),
     };
@@ -385,6 +392,9 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         schedule::scheduler::Scheduler::new(state.clone(), Arc::new(schedule::SystemClock)).run(),
     );
     state.tasks.spawn(ssh::run_worker(state.clone()));
+    state.tasks.spawn(actions::run_worker(state.clone()));
+    state.tasks.spawn(dispatch::run(state.clone()));
+    state.tasks.spawn(workflows::engine::run(state.clone()));
     state.tasks.spawn(queue::record_last_seen(
         state.clone(),
         Duration::from_secs(30),

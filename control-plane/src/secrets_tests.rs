@@ -294,6 +294,18 @@ async fn rotation_re_encrypts_every_secret_and_the_old_key_is_refused_afterwards
     .await;
     assert_eq!(status, StatusCode::CREATED, "{event}");
     let event_id = event["id"].as_str().unwrap().to_owned();
+    let (status, workflow) = send(
+        &running,
+        Method::POST,
+        "/workflows",
+        &token,
+        Some(
+            json!({"name": "w", "nodes": [{"id": "e", "event_id": event_id}], "edges": [],
+            "trigger": {"webhook": true}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{workflow}");
     let (status, _) = send(
         &running,
         Method::POST,

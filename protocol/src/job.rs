@@ -46,6 +46,8 @@ pub enum ScriptKind {
     Bash,
     Python,
     Node,
+    /// Not a script: an HTTP request (the runtime is [`RuntimeSpec::Http`], `script` is empty).
+    Http,
 }
 
 /// Everything the agent needs to run one attempt.
@@ -99,6 +101,8 @@ pub enum RuntimeSpec {
     Host(HostSpec),
     /// A throwaway Docker container on the agent's host.
     Docker(DockerSpec),
+    /// An HTTP request made by the agent (no process; the answer is the output and the result).
+    Http(crate::http::HttpSpec),
 }
 
 impl Default for RuntimeSpec {
@@ -226,6 +230,10 @@ pub enum FailReason {
     Lost,
     /// The script ran out of memory.
     Oom,
+    /// An HTTP request job got an answer whose status is not one of the expected ones.
+    HttpStatus,
+    /// An HTTP request job got no answer (DNS, connection, TLS, reading the answer).
+    HttpError,
 }
 
 /// The attempt ended. Sent once the whole log (`log_len` bytes) was sent.

@@ -15,6 +15,7 @@ pub mod close;
 pub mod frame;
 pub mod hello;
 pub mod helper;
+pub mod http;
 pub mod job;
 pub mod mask;
 pub mod terminal;
@@ -26,6 +27,7 @@ pub use hello::{Capabilities, HostInfo, Reject, RejectCode, Welcome, negotiate};
 pub use helper::{
     HelperCall, HelperRefusal, HelperReply, HelperRequest, MAX_HELPER_NAME, MAX_HELPER_VALUE,
 };
+pub use http::{HttpSpec, HttpSpecError, StatusRange};
 pub use job::{
     AttemptRef, Cancel, Claim, ClaimDone, DockerNetwork, DockerSpec, FailReason, FinalStatus,
     FinishAck, FinishVerdict, Heartbeat, HeartbeatAck, HostSpec, JobFinished, JobOpen, JobOpened,

@@ -479,9 +479,20 @@ impl TestCluster {
     /// Runs `cronium ARGS…` as an API client of this cluster (`CRONIUM_URL` and `CRONIUM_TOKEN`
     /// name it and the admin token), stdout and stderr captured, killed after `timeout`.
     pub async fn cli(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {
+        self.cli_with_env(args, &[], timeout).await
+    }
+
+    /// [`TestCluster::cli`] with extra environment variables for the command.
+    pub async fn cli_with_env(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<std::process::Output> {
         let mut command = self.cronium_command()?;
         command
             .args(args)
+            .envs(env.iter().copied())
             .env("CRONIUM_URL", self.http_url())
             .env("CRONIUM_TOKEN", &self.admin_token);
         run_with_timeout(command, timeout).await

@@ -23,6 +23,9 @@ pub struct SshdOptions {
     pub password_user: bool,
     /// Offer the SFTP subsystem.
     pub sftp: bool,
+    /// Allow Unix socket forwarding (`AllowStreamLocalForwarding`; off: the server refuses
+    /// `streamlocal-forward@openssh.com`, and so the SSH fallback's runtime helpers).
+    pub streamlocal_forwarding: bool,
 }
 
 impl Default for SshdOptions {
@@ -30,6 +33,7 @@ impl Default for SshdOptions {
         SshdOptions {
             password_user: false,
             sftp: true,
+            streamlocal_forwarding: true,
         }
     }
 }
@@ -180,6 +184,9 @@ impl Sshd {
         });
         if options.sftp {
             config.push_str(&format!("Subsystem sftp {SFTP_SERVER}\n"));
+        }
+        if !options.streamlocal_forwarding {
+            config.push_str("AllowStreamLocalForwarding no\n");
         }
         std::fs::write(dir.path().join("sshd_config"), config)?;
         let log = std::fs::File::create(dir.path().join("sshd.log"))?;

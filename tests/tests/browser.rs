@@ -3,7 +3,9 @@
 //! logs in through the form, runs a command in the agent's shell, reloads to re-attach and closes
 //! the session; `console.browser.mjs` goes through the app shell's pages as an admin (an agent
 //! installed over SSH through a real sshd, an event created in the editor, run, its log watched
-//! live, a second run cancelled) and as a viewer (no change buttons, the API refuses). Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default
+//! live, a second run cancelled, the settings pages, a terminal tab in the Console with its
+//! recording played back; the control plane records terminals) and as a viewer (no change
+//! buttons, the API refuses). Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default
 //! `target/test-artifacts/`).
 //!
 //! Needs `/usr/bin/chromium` (Debian's `chromium`), Node.js and `web/node_modules` (the control
@@ -16,6 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cronium_e2e::TestCluster;
 use cronium_e2e::cluster::CLUSTER_MARKER_VAR;
+use cronium_e2e::cluster::ClusterOptions;
 use cronium_e2e::sshd::Sshd;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -164,7 +167,9 @@ async fn the_terminal_page_logs_in_runs_a_command_and_reattaches_after_a_reload(
 async fn the_console_creates_runs_and_streams_an_event_and_a_viewer_changes_nothing() -> Result<()>
 {
     check_prerequisites(&workspace_root().join("web"))?;
-    let mut cluster = TestCluster::start().await?;
+    // Recording on: the Console page plays back the session it opens (the agent opts in there).
+    let mut cluster =
+        TestCluster::start_with_args(ClusterOptions::default(), &["--terminal-recording"]).await?;
     // Online when this returns.
     cluster.add_agent("console-agent").await?;
     let admin_password = cluster.cli_user_create("operator", "admin").await?;

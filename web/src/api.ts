@@ -185,6 +185,12 @@ export interface EventInput {
   targets?: Targets;
   timeout_seconds?: number;
   retries?: number;
+  /** Retry backoff; a PATCH merges the given fields. */
+  retry?: Partial<RetryPolicy>;
+  /** Jobs of the event claimed or running at once; null: unlimited. */
+  max_concurrency?: number | null;
+  /** The fan-out rollout; replaces the stored one whole. */
+  rollout?: Rollout;
   env?: Record<string, string>;
   /** Write-only: a value sets or replaces a secret, null removes it. */
   secret_env?: Record<string, string | null>;
@@ -205,12 +211,30 @@ export interface CronEvent {
   targets: { agents: string[]; labels: Labels; servers: string[] };
   timeout_seconds: number;
   retries: number;
+  retry?: RetryPolicy;
+  max_concurrency?: number | null;
+  rollout?: Rollout;
   env: Record<string, string>;
   secret_env_names?: string[];
   schedule: Schedule | null;
   next_run_at: string | null;
   created_at: string | null;
   updated_at: string | null;
+}
+
+export interface RetryPolicy {
+  backoff_seconds: number;
+  factor: number;
+  max_backoff_seconds: number;
+}
+
+export interface Rollout {
+  batch_size?: number;
+  batch_percent?: number;
+  max_failures?: number;
+  min_success_percent?: number;
+  offline?: "wait" | "skip";
+  deadline_seconds?: number;
 }
 
 export interface FireTime {
@@ -238,6 +262,23 @@ export interface Job {
   queued_at: string | null;
   started_at: string | null;
   finished_at: string | null;
+  /** Its batch in the run's rollout (0: the first). */
+  batch?: number;
+  /** A queued retry is not claimed before this time. */
+  not_before?: string | null;
+  /** The previous failed attempt of a retried job. */
+  last_failure?: { attempt: number; reason: string | null; exit_code: number | null; finished_at: string; output_tail: string } | null;
+}
+
+/** Where a run's rollout is (`GET /runs/{id}`). */
+export interface RunRollout {
+  policy: Record<string, unknown>;
+  batch_size: number | null;
+  batches: number;
+  current_batch: number | null;
+  stopped: boolean;
+  stopped_reason: string | null;
+  stopped_at: string | null;
 }
 
 export interface RunCounts {
@@ -257,6 +298,13 @@ export interface Run {
   trigger: "manual" | "schedule";
   counts: RunCounts;
   jobs: Job[];
+  rollout?: RunRollout | null;
+  retry_of?: string | null;
+}
+
+/** `POST /runs/{id}/retry`: a new run, linked to this one, on its failed (and not started) hosts. */
+export function retryRun(runId: string, only: "failed" | "failed_and_not_started"): Promise<{ run_id: string }> {
+  return request("POST", `/runs/${encodeURIComponent(runId)}/retry`, { only });
 }
 
 /** A run as `GET /runs` lists it: its jobs without their output. */

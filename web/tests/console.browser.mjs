@@ -9,8 +9,17 @@
 //     stream live (a line shows while the job is still running, ANSI colours as spans), runs it
 //     again with JSON input and cancels it, and finds both runs on the dashboard and the runs
 //     page; dark and light themes both render;
-//   - a viewer sees the same pages without any button that changes things, and the API refuses
-//     the viewer's direct attempt (403).
+//   - in Settings the admin adds a user and changes its role, creates an API token (shown once,
+//     working, then revoked), adds a webhook tool whose credentials are never shown and whose
+//     "Test" reaches a real HTTP server this script runs, sets a variable, and creates, lists and
+//     revokes an enrollment token;
+//   - in the Console the admin opens a terminal tab on the agent and runs a command, closes the
+//     tab and re-attaches from the live sessions, ends the session and plays its recording;
+//   - in Workflows the admin builds a two-node workflow (events picked as nodes, a node dragged,
+//     an edge dragged from a node's handle), sees the API's cycle error when an edge goes back,
+//     saves, runs it with JSON input and watches both nodes end completed with the data passed on;
+//   - a viewer sees the same pages without any button that changes things (settings, console
+//     and workflows included), and the API refuses the viewer's direct attempts (403).
 // Every page is screenshotted into the artifacts directory (console-*.png), and no page may
 // break its Content-Security-Policy.
 //
@@ -31,6 +40,7 @@
 // Exits 0 when everything worked; otherwise prints which step failed and why, and exits 1.
 
 import { mkdirSync, mkdtempSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -235,7 +245,8 @@ async function adminSteps() {
     await page.locator("#install-service").selectOption("detached");
     await page.locator("#install-prefix").fill(ssh.prefix);
     await page.locator("#ssh-submit").click();
-    await page.locator('#install-progress li[data-step="connect"]').waitFor();
+    // The connect step may have several lines (a pinned host key adds one).
+    await page.locator('#install-progress li[data-step="connect"]').first().waitFor();
     // The key left with the request: the form no longer holds it, the page never shows it.
     const keyLine = ssh.privateKey.split("\n").find((line) => line.length > 40 && !line.startsWith("-----"));
     await expectNotRendered(keyLine, "the SSH form during the install");
@@ -532,6 +543,488 @@ async function viewerSteps() {
   await step("log out", logOut);
 }
 
+// ---- Settings and the Console page ----
+
+const NEW_USER_PASSWORD = "browser-made-password";
+const HOOK_URL_SECRET = "hook-key-never-shown";
+const HOOK_SIGNING_SECRET = "hook-signing-never-shown";
+
+/** A webhook receiver on 127.0.0.1: what the tool's test notification is delivered to. */
+async function startHookReceiver() {
+  const received = [];
+  const server = createServer((request, response) => {
+    let body = "";
+    request.setEncoding("utf8");
+    request.on("data", (chunk) => {
+      body += chunk;
+    });
+    request.on("end", () => {
+      received.push({ method: request.method, url: request.url ?? "", body });
+      response.writeHead(200, { "Content-Type": "text/plain" });
+      response.end("ok");
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, received, port: server.address().port };
+}
+
+/** Calls the API from the page: with the session (and its CSRF token) or a bearer token. */
+async function api(method, path, body, bearer) {
+  return page.evaluate(
+    async ({ method, path, body, bearer }) => {
+      const headers = { Accept: "application/json" };
+      if (body !== undefined) {
+        headers["Content-Type"] = "application/json";
+      }
+      if (bearer !== undefined) {
+        headers.Authorization = `Bearer ${bearer}`;
+      } else if (method !== "GET") {
+        const me = await (await fetch("/api/v1/auth/me")).json();
+        headers["X-CSRF-Token"] = me.csrf_token;
+      }
+      const response = await fetch(`/api/v1${path}`, {
+        method,
+        headers,
+        credentials: bearer === undefined ? "same-origin" : "omit",
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+      });
+      const text = await response.text();
+      let parsed = text;
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        // Not JSON: keep the text.
+      }
+      return { status: response.status, body: parsed };
+    },
+    { method, path, body, bearer },
+  );
+}
+
+/** Polls `check` (node side) until it returns true, failing with `what` after the deadline. */
+async function until(what, check) {
+  const deadline = Date.now() + STEP_TIMEOUT_MS;
+  for (;;) {
+    if (await check()) {
+      return;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+/** Whether the xterm.js terminal at `window[name]` has a line containing `wanted`. */
+async function terminalHas(name, wanted) {
+  return page.evaluate(
+    ({ name, wanted }) => {
+      const buffer = window[name]?.buffer.active;
+      if (buffer === undefined) {
+        return false;
+      }
+      for (let row = 0; row < buffer.length; row += 1) {
+        if (buffer.getLine(row)?.translateToString(true).includes(wanted)) {
+          return true;
+        }
+      }
+      return false;
+    },
+    { name, wanted },
+  );
+}
+
+async function settingsSteps(hook) {
+  await step("log in as the admin again for the settings", () => logIn(admin));
+  await step("settings → users: add a user with a role, change the role; no delete for yourself", async () => {
+    await go("#/settings/users", "Settings · Users");
+    await page.locator(`tr[data-user="${admin.username}"]`).waitFor();
+    if ((await page.locator(`tr[data-user="${admin.username}"] button.danger`).count()) !== 0) {
+      throw new Error("the admin can delete themselves");
+    }
+    await page.locator("#new-user-name").fill("bad name");
+    await page.locator("#new-user-password").fill(NEW_USER_PASSWORD);
+    await page.locator("#create-user").click();
+    await page.locator('#new-user .field.invalid[data-field="username"]').waitFor();
+    await page.locator("#new-user-name").fill("browser-made");
+    await page.locator("#new-user-password").fill(NEW_USER_PASSWORD);
+    await page.locator("#new-user-role").selectOption("viewer");
+    await page.locator("#create-user").click();
+    const row = page.locator('tr[data-user="browser-made"]');
+    await row.waitFor();
+    await row.locator("select").selectOption("user");
+    await until("the role change", async () => {
+      const users = await api("GET", "/users");
+      return users.body.find((user) => user.username === "browser-made")?.role === "user";
+    });
+    await expectNotRendered(NEW_USER_PASSWORD, "the users page");
+    await shot("settings-users");
+  });
+  await step("settings → API tokens: a token shown once works, then is revoked", async () => {
+    await go("#/settings/tokens", "Settings · API tokens");
+    await page.locator("#new-token-name").fill("browser-token");
+    await page.locator("#create-token").click();
+    await page.locator("#new-token-value").waitFor();
+    const token = (await text("#new-token-value")).trim();
+    if (!token.startsWith("crt_")) {
+      throw new Error(`the new token looks like ${JSON.stringify(token)}`);
+    }
+    const me = await api("GET", "/auth/me", undefined, token);
+    if (me.status !== 200 || me.body.username !== admin.username) {
+      throw new Error(`the new token did not authenticate: ${me.status} ${JSON.stringify(me.body)}`);
+    }
+    const row = page.locator('tr[data-token-name="browser-token"]');
+    await row.waitFor();
+    await shot("settings-tokens");
+    await go("#/settings/tools", "Settings · Tools");
+    await go("#/settings/tokens", "Settings · API tokens");
+    await row.waitFor();
+    await expectNotRendered(token, "the tokens page after leaving it");
+    await row.locator("button", { hasText: "Revoke" }).click();
+    await row.waitFor({ state: "detached" });
+    const after = await api("GET", "/auth/me", undefined, token);
+    if (after.status !== 401) {
+      throw new Error(`the revoked token still answers ${after.status}`);
+    }
+  });
+  await step("settings → tools: a webhook with write-only credentials, tested for real", async () => {
+    await go("#/settings/tools", "Settings · Tools");
+    await page.locator("#tool-name").fill("browser-hook");
+    await page.locator("#tool-kind").selectOption("webhook");
+    await page.locator("#tool-url").fill(`http://127.0.0.1:${hook.port}/hook?key=${HOOK_URL_SECRET}`);
+    await page.locator("#tool-secret").fill(HOOK_SIGNING_SECRET);
+    await page.locator("#save-tool").click();
+    const row = page.locator('tr[data-tool="browser-hook"]');
+    await row.waitFor();
+    await expectNotRendered(HOOK_URL_SECRET, "the tools page");
+    await expectNotRendered(HOOK_SIGNING_SECRET, "the tools page");
+    await row.locator("[data-action=test]").click();
+    await row.locator('.tool-test[data-status="sent"]').waitFor();
+    if (!hook.received.some((request) => request.method === "POST" && request.url.includes(HOOK_URL_SECRET) && request.body.includes("Cronium test notification"))) {
+      throw new Error(`the webhook received ${JSON.stringify(hook.received)}`);
+    }
+    // Editing shows no credential; a rename without new credentials keeps them.
+    await row.locator("[data-action=edit]").click();
+    await page.locator("#tool-editor h2", { hasText: "Edit browser-hook" }).waitFor();
+    if ((await page.locator("#tool-url").inputValue()) !== "") {
+      throw new Error("the edit form shows the stored URL");
+    }
+    await shot("settings-tools");
+    await page.locator("#tool-name").fill("browser-hook-2");
+    await page.locator("#save-tool").click();
+    await page.locator('tr[data-tool="browser-hook-2"]').waitFor();
+    const tools = await api("GET", "/tools");
+    if (tools.body.find((tool) => tool.name === "browser-hook-2")?.target_host === undefined) {
+      throw new Error(`the renamed tool: ${JSON.stringify(tools.body)}`);
+    }
+  });
+  await step("settings → variables: set one and see it", async () => {
+    await go("#/settings/variables", "Settings · Variables");
+    await page.locator("#variable-name").fill("browser_var");
+    await page.locator("#variable-value").fill('{"answer": 42}');
+    await page.locator("#set-variable-submit").click();
+    await page.locator('tr[data-variable="browser_var"]', { hasText: '{"answer":42}' }).waitFor();
+    const stored = await api("GET", "/variables/browser_var");
+    if (stored.status !== 200 || stored.body.value?.answer !== 42) {
+      throw new Error(`GET /variables/browser_var: ${stored.status} ${JSON.stringify(stored.body)}`);
+    }
+    await shot("settings-variables");
+  });
+  await step("settings → enrollment tokens: an install command, listed, then revoked", async () => {
+    await go("#/settings/enrollment", "Settings · Enrollment tokens");
+    await page.locator("#enrollment-labels").fill("zone=settings-page");
+    await page.locator("#enrollment-uses").fill("2");
+    await page.locator("#create-enrollment").click();
+    await page.locator("#enrollment-command", { hasText: "install.sh" }).waitFor();
+    const row = page.locator("tr[data-enrollment-token]", { hasText: "zone=settings-page" });
+    await row.waitFor();
+    await shot("settings-enrollment");
+    await row.locator("button", { hasText: "Revoke" }).click();
+    await row.waitFor({ state: "detached" });
+    const listed = await api("GET", "/enrollment-tokens");
+    if (listed.body.some((token) => token.labels.zone === "settings-page")) {
+      throw new Error("the revoked token is still listed");
+    }
+  });
+}
+
+async function consoleSteps() {
+  let sessionId;
+  await step("console: a terminal tab runs a command", async () => {
+    const agents = await api("GET", "/agents");
+    const agent = agents.body.find((candidate) => candidate.name === agentName);
+    // Record this agent's terminals, so the session can be played back below.
+    const recorded = await api("PATCH", `/agents/${agent.id}`, { record_terminals: true });
+    if (recorded.status !== 200) {
+      throw new Error(`PATCH /agents: ${recorded.status} ${JSON.stringify(recorded.body)}`);
+    }
+    await go("#/console", "Console");
+    await page.locator("#live-sessions .empty").waitFor();
+    await page.locator("#console-agent").selectOption({ label: agentName });
+    await page.locator("#console-open").click();
+    const panel = page.locator('.terminal-panel[data-state="connected"][data-session-id]');
+    await panel.waitFor();
+    sessionId = await panel.getAttribute("data-session-id");
+    await panel.locator(".xterm").click();
+    await page.keyboard.type("echo hi $((6*7))\n");
+    await until("the terminal to show `hi 42`", () => terminalHas("croniumConsoleTerminal", "hi 42"));
+    await page.locator(`#live-sessions tr[data-session-id="${sessionId}"]`, { hasText: "open in a tab" }).waitFor();
+    await shot("console");
+  });
+  await step("console: a closed tab leaves the session live; re-attach replays it", async () => {
+    await page.locator(".terminal-tab .tab-close").click();
+    await page.locator(".terminal-tab").waitFor({ state: "detached" });
+    const row = page.locator(`#live-sessions tr[data-session-id="${sessionId}"]`);
+    await row.locator("[data-action=attach]").click();
+    await page.locator(`.terminal-panel[data-state="connected"][data-session-id="${sessionId}"]`).waitFor();
+    await until("the re-attached terminal to replay `hi 42`", () => terminalHas("croniumConsoleTerminal", "hi 42"));
+  });
+  await step("console: ending the session, then playing its recording", async () => {
+    await page.locator(".terminal-panel [data-action=end-session]").click();
+    await page.locator('.terminal-panel[data-state="exited"]').waitFor();
+    const row = page.locator(`#recordings tr[data-recording="${sessionId}"]`);
+    await row.waitFor();
+    await page.locator(`#live-sessions tr[data-session-id="${sessionId}"]`).waitFor({ state: "detached" });
+    await row.locator("[data-action=play]").click();
+    await page.locator('#player[data-state="ended"]').waitFor();
+    if (!(await terminalHas("croniumPlayerTerminal", "hi 42"))) {
+      throw new Error("the played recording does not show `hi 42`");
+    }
+    await shot("console-recording");
+  });
+  await step("log out", logOut);
+}
+
+async function viewerSettingsSteps() {
+  await step("log in as the viewer for the settings", () => logIn(viewer));
+  await step("the viewer's settings are read-only and the API refuses changes", async () => {
+    await go("#/settings/tokens", "Settings · API tokens");
+    await page.locator("#tokens .empty, #tokens table").first().waitFor();
+    if ((await page.locator("#settings-tab-users, #settings-tab-enrollment").count()) !== 0) {
+      throw new Error("the viewer is offered the admin-only settings");
+    }
+    for (const [hash, title] of [
+      ["#/settings/tokens", "Settings · API tokens"],
+      ["#/settings/tools", "Settings · Tools"],
+      ["#/settings/variables", "Settings · Variables"],
+    ]) {
+      await go(hash, title);
+      await page.locator(".settings-body .empty, .settings-body table").first().waitFor();
+      if ((await page.locator(".page-body button, .page-body form").count()) !== 0) {
+        throw new Error(`the viewer has change controls on ${hash}`);
+      }
+    }
+    await shot("viewer-settings");
+    await go("#/settings/users", "Settings");
+    await page.locator(".form-error", { hasText: "admin role" }).waitFor();
+    for (const [method, path, body, expected] of [
+      ["POST", "/tokens", { name: "viewer-token" }, 403],
+      ["GET", "/users", undefined, 403],
+      ["POST", "/users", { username: "sneaky", password: "sneaky-password", role: "admin" }, 403],
+      ["PUT", "/variables/viewer_var", { value: 1 }, 403],
+      ["POST", "/tools", { name: "viewer-hook", kind: "webhook", config: { url: "http://127.0.0.1:9/" } }, 403],
+      ["POST", "/enrollment-tokens", {}, 403],
+    ]) {
+      const answer = await api(method, path, body);
+      if (answer.status !== expected) {
+        throw new Error(`${method} ${path} as the viewer answered ${answer.status}: ${JSON.stringify(answer.body)}`);
+      }
+    }
+  });
+  await step("the viewer's console opens no terminal", async () => {
+    await go("#/console", "Console");
+    await page.locator("#live-sessions .empty").waitFor();
+    if ((await page.locator("#console-open").count()) !== 0) {
+      throw new Error("the viewer has an Open terminal button");
+    }
+    await shot("viewer-console");
+  });
+  await step("log out", logOut);
+}
+
+// ---- Workflows ----
+
+const WORKFLOW_NAME = "browser-flow";
+
+/** The centre of an element, in page coordinates. */
+async function centre(locator) {
+  const box = await locator.boundingBox();
+  if (box === null) {
+    throw new Error("the element is not visible");
+  }
+  return { x: box.x + box.width / 2, y: box.y + box.height / 2 };
+}
+
+/** Drags with the mouse from `from` to `to` in steps (pointer events, as a person would). */
+async function drag(from, to) {
+  await page.mouse.move(from.x, from.y);
+  await page.mouse.down();
+  await page.mouse.move((from.x + to.x) / 2, (from.y + to.y) / 2, { steps: 5 });
+  await page.mouse.move(to.x, to.y, { steps: 5 });
+  await page.mouse.up();
+}
+
+async function workflowSteps() {
+  await step("log in as the admin for the workflows", () => logIn(admin));
+  await step("workflows: the empty state teaches and leads to the builder", async () => {
+    // Two events on the agent: the first outputs a value, the second gets it as its input.
+    const agents = await api("GET", "/agents");
+    const agent = agents.body.find((candidate) => candidate.name === agentName);
+    if (agent === undefined) {
+      throw new Error(`no agent ${agentName}: ${JSON.stringify(agents.body)}`);
+    }
+    for (const [name, script] of [
+      ["wf-produce", `. ./cronium.sh\ncronium_output '{"greeting": "hello from step one"}'`],
+      ["wf-consume", '. ./cronium.sh\necho "consumed $(cronium_input)"\ncronium_output "{\\"saw\\": $(cronium_input)}"'],
+    ]) {
+      const created = await api("POST", "/events", { name, kind: "bash", script, targets: { agents: [agent.id] } });
+      if (created.status !== 201) {
+        throw new Error(`POST /events ${name} answered ${created.status}: ${JSON.stringify(created.body)}`);
+      }
+    }
+    await go("#/workflows", "Workflows");
+    await page.locator(".empty", { hasText: "No workflows yet" }).waitFor();
+    await page.locator("#new-workflow").click();
+    await page.locator("#page-title", { hasText: "New workflow" }).waitFor();
+  });
+  await step("the builder: two nodes from events, connected by dragging a handle", async () => {
+    await page.locator("#workflow-name").fill(WORKFLOW_NAME);
+    for (const name of ["wf-produce", "wf-consume"]) {
+      await page.locator("#workflow-add-event").selectOption({ label: name });
+      await page.locator("#workflow-add-node").click();
+      await page.locator(`#workflow-canvas g.wf-node[data-node="${name}"]`).waitFor();
+    }
+    // Drag the second node away, then connect the first to it from its output handle.
+    const second = page.locator('#workflow-canvas g.wf-node[data-node="wf-consume"]');
+    const before = await second.getAttribute("transform");
+    const at = await centre(second.locator("rect"));
+    await drag(at, { x: at.x + 260, y: at.y - 40 });
+    await until("the dragged node to move", async () => (await second.getAttribute("transform")) !== before);
+    await page.locator("#workflow-connect-kind").selectOption("success");
+    await drag(await centre(page.locator('#workflow-canvas circle[data-handle="wf-produce"]')), await centre(second.locator("rect")));
+    await page.locator('#workflow-canvas g.wf-edge.wf-edge-success[data-from="wf-produce"][data-to="wf-consume"]').waitFor();
+    await page.locator("#workflow-edges tr", { hasText: "on success" }).waitFor();
+    // Selecting the edge (its label) shows its kind.
+    await page.locator('#workflow-canvas g.wf-edge[data-from="wf-produce"] text').click();
+    if ((await page.locator("#workflow-edge-kind").inputValue()) !== "success") {
+      throw new Error("the selected edge does not show its kind");
+    }
+    // Selecting a node (keyboard) offers its join and removal.
+    await page.locator('#workflow-canvas g.wf-node[data-node="wf-consume"]').focus();
+    await page.keyboard.press("Enter");
+    await page.locator("#workflow-node-join").waitFor();
+    await page.locator("#workflow-node-remove").waitFor();
+    await shot("workflow-editor");
+  });
+  await step("an edge back makes a cycle: Save shows the API's message and marks the edge", async () => {
+    // wf-produce stays the entry node; an edge from wf-consume back into itself is a cycle.
+    await page.locator("#workflow-connect-from").selectOption("wf-consume");
+    await page.locator("#workflow-connect-to").selectOption("wf-consume");
+    await page.locator("#workflow-connect-kind").selectOption("failure");
+    await page.locator("#workflow-connect").click();
+    await page.locator('#workflow-canvas g.wf-edge.wf-edge-failure[data-from="wf-consume"][data-to="wf-consume"]').waitFor();
+    await page.locator("#workflow-save").click();
+    await page.locator("#workflow-error", { hasText: "cycles are not allowed: wf-consume → wf-consume" }).waitFor();
+    // The edge along the cycle the API named is marked; the edge list's remove button takes it
+    // out.
+    await page.locator('#workflow-canvas g.wf-edge.invalid[data-from="wf-consume"][data-to="wf-consume"]').waitFor();
+    if ((await page.locator("#workflow-canvas g.wf-edge.invalid").count()) !== 1) {
+      throw new Error("edges off the cycle are marked");
+    }
+    await page.locator('#workflow-edges tr[data-edge="1"] button').click();
+    if ((await page.locator('#workflow-canvas g.wf-edge[data-from="wf-consume"]').count()) !== 0) {
+      throw new Error("the removed edge is still drawn");
+    }
+  });
+  await step("save: the workflow is created and the address becomes its own", async () => {
+    await page.locator("#workflow-save").click();
+    await page.locator("#page-title", { hasText: `Workflow ${WORKFLOW_NAME}` }).waitFor();
+    await page.locator("#workflow-dirty", { hasText: "Saved" }).waitFor();
+    await until("the workflow's address", async () => /#\/workflows\/[^/]+$/.test(page.url()) && !page.url().endsWith("/new"));
+    const listed = await api("GET", "/workflows");
+    const saved = listed.body.find((workflow) => workflow.name === WORKFLOW_NAME);
+    if (saved === undefined || saved.nodes.length !== 2 || saved.edges.length !== 1 || saved.edges[0].on !== "success") {
+      throw new Error(`the saved workflow is not the one built: ${JSON.stringify(listed.body)}`);
+    }
+    await page.locator("#workflow-runs .empty").waitFor();
+  });
+  await step("run it with JSON input: both nodes light up completed, data passed on", async () => {
+    await page.locator("#workflow-run-input").fill('{"from": "browser"}');
+    await page.locator("#workflow-run").click();
+    await page.locator("#page-title", { hasText: `Workflow ${WORKFLOW_NAME} · run` }).waitFor();
+    await until(
+      "both nodes completed",
+      async () => (await page.locator('#workflow-run-canvas g.wf-node[data-state="completed"]').count()) === 2,
+    );
+    await page.locator('body[data-workflow-run-status="completed"]').waitFor();
+    await page.locator('#workflow-run-nodes tr[data-node="wf-consume"]', { hasText: "hello from step one" }).waitFor();
+    if (await page.locator("#workflow-run-cancel").isVisible()) {
+      throw new Error("an ended run still offers Cancel");
+    }
+    const href = await page.locator('#workflow-run-canvas a[data-node-link="wf-produce"]').getAttribute("href");
+    if (href === null || !href.startsWith("#/runs/")) {
+      throw new Error(`the node does not link to its run: ${href}`);
+    }
+    await page.locator("#workflow-run-history tr.current").waitFor();
+    await shot("workflow-run");
+    await page.locator('#workflow-run-canvas a[data-node-link="wf-produce"]').click();
+    await page.locator("#page-title", { hasText: "Run of wf-produce" }).waitFor();
+  });
+  await step("schedule with its preview and a webhook: the secret is shown once", async () => {
+    await page.goBack();
+    await page.locator("#page-title", { hasText: `Workflow ${WORKFLOW_NAME} · run` }).waitFor();
+    await page.locator("#content a", { hasText: "← Workflow" }).click();
+    await page.locator("#page-title", { hasText: `Workflow ${WORKFLOW_NAME}` }).waitFor();
+    await page.locator("#workflow-scheduled").check();
+    await page.locator("#workflow-cron").fill("*/5 * * * *");
+    await page.locator("#workflow-timezone").fill("UTC");
+    await until("five fire times in the preview", async () => (await page.locator("#workflow-schedule-preview li").count()) === 5);
+    await page.locator("#workflow-webhook").check();
+    await page.locator("#workflow-save").click();
+    const secret = (await page.locator("#workflow-webhook-secret").textContent()) ?? "";
+    if (!secret.startsWith("whsec_")) {
+      throw new Error(`no webhook secret shown: ${secret}`);
+    }
+    await page.locator("#workflow-webhook-url", { hasText: "/api/v1/hooks/workflows/" }).waitFor();
+    // Shown once: reopening the workflow shows the URL, never the secret.
+    await page.reload();
+    await page.locator("#workflow-webhook-url").waitFor();
+    await expectNotRendered(secret, "the reopened workflow");
+  });
+  await step("the workflows list: nodes, trigger and the last run", async () => {
+    await go("#/workflows", "Workflows");
+    const row = page.locator(`tr[data-workflow="${WORKFLOW_NAME}"]`);
+    await row.locator(".badge-completed").waitFor();
+    if (!(await row.textContent()).includes("manual, schedule */5 * * * * (UTC), webhook")) {
+      throw new Error(`the trigger is not shown: ${await row.textContent()}`);
+    }
+    await shot("workflows");
+  });
+  await step("log out", logOut);
+}
+
+async function viewerWorkflowSteps() {
+  await step("log in as the viewer for the workflows", () => logIn(viewer));
+  await step("the viewer cannot build or run workflows", async () => {
+    await go("#/workflows", "Workflows");
+    await page.locator(".empty", { hasText: "No workflows yet" }).waitFor();
+    if ((await page.locator("#new-workflow").count()) !== 0) {
+      throw new Error("the viewer has a New workflow button");
+    }
+    await shot("viewer-workflows");
+    await go("#/workflows/new", "New workflow");
+    await page.locator(".form-error", { hasText: "Viewers cannot create workflows" }).waitFor();
+    if ((await page.locator("#workflow-save, #workflow-add-node, #workflow-run").count()) !== 0) {
+      throw new Error("the viewer has workflow change controls");
+    }
+    const answer = await api("POST", "/workflows", { name: "viewer-flow", nodes: [{ id: "a", event_id: "wf-produce" }], edges: [] });
+    if (answer.status !== 403) {
+      throw new Error(`POST /workflows as the viewer answered ${answer.status}: ${JSON.stringify(answer.body)}`);
+    }
+  });
+  await step("log out", logOut);
+}
+
 async function main() {
   ({ context, page } = await step("launch Chromium", () =>
     launchChromium({
@@ -547,8 +1040,18 @@ async function main() {
   // Confirmation dialogs (none expected on the paths above) are accepted.
   page.on("dialog", (dialog) => void dialog.accept());
 
-  await adminSteps();
-  await viewerSteps();
+  const hook = await startHookReceiver();
+  try {
+    await adminSteps();
+    await workflowSteps();
+    await settingsSteps(hook);
+    await consoleSteps();
+    await viewerSteps();
+    await viewerSettingsSteps();
+    await viewerWorkflowSteps();
+  } finally {
+    hook.server.close();
+  }
   if (violations.length > 0) {
     throw new Error(`a page broke its Content-Security-Policy:\n${violations.join("\n")}`);
   }

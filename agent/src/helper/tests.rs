@@ -8,6 +8,7 @@ use tokio::net::UnixStream;
 
 use super::*;
 use crate::spool::{Spool, SpoolSpec};
+use cronium_protocol::MAX_HELPER_NAME;
 
 struct Fixture {
     _temp: tempfile::TempDir,

@@ -3,11 +3,13 @@
 //! A runner writes the output into the attempt's spool as it arrives, records the pid, obeys the
 //! stop signal and the spec's timeout, and returns an [`Outcome`]. It never talks to the network.
 //! [`process::ProcessRunner`] runs scripts directly on the host (as another user through
-//! [`run_as`], with limits through [`cgroup`]), [`docker::DockerRunner`] in Docker containers;
-//! [`Dispatch`] picks one by the spec's runtime.
+//! [`run_as`], with limits through [`cgroup`]), [`docker::DockerRunner`] in Docker containers,
+//! [`http::HttpRunner`] makes the request of an HTTP request job; [`Dispatch`] picks one by the
+//! spec's runtime.
 
 pub mod cgroup;
 pub mod docker;
+pub mod http;
 pub mod process;
 pub mod run_as;
 #[cfg(test)]
@@ -45,19 +47,23 @@ pub trait Runner: Send + Sync {
     ) -> BoxFuture<'a, Outcome>;
 }
 
-/// The interpreter a script kind runs with, and the file name its script is written to.
+/// The interpreter a script kind runs with, and the file name its script is written to. An HTTP
+/// request is not a script ([`Dispatch`] never gives one to a script runner); were it given, it
+/// would run its (empty) script with `bash`.
 pub fn interpreter(kind: ScriptKind) -> (&'static str, &'static str) {
     match kind {
-        ScriptKind::Bash => ("bash", "script.sh"),
+        ScriptKind::Bash | ScriptKind::Http => ("bash", "script.sh"),
         ScriptKind::Python => ("python3", "script.py"),
         ScriptKind::Node => ("node", "script.js"),
     }
 }
 
-/// Sends host jobs to the process runner and Docker jobs to the Docker runner.
+/// Sends host jobs to the process runner, Docker jobs to the Docker runner and HTTP request
+/// jobs to the HTTP runner.
 pub struct Dispatch {
     pub host: process::ProcessRunner,
     pub docker: docker::DockerRunner,
+    pub http: http::HttpRunner,
 }
 
 impl Runner for Dispatch {
@@ -70,6 +76,7 @@ impl Runner for Dispatch {
         match spec.runtime {
             RuntimeSpec::Host(_) => self.host.run(spec, spool, stop),
             RuntimeSpec::Docker(_) => self.docker.run(spec, spool, stop),
+            RuntimeSpec::Http(_) => self.http.run(spec, spool, stop),
         }
     }
 }

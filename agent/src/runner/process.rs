@@ -165,7 +165,7 @@ impl ProcessRunner {
         let default_host = HostSpec::default();
         let host = match &spec.runtime {
             RuntimeSpec::Host(host) => host,
-            RuntimeSpec::Docker(_) => &default_host,
+            RuntimeSpec::Docker(_) | RuntimeSpec::Http(_) => &default_host,
         };
         let target = match &host.user {
             None => None,

@@ -61,7 +61,9 @@ fn valid_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
 }
 
-async fn answer(state: &AppState, agent_id: &str, call: HelperCall) -> HelperReply {
+/// The answer to `call` made by an attempt of `agent_id` (a runner key: the SSH fallback's
+/// helper endpoint calls this too, with `ssh:<server id>`).
+pub(crate) async fn answer(state: &AppState, agent_id: &str, call: HelperCall) -> HelperReply {
     let HelperCall { job, seq, request } = call;
     if request.is_write() == (seq == 0) {
         return refused(

@@ -255,6 +255,8 @@ impl JobStream<'_> {
                 Some(FailReason::Signal) => Reason::Signal,
                 Some(FailReason::Lost) => Reason::Lost,
                 Some(FailReason::Oom) => Reason::Oom,
+                Some(FailReason::HttpStatus) => Reason::HttpStatus,
+                Some(FailReason::HttpError) => Reason::HttpError,
             }),
         };
         if let Some(result) = &finished.result {

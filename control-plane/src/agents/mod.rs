@@ -2,7 +2,7 @@
 //! one session task per connected agent, and the registry of who is online.
 
 pub mod ca;
-mod helper_stream;
+pub(crate) mod helper_stream;
 mod job_stream;
 pub mod registry;
 pub(crate) mod session;

@@ -76,6 +76,7 @@ fn job_spec(job: ClaimedJob, key: &crate::crypto::EncryptionKey) -> anyhow::Resu
         "bash" => ScriptKind::Bash,
         "python" => ScriptKind::Python,
         "nodejs" => ScriptKind::Node,
+        "http_request" => ScriptKind::Http,
         other => bail!("job {} has kind {other:?}, which agents do not run", job.id),
     };
     let runtime = runtime_spec(job.runtime_spec.as_deref())

@@ -3,7 +3,6 @@
 //! The server URL and token come from `--server`/`--token` (or `CRONIUM_URL`/`CRONIUM_TOKEN`),
 //! else from `cli.json` that `cronium dev` writes into its data directory.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -272,25 +271,42 @@ pub async fn run_event(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else if !args.labels.is_empty() {
         body["targets"] = json!({"labels": parse_labels(&args.labels)?});
     }
+    let mut rollout = serde_json::Map::new();
+    for (key, value) in [
+        ("batch_size", args.batch_size),
+        ("batch_percent", args.batch_percent),
+        ("max_failures", args.max_failures),
+    ] {
+        if let Some(value) = value {
+            rollout.insert(key.into(), json!(value));
+        }
+    }
+    if !rollout.is_empty() {
+        body["rollout"] = Value::Object(rollout);
+    }
     let run = client
         .post(&format!("/events/{event_id}/runs"), &body)
         .await?;
+    // Each job runs on an agent, a server over SSH, or the control plane (HTTP request and tool
+    // action events with `executor: control_plane`).
     let jobs: Vec<(String, String)> = run["jobs"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|job| {
-            Some((
-                job["id"].as_str()?.to_string(),
-                job["agent_id"].as_str()?.to_string(),
-            ))
+            let runner = match (job["agent_id"].as_str(), job["server_id"].as_str()) {
+                (Some(agent), _) => format!("on agent {agent}"),
+                (None, Some(server)) => format!("on server {server}"),
+                (None, None) => "on the control plane".to_string(),
+            };
+            Some((job["id"].as_str()?.to_string(), runner))
         })
         .collect();
     let run_id = run["run_id"].as_str().unwrap_or_default().to_string();
     if !args.wait {
         println!("run {run_id}");
-        for (job_id, agent_id) in &jobs {
-            println!("job {job_id} on agent {agent_id}");
+        for (job_id, runner) in &jobs {
+            println!("job {job_id} {runner}");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -299,60 +315,8 @@ pub async fn run_event(args: RunArgs) -> anyhow::Result<ExitCode> {
         let job = client.follow(job_id, None).await?;
         return Ok(job_exit_code(&job));
     }
-    // Fan-out: follow every job at once, prefixing lines with the agent's name.
-    let names: BTreeMap<String, String> = client
-        .get("/agents")
-        .await?
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|agent| {
-            Some((
-                agent["id"].as_str()?.to_string(),
-                agent["name"].as_str()?.to_string(),
-            ))
-        })
-        .collect();
-    let followers = jobs.iter().map(|(job_id, agent_id)| {
-        let name = names
-            .get(agent_id)
-            .cloned()
-            .unwrap_or_else(|| agent_id.clone());
-        let client = &client;
-        async move { (name.clone(), client.follow(job_id, Some(&name)).await) }
-    });
-    let results = futures_util::future::join_all(followers).await;
-    let mut failed = 0;
-    eprintln!("\n{:<24} {:<10} {:<6} REASON", "AGENT", "STATUS", "EXIT");
-    for (name, result) in results {
-        match result {
-            Ok(job) => {
-                if job["status"] != "completed" {
-                    failed += 1;
-                }
-                eprintln!(
-                    "{:<24} {:<10} {:<6} {}",
-                    name,
-                    job["status"].as_str().unwrap_or("?"),
-                    job["exit_code"]
-                        .as_i64()
-                        .map(|code| code.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    job["reason"].as_str().unwrap_or("")
-                );
-            }
-            Err(error) => {
-                failed += 1;
-                eprintln!("{name:<24} error      -      {error:#}");
-            }
-        }
-    }
-    eprintln!("{} of {} host(s) failed", failed, jobs.len());
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    // Several hosts (or a server): a live per-host table, then the grouped outputs.
+    super::rollout::watch(&client, &run_id).await
 }
 
 /// The exit code `cronium run --wait` ends with for one job.

@@ -7,7 +7,9 @@ pub(crate) mod client;
 mod dev;
 mod keys;
 mod release;
+mod rollout;
 mod server;
+mod workflow;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,8 +53,11 @@ enum Command {
     /// Servers (through the API): list, and install the agent over SSH.
     #[command(subcommand)]
     Server(server::ServerCommand),
-    /// Trigger an event (through the API); `--wait` follows its logs and exits with the job's exit code.
+    /// Trigger an event (through the API); `--wait` follows its logs and exits with the job's exit code
+    /// (several hosts: a live per-host table, then the grouped outputs).
     Run(RunArgs),
+    /// Retry a run's failed hosts (through the API) in a new run linked to it.
+    Retry(rollout::RetryArgs),
     /// Sign agent releases (ed25519): keygen, sign, publish into a releases dir.
     #[command(subcommand)]
     Release(release::ReleaseCommand),
@@ -63,6 +68,9 @@ enum Command {
     /// the database directly; the control plane must be stopped).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Workflows (through the API): list, create from a JSON file, run.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
 }
 
 /// Where the data lives; shared by the commands that open the database directly.
@@ -120,6 +128,12 @@ pub struct ServeArgs {
     /// in the releases dir]. The private key is never needed here.
     #[arg(long, env = "CRONIUM_RELEASE_KEY")]
     release_key: Option<PathBuf>,
+    /// HTTP request jobs the control plane runs itself (`executor: control_plane`) may reach
+    /// public addresses only: loopback, private, link-local (cloud metadata) and other
+    /// non-public addresses are refused, for names (every address they resolve to) and for IP
+    /// addresses in URLs and redirects. Without it they reach whatever this host can reach.
+    #[arg(long, env = "CRONIUM_HTTP_JOBS_PUBLIC_ONLY")]
+    http_jobs_public_only: bool,
     /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -383,13 +397,72 @@ fn parse_env(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<Stri
         .collect()
 }
 
+/// The values of `--secret-env NAME`s, read from this process's environment.
+fn secret_env_from_environment(
+    names: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    names
+        .iter()
+        .map(|name| match std::env::var(name) {
+            Ok(value) => Ok((name.clone(), value)),
+            Err(_) => bail!(
+                "--secret-env {name}: set the environment variable {name} to the secret's value (it is read from there so that it never appears in a command line)"
+            ),
+        })
+        .collect()
+}
+
+/// What an `http_request` or `tool_action` event does.
+#[derive(Args, Debug)]
+struct ActionArgs {
+    /// http_request: a JSON file with the request: {"method", "url", "headers"?, "body"?,
+    /// "timeout_seconds"?, "expected_status"?, "follow_redirects"?}.
+    #[arg(long)]
+    http_file: Option<PathBuf>,
+    /// http_request: who makes the request, agent (the targets) or control_plane.
+    #[arg(long)]
+    executor: Option<String>,
+    /// tool_action: the id of the tool to send through.
+    #[arg(long)]
+    tool: Option<String>,
+    /// tool_action: the title (an email's subject).
+    #[arg(long)]
+    title: Option<String>,
+    /// tool_action: the message.
+    #[arg(long)]
+    message: Option<String>,
+}
+
+impl ActionArgs {
+    /// Adds `http`, `executor` and `tool_action` to an event body when given.
+    fn fill(&self, body: &mut serde_json::Value) -> anyhow::Result<()> {
+        if let Some(path) = &self.http_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            body["http"] = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+        }
+        if let Some(executor) = &self.executor {
+            body["executor"] = serde_json::Value::String(executor.clone());
+        }
+        if let Some(tool) = &self.tool {
+            body["tool_action"] = serde_json::json!({
+                "tool_id": tool,
+                "title": self.title,
+                "message": self.message.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum EventCommand {
     /// Create an event.
     Create {
         /// Unique name (per owner).
         name: String,
-        /// bash, python or nodejs.
+        /// bash, python, nodejs, http_request or tool_action.
         #[arg(long, default_value = "bash")]
         kind: String,
         /// The script itself.
@@ -410,13 +483,14 @@ enum EventCommand {
         /// Extra attempts after a failure.
         #[arg(long, default_value_t = 0)]
         retries: u32,
-        /// Environment of the script, NAME=VALUE (repeatable).
-        #[arg(long = "env", value_name = "NAME=VALUE")]
-        env: Vec<String>,
+        #[command(flatten)]
+        env: Box<EnvArgs>,
         #[command(flatten)]
         schedule: Box<ScheduleArgs>,
         #[command(flatten)]
         runtime: Box<RuntimeArgs>,
+        #[command(flatten)]
+        action: Box<ActionArgs>,
         #[command(flatten)]
         api: client::ApiArgs,
     },
@@ -425,6 +499,19 @@ enum EventCommand {
         #[command(flatten)]
         api: client::ApiArgs,
     },
+}
+
+/// An event's environment.
+#[derive(Args, Debug)]
+struct EnvArgs {
+    /// Environment of the script, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// A secret environment variable (repeatable): its value is read from this command's own
+    /// environment variable NAME, so it never appears in a command line; sealed by the control
+    /// plane, masked in output, never shown again.
+    #[arg(long = "secret-env", value_name = "NAME")]
+    secret_env: Vec<String>,
 }
 
 /// An event's schedule (see the README's "Schedules").
@@ -481,9 +568,19 @@ pub struct RunArgs {
     /// JSON input for the script.
     #[arg(long)]
     input: Option<String>,
-    /// Follow the logs until the run ends and exit with the job's exit code.
+    /// Follow the logs until the run ends and exit with the job's exit code (several hosts: a
+    /// live per-host table, then the grouped outputs; non-zero unless every host completed).
     #[arg(long)]
     wait: bool,
+    /// Roll out over batches of this many hosts (overrides the event's rollout for this run).
+    #[arg(long, conflicts_with = "batch_percent")]
+    batch_size: Option<u32>,
+    /// Roll out over batches of this percentage of the hosts (overrides the event's rollout).
+    #[arg(long)]
+    batch_percent: Option<u32>,
+    /// Stop the rollout after this many failed hosts (overrides the event's rollout).
+    #[arg(long)]
+    max_failures: Option<u32>,
     #[command(flatten)]
     api: client::ApiArgs,
 }
@@ -635,21 +732,30 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             env,
             schedule,
             runtime,
+            action,
             api,
         }) => {
             let script = match (script, script_file) {
                 (Some(script), _) => script,
                 (None, Some(path)) => std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?,
+                (None, None) if matches!(kind.as_str(), "http_request" | "tool_action") => {
+                    String::new()
+                }
                 (None, None) => bail!("give the script with --script or --script-file"),
             };
             let mut body = serde_json::json!({
                 "name": name, "kind": kind, "script": script,
                 "targets": {"agents": agents, "labels": parse_labels(&labels)?},
-                "timeout_seconds": timeout, "retries": retries, "env": parse_env(&env)?,
+                "timeout_seconds": timeout, "retries": retries, "env": parse_env(&env.env)?,
             });
+            if !env.secret_env.is_empty() {
+                body["secret_env"] =
+                    serde_json::to_value(secret_env_from_environment(&env.secret_env)?)?;
+            }
             runtime.fill(&mut body);
             schedule.fill(&mut body);
+            action.fill(&mut body)?;
             let event = api.client()?.post("/events", &body).await?;
             println!("{}", event["id"].as_str().unwrap_or_default());
             Ok(ExitCode::SUCCESS)
@@ -673,10 +779,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => client::run_event(args).await,
+        Command::Retry(args) => rollout::retry(args).await,
         Command::Server(command) => server::run(command).await,
         Command::Release(command) => release::run(command).map(|()| ExitCode::SUCCESS),
         Command::AgentUpdate(command) => agent_update::run(command).await,
         Command::Keys(command) => keys::run(command).await.map(|()| ExitCode::SUCCESS),
+        Command::Workflow(command) => workflow::run(command).await,
     }
 }
 
@@ -789,7 +897,10 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         docker_images: args.docker_images.into(),
-        delivery: crate::tools::DeliveryOptions::default(),
+        delivery: crate::tools::DeliveryOptions {
+            http_jobs_public_only: args.http_jobs_public_only,
+            ..Default::default()
+        },
         terminals: args.terminals.config()?,
         releases: crate::release::ReleaseConfig {
             dir: args.releases_dir,
@@ -882,7 +993,7 @@ mod runtime_args_tests {
                 "network": "bridge", "read_only": true, "user": "1000:1000",
             })
         );
-        let env = parse_env(&env).unwrap();
+        let env = parse_env(&env.env).unwrap();
         assert_eq!(env["B"], "x=y");
         assert!(parse_env(&["novalue".into()]).is_err());
         assert!(parse_env(&["=1".into()]).is_err());

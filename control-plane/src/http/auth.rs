@@ -96,11 +96,15 @@ impl FromRequestParts<AppState> for CurrentUser {
                 .ok()
                 .and_then(|value| value.strip_prefix("Bearer "))
                 .ok_or(ApiError::Unauthorized)?;
-            let user = state
-                .store
-                .user_by_api_token(&sha256_hex(token.trim().as_bytes()))
-                .await?;
-            return user.map(CurrentUser).ok_or(ApiError::Unauthorized);
+            let token_sha256 = sha256_hex(token.trim().as_bytes());
+            let user = state.store.user_by_api_token(&token_sha256).await?;
+            let user = user.map(CurrentUser).ok_or(ApiError::Unauthorized)?;
+            // For the owner's token list ("last used"); at most one write a minute per token. A
+            // failure to record it does not fail the request.
+            if let Err(error) = state.store.touch_api_token(&token_sha256).await {
+                tracing::warn!(%error, "recording an API token's last use");
+            }
+            return Ok(user);
         }
         let cookie = session_cookie(&parts.headers).ok_or(ApiError::Unauthorized)?;
         let session = state

@@ -1,10 +1,11 @@
-//! `/enrollment-tokens`: short-lived tokens that let a host enroll an agent.
+//! `/enrollment-tokens`: short-lived tokens that let a host enroll an agent; admins create,
+//! list (the usable ones, by id: the token itself is shown once) and revoke them.
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,7 +24,9 @@ const DEFAULT_TTL_SECONDS: u64 = 3600;
 const MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/enrollment-tokens", post(create))
+    Router::new()
+        .route("/enrollment-tokens", get(list).post(create))
+        .route("/enrollment-tokens/{id}", delete(revoke))
 }
 
 #[derive(Deserialize, Default)]
@@ -37,6 +40,8 @@ pub struct CreateRequest {
 
 /// A created token and the commands that use it.
 pub struct CreatedToken {
+    /// The token's id (for `DELETE /enrollment-tokens/{id}`); the token itself is never stored.
+    pub id: String,
     pub token: String,
     pub expires_at: i64,
 }
@@ -61,7 +66,7 @@ pub async fn create_token(
     }
     let token = random_token("cre_");
     let expires_at = now_ms() + ttl as i64 * 1000;
-    state
+    let id = state
         .store
         .create_enrollment_token(
             &sha256_hex(token.as_bytes()),
@@ -71,7 +76,11 @@ pub async fn create_token(
             created_by,
         )
         .await?;
-    Ok(CreatedToken { token, expires_at })
+    Ok(CreatedToken {
+        id,
+        token,
+        expires_at,
+    })
 }
 
 /// The command that enrolls an agent with `token` against this control plane.
@@ -101,6 +110,7 @@ async fn create(
     Ok((
         StatusCode::CREATED,
         Json(json!({
+            "id": created.id,
             "token": created.token,
             "install_command": format!("curl -fsSL {}/install.sh | sudo sh -s -- --token {}", state.config.public_url, created.token),
             "enroll_command": enroll_command(&state, &created.token),
@@ -108,4 +118,50 @@ async fn create(
             "expires_at": timestamp(Some(created.expires_at)),
         })),
     ))
+}
+
+/// `GET /enrollment-tokens`: the tokens that can still enroll an agent (admins only).
+async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    let tokens = state.store.usable_enrollment_tokens().await?;
+    Ok(Json(Value::Array(
+        tokens
+            .iter()
+            .map(|token| {
+                json!({
+                    "id": token.id,
+                    "labels": token.labels,
+                    "uses_left": token.uses_left,
+                    "expires_at": timestamp(Some(token.expires_at)),
+                    "created_by": token.created_by,
+                    "created_at": timestamp(Some(token.created_at)),
+                })
+            })
+            .collect(),
+    )))
+}
+
+/// `DELETE /enrollment-tokens/{id}`: no host can enroll with the token any more (admins only).
+async fn revoke(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require_admin()?;
+    match state.store.revoke_enrollment_token(&id).await {
+        Ok(()) => {}
+        Err(crate::store::StoreError::NotFound) => {
+            return Err(ApiError::NotFound("enrollment token"));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    state
+        .store
+        .audit(
+            "enrollment_token_revoked",
+            Some(&user.0.username),
+            &json!({"id": id}),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -179,6 +179,32 @@ struct EventRequest {
     /// `{"NAME": null}` removes it; names not given are kept. Values are checked by
     /// [`secret_env_change`] (not by serde, whose errors would quote them).
     secret_env: Option<BTreeMap<String, Value>>,
+    /// `http_request` events: the request (`event_actions.rs`).
+    http: Option<super::event_actions::HttpRequest>,
+    /// `tool_action` events: the tool and the message (`event_actions.rs`).
+    tool_action: Option<super::event_actions::ToolActionRequest>,
+    /// `http_request` events: `agent` (default) or `control_plane`.
+    executor: Option<String>,
+    /// Retry backoff (`http/dispatch.rs`); `null` restores the defaults.
+    #[serde(default, deserialize_with = "double_option")]
+    retry: Option<Option<Value>>,
+    /// Jobs of the event claimed or running at once; `null`: unlimited.
+    #[serde(default, deserialize_with = "double_option")]
+    max_concurrency: Option<Option<u32>>,
+    /// The fan-out rollout policy; `null`: every host at once.
+    #[serde(default, deserialize_with = "double_option")]
+    rollout: Option<Option<Value>>,
+}
+
+impl EventRequest {
+    /// Takes the dispatch fields out (they are stored apart from the event's row).
+    fn take_dispatch(&mut self) -> super::dispatch::DispatchRequest {
+        super::dispatch::DispatchRequest {
+            retry: self.retry.take(),
+            max_concurrency: self.max_concurrency.take(),
+            rollout: self.rollout.take(),
+        }
+    }
 }
 
 /// An event's `notify`: names of the owner's tools told when a job ends.
@@ -310,6 +336,7 @@ fn event_json(event: &Event) -> Value {
         }
     }
     value["user"] = json!(docker.user);
+    super::event_actions::add_json(&mut value, event);
     value
 }
 
@@ -512,7 +539,12 @@ pub(crate) fn open_secret_env(
 }
 
 /// Merges a request over `base` (for PATCH) or over nothing (for POST) and validates the result.
-fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
+fn event_fields(mut request: EventRequest, base: Option<&Event>) -> ApiResult<EventFields> {
+    let action_request = super::event_actions::ActionRequest {
+        http: request.http.take(),
+        tool_action: request.tool_action.take(),
+        executor: request.executor.take(),
+    };
     let docker = docker_settings(&request, base)?;
     let notify = merge_notify(&request.notify, base);
     let (schedule, next_run_at, reschedule) = match &request.schedule {
@@ -544,26 +576,34 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         Some(kind) => EventKind::parse(&kind).ok_or_else(|| {
             ApiError::field(
                 "kind",
-                format!("unknown kind {kind:?}; expected bash, python or nodejs"),
+                format!(
+                    "unknown kind {kind:?}; expected bash, python, nodejs, http_request or tool_action"
+                ),
             )
         })?,
         None => base
             .map(|event| event.kind)
             .ok_or_else(|| ApiError::field("kind", "is required"))?,
     };
-    if matches!(kind, EventKind::HttpRequest | EventKind::ToolAction) {
-        return Err(ApiError::field(
-            "kind",
-            format!(
-                "{} events are not supported by this version yet",
-                kind.as_str()
-            ),
-        ));
-    }
-    let script = request
+    let action = super::event_actions::merge(action_request, kind, base)?;
+    let is_script = matches!(
+        kind,
+        EventKind::Bash | EventKind::Python | EventKind::Nodejs
+    );
+    let script = match request
         .script
         .or_else(|| base.map(|event| event.script.clone()))
-        .ok_or_else(|| ApiError::field("script", "is required"))?;
+    {
+        Some(script) if is_script => script,
+        None if is_script => return Err(ApiError::field("script", "is required")),
+        Some(script) if !script.is_empty() && base.is_none_or(|base| base.kind == kind) => {
+            return Err(ApiError::field(
+                "script",
+                format!("{} events have no script", kind.as_str()),
+            ));
+        }
+        _ => String::new(),
+    };
     if script.len() > MAX_SCRIPT_BYTES {
         return Err(ApiError::field(
             "script",
@@ -582,6 +622,12 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         })?,
         None => base.map(|event| event.runtime).unwrap_or(Runtime::Host),
     };
+    if !is_script && runtime == Runtime::Docker {
+        return Err(ApiError::field(
+            "runtime",
+            format!("{} events have no container; use host", kind.as_str()),
+        ));
+    }
     let targets: Targets = match request.targets {
         Some(targets) => targets.into(),
         None => base.map(|event| event.targets.clone()).unwrap_or_default(),
@@ -637,6 +683,8 @@ fn event_fields(request: EventRequest, base: Option<&Event>) -> ApiResult<EventF
         notify,
         next_run_at,
         reschedule,
+        action,
+        dispatch: None,
     })
 }
 
@@ -647,7 +695,20 @@ async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Jso
         Some(user.0.id.as_str())
     };
     let events = state.store.events(owner).await?;
-    Ok(Json(Value::Array(events.iter().map(event_json).collect())))
+    let policies = state.store.dispatch_policies().await?;
+    Ok(Json(Value::Array(
+        events
+            .iter()
+            .map(|event| {
+                let mut value = event_json(event);
+                super::dispatch::add_policy_json(
+                    &mut value,
+                    &policies.get(&event.id).cloned().unwrap_or_default(),
+                );
+                value
+            })
+            .collect(),
+    )))
 }
 
 async fn create(
@@ -658,8 +719,13 @@ async fn create(
     user.require_writer()?;
     let mut request = request;
     let secret_env = request.secret_env.take();
-    let fields = event_fields(request, None)?;
+    let dispatch = request.take_dispatch();
+    let mut fields = event_fields(request, None)?;
+    let policy = super::dispatch::dispatch_policy(&dispatch, &Default::default())?;
+    fields.dispatch = (!dispatch.is_empty()).then(|| policy.clone());
     let secrets = secret_env_change(&state.key, secret_env, &fields.env, &[])?;
+    super::event_actions::check_secret_names(&fields.action, &[], &secrets)?;
+    super::event_actions::check_tool(&state, &user, &user.0.id, &fields.action, None).await?;
     check_notify(&state, &user.0.id, &fields.notify, None).await?;
     let event = state
         .store
@@ -672,7 +738,9 @@ async fn create(
             other => other.into(),
         })?;
     state.schedules.notify_one();
-    Ok((StatusCode::CREATED, Json(event_json(&event))))
+    let mut body = event_json(&event);
+    super::dispatch::add_policy_json(&mut body, &policy);
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// Loads an event the caller may see.
@@ -689,7 +757,10 @@ async fn show(
     user: CurrentUser,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(event_json(&visible_event(&state, &user, &id).await?)))
+    let event = visible_event(&state, &user, &id).await?;
+    let mut body = event_json(&event);
+    super::dispatch::add_policy_json(&mut body, &state.store.dispatch_policy(&event.id).await?);
+    Ok(Json(body))
 }
 
 async fn update(
@@ -702,8 +773,23 @@ async fn update(
     let event = visible_event(&state, &user, &id).await?;
     let mut request = request;
     let secret_env = request.secret_env.take();
-    let fields = event_fields(request, Some(&event))?;
+    let dispatch = request.take_dispatch();
+    let mut fields = event_fields(request, Some(&event))?;
+    let policy = super::dispatch::dispatch_policy(
+        &dispatch,
+        &state.store.dispatch_policy(&event.id).await?,
+    )?;
+    fields.dispatch = (!dispatch.is_empty()).then(|| policy.clone());
     let secrets = secret_env_change(&state.key, secret_env, &fields.env, &event.secret_env_names)?;
+    super::event_actions::check_secret_names(&fields.action, &event.secret_env_names, &secrets)?;
+    super::event_actions::check_tool(
+        &state,
+        &user,
+        &event.owner_id,
+        &fields.action,
+        Some(&event.action),
+    )
+    .await?;
     check_notify(&state, &event.owner_id, &fields.notify, Some(&event.notify)).await?;
     let event = state
         .store
@@ -716,7 +802,9 @@ async fn update(
             other => other.into(),
         })?;
     state.schedules.notify_one();
-    Ok(Json(event_json(&event)))
+    let mut body = event_json(&event);
+    super::dispatch::add_policy_json(&mut body, &policy);
+    Ok(Json(body))
 }
 
 async fn remove(
@@ -736,6 +824,8 @@ async fn remove(
 struct TriggerRequest {
     input: Option<Value>,
     targets: Option<TargetsRequest>,
+    /// Rollout fields that replace the event's for this run only.
+    rollout: Option<Value>,
 }
 
 /// Resolves targets to agent ids: named agents (by id or name) must exist; labels select every
@@ -783,7 +873,7 @@ async fn trigger(
         Some(targets) => targets.into(),
         None => event.targets.clone(),
     };
-    if targets.is_empty() {
+    if targets.is_empty() && !event.action.on_control_plane(event.kind) {
         return Err(ApiError::field(
             "targets",
             "the event has no targets; give agents, labels or servers",
@@ -799,32 +889,52 @@ async fn trigger(
             format!("is larger than {MAX_INPUT_BYTES} bytes"),
         ));
     }
+    // A rollout override is merged over the event's policy and checked as a whole.
+    let over = match &request.rollout {
+        None => None,
+        Some(value) => {
+            let (over, given) = super::dispatch::rollout_request(value, "rollout")?;
+            state
+                .store
+                .dispatch_policy(&event.id)
+                .await?
+                .rollout
+                .merged(&over, &given)
+                .validate("rollout")
+                .map_err(|(field, message)| ApiError::field(&field, message))?;
+            Some((over, given))
+        }
+    };
     let prepared = prepare_run(&state, &event, &targets).await?;
-    let (run_id, jobs) = state
-        .store
-        .create_run(NewRun {
-            event_id: &event.id,
-            kind: event.kind.as_str(),
-            script: &event.script,
-            env: &event.env,
-            runtime_spec: Some(&prepared.runtime_spec),
-            input: input.as_deref(),
-            timeout_seconds: event.timeout_seconds,
-            max_attempts: event.retries + 1,
-            created_by: &user.0.id,
-            agent_ids: &prepared.agent_ids,
-        })
-        .await?;
-    // The jobs are durable; now wake their agents (no agent polls) and the SSH worker.
-    for (_, agent_id) in &jobs {
+    let spec = crate::store::jobs::RunSpec::manual(&NewRun {
+        event_id: &event.id,
+        kind: event.kind.as_str(),
+        script: &event.script,
+        env: &event.env,
+        runtime_spec: Some(&prepared.runtime_spec),
+        input: input.as_deref(),
+        timeout_seconds: event.timeout_seconds,
+        max_attempts: event.retries + 1,
+        created_by: &user.0.id,
+        agent_ids: &prepared.agent_ids,
+    })?;
+    let (run_id, jobs) = state.store.create_run_dispatched(spec, over, None).await?;
+    // The jobs are durable; now wake their agents (no agent polls) and the SSH worker, and
+    // tell the dispatcher (offline hosts of a rollout).
+    for (job_id, agent_id) in &jobs {
         state.registry.wake(agent_id);
+        state.job_events.notify(job_id);
     }
     state.ssh.wake();
+    state.actions.wake();
     let jobs: Vec<Value> = jobs
         .iter()
         .map(
             |(job_id, runner)| match crate::ssh::server_of_runner(runner) {
                 Some(server_id) => json!({"id": job_id, "server_id": server_id}),
+                None if runner == crate::store::jobs::CONTROL_PLANE_RUNNER => {
+                    json!({"id": job_id, "executor": "control_plane"})
+                }
                 None => json!({"id": job_id, "agent_id": runner}),
             },
         )
@@ -849,8 +959,25 @@ pub(crate) async fn prepare_run(
     event: &Event,
     targets: &Targets,
 ) -> ApiResult<PreparedRun> {
+    // Tool actions and HTTP requests the control plane makes: one job, no targets.
+    if let Some((agent_ids, runtime_spec)) = super::event_actions::control_plane_run(event)? {
+        return Ok(PreparedRun {
+            agent_ids,
+            runtime_spec,
+        });
+    }
     let mut agent_ids = resolve_targets(state, targets).await?;
     let servers = super::servers::resolve_servers(state, &event.owner_id, &targets.servers).await?;
+    if event.kind == EventKind::HttpRequest
+        && servers
+            .iter()
+            .any(|runner| crate::ssh::server_of_runner(runner).is_some())
+    {
+        return Err(ApiError::field(
+            "targets.servers",
+            "SSH servers run scripts only; an HTTP request runs on agents or on the control plane (executor: control_plane)",
+        ));
+    }
     if event.runtime == Runtime::Docker
         && servers
             .iter()
@@ -869,6 +996,12 @@ pub(crate) async fn prepare_run(
             "targets.labels",
             "no enrolled agent matches these labels",
         ));
+    }
+    if let Some(runtime_spec) = super::event_actions::agent_runtime_spec(event)? {
+        return Ok(PreparedRun {
+            agent_ids,
+            runtime_spec,
+        });
     }
     let runtime_spec = match event.runtime {
         Runtime::Host => host_runtime_spec(event),

@@ -92,6 +92,9 @@ async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
         "claimed_at": timestamp(job.claimed_at),
         "started_at": timestamp(job.started_at),
         "finished_at": timestamp(job.finished_at),
+        "not_before": timestamp(job.not_before),
+        "batch": job.batch,
+        "last_failure": last_failure_json(job),
     }))
 }
 
@@ -111,8 +114,30 @@ fn job_summary_json(job: &Job) -> Value {
         "log_bytes": job.log_len,
         "cancel_requested": job.cancel_requested,
         "queued_at": timestamp(Some(job.queued_at)),
+        "claimed_at": timestamp(job.claimed_at),
         "started_at": timestamp(job.started_at),
         "finished_at": timestamp(job.finished_at),
+        "not_before": timestamp(job.not_before),
+        "batch": job.batch,
+        "last_failure": last_failure_json(job),
+    })
+}
+
+/// The previous failed attempt of a retried job (its log was replaced by the next attempt's).
+fn last_failure_json(job: &Job) -> Value {
+    let Some(stored) = job
+        .last_failure
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+    else {
+        return Value::Null;
+    };
+    json!({
+        "attempt": stored["attempt"],
+        "reason": stored["reason"],
+        "exit_code": stored["exit_code"],
+        "finished_at": timestamp(stored["finished_at"].as_i64()),
+        "output_tail": stored["output_tail"],
     })
 }
 
@@ -160,6 +185,10 @@ async fn show_run(
     }
     let mut body = run_json(&run);
     body["jobs"] = Value::Array(jobs);
+    super::dispatch::add_run_json(&mut body, &state.store.run_dispatch(&run.id).await?);
+    if query.output != Some(false) {
+        super::dispatch::add_groups_json(&state, &run.id, &mut body).await?;
+    }
     Ok(Json(body))
 }
 
@@ -463,8 +492,10 @@ async fn cancel(
             state.notifier.notify_one();
         }
         CancelOutcome::Requested { agent_id, attempt } => {
-            // An SSH job run by this control plane stops at once (else at its next lease renewal).
+            // An SSH job run by this control plane stops at once (else at its next lease renewal),
+            // so does an HTTP request or tool action the control plane runs.
             state.ssh.cancel(&id);
+            state.actions.cancel(&id);
             // An offline agent hears about it when it reconnects, or its lease settles the job.
             state.registry.cancel(
                 &agent_id,

@@ -6,16 +6,20 @@
 pub mod agent_update;
 pub mod agents;
 pub mod auth;
+pub mod dispatch;
 pub mod downloads;
 pub mod enrollment;
 pub mod error;
+mod event_actions;
 pub mod events;
 pub mod jobs;
 pub mod servers;
 pub mod terminals;
 pub mod tools;
 pub mod ui;
+pub mod users;
 pub mod variables;
+pub mod workflows;
 
 use std::collections::BTreeMap;
 
@@ -42,11 +46,14 @@ pub fn router(state: AppState) -> Router {
         .merge(agent_update::router())
         .merge(enrollment::router())
         .merge(events::router())
+        .merge(dispatch::router())
         .merge(jobs::router())
         .merge(servers::router())
         .merge(terminals::router())
         .merge(tools::router())
+        .merge(users::router())
         .merge(variables::router())
+        .merge(workflows::router())
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),

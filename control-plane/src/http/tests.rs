@@ -134,6 +134,7 @@ const PUBLIC: &[(&str, &str)] = &[
     ("get", "/install.sh"),
     ("get", "/downloads/release-key"),
     ("get", "/downloads/agent/{version}/{target}/{file}"),
+    ("post", "/hooks/workflows/{id}"),
 ];
 
 #[tokio::test]
@@ -1398,3 +1399,6 @@ async fn runs_event_id(api: &Api, token: &str, run_id: &str) -> String {
     assert_eq!(status, StatusCode::OK);
     run["event_id"].as_str().unwrap().to_string()
 }
+
+mod dispatch;
+mod users;

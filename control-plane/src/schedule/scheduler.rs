@@ -118,6 +118,12 @@ impl Scheduler {
             }
         }
         pass.next = self.state.store.earliest_next_run(now).await?;
+        // Workflows with a schedule: the same pass, clock and wake-ups (`workflows/engine.rs`).
+        let workflows_next = crate::workflows::engine::run_due_schedules(&self.state, now).await?;
+        pass.next = match (pass.next, workflows_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(pass)
     }
 
@@ -190,6 +196,7 @@ impl Scheduler {
                 for (_, agent_id) in jobs {
                     self.state.registry.wake(agent_id);
                 }
+                self.state.actions.wake();
             }
             SlotOutcome::Recorded { reason } => {
                 info!(%event_id, slot_at, %reason, "slot recorded without a run")
@@ -207,7 +214,7 @@ impl Scheduler {
         slot: i64,
         missed_slots: i64,
     ) -> Result<RunSpec, String> {
-        if event.targets.is_empty() {
+        if event.targets.is_empty() && !event.action.on_control_plane(event.kind) {
             return Err("the event has no targets".into());
         }
         let prepared = prepare_run(&self.state, event, &event.targets)

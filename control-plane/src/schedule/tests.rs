@@ -355,6 +355,8 @@ impl Harness {
             next_run_at: Some(first),
             notify: Default::default(),
             reschedule: true,
+            action: Default::default(),
+            dispatch: None,
         };
         self.running
             .state

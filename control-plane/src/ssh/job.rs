@@ -14,6 +14,12 @@
 //! nothing in a value is ever expanded, and it ends with `exec <interpreter> ./script`. The
 //! event's secret environment variables travel the same way; their values are masked in the
 //! job's log (see `cronium_protocol::mask`), split across chunks or not.
+//!
+//! Runtime helpers (`helper.rs`): the wrapper is sent only after the remote command printed its
+//! temp dir and sshd answered the forwarding request for the helper socket in it, so the script
+//! finds the socket (or `CRONIUM_HELPER_UNAVAILABLE`) from its first line; the libraries travel
+//! in the wrapper too. The helpers stop before the attempt's result (which carries their
+//! `output` and condition) is recorded.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,8 +32,11 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::helper::{self, Forwards, SshBackend};
 use super::pool;
-use super::session::{Client, checked_dir, connect, exec_collect, single_quoted};
+use super::session::{
+    Client, STEP_TIMEOUT, checked_dir, connect_with_forwards, exec_collect, single_quoted,
+};
 use crate::AppState;
 use crate::store::jobs::{
     Attempt, AttemptResult, ClaimedJob, FinishOutcome, JobStatus, LogChunk, Reason, Stream,
@@ -50,6 +59,8 @@ struct Ending {
     status: JobStatus,
     reason: Option<Reason>,
     exit_code: Option<i32>,
+    /// What the script set through the runtime helpers.
+    values: helper::Values,
 }
 
 impl Ending {
@@ -58,6 +69,7 @@ impl Ending {
             status: JobStatus::Failed,
             reason: Some(reason),
             exit_code: None,
+            values: helper::Values::default(),
         }
     }
 }
@@ -220,8 +232,8 @@ pub(super) async fn run_attempt(
         reason: ending.reason,
         exit_code: ending.exit_code,
         log_len: log.len + log.pending_bytes as u64,
-        result: None,
-        condition: None,
+        result: ending.values.result,
+        condition: ending.values.condition,
     };
     match state
         .store
@@ -283,13 +295,23 @@ async fn attempt_on_server(
             ""
         }
     ));
-    let wrapper = wrapper(claimed, secret_env, interpreter);
+    let script = Script {
+        claimed,
+        secret_env,
+        interpreter,
+        masker: log.masker.clone(),
+    };
     loop {
         let connection = match pooled.take() {
             Some(lease) => Link::Pooled(lease),
             None => {
                 let mut notes = Vec::new();
-                let connected = connect(state, server_id, &ssh, &mut |note| notes.push(note)).await;
+                let forwards = Forwards::default();
+                let connected =
+                    connect_with_forwards(state, server_id, &ssh, forwards.clone(), &mut |note| {
+                        notes.push(note)
+                    })
+                    .await;
                 for note in notes {
                     log.system(&note);
                 }
@@ -301,24 +323,24 @@ async fn attempt_on_server(
                         Ok(server) => server.ssh.as_ref().map_or(settings, pool::settings_key),
                         Err(_) => settings,
                     };
-                    Link::Pooled(pool.insert(server_id, settings, handle))
+                    Link::Pooled(pool.insert(server_id, settings, handle, forwards))
                 } else {
-                    Link::Own(handle)
+                    Link::Own(handle, forwards)
                 }
             }
         };
         let outcome = run_script(
             state,
-            claimed,
+            &script,
             runner,
-            &wrapper,
             cancel,
             connection.handle(),
+            connection.forwards(),
             log,
         )
         .await;
         match connection {
-            Link::Own(handle) => {
+            Link::Own(handle, _) => {
                 let _ = handle
                     .disconnect(russh::Disconnect::ByApplication, "", "en")
                     .await;
@@ -354,6 +376,7 @@ fn check_runtime(
         RuntimeSpec::Docker(_) => bail!(
             "Docker jobs cannot run over SSH: install the agent on this server (cronium server install-agent)"
         ),
+        RuntimeSpec::Http(_) => bail!("HTTP request jobs are not run over SSH"),
         RuntimeSpec::Host(host) => host,
     };
     if let Some(user) = host.user.as_deref()
@@ -384,16 +407,32 @@ fn check_runtime(
 /// A connection an attempt runs on: shared through the pool, or its own.
 enum Link {
     Pooled(pool::Lease),
-    Own(Handle<Client>),
+    Own(Handle<Client>, Forwards),
 }
 
 impl Link {
     fn handle(&self) -> &Handle<Client> {
         match self {
             Link::Pooled(lease) => &lease.handle,
-            Link::Own(handle) => handle,
+            Link::Own(handle, _) => handle,
         }
     }
+
+    fn forwards(&self) -> &Forwards {
+        match self {
+            Link::Pooled(lease) => &lease.forwards,
+            Link::Own(_, forwards) => forwards,
+        }
+    }
+}
+
+/// What an attempt runs: the job, its opened secret environment, the interpreter, and the
+/// masker of the secret values (for the helpers' output and notifications).
+struct Script<'a> {
+    claimed: &'a ClaimedJob,
+    secret_env: &'a [(String, String)],
+    interpreter: &'a str,
+    masker: Masker,
 }
 
 /// Why [`run_script`] failed: no channel could be opened (a kept connection may have died; the
@@ -409,14 +448,16 @@ impl From<anyhow::Error> for RunError {
     }
 }
 
-/// The one command an attempt runs, a fixed string: make a private temp dir, print its path as
-/// the first line of stdout, run the wrapper it reads from stdin (`sh -s`) in its own session
-/// and process group, then kill whatever is left of the group, remove the dir and exit with the
-/// script's status. Only builtins besides `mktemp`, `setsid`, `sh` and `rm`: every process the
-/// host starts is time on a short job's clock. The script's stdin is the channel's, at its end.
+/// The one command an attempt runs, a fixed string: make a private temp dir with the helper
+/// dir in it, print its path as the first line of stdout, run the wrapper it reads from stdin
+/// (`sh -s`) in its own session and process group, then kill whatever is left of the group,
+/// remove the dir and exit with the script's status. Only builtins besides `mktemp`, `mkdir`,
+/// `setsid`, `sh` and `rm`: every process the host starts is time on a short job's clock. The
+/// script's stdin is the channel's, at its end. The wrapper is sent only once the path is known
+/// and the helper socket in it is forwarded (or refused).
 const REMOTE_COMMAND: &str = concat!(
     "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/cronium.XXXXXXXXXX\") && cd \"$d\" && ",
-    "printf '%s\\n' \"$d\" && ",
+    "mkdir .cronium && printf '%s\\n' \"$d\" && ",
     "{ setsid -w sh -s; code=$?; ",
     "read -r pg 2>/dev/null < ./pgid && kill -KILL -- \"-$pg\" 2>/dev/null; ",
     "cd / && rm -rf -- \"$d\"; exit \"$code\"; }"
@@ -426,19 +467,24 @@ const REMOTE_COMMAND: &str = concat!(
 const SCRIPT_END: &str = "CRONIUM_SCRIPT_END";
 
 /// The wrapper the remote shell runs: records its process group, writes the script from a
-/// base64 here-document (exact bytes, nothing expanded), exports the environment (the secret
-/// variables too) and replaces itself with the interpreter.
-fn wrapper(claimed: &ClaimedJob, secret_env: &[(String, String)], interpreter: &str) -> String {
+/// base64 here-document (exact bytes, nothing expanded) and the helper libraries (single-quoted
+/// `printf` arguments: a builtin, no process), exports the environment (the secret variables
+/// and the helpers' too) and replaces itself with the interpreter.
+fn wrapper(script: &Script<'_>, helper_env: &[(&str, String)]) -> String {
     use base64::Engine;
+    let claimed = script.claimed;
     let mut env: BTreeMap<&str, &str> = claimed
         .env
         .iter()
-        .chain(secret_env.iter().map(|(key, value)| (key, value)))
+        .chain(script.secret_env.iter().map(|(key, value)| (key, value)))
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     env.insert("CRONIUM_JOB_ID", &claimed.id);
     env.insert("CRONIUM_RUN_ID", &claimed.run_id);
     env.insert("CRONIUM_EVENT_ID", &claimed.event_id);
+    for (key, value) in helper_env {
+        env.insert(key, value);
+    }
     let mut text = String::from("echo $$ > ./pgid\n");
     text.push_str(&format!(
         "base64 -d > ./script <<'{SCRIPT_END}' || {{ echo 'cronium: base64 is needed on the server' >&2; exit 127; }}\n"
@@ -451,6 +497,12 @@ fn wrapper(claimed: &ClaimedJob, secret_env: &[(String, String)], interpreter: &
     }
     text.push_str(SCRIPT_END);
     text.push('\n');
+    for (name, library) in cronium_agent::helper::LIBRARIES {
+        text.push_str(&format!(
+            "printf '%s' {} > ./{name}\n",
+            single_quoted(library)
+        ));
+    }
     for (key, value) in env {
         // Names were checked when the event was saved; a bad one is skipped, never interpolated.
         let valid = !key.is_empty()
@@ -460,7 +512,7 @@ fn wrapper(claimed: &ClaimedJob, secret_env: &[(String, String)], interpreter: &
             text.push_str(&format!("export {key}={}\n", single_quoted(value)));
         }
     }
-    text.push_str(&format!("exec {interpreter} ./script\n"));
+    text.push_str(&format!("exec {} ./script\n", script.interpreter));
     text
 }
 
@@ -469,16 +521,18 @@ const MAX_DIR_LINE: usize = 600;
 /// How long the remote command gets to clean up after its process group was killed.
 const CLEANUP_WAIT: Duration = Duration::from_secs(10);
 
-/// Runs the attempt on one channel of `session`.
+/// Runs the attempt on one channel of `session`: the temp dir, the helpers, the script; the
+/// helpers stop (and their writes are applied) before this returns.
 async fn run_script(
     state: &AppState,
-    claimed: &ClaimedJob,
+    script: &Script<'_>,
     runner: &str,
-    wrapper: &str,
     cancel: &CancellationToken,
     session: &Handle<Client>,
+    forwards: &Forwards,
     log: &mut Log<'_>,
 ) -> Result<Ending, RunError> {
+    let claimed = script.claimed;
     let mut channel = session
         .channel_open_session()
         .await
@@ -487,6 +541,85 @@ async fn run_script(
         .exec(true, REMOTE_COMMAND)
         .await
         .map_err(|error| RunError::NoChannel(error.into()))?;
+    // The first stdout line names the temp dir; the remote shell then waits for the wrapper.
+    let mut first_line = Vec::new();
+    let mut early_exit = None;
+    let dir_deadline = Instant::now() + STEP_TIMEOUT;
+    let dir = loop {
+        tokio::select! {
+            message = channel.wait() => match message {
+                Some(ChannelMsg::Data { data }) => {
+                    first_line.extend_from_slice(&data);
+                    if let Some(end) = first_line.iter().position(|&byte| byte == b'\n') {
+                        let named = checked_dir(&first_line[..end]).ok_or_else(|| {
+                            anyhow!("the server printed an unexpected temp dir line")
+                        })?;
+                        let rest = first_line.split_off(end + 1);
+                        log.push(Stream::Stdout, &rest);
+                        break Some(named);
+                    } else if first_line.len() > MAX_DIR_LINE {
+                        return Err(anyhow!("the server printed an unexpected temp dir line").into());
+                    }
+                }
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => log.push(Stream::Stderr, &data),
+                Some(ChannelMsg::ExitStatus { exit_status }) => early_exit = Some(exit_status),
+                Some(_) => {}
+                None => break None,
+            },
+            _ = cancel.cancelled() => {
+                let _ = channel.close().await;
+                log.system("cancelled before the script started");
+                return Ok(Ending {
+                    status: JobStatus::Cancelled,
+                    reason: Some(Reason::Cancelled),
+                    exit_code: None,
+                    values: helper::Values::default(),
+                });
+            }
+            _ = sleep_until(dir_deadline) => {
+                let _ = channel.close().await;
+                return Err(anyhow!("the server did not make the temp dir in time").into());
+            }
+        }
+    };
+    let Some(dir) = dir else {
+        return Err(anyhow!(
+            "could not make a temp dir on the server and start the script (exit status {})",
+            early_exit.map_or_else(|| "none".to_string(), |code| code.to_string())
+        )
+        .into());
+    };
+    let backend = SshBackend::new(state, runner, claimed, script.masker.clone());
+    let helpers = helper::start(session, forwards, &dir, backend).await;
+    if let Some(reason) = helpers.unavailable() {
+        log.system(&format!(
+            "runtime helpers are unavailable on this server: {reason}; helper calls in the script will fail"
+        ));
+    }
+    let wrapper = wrapper(script, &helpers.env());
+    let outcome = drive(
+        state, claimed, runner, &wrapper, &dir, cancel, session, channel, log,
+    )
+    .await;
+    // Writes in flight are answered before the result is recorded; none is accepted after.
+    let values = helpers.finish(session).await;
+    outcome.map(|ending| Ending { values, ..ending })
+}
+
+/// Sends the wrapper and follows the script to its end (or kills it on timeout, cancel or a
+/// lost lease).
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    state: &AppState,
+    claimed: &ClaimedJob,
+    runner: &str,
+    wrapper: &str,
+    dir: &str,
+    cancel: &CancellationToken,
+    session: &Handle<Client>,
+    mut channel: russh::Channel<russh::client::Msg>,
+    log: &mut Log<'_>,
+) -> Result<Ending, RunError> {
     channel
         .data_bytes(bytes::Bytes::copy_from_slice(wrapper.as_bytes()))
         .await
@@ -500,29 +633,10 @@ async fn run_script(
     let mut renew = tokio::time::interval_at(Instant::now() + lease_every, lease_every);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut exit: Option<Ending> = None;
-    // The temp dir, once the first stdout line named it; stdout before that is buffered.
-    let mut dir: Option<String> = None;
-    let mut first_line = Vec::new();
     let stop = loop {
         tokio::select! {
             message = channel.wait() => match message {
-                Some(ChannelMsg::Data { data }) => {
-                    if dir.is_some() {
-                        log.push(Stream::Stdout, &data);
-                        continue;
-                    }
-                    first_line.extend_from_slice(&data);
-                    if let Some(end) = first_line.iter().position(|&byte| byte == b'\n') {
-                        let named = checked_dir(&first_line[..end]).ok_or_else(|| {
-                            anyhow!("the server printed an unexpected temp dir line")
-                        })?;
-                        dir = Some(named);
-                        let rest = first_line.split_off(end + 1);
-                        log.push(Stream::Stdout, &rest);
-                    } else if first_line.len() > MAX_DIR_LINE {
-                        return Err(anyhow!("the server printed an unexpected temp dir line").into());
-                    }
-                }
+                Some(ChannelMsg::Data { data }) => log.push(Stream::Stdout, &data),
                 Some(ChannelMsg::ExtendedData { data, ext: 1 }) => log.push(Stream::Stderr, &data),
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     let code = exit_status as i32;
@@ -530,6 +644,7 @@ async fn run_script(
                         status: if code == 0 { JobStatus::Completed } else { JobStatus::Failed },
                         reason: (code != 0).then_some(Reason::ExitCode),
                         exit_code: Some(code),
+                        values: helper::Values::default(),
                     });
                 }
                 Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
@@ -571,30 +686,23 @@ async fn run_script(
     };
     if let Some((reason, line)) = stop {
         log.system(&line);
-        match &dir {
-            Some(dir) => {
-                let kill = format!("cd {dir} && kill -KILL -- -\"$(cat ./pgid)\"");
-                if let Err(error) = exec_collect(session, &kill, b"").await {
-                    log.system(&format!(
-                        "could not kill the remote process group: {error:#}"
-                    ));
-                }
-                // The remote command now removes the dir and exits; if it does not, remove it.
-                let ended = tokio::time::timeout(CLEANUP_WAIT, async {
-                    while channel.wait().await.is_some() {}
-                })
-                .await
-                .is_ok();
-                if !ended {
-                    let _ = channel.close().await;
-                    let remove = format!("rm -rf -- {dir}");
-                    if let Err(error) = exec_collect(session, &remove, b"").await {
-                        log.system(&format!("could not remove the temp dir {dir}: {error:#}"));
-                    }
-                }
-            }
-            None => {
-                let _ = channel.close().await;
+        let kill = format!("cd {dir} && kill -KILL -- -\"$(cat ./pgid)\"");
+        if let Err(error) = exec_collect(session, &kill, b"").await {
+            log.system(&format!(
+                "could not kill the remote process group: {error:#}"
+            ));
+        }
+        // The remote command now removes the dir and exits; if it does not, remove it.
+        let ended = tokio::time::timeout(CLEANUP_WAIT, async {
+            while channel.wait().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !ended {
+            let _ = channel.close().await;
+            let remove = format!("rm -rf -- {dir}");
+            if let Err(error) = exec_collect(session, &remove, b"").await {
+                log.system(&format!("could not remove the temp dir {dir}: {error:#}"));
             }
         }
         return Ok(match reason {
@@ -602,17 +710,10 @@ async fn run_script(
                 status: JobStatus::Cancelled,
                 reason: Some(Reason::Cancelled),
                 exit_code: None,
+                values: helper::Values::default(),
             },
             reason => Ending::failed(reason),
         });
-    }
-    if dir.is_none() {
-        let code = exit.as_ref().and_then(|exit| exit.exit_code);
-        return Err(anyhow!(
-            "could not make a temp dir on the server and start the script (exit status {})",
-            code.map_or_else(|| "none".to_string(), |code| code.to_string())
-        )
-        .into());
     }
     Ok(exit.unwrap_or_else(|| {
         log.system("the SSH channel closed without an exit status");

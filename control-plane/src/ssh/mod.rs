@@ -9,6 +9,7 @@
 //! are fixed strings; the script and the environment travel as bytes on the channel's stdin.
 
 pub mod bootstrap;
+mod helper;
 mod job;
 mod pool;
 mod session;

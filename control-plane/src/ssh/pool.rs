@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use russh::client::Handle;
 use sha2::{Digest, Sha256};
 
+use super::helper::Forwards;
 use super::session::Client;
 use crate::store::servers::SshSettings;
 
@@ -30,6 +31,7 @@ struct Pooled {
     id: u64,
     settings: [u8; 32],
     handle: Arc<Handle<Client>>,
+    forwards: Forwards,
     in_use: usize,
     idle_since: Instant,
 }
@@ -51,6 +53,8 @@ pub(super) struct Lease {
     pub server_id: String,
     pub id: u64,
     pub handle: Arc<Handle<Client>>,
+    /// Routes the connection's forwarded helper sockets.
+    pub forwards: Forwards,
     /// Reused rather than freshly opened.
     pub reused: bool,
 }
@@ -91,6 +95,7 @@ impl SessionPool {
             server_id: server_id.to_string(),
             id: pooled.id,
             handle: pooled.handle.clone(),
+            forwards: pooled.forwards.clone(),
             reused: true,
         })
     }
@@ -101,6 +106,7 @@ impl SessionPool {
         server_id: &str,
         settings: [u8; 32],
         handle: Handle<Client>,
+        forwards: Forwards,
     ) -> Lease {
         let mut inner = self.inner.lock().expect("ssh pool");
         inner.next_id += 1;
@@ -114,6 +120,7 @@ impl SessionPool {
                 id,
                 settings,
                 handle: handle.clone(),
+                forwards: forwards.clone(),
                 in_use: 1,
                 idle_since: Instant::now(),
             });
@@ -121,6 +128,7 @@ impl SessionPool {
             server_id: server_id.to_string(),
             id,
             handle,
+            forwards,
             reused: false,
         }
     }
@@ -175,6 +183,19 @@ impl SessionPool {
     /// Drops every connection (shutdown).
     pub(super) fn clear(&self) {
         self.inner.lock().expect("ssh pool").servers.clear();
+    }
+
+    /// Forwarded helper sockets still routed on the pooled connections, for tests.
+    #[cfg(test)]
+    pub(super) fn forwards(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("ssh pool")
+            .servers
+            .values()
+            .flatten()
+            .map(|pooled| pooled.forwards.len())
+            .sum()
     }
 
     /// Open connections, for tests.

@@ -12,6 +12,7 @@ use russh::client::{self, AuthResult, Handle};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 
 use super::SshSecrets;
+use super::helper::Forwards;
 use crate::AppState;
 use crate::store::servers::{SshAuth, SshSettings};
 
@@ -20,10 +21,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The setup and cleanup commands.
 pub(super) const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Checks the server's host key against the pinned one; remembers what the server showed.
+/// Checks the server's host key against the pinned one; remembers what the server showed;
+/// hands the channels of forwarded helper sockets to the attempts serving them.
 pub(super) struct Client {
     pinned: Option<PublicKey>,
     seen: Arc<Mutex<Option<PublicKey>>>,
+    forwards: Forwards,
 }
 
 impl client::Handler for Client {
@@ -44,6 +47,30 @@ impl client::Handler for Client {
             None => true,
         })
     }
+
+    /// A connection to a forwarded helper socket: accepted only for a socket an attempt on this
+    /// connection asked for and still serves.
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        match self.forwards.route(socket_path) {
+            Some(route) => {
+                reply.accept().await;
+                // A route whose attempt just ended drops the channel, which closes it.
+                let _ = route.send(channel);
+            }
+            None => {
+                reply
+                    .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Connects, checks or pins the host key and authenticates.
@@ -53,15 +80,30 @@ pub(super) async fn connect(
     ssh: &SshSettings,
     note: &mut (dyn FnMut(String) + Send),
 ) -> anyhow::Result<Handle<Client>> {
-    tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(state, server_id, ssh, note))
-        .await
-        .map_err(|_| anyhow!("connecting to {}:{} timed out", ssh.host, ssh.port))?
+    connect_with_forwards(state, server_id, ssh, Forwards::default(), note).await
+}
+
+/// [`connect`], with the table that routes the connection's forwarded helper sockets.
+pub(super) async fn connect_with_forwards(
+    state: &AppState,
+    server_id: &str,
+    ssh: &SshSettings,
+    forwards: Forwards,
+    note: &mut (dyn FnMut(String) + Send),
+) -> anyhow::Result<Handle<Client>> {
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect_inner(state, server_id, ssh, forwards, note),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {}:{} timed out", ssh.host, ssh.port))?
 }
 
 async fn connect_inner(
     state: &AppState,
     server_id: &str,
     ssh: &SshSettings,
+    forwards: Forwards,
     note: &mut (dyn FnMut(String) + Send),
 ) -> anyhow::Result<Handle<Client>> {
     let pinned = match &ssh.host_key {
@@ -79,6 +121,7 @@ async fn connect_inner(
     let handler = Client {
         pinned: pinned.clone(),
         seen: seen.clone(),
+        forwards,
     };
     let connected = client::connect(config, (ssh.host.as_str(), ssh.port), handler).await;
     let shown = seen.lock().expect("seen key").clone();

@@ -977,7 +977,7 @@ async fn secret_env_reaches_ssh_jobs_and_is_masked_in_their_log() {
                 "kind": "bash",
                 // Whole, split across two writes with a pause (two SSH data messages), on
                 // stderr, and its length to prove the job had it.
-                "script": "echo \"plain: $TOKEN\"\nprintf 'split: %s' \"${TOKEN:0:8}\"\nsleep 1\nprintf '%s :end\\n' \"${TOKEN:8}\"\necho \"err: $TOKEN\" >&2\necho \"length: ${#TOKEN}\"\n",
+                "script": "echo \"plain: $TOKEN\"\nprintf 'split: %s' \"${TOKEN:0:8}\"\nsleep 1\nprintf '%s :end\\n' \"${TOKEN:8}\"\necho \"err: $TOKEN\" >&2\necho \"length: ${#TOKEN}\"\n. ./cronium.sh\ncronium_output \"{\\\"token\\\": \\\"$TOKEN\\\"}\"\n",
                 "targets": {"servers": [server["id"]]},
                 "secret_env": {"TOKEN": canary},
             })),
@@ -1002,6 +1002,8 @@ async fn secret_env_reaches_ssh_jobs_and_is_masked_in_their_log() {
     ] {
         assert!(output.contains(expected), "{expected:?} not in {output}");
     }
+    // The value set through the runtime helpers is masked too.
+    assert_eq!(job["result"], json!({"token": "***"}), "{job}");
     let logs = api
         .send(Method::GET, &format!("/jobs/{job_id}/logs"), None)
         .await
@@ -1157,4 +1159,247 @@ async fn docker_and_other_user_jobs_are_refused_over_ssh_and_limits_are_named_in
         "{output}"
     );
     assert!(output.contains("ran\n"));
+}
+
+/// Creates an event on `server` and triggers it with `input`; returns the job id.
+async fn run_with_input(
+    api: &Api,
+    server: &Value,
+    kind: &str,
+    script: &str,
+    input: Value,
+) -> String {
+    let event = api
+        .ok(
+            Method::POST,
+            "/events",
+            Some(json!({
+                "name": format!("e-{}", crate::store::new_id()),
+                "kind": kind,
+                "script": script,
+                "runtime": "host",
+                "targets": {"servers": [server["id"]]},
+                "timeout_seconds": 60,
+                "retries": 0,
+            })),
+        )
+        .await;
+    let run = api
+        .ok(
+            Method::POST,
+            &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+            Some(json!({ "input": input })),
+        )
+        .await;
+    run["jobs"][0]["id"].as_str().unwrap().to_string()
+}
+
+/// Every runtime helper from a Bash job over SSH, through the forwarded socket: input and event,
+/// a variable set and read back (and visible through the API), the result and the condition in
+/// the job, a notification delivered to a real webhook; twice, the second time on the kept
+/// connection, whose forwarded sockets are routed per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bash_jobs_over_ssh_use_every_runtime_helper() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let mut webhook = cronium_e2e::webhook::WebhookListener::start()
+        .await
+        .unwrap();
+    api.ok(
+        Method::POST,
+        "/tools",
+        Some(json!({"name": "hook", "kind": "webhook", "config": {"url": webhook.url()}})),
+    )
+    .await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let script = r#". ./cronium.sh
+set -e
+echo "DIR=$PWD"
+echo "input=$(cronium_input)"
+echo "event=$(cronium_event)"
+test -S "$CRONIUM_HELPER_SOCKET"
+n=$(cronium_input | sed 's/[^0-9]//g')
+cronium_set_variable ssh_counter "{\"n\": $n}"
+echo "got=$(cronium_get_variable ssh_counter)"
+cronium_output "{\"sum\": $((n + 1)), \"from\": \"ssh\"}"
+cronium_set_condition true
+cronium_notify --tool hook --title "ssh $n" 'hello over ssh'
+if cronium_get_variable 'bad name' 2>err; then exit 9; fi
+echo "refused=$(cat err)"
+"#;
+    for n in [41, 42] {
+        let job_id = run_with_input(&api, &server, "bash", script, json!({ "n": n })).await;
+        let job = api.finished(&job_id).await;
+        let output = job["output"].as_str().unwrap();
+        assert_eq!(job["status"], "completed", "{job}");
+        assert!(output.contains(&format!("input={{\"n\":{n}}}")), "{output}");
+        assert!(
+            output.contains(&format!("\"job_id\":\"{job_id}\""))
+                && output.contains("\"attempt\":1"),
+            "{output}"
+        );
+        assert!(output.contains(&format!("got={{\"n\":{n}}}")), "{output}");
+        assert!(
+            output.contains("refused=cronium: the variable name \"bad name\" is not valid"),
+            "{output}"
+        );
+        assert!(
+            !output.contains("runtime helpers are unavailable"),
+            "{output}"
+        );
+        assert_eq!(job["result"], json!({"sum": n + 1, "from": "ssh"}), "{job}");
+        assert_eq!(job["condition"], true, "{job}");
+        assert!(!temp_dir_of(output).exists(), "temp dir left behind");
+
+        let variable = api.ok(Method::GET, "/variables/ssh_counter", None).await;
+        assert_eq!(variable["value"], json!({ "n": n }), "{variable}");
+        assert_eq!(variable["updated_by_job"], job_id.as_str(), "{variable}");
+
+        let body = webhook.next_body(DEADLINE).await.unwrap();
+        let payload: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(payload["message"], "hello over ssh", "{payload}");
+        assert_eq!(payload["title"], format!("ssh {n}"), "{payload}");
+    }
+    assert_eq!(api.running.state.ssh.pool.len(), 1, "one kept connection");
+    assert_eq!(
+        api.running.state.ssh.pool.forwards(),
+        0,
+        "every route removed"
+    );
+}
+
+/// A Python job over SSH uses `cronium.py`; a call with a wrong token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_jobs_over_ssh_use_the_helpers_and_need_the_token() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api
+        .add_server(&sshd, json!({"reuse_connection": false}))
+        .await;
+    let script = r#"import http.client, json, os, socket
+import cronium
+n = cronium.input()["n"]
+cronium.set_variable("py_var", {"list": [n, "x"]})
+print("got", json.dumps(cronium.get_variable("py_var")))
+print("unset", cronium.get_variable("py_unset"))
+print("attempt", cronium.event()["attempt"])
+cronium.output({"doubled": n * 2})
+cronium.set_condition(False)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(os.environ["CRONIUM_HELPER_SOCKET"])
+conn = http.client.HTTPConnection("cronium")
+conn.sock = sock
+conn.request("GET", "/v1/input", headers={"Authorization": "Bearer " + "0" * 64})
+answer = conn.getresponse()
+print("wrong-token", answer.status, answer.read().decode())
+"#;
+    let job_id = run_with_input(&api, &server, "python", script, json!({"n": 21})).await;
+    let job = api.finished(&job_id).await;
+    let output = job["output"].as_str().unwrap();
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(output.contains("got {\"list\": [21, \"x\"]}"), "{output}");
+    assert!(output.contains("unset None"), "{output}");
+    assert!(output.contains("attempt 1"), "{output}");
+    assert!(output.contains("wrong-token 401"), "{output}");
+    assert_eq!(job["result"], json!({"doubled": 42}), "{job}");
+    assert_eq!(job["condition"], false, "{job}");
+    let variable = api.ok(Method::GET, "/variables/py_var", None).await;
+    assert_eq!(variable["value"], json!({"list": [21, "x"]}), "{variable}");
+}
+
+/// A server that refuses socket forwarding still runs the job; its log says once why helpers
+/// are unavailable, and a helper call fails with that reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_socket_forwarding_runs_jobs_without_helpers() {
+    let sshd = Sshd::start_with(SshdOptions {
+        streamlocal_forwarding: false,
+        ..SshdOptions::default()
+    })
+    .unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let script = r#". ./cronium.sh
+if cronium_output '{"a": 1}' 2>err; then echo 'the call succeeded'; exit 3; fi
+echo "call failed: $(cat err)"
+echo still-running
+"#;
+    for _ in 0..2 {
+        let job_id = api.run(&server, "bash", script, 60, json!({})).await;
+        let job = api.finished(&job_id).await;
+        let output = job["output"].as_str().unwrap();
+        assert_eq!(job["status"], "completed", "{job}");
+        assert_eq!(
+            output
+                .matches("runtime helpers are unavailable on this server")
+                .count(),
+            1,
+            "{output}"
+        );
+        assert!(output.contains("AllowStreamLocalForwarding"), "{output}");
+        assert!(
+            output.contains(
+                "call failed: cronium: runtime helpers are unavailable in this job: the SSH server refused to forward the helper socket"
+            ),
+            "{output}"
+        );
+        assert!(output.contains("still-running"), "{output}");
+        assert!(job["result"].is_null(), "{job}");
+    }
+    assert_eq!(api.running.state.ssh.pool.forwards(), 0);
+}
+
+/// Jobs running at the same time on one server (so on one kept connection, where they fit)
+/// each reach their own attempt's helpers: every forwarded socket is routed to its attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ssh_jobs_reach_their_own_helpers() {
+    let sshd = Sshd::start().unwrap();
+    let api = api().await;
+    let server = api.add_server(&sshd, json!({})).await;
+    let barrier = tempfile::tempdir().unwrap();
+    // The jobs wait for each other (up to 30 s), so their helpers are live at the same time.
+    let script = r#". ./cronium.sh
+touch "$BARRIER/$CRONIUM_JOB_ID"
+i=0
+while [ "$(ls "$BARRIER" | wc -l)" -lt 3 ]; do
+  i=$((i + 1)); [ "$i" -gt 600 ] && { echo 'the other jobs never came' >&2; exit 7; }
+  sleep 0.05
+done
+cronium_output "$(cronium_input)"
+"#;
+    let event = api
+        .ok(
+            Method::POST,
+            "/events",
+            Some(json!({
+                "name": "ssh-concurrent-helpers",
+                "kind": "bash",
+                "script": script,
+                "runtime": "host",
+                "targets": {"servers": [server["id"]]},
+                "timeout_seconds": 60,
+                "env": {"BARRIER": barrier.path().to_str().unwrap()},
+            })),
+        )
+        .await;
+    let mut jobs = Vec::new();
+    for n in 0..3 {
+        let run = api
+            .ok(
+                Method::POST,
+                &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+                Some(json!({"input": {"n": n}})),
+            )
+            .await;
+        jobs.push((n, run["jobs"][0]["id"].as_str().unwrap().to_string()));
+    }
+    for (n, job_id) in jobs {
+        let job = api.finished(&job_id).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        assert_eq!(job["result"], json!({ "n": n }), "{job}");
+    }
+    assert_eq!(
+        api.running.state.ssh.pool.forwards(),
+        0,
+        "every route removed"
+    );
 }

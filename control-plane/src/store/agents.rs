@@ -94,18 +94,20 @@ impl Store {
         uses: u32,
         expires_at: i64,
         created_by: Option<&str>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<String> {
         let (token_sha256, labels, created_by) = (
             token_sha256.to_string(),
             labels_to_json(labels),
             created_by.map(str::to_string),
         );
+        let id = new_id();
+        let token_id = id.clone();
         write_op!(self, |conn| async {
         sqlx::query(
             "INSERT INTO enrollment_tokens (id, token_sha256, labels, uses_left, expires_at, created_by, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(new_id())
+        .bind(&token_id)
         .bind(token_sha256)
         .bind(labels)
         .bind(uses as i64)
@@ -116,7 +118,8 @@ impl Store {
         .await?;
         Ok(())
         })
-        .await
+        .await?;
+        Ok(id)
     }
 
     /// Spends one use of an enrollment token and records the agent, atomically: two concurrent
@@ -348,6 +351,7 @@ impl Store {
         .await?;
         for job_id in failed {
             super::jobs::notify_settled_in(conn, &job_id).await?;
+            super::dispatch::settled_in(conn, &job_id).await?;
         }
         Ok(true)
         })

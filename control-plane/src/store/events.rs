@@ -184,6 +184,82 @@ impl Targets {
     }
 }
 
+/// Who runs the jobs of an `http_request` event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Executor {
+    /// The event's target agents (one job per agent; URLs inside the agents' networks work).
+    #[default]
+    Agent,
+    /// The control plane itself (one job per run; no targets needed).
+    ControlPlane,
+}
+
+impl Executor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Executor::Agent => "agent",
+            Executor::ControlPlane => "control_plane",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Executor> {
+        match text {
+            "agent" => Some(Executor::Agent),
+            "control_plane" => Some(Executor::ControlPlane),
+            _ => None,
+        }
+    }
+}
+
+/// What a `tool_action` event sends, through which of its owner's tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolAction {
+    pub tool_id: String,
+    /// Slack/Discord: the bold first line; webhook: `title`; email: the subject.
+    pub title: Option<String>,
+    pub message: String,
+}
+
+impl ToolAction {
+    /// The JSON stored in `events.tool_action` (and copied into each job's `runtime_spec`).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"tool_id": self.tool_id, "title": self.title, "message": self.message})
+            .to_string()
+    }
+
+    pub fn from_json(text: &str) -> StoreResult<ToolAction> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|error| StoreError::Corrupt(format!("tool_action: {error}")))?;
+        let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        Ok(ToolAction {
+            tool_id: text("tool_id")
+                .ok_or_else(|| StoreError::Corrupt("tool_action without tool_id".into()))?,
+            title: text("title"),
+            message: text("message").unwrap_or_default(),
+        })
+    }
+}
+
+/// What an event of a kind other than a script does: the HTTP request of an `http_request`
+/// event and who makes it, or the action of a `tool_action` event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventAction {
+    pub http: Option<cronium_protocol::HttpSpec>,
+    pub tool_action: Option<ToolAction>,
+    pub executor: Executor,
+}
+
+impl EventAction {
+    /// Whether the control plane runs the event's jobs itself (one job per run, no targets).
+    pub fn on_control_plane(&self, kind: EventKind) -> bool {
+        match kind {
+            EventKind::ToolAction => true,
+            EventKind::HttpRequest => self.executor == Executor::ControlPlane,
+            _ => false,
+        }
+    }
+}
+
 /// Which of the owner's tools (by name) are told when a job of the event ends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventNotify {
@@ -213,6 +289,8 @@ pub struct Event {
     pub notify: EventNotify,
     /// The names of its secret environment variables (values are never read here), sorted.
     pub secret_env_names: Vec<String>,
+    /// HTTP request and tool action events: what they do.
+    pub action: EventAction,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -243,9 +321,14 @@ pub struct EventFields {
     /// value, which the scheduler advances, stays.
     pub next_run_at: Option<i64>,
     pub reschedule: bool,
+    /// HTTP request and tool action events: what they do.
+    pub action: EventAction,
+    /// The dispatch policy (retries, concurrency, rollout); written in the same transaction
+    /// when set, otherwise the stored one (or the defaults) stays.
+    pub dispatch: Option<super::dispatch::DispatchPolicy>,
 }
 
-pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success, (SELECT json_group_array(name) FROM event_secret_env WHERE event_secret_env.event_id = events.id) AS secret_env_names";
+pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success, http, tool_action, executor, (SELECT json_group_array(name) FROM event_secret_env WHERE event_secret_env.event_id = events.id) AS secret_env_names";
 
 pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
@@ -298,6 +381,22 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
         None => Vec::new(),
     };
     secret_env_names.sort();
+    let executor: String = row.try_get("executor")?;
+    let action = EventAction {
+        http: match row.try_get::<Option<String>, _>("http")? {
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|error| StoreError::Corrupt(format!("http: {error}")))?,
+            ),
+            None => None,
+        },
+        tool_action: match row.try_get::<Option<String>, _>("tool_action")? {
+            Some(text) => Some(ToolAction::from_json(&text)?),
+            None => None,
+        },
+        executor: Executor::parse(&executor)
+            .ok_or_else(|| StoreError::Corrupt(format!("executor {executor:?}")))?,
+    };
     Ok(Event {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -320,9 +419,19 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
             on_success: row.try_get("notify_on_success")?,
         },
         secret_env_names,
+        action,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
+}
+
+/// The JSON of an event's `http` column.
+fn http_to_json(action: &EventAction) -> Option<String> {
+    // A spec of strings, numbers and booleans always serializes.
+    action
+        .http
+        .as_ref()
+        .map(|http| serde_json::to_string(http).unwrap_or_default())
 }
 
 fn env_to_json(env: &BTreeMap<String, String>) -> String {
@@ -352,8 +461,8 @@ impl Store {
             "INSERT INTO events (id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at,
              image, memory_mb, cpus, pids, network, read_only, run_as_user,
              schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at,
-             notify_on_failure, notify_on_success)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             notify_on_failure, notify_on_success, http, tool_action, executor)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -382,9 +491,15 @@ impl Store {
         .bind(fields.next_run_at)
         .bind(&fields.notify.on_failure)
         .bind(&fields.notify.on_success)
+        .bind(http_to_json(&fields.action))
+        .bind(fields.action.tool_action.as_ref().map(ToolAction::to_json))
+        .bind(fields.action.executor.as_str())
         .execute(&mut *conn)
         .await?;
         super::secrets::change_secret_env_in(conn, &id, &secrets.set, &secrets.remove).await?;
+        if let Some(policy) = &fields.dispatch {
+            super::dispatch::set_dispatch_policy_in(conn, &id, policy).await?;
+        }
         Ok(id)
         })
         .await?;
@@ -413,7 +528,7 @@ impl Store {
              env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?,
              schedule_cron = ?, schedule_timezone = ?, schedule_dst = ?, schedule_misfire = ?, schedule_overlap = ?,
              next_run_at = CASE WHEN ? THEN ? ELSE next_run_at END,
-             notify_on_failure = ?, notify_on_success = ?
+             notify_on_failure = ?, notify_on_success = ?, http = ?, tool_action = ?, executor = ?
              WHERE id = ?",
         )
         .bind(&fields.name)
@@ -441,6 +556,9 @@ impl Store {
         .bind(fields.next_run_at)
         .bind(&fields.notify.on_failure)
         .bind(&fields.notify.on_success)
+        .bind(http_to_json(&fields.action))
+        .bind(fields.action.tool_action.as_ref().map(ToolAction::to_json))
+        .bind(fields.action.executor.as_str())
         .bind(&id)
         .execute(&mut *conn)
         .await?
@@ -449,6 +567,9 @@ impl Store {
             return Err(StoreError::NotFound);
         }
         super::secrets::change_secret_env_in(conn, &id, &secrets.set, &secrets.remove).await?;
+        if let Some(policy) = &fields.dispatch {
+            super::dispatch::set_dispatch_policy_in(conn, &id, policy).await?;
+        }
         Ok(())
         })
         .await?;

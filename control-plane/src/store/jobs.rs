@@ -66,6 +66,17 @@ pub enum Reason {
     Oom,
     Cancelled,
     Revoked,
+    /// An HTTP request job's answer had a status that is not an expected one.
+    HttpStatus,
+    /// An HTTP request job got no answer (DNS, connection, TLS, reading the answer).
+    HttpError,
+    /// A tool action job's message was not delivered.
+    Delivery,
+    /// Not started: the run's rollout stopped (a stop condition tripped). Status `cancelled`.
+    RolloutStopped,
+    /// Skipped: the agent was offline when the job's batch started (and stayed offline for the
+    /// rollout's `deadline_seconds`). Status `cancelled`.
+    Offline,
 }
 
 impl Reason {
@@ -79,6 +90,11 @@ impl Reason {
             Reason::Oom => "oom",
             Reason::Cancelled => "cancelled",
             Reason::Revoked => "revoked",
+            Reason::HttpStatus => "http_status",
+            Reason::HttpError => "http_error",
+            Reason::Delivery => "delivery",
+            Reason::RolloutStopped => "rollout_stopped",
+            Reason::Offline => "offline",
         }
     }
 
@@ -92,6 +108,11 @@ impl Reason {
             "oom" => Reason::Oom,
             "cancelled" => Reason::Cancelled,
             "revoked" => Reason::Revoked,
+            "http_status" => Reason::HttpStatus,
+            "http_error" => Reason::HttpError,
+            "delivery" => Reason::Delivery,
+            "rollout_stopped" => Reason::RolloutStopped,
+            "offline" => Reason::Offline,
             _ => return None,
         })
     }
@@ -156,6 +177,13 @@ pub struct Job {
     pub claimed_at: Option<i64>,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// A queued job is not claimed before this time (a retry's backoff).
+    pub not_before: Option<i64>,
+    /// Its batch in the run's rollout (0: the first).
+    pub batch: u32,
+    /// JSON of the previous failed attempt (`attempt`, `reason`, `exit_code`, `finished_at`,
+    /// `output_tail`), whose log the next attempt replaced.
+    pub last_failure: Option<String>,
 }
 
 /// A job as handed to an agent by a claim. Its `Debug` shows neither script nor environment.
@@ -326,6 +354,10 @@ impl RunSpec {
 /// agent" take a runner key, so SSH jobs move forward through the same functions as agent jobs.
 pub const SSH_RUNNER_PREFIX: &str = "ssh:";
 
+/// The runner key of jobs the control plane runs itself (HTTP requests with executor
+/// `control_plane`, tool actions; `actions/`). Such a job has neither an agent nor a server.
+pub const CONTROL_PLANE_RUNNER: &str = "control-plane";
+
 /// Writes a run and one queued job per runner (agent id, or `ssh:<server id>`) in the caller's
 /// transaction; returns the run id and `(job id, runner)` pairs.
 pub(crate) async fn create_run_in(
@@ -352,19 +384,23 @@ pub(crate) async fn create_run_in(
     for agent_id in &spec.agent_ids {
         let job_id = new_id();
         // A runner key `ssh:<server id>` is a job the control plane runs over SSH.
+        // The runner key `control-plane` is a job the control plane runs itself.
+        let on_control_plane = agent_id == CONTROL_PLANE_RUNNER;
         let (agent, server) = match agent_id.strip_prefix(SSH_RUNNER_PREFIX) {
+            _ if on_control_plane => (None, None),
             Some(server_id) => (None, Some(server_id)),
             None => (Some(agent_id.as_str()), None),
         };
         sqlx::query(
-            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
-             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
+             VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&job_id)
         .bind(&run_id)
         .bind(&spec.event_id)
         .bind(agent)
         .bind(server)
+        .bind(i64::from(on_control_plane))
         .bind(spec.max_attempts as i64)
         .bind(&spec.kind)
         .bind(&spec.script)
@@ -378,6 +414,7 @@ pub(crate) async fn create_run_in(
         super::secrets::copy_secret_env_in(conn, &spec.event_id, &job_id).await?;
         jobs.push((job_id, agent_id.clone()));
     }
+    super::dispatch::apply_in(conn, &run_id, &spec.event_id, None).await?;
     Ok((run_id, jobs))
 }
 
@@ -466,11 +503,14 @@ pub struct ExpiredJob {
 }
 
 const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, server_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
-     cancel_requested, queued_at, claimed_at, started_at, finished_at";
+     cancel_requested, queued_at, claimed_at, started_at, finished_at, not_before, batch, skip_reason, last_failure";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
     let status: String = row.try_get("status")?;
-    let reason: Option<String> = row.try_get("reason")?;
+    // A skipped or not-started job is `cancelled`; its reason says why.
+    let reason: Option<String> = row
+        .try_get::<Option<String>, _>("skip_reason")?
+        .or(row.try_get("reason")?);
     Ok(Job {
         id: row.try_get("id")?,
         run_id: row.try_get("run_id")?,
@@ -501,6 +541,9 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
         claimed_at: row.try_get("claimed_at")?,
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
+        not_before: row.try_get("not_before")?,
+        batch: row.try_get::<i64, _>("batch")? as u32,
+        last_failure: row.try_get("last_failure")?,
     })
 }
 
@@ -591,7 +634,7 @@ pub(crate) async fn notify_settled_in(
     job_id: &str,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
-        "SELECT j.status, j.reason, j.exit_code, j.attempt, j.run_id, j.log_len, j.agent_id, j.server_id,
+        "SELECT j.status, j.reason, j.exit_code, j.attempt, j.run_id, j.log_len, j.agent_id, j.server_id, j.on_control_plane,
                 e.id AS event_id, e.owner_id, e.name AS event_name, e.notify_on_failure, e.notify_on_success,
                 a.name AS agent_name, s.name AS server_name
          FROM jobs j JOIN events e ON e.id = j.event_id
@@ -628,6 +671,9 @@ pub(crate) async fn notify_settled_in(
         (None, Some(server)) => server,
         (None, None) => match row.try_get::<Option<String>, _>("agent_id")? {
             Some(agent_id) => format!("agent {agent_id}"),
+            None if row.try_get::<i64, _>("on_control_plane")? != 0 => {
+                "the control plane".to_string()
+            }
             None => "a deleted server".to_string(),
         },
     };
@@ -696,25 +742,56 @@ impl Store {
     }
 
     /// Atomically claims up to `limit` queued jobs of one agent, starting a new attempt of each
-    /// with a lease until `lease_until`. One statement, one commit.
+    /// with a lease until `lease_until`. One statement, one commit. Only claimable jobs are
+    /// taken (see [`super::dispatch`]): due, their batch open, their event under its
+    /// concurrency limit.
     pub async fn claim_jobs(
         &self,
         agent_id: &str,
         limit: u32,
         lease_until: i64,
     ) -> StoreResult<Vec<ClaimedJob>> {
+        self.claim_jobs_when(agent_id, limit, lease_until, None)
+            .await
+    }
+
+    /// [`Store::claim_jobs`] as if the time were `now` (ms).
+    pub async fn claim_jobs_at(
+        &self,
+        agent_id: &str,
+        limit: u32,
+        lease_until: i64,
+        now: i64,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        self.claim_jobs_when(agent_id, limit, lease_until, Some(now))
+            .await
+    }
+
+    async fn claim_jobs_when(
+        &self,
+        agent_id: &str,
+        limit: u32,
+        lease_until: i64,
+        now: Option<i64>,
+    ) -> StoreResult<Vec<ClaimedJob>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let agent_id = agent_id.to_string();
         write_op!(self, |conn| async {
-        let rows = sqlx::query(
-            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = ?, lease_expires_at = ?
-             WHERE id IN (SELECT id FROM jobs WHERE runner = ? AND status = 'queued' ORDER BY queued_at, id LIMIT ?)
+        // The time is read when the claim runs, after every write queued before it: a claim
+        // that a settlement made possible is never recorded as earlier than that settlement.
+        let now = now.unwrap_or_else(now_ms);
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = ?, lease_expires_at = ?,
+             not_before = NULL
+             WHERE id IN ({})
              RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
-        )
-        .bind(now_ms())
+            super::dispatch::claimable_select()
+        )))
+        .bind(now)
         .bind(lease_until)
+        .bind(now)
         .bind(agent_id)
         .bind(limit as i64)
         .fetch_all(&mut *conn)
@@ -891,6 +968,7 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
                 notified = notify_settled_in(conn, &job_id).await?;
+                super::dispatch::settled_in(conn, &job_id).await?;
             }
             audit_in(
                 conn,
@@ -1043,15 +1121,27 @@ impl Store {
         let attempts_left = (attempt.attempt as i64) < row.try_get::<i64, _>("max_attempts")?;
         let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
         if result.status == JobStatus::Failed && attempts_left && !cancel_requested {
+            // The next attempt's log replaces this one's: keep what failed and how it ended.
+            let last_failure = serde_json::json!({
+                "attempt": attempt.attempt,
+                "reason": result.reason.map(Reason::as_str),
+                "exit_code": result.exit_code,
+                "finished_at": now,
+                "output_tail": output_tail(conn, &attempt.job_id, log_len).await?,
+            });
+            let not_before =
+                super::dispatch::retry_at_in(conn, &attempt.job_id, attempt.attempt, now).await?;
             sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
                 .bind(&attempt.job_id)
                 .execute(&mut *conn)
                 .await?;
             sqlx::query(
                 "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
-                 queued_at = ? WHERE id = ?",
+                 queued_at = ?, not_before = ?, last_failure = ? WHERE id = ?",
             )
             .bind(now)
+            .bind(not_before)
+            .bind(last_failure.to_string())
             .bind(&attempt.job_id)
             .execute(&mut *conn)
             .await?;
@@ -1073,6 +1163,7 @@ impl Store {
         .execute(&mut *conn)
         .await?;
         let notified = notify_settled_in(conn, &attempt.job_id).await?;
+        super::dispatch::settled_in(conn, &attempt.job_id).await?;
         Ok(FinishOutcome::Recorded { notified })
         })
         .await
@@ -1101,6 +1192,7 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
                 notify_settled_in(conn, &job_id).await?;
+                super::dispatch::settled_in(conn, &job_id).await?;
                 CancelOutcome::Cancelled
             }
             JobStatus::Claimed | JobStatus::Running => {

@@ -9,8 +9,11 @@
 //! Concurrent requests share an fsync instead of queueing for one each, and an answer still
 //! means "on disk".
 
+pub mod actions;
 pub mod agent_updates;
 pub mod agents;
+pub mod dispatch;
+pub mod enrollment;
 pub mod events;
 pub mod jobs;
 pub mod schedules;
@@ -20,6 +23,7 @@ pub mod terminals;
 pub mod tools;
 pub mod users;
 pub mod variables;
+pub mod workflows;
 
 use std::any::Any;
 use std::future::Future;

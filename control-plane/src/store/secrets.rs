@@ -59,6 +59,12 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
         keys: &["job_id", "name"],
         column: "sealed_value",
     },
+    SealedColumn {
+        kind: "workflow webhook secrets",
+        table: "workflows",
+        keys: &["id"],
+        column: "webhook_secret_sealed",
+    },
 ];
 
 /// Why a rotation was refused; nothing was changed.

@@ -237,6 +237,7 @@ impl Store {
             .await?;
             for job_id in cancelled {
                 super::jobs::notify_settled_in(conn, &job_id).await?;
+                super::dispatch::settled_in(conn, &job_id).await?;
             }
             let done = sqlx::query("DELETE FROM servers WHERE id = ?")
                 .bind(&id)
@@ -313,10 +314,18 @@ impl Store {
         &self,
         lease_until: i64,
     ) -> StoreResult<Option<(ClaimedJob, String)>> {
-        let runner = sqlx::query_scalar::<_, String>(
-            "SELECT runner FROM jobs WHERE agent_id IS NULL AND server_id IS NOT NULL AND status = 'queued'
-             ORDER BY queued_at, id LIMIT 1",
-        )
+        // The oldest claimable job (see `super::dispatch`): a delayed retry, a closed batch or a
+        // full concurrency limit must not hold back the jobs behind it.
+        let now = super::now_ms();
+        let runner = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
+            "SELECT j.runner FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+             WHERE j.agent_id IS NULL AND j.server_id IS NOT NULL AND {}
+               AND (d.max_concurrency IS NULL OR d.max_concurrency >
+                    (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running')))
+             ORDER BY j.queued_at, j.id LIMIT 1",
+            super::dispatch::CLAIMABLE
+        )))
+        .bind(now)
         .fetch_optional(&self.reader)
         .await?;
         let Some(runner) = runner else {

@@ -43,8 +43,23 @@ async fn fixture() -> Fixture {
         next_run_at: None,
         notify: Default::default(),
         reschedule: false,
+        action: Default::default(),
+        dispatch: None,
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
+    // Retries here are queued again at once; the backoff has its own tests (dispatch_tests.rs).
+    let no_backoff = super::dispatch::DispatchPolicy {
+        retry: super::dispatch::RetryPolicy {
+            backoff_seconds: 0.0,
+            factor: 1.0,
+            max_backoff_seconds: 0.0,
+        },
+        ..Default::default()
+    };
+    store
+        .set_dispatch_policy(&event, &no_backoff)
+        .await
+        .unwrap();
     Fixture {
         _dir: dir,
         store,
@@ -753,6 +768,8 @@ impl Fixture {
             },
             next_run_at: event.next_run_at,
             reschedule: false,
+            action: Default::default(),
+            dispatch: None,
         };
         self.store.update_event(&self.event, &fields).await.unwrap();
     }

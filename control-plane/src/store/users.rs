@@ -214,3 +214,237 @@ impl Store {
         .await
     }
 }
+
+/// A user as an admin's list shows them.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub user: User,
+    pub created_at: i64,
+}
+
+/// An API token as its owner's list shows it: never the token, which only its hash remembers.
+#[derive(Debug, Clone)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// Why a role change or a deletion was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserChange {
+    Done,
+    /// The user does not exist.
+    NotFound,
+    /// It would leave no admin.
+    LastAdmin,
+    /// The user still owns objects that are not deleted with them (events).
+    StillOwns,
+}
+
+/// How long a token's `last_used_at` may lag behind: authentication writes at most this often.
+const LAST_USED_RESOLUTION_MS: i64 = 60_000;
+
+impl Store {
+    /// Every user, by username.
+    pub async fn users(&self) -> StoreResult<Vec<UserRecord>> {
+        let rows =
+            sqlx::query("SELECT id, username, role, created_at FROM users ORDER BY username")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UserRecord {
+                    user: user_from_row(row)?,
+                    created_at: row.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// One user by id.
+    pub async fn user(&self, id: &str) -> StoreResult<UserRecord> {
+        let row = sqlx::query("SELECT id, username, role, created_at FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(UserRecord {
+            user: user_from_row(&row)?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+
+    /// Changes a user's role; demoting the last admin is refused.
+    pub async fn set_user_role(&self, id: &str, role: Role) -> StoreResult<UserChange> {
+        let id = id.to_string();
+        write_op!(self, |conn| async {
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if exists.is_none() {
+                return Ok(UserChange::NotFound);
+            }
+            // The last-admin condition is part of the statement (and writes are serialized), so
+            // two concurrent demotions cannot both pass it. Promotions always pass.
+            let changed = sqlx::query(
+                "UPDATE users SET role = ?1 WHERE id = ?2 AND (?1 = 'admin' OR role != 'admin'
+                 OR (SELECT COUNT(*) FROM users WHERE role = 'admin') > 1)",
+            )
+            .bind(role.as_str())
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(if changed == 1 {
+                UserChange::Done
+            } else {
+                UserChange::LastAdmin
+            })
+        })
+        .await
+    }
+
+    /// Replaces a user's password hash and ends their console sessions (they log in again).
+    pub async fn set_user_password(&self, id: &str, password_hash: &str) -> StoreResult<()> {
+        let (id, password_hash) = (id.to_string(), password_hash.to_string());
+        write_op!(self, |conn| async {
+            // One write operation is one savepoint: both statements or neither.
+            let changed = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+                .bind(password_hash)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            sqlx::query("DELETE FROM sessions WHERE user_id = ?")
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a user (their sessions, tokens, tools, variables and servers go with them);
+    /// deleting the last admin is refused. A user who still owns events cannot be deleted: the
+    /// foreign key refuses it ([`UserChange::StillOwns`]).
+    pub async fn delete_user(&self, id: &str) -> StoreResult<UserChange> {
+        let id = id.to_string();
+        write_op!(self, |conn| async {
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+                .bind(&id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if exists.is_none() {
+                return Ok(UserChange::NotFound);
+            }
+            let deleted = sqlx::query(
+                "DELETE FROM users WHERE id = ? AND (role != 'admin'
+                 OR (SELECT COUNT(*) FROM users WHERE role = 'admin') > 1)",
+            )
+            .bind(&id)
+            .execute(&mut *conn)
+            .await;
+            let changed = match deleted {
+                Ok(done) => done.rows_affected(),
+                Err(sqlx::Error::Database(error)) if error.is_foreign_key_violation() => {
+                    return Ok(UserChange::StillOwns);
+                }
+                Err(error) => return Err(error.into()),
+            };
+            Ok(if changed == 1 {
+                UserChange::Done
+            } else {
+                UserChange::LastAdmin
+            })
+        })
+        .await
+    }
+
+    /// A user's live (not revoked) API tokens, newest first.
+    pub async fn api_tokens(&self, user_id: &str) -> StoreResult<Vec<ApiTokenRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, name, created_at, last_used_at FROM api_tokens
+             WHERE user_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ApiTokenRecord {
+                    id: row.try_get("id")?,
+                    name: row.try_get("name")?,
+                    created_at: row.try_get("created_at")?,
+                    last_used_at: row.try_get("last_used_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// One of `user_id`'s live API tokens.
+    pub async fn api_token(&self, user_id: &str, id: &str) -> StoreResult<ApiTokenRecord> {
+        self.api_tokens(user_id)
+            .await?
+            .into_iter()
+            .find(|token| token.id == id)
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Revokes one of `user_id`'s live tokens; another user's token is `NotFound`.
+    pub async fn revoke_api_token(&self, user_id: &str, id: &str) -> StoreResult<()> {
+        let (user_id, id) = (user_id.to_string(), id.to_string());
+        write_op!(self, |conn| async {
+            let changed = sqlx::query(
+                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+            )
+            .bind(now_ms())
+            .bind(id)
+            .bind(user_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if changed == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::NotFound)
+            }
+        })
+        .await
+    }
+
+    /// Records that a token was just used, at most once a minute per token (a read decides
+    /// whether to write, so most authenticated requests do not write).
+    pub async fn touch_api_token(&self, token_sha256: &str) -> StoreResult<()> {
+        let now = now_ms();
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT last_used_at FROM api_tokens WHERE token_sha256 = ?")
+                .bind(token_sha256)
+                .fetch_optional(&self.reader)
+                .await?;
+        match last {
+            Some(Some(last)) if now - last < LAST_USED_RESOLUTION_MS => return Ok(()),
+            None => return Ok(()),
+            _ => {}
+        }
+        let token_sha256 = token_sha256.to_string();
+        write_op!(self, |conn| async {
+            sqlx::query(
+                "UPDATE api_tokens SET last_used_at = ? WHERE token_sha256 = ?
+                 AND (last_used_at IS NULL OR last_used_at < ?)",
+            )
+            .bind(now)
+            .bind(token_sha256)
+            .bind(now - LAST_USED_RESOLUTION_MS)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -70,7 +70,7 @@ async fn current_attempt_owner(
     attempt: u32,
 ) -> StoreResult<Option<(String, u64)>> {
     let row = sqlx::query(
-        "SELECT j.agent_id, j.attempt, j.status, j.helper_seq, e.owner_id
+        "SELECT j.runner AS agent_id, j.attempt, j.status, j.helper_seq, e.owner_id
          FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = ?",
     )
     .bind(job_id)

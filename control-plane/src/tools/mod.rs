@@ -70,6 +70,9 @@ pub struct DeliveryOptions {
     pub request_timeout: Duration,
     /// CA certificates trusted for SMTP over TLS besides the system's bundle (tests add theirs).
     pub extra_smtp_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// HTTP request jobs the control plane runs reach public addresses only (`actions/`):
+    /// `cronium serve --http-jobs-public-only`.
+    pub http_jobs_public_only: bool,
 }
 
 impl Default for DeliveryOptions {
@@ -82,6 +85,7 @@ impl Default for DeliveryOptions {
                 .collect(),
             request_timeout: Duration::from_secs(10),
             extra_smtp_roots: Vec::new(),
+            http_jobs_public_only: false,
         }
     }
 }

@@ -174,6 +174,7 @@ fn server_config(dir: &Path, key: &str, retry_delays: Vec<Duration>) -> ServerCo
             retry_delays,
             request_timeout: Duration::from_secs(10),
             extra_smtp_roots: Vec::new(),
+            http_jobs_public_only: false,
         },
         terminals: crate::terminals::TerminalConfig::default(),
         releases: crate::release::ReleaseConfig::default(),

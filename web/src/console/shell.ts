@@ -11,6 +11,10 @@ import { eventsPage } from "./pages/events";
 import { runPage } from "./pages/run";
 import { runsPage } from "./pages/runs";
 import { serversPage } from "./pages/servers";
+import { settingsPage } from "./pages/settings";
+import { workflowEditorPage } from "./pages/workflow-editor";
+import { workflowRunPage } from "./pages/workflow-run";
+import { workflowsPage } from "./pages/workflows";
 import { type Route, currentPath, match } from "./router";
 import { currentTheme, followSystemTheme, toggleTheme } from "./theme";
 
@@ -22,6 +26,14 @@ const routes: Route<Page>[] = [
   { pattern: "/events/:id", target: eventEditorPage },
   { pattern: "/runs", target: runsPage },
   { pattern: "/runs/:id", target: runPage },
+  { pattern: "/workflows", target: workflowsPage },
+  { pattern: "/workflows/new", target: workflowEditorPage },
+  { pattern: "/workflows/:id", target: workflowEditorPage },
+  { pattern: "/workflows/:id/runs/:run", target: workflowRunPage },
+  // With xterm.js: a chunk of its own, loaded when the page is first opened.
+  { pattern: "/console", target: (context, params) => import("./pages/console").then((page) => page.consolePage(context, params)) },
+  { pattern: "/settings", target: settingsPage },
+  { pattern: "/settings/:tab", target: settingsPage },
 ];
 
 const NAV: Array<{ hash: string; label: string; section: string }> = [
@@ -29,6 +41,9 @@ const NAV: Array<{ hash: string; label: string; section: string }> = [
   { hash: "#/servers", label: "Servers", section: "servers" },
   { hash: "#/events", label: "Events", section: "events" },
   { hash: "#/runs", label: "Runs", section: "runs" },
+  { hash: "#/workflows", label: "Workflows", section: "workflows" },
+  { hash: "#/console", label: "Console", section: "console" },
+  { hash: "#/settings", label: "Settings", section: "settings" },
 ];
 
 export function startShell(app: HTMLElement, user: User): void {

@@ -12,15 +12,14 @@
 import "@xterm/xterm/css/xterm.css";
 import "../styles.css";
 
-import { FitAddon } from "@xterm/addon-fit";
-import { Unicode11Addon } from "@xterm/addon-unicode11";
-import { WebLinksAddon } from "@xterm/addon-web-links";
-import { Terminal } from "@xterm/xterm";
+import type { FitAddon } from "@xterm/addon-fit";
+import type { Terminal } from "@xterm/xterm";
 
 import { type Agent, ApiError, currentUser, fetchAgent, messageOf } from "../api";
 import { el, replaceChildren } from "../dom";
 import { showLogin } from "../login";
 import { TerminalConnection, probeFailure, terminalUrl } from "./connection";
+import { openTerminal } from "./xterm";
 
 declare global {
   interface Window {
@@ -42,29 +41,6 @@ const STATE_LABELS: Record<PageState, string> = {
   failed: "error",
 };
 
-const THEME = {
-  background: "#0f1218",
-  foreground: "#d6dbe4",
-  cursor: "#f2c14e",
-  cursorAccent: "#0f1218",
-  selectionBackground: "#3a4a66",
-  black: "#1b1f27",
-  red: "#e06c75",
-  green: "#98c379",
-  yellow: "#e5c07b",
-  blue: "#61afef",
-  magenta: "#c678dd",
-  cyan: "#56b6c2",
-  white: "#d6dbe4",
-  brightBlack: "#5c6370",
-  brightRed: "#ff7a85",
-  brightGreen: "#b5e890",
-  brightYellow: "#ffd68a",
-  brightBlue: "#82c4ff",
-  brightMagenta: "#dd9cf0",
-  brightCyan: "#7fd4de",
-  brightWhite: "#ffffff",
-};
 
 const app = document.getElementById("app") as HTMLElement;
 
@@ -115,7 +91,7 @@ class TerminalPage {
   private readonly agent: Agent;
   private sessionId: string | null;
   private readonly terminal: Terminal;
-  private readonly fit = new FitAddon();
+  private readonly fit: FitAddon;
   private connection: TerminalConnection | null = null;
   /** What the current socket told us before it closed; decides what its close means. */
   private ending: { exitCode?: number | null; detached?: string; error?: string; closeRequested?: boolean } = {};
@@ -143,25 +119,7 @@ class TerminalPage {
     replaceChildren(app, el("div", { class: "terminal-page" }, bar, this.banner, this.screen));
     app.classList.add("full");
 
-    this.terminal = new Terminal({
-      allowProposedApi: true,
-      cursorBlink: true,
-      fontFamily: "'DejaVu Sans Mono', 'Liberation Mono', Menlo, Consolas, monospace",
-      fontSize: 14,
-      scrollback: 5000,
-      theme: THEME,
-    });
-    this.terminal.loadAddon(this.fit);
-    this.terminal.loadAddon(new Unicode11Addon());
-    this.terminal.unicode.activeVersion = "11";
-    this.terminal.loadAddon(
-      new WebLinksAddon((event, uri) => {
-        event.preventDefault();
-        window.open(uri, "_blank", "noopener,noreferrer");
-      }),
-    );
-    this.terminal.open(this.screen);
-    this.fit.fit();
+    ({ terminal: this.terminal, fit: this.fit } = openTerminal(this.screen));
     window.croniumTerminal = this.terminal;
 
     this.terminal.onData((data) => this.connection?.sendText(data));
@@ -170,17 +128,6 @@ class TerminalPage {
     this.terminal.onTitleChange((title) => {
       document.title = title === "" ? `${agent.name} · Cronium terminal` : `${title} · ${agent.name}`;
     });
-    let fitQueued = false;
-    new ResizeObserver(() => {
-      if (fitQueued) {
-        return;
-      }
-      fitQueued = true;
-      requestAnimationFrame(() => {
-        fitQueued = false;
-        this.fit.fit();
-      });
-    }).observe(this.screen);
     this.showSession();
   }
 

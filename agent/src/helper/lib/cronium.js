@@ -16,6 +16,11 @@ class CroniumError extends Error {
 
 function call(method, path, body) {
   return new Promise((resolve, reject) => {
+    const unavailable = process.env.CRONIUM_HELPER_UNAVAILABLE;
+    if (unavailable) {
+      reject(new CroniumError('runtime helpers are unavailable in this job: ' + unavailable));
+      return;
+    }
     const socketPath = process.env.CRONIUM_HELPER_SOCKET;
     const token = process.env.CRONIUM_JOB_TOKEN;
     if (!socketPath || !token) {

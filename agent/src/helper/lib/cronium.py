@@ -43,6 +43,9 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def _call(method, path, body=None):
+    unavailable = os.environ.get("CRONIUM_HELPER_UNAVAILABLE")
+    if unavailable:
+        raise CroniumError("runtime helpers are unavailable in this job: " + unavailable)
     socket_path = os.environ.get("CRONIUM_HELPER_SOCKET")
     token = os.environ.get("CRONIUM_JOB_TOKEN")
     if not socket_path or not token:

@@ -30,6 +30,10 @@ except OSError as e:
 # _cronium_call METHOD PATH [BODY]: prints the answer body on success.
 _cronium_call() {
   local method=$1 path=$2 body=${3-} answer status message
+  if [ -n "${CRONIUM_HELPER_UNAVAILABLE-}" ]; then
+    echo "cronium: runtime helpers are unavailable in this job: $CRONIUM_HELPER_UNAVAILABLE" >&2
+    return 1
+  fi
   if [ -z "${CRONIUM_HELPER_SOCKET-}" ] || [ -z "${CRONIUM_JOB_TOKEN-}" ]; then
     echo "cronium: not running inside a Cronium job (CRONIUM_HELPER_SOCKET or CRONIUM_JOB_TOKEN is not set)" >&2
     return 1

@@ -11,6 +11,7 @@ import {
   ApiError,
   type CronEvent,
   type EventInput,
+  type Rollout,
   type ScriptKind,
   type Server,
   createEvent,
@@ -64,8 +65,36 @@ export const eventEditorPage: Page = async (context, params) => {
     context.root.append(errorLine(new Error("Viewers cannot create events.")));
     return;
   }
+  if (event !== null && !(event.kind in TEMPLATES)) {
+    drawActionEvent(context, event);
+    return;
+  }
   drawEditor(context, event, agents, servers);
 };
+
+/**
+ * HTTP request and tool action events: shown read-only (what they do, as the API returns it),
+ * since this form edits scripts; saving one here would turn it into a script. They are created
+ * and changed through the API (`POST`/`PATCH /events`) or `cronium event create`.
+ */
+function drawActionEvent(context: PageContext, event: CronEvent): void {
+  const fields = event as unknown as Record<string, unknown>;
+  const what = { kind: fields.kind, executor: fields.executor, http: fields.http, tool_action: fields.tool_action };
+  const shown = Object.fromEntries(Object.entries(what).filter(([, value]) => value !== undefined && value !== null));
+  context.root.append(
+    el(
+      "section",
+      { class: "panel", id: "action-event" },
+      el("h2", {}, event.name),
+      el(
+        "p",
+        { class: "hint" },
+        "HTTP request and tool action events are edited through the API (PATCH /api/v1/events/ID) or the cronium CLI; this page shows them read-only.",
+      ),
+      el("pre", { class: "json" }, JSON.stringify(shown, null, 2)),
+    ),
+  );
+}
 
 function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent[], servers: Server[]): void {
   const readOnly = !context.canWrite;
@@ -376,6 +405,14 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
   // ---- Timeout and retries.
   const timeout = el("input", { id: "event-timeout", type: "number", min: "0", max: "604800", value: String(event?.timeout_seconds ?? 3600) });
   const retries = el("input", { id: "event-retries", type: "number", min: "0", max: "100", value: String(event?.retries ?? 0) });
+  // ---- Dispatch: retry backoff, concurrency limit, fan-out rollout (other rollout fields set
+  // through the API are kept as they are).
+  const backoff = el("input", { id: "event-backoff", type: "number", min: "0", max: "86400", step: "any", value: String(event?.retry?.backoff_seconds ?? 5) });
+  const concurrency = el("input", { id: "event-max-concurrency", type: "number", min: "1", placeholder: "unlimited", value: event?.max_concurrency == null ? "" : String(event.max_concurrency) });
+  const batchSize = el("input", { id: "event-batch-size", type: "number", min: "1", placeholder: "all at once", value: event?.rollout?.batch_size === undefined ? "" : String(event.rollout.batch_size) });
+  const maxFailures = el("input", { id: "event-max-failures", type: "number", min: "1", placeholder: "never stop", value: event?.rollout?.max_failures === undefined ? "" : String(event.rollout.max_failures) });
+  const offline = el("select", { id: "event-offline" }, el("option", { value: "wait" }, "wait for it"), el("option", { value: "skip" }, "skip it"));
+  offline.value = event?.rollout?.offline ?? "wait";
 
   // ---- Buttons and messages.
   const formError = el("div", { id: "form-error", role: "alert" });
@@ -444,7 +481,15 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
       ),
       dockerFields,
       el("div", { class: "row" }, slot("limits.memory_mb", "Memory (MiB)", memory), slot("limits.cpus", "CPUs", cpus), slot("limits.pids", "Processes", pids), slot("user", "Run as", runAs)),
-      el("div", { class: "row" }, slot("timeout_seconds", "Timeout (seconds, 0 = none)", timeout), slot("retries", "Retries", retries)),
+      el("div", { class: "row" }, slot("timeout_seconds", "Timeout (seconds, 0 = none)", timeout), slot("retries", "Retries", retries), slot("retry.backoff_seconds", "First retry after (seconds)", backoff)),
+      el(
+        "div",
+        { class: "row" },
+        slot("max_concurrency", "Max. running at once", concurrency),
+        slot("rollout.batch_size", "Hosts per batch", batchSize),
+        slot("rollout.max_failures", "Stop after failed hosts", maxFailures),
+        slot("rollout.offline", "Offline host", offline),
+      ),
     ),
     el(
       "section",
@@ -544,6 +589,9 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
       user: runAs.value.trim(),
       timeout_seconds: Number(timeout.value || "0"),
       retries: Number(retries.value || "0"),
+      retry: { backoff_seconds: Number(backoff.value || "0") },
+      max_concurrency: number(concurrency),
+      rollout: rolloutOf(event?.rollout, number(batchSize), number(maxFailures), offline.value === "skip" ? "skip" : "wait"),
       env,
       schedule: scheduled.checked ? { cron: cron.value.trim(), timezone: timezone.value.trim() || "UTC" } : null,
       ...(docker ? { image: image.value.trim(), network: network.value === "bridge" ? "bridge" : "none", read_only: readOnlyRoot.checked } : {}),
@@ -659,4 +707,25 @@ function openRunDialog(context: PageContext, event: CronEvent): void {
   document.body.append(box);
   box.showModal();
   input.focus();
+}
+
+/** The stored rollout with the editor's fields replaced (a batch size replaces a percentage). */
+function rolloutOf(stored: Rollout | undefined, batchSize: number | null, maxFailures: number | null, offline: "wait" | "skip"): Rollout {
+  const rollout: Rollout = { ...(stored ?? {}) };
+  if (batchSize === null) {
+    delete rollout.batch_size;
+  } else {
+    rollout.batch_size = batchSize;
+    delete rollout.batch_percent;
+  }
+  if (maxFailures === null) {
+    delete rollout.max_failures;
+  } else {
+    rollout.max_failures = maxFailures;
+  }
+  rollout.offline = offline;
+  if (offline === "skip") {
+    delete rollout.deadline_seconds;
+  }
+  return rollout;
 }

@@ -16,6 +16,7 @@ import {
   listServers,
   messageOf,
   request,
+  retryRun,
   triggerRun,
 } from "../../api";
 import { el, replaceChildren } from "../../dom";
@@ -76,7 +77,8 @@ export const runPage: Page = async (context, params) => {
     if (job !== undefined) {
       stream?.update(job);
     }
-    redrawIfChanged(summary, JSON.stringify([current.status, current.counts, eventName]) + Math.floor(Date.now() / 30_000), () => [
+    const rollout = current.rollout ?? null;
+    redrawIfChanged(summary, JSON.stringify([current.status, current.counts, eventName, rollout]) + Math.floor(Date.now() / 30_000), () => [
       el(
         "dl",
         { class: "facts" },
@@ -90,6 +92,12 @@ export const runPage: Page = async (context, params) => {
         el("dd", { title: dateTime(current.created_at) }, timeEl(current.created_at)),
         current.input !== undefined && current.input !== null && el("dt", {}, "Input"),
         current.input !== undefined && current.input !== null && el("dd", {}, el("pre", { class: "input" }, JSON.stringify(current.input, null, 2))),
+        rollout !== null && el("dt", {}, "Rollout"),
+        rollout !== null && el("dd", { id: "run-rollout" }, rolloutText(rollout)),
+        rollout !== null && rollout.stopped_reason !== null && el("dt", {}, "Stopped"),
+        rollout !== null && rollout.stopped_reason !== null && el("dd", { id: "run-stopped" }, rollout.stopped_reason),
+        typeof current.retry_of === "string" && el("dt", {}, "Retry of"),
+        typeof current.retry_of === "string" && el("dd", {}, el("a", { href: `#/runs/${encodeURIComponent(current.retry_of)}` }, "the earlier run")),
       ),
       context.canWrite && runActions(context, current),
     ]);
@@ -168,9 +176,22 @@ function cancelButton(job: Job, after: () => void): HTMLButtonElement {
   return button;
 }
 
+/** "batch 2 of 3 (2 hosts each)", or how the rollout ended. */
+function rolloutText(rollout: NonNullable<Run["rollout"]>): string {
+  const size = rollout.batch_size === null ? "one batch" : `${rollout.batch_size} host${rollout.batch_size === 1 ? "" : "s"} each`;
+  if (rollout.current_batch === null) {
+    return `${rollout.batches} batch${rollout.batches === 1 ? "" : "es"} (${size}), ended`;
+  }
+  return `batch ${rollout.current_batch + 1} of ${rollout.batches} (${size})`;
+}
+
 function runActions(context: PageContext, run: Run): HTMLElement {
   const bar = el("div", { class: "toolbar" });
   const failed = run.jobs.filter((job) => job.status === "failed" || job.status === "cancelled");
+  // Failed hosts and hosts that never started (skipped, stopped rollout) are retried through
+  // the API's retry, a run linked to this one with its rollout; hosts cancelled while running
+  // are not "not started", so then the failed hosts are triggered again as targets.
+  const retryable = failed.every((job) => job.status === "failed" || job.attempt === 0);
   const again = (label: string, jobs: Job[] | null, id: string): HTMLButtonElement => {
     const button = el("button", { type: "button", id }, label);
     button.addEventListener("click", () => {
@@ -182,7 +203,9 @@ function runActions(context: PageContext, run: Run): HTMLElement {
               agents: jobs.flatMap((job) => (job.agent_id === null ? [] : [job.agent_id])),
               servers: jobs.flatMap((job) => (job.server_id === null ? [] : [job.server_id])),
             };
-      triggerRunWith(run.event_id, run.input, targets).then(
+      const created =
+        jobs !== null && retryable ? retryRun(run.id, "failed_and_not_started") : triggerRunWith(run.event_id, run.input, targets);
+      created.then(
         (created) => context.navigate(`#/runs/${encodeURIComponent(created.run_id)}`),
         (error: unknown) => {
           button.disabled = false;

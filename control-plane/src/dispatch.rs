@@ -1,0 +1,164 @@
+//! The dispatcher: wakes runners when jobs the claim rules held back become claimable, and
+//! skips jobs whose agent is offline when their batch starts.
+//!
+//! Agents claim only when woken (`WorkAvailable`), and the claim rules (`store::dispatch`) hold
+//! jobs back: a retry waits for its `not_before`, a batch for the one before it, a job for a
+//! free slot under its event's concurrency limit. This task owns the wake-ups those need: it
+//! sleeps until the earliest `not_before` (read from the store, so a restart keeps every delay)
+//! and follows the jobs' change notifications to wake the runners of held-back jobs when a job
+//! of the same event ends. Extra wake-ups are harmless: a claim that finds nothing returns
+//! nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tracing::{info, warn};
+
+use crate::AppState;
+use crate::store::jobs::SSH_RUNNER_PREFIX;
+use crate::store::now_ms;
+
+/// Longest sleep without a check (a safety net; every change also wakes the task).
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// How often jobs waiting for an offline agent are checked against their deadline.
+const OFFLINE_CHECK: Duration = Duration::from_secs(1);
+
+/// Most change notifications handled in one pass.
+const MAX_CHANGES: usize = 4096;
+
+/// Tells a runner that it may have work: an agent through its control stream, the SSH worker
+/// for `ssh:` runners, the control plane's own worker (`actions/`) for `control-plane`.
+pub fn wake_runner(state: &AppState, runner: &str) {
+    if runner.starts_with(SSH_RUNNER_PREFIX) {
+        state.ssh.wake();
+    } else if runner == crate::store::jobs::CONTROL_PLANE_RUNNER {
+        state.actions.wake();
+    } else {
+        state.registry.wake(runner);
+    }
+}
+
+fn wake_all(state: &AppState, runners: Vec<String>) {
+    for runner in runners.iter().collect::<BTreeSet<_>>() {
+        wake_runner(state, runner);
+    }
+}
+
+/// The dispatcher task; runs until shutdown.
+pub async fn run(state: AppState) {
+    let mut changes = state.job_events.subscribe();
+    // The first pass wakes every runner with a delayed job that is already due (after a
+    // restart) and every runner with held-back jobs.
+    let mut watermark = i64::MIN;
+    let mut lagged = true;
+    let mut changed: Vec<Arc<str>> = Vec::new();
+    loop {
+        let now = now_ms();
+        match state.store.runners_due(watermark, now).await {
+            Ok(runners) => {
+                watermark = now;
+                wake_all(&state, runners);
+            }
+            Err(error) => warn!(%error, "could not read the due retries"),
+        }
+        if lagged {
+            match state.store.runners_held_back(now).await {
+                Ok(runners) => {
+                    lagged = false;
+                    wake_all(&state, runners);
+                }
+                Err(error) => warn!(%error, "could not read the held-back jobs"),
+            }
+        }
+        if !changed.is_empty() {
+            let ids: Vec<String> = changed
+                .drain(..)
+                .map(|id| id.to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            match state.store.runners_to_wake(&ids, now).await {
+                Ok(runners) => wake_all(&state, runners),
+                Err(error) => {
+                    warn!(%error, "could not read the runners to wake");
+                    lagged = true;
+                }
+            }
+        }
+        let offline_waiting = match state.store.any_offline_wait().await {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                warn!(%error, "could not read the jobs waiting for offline agents");
+                true
+            }
+        };
+        if offline_waiting {
+            skip_offline(&state, now).await;
+        }
+        let mut sleep = IDLE_CHECK;
+        if offline_waiting {
+            sleep = sleep.min(OFFLINE_CHECK);
+        }
+        match state.store.next_due(now).await {
+            Ok(Some(next)) => {
+                sleep = sleep.min(Duration::from_millis((next - now).max(0) as u64));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                warn!(%error, "could not read the next due retry");
+                sleep = sleep.min(OFFLINE_CHECK);
+            }
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(sleep) => {}
+            received = changes.recv() => {
+                match received {
+                    Ok(id) => changed.push(id),
+                    Err(RecvError::Lagged(_)) => lagged = true,
+                    Err(RecvError::Closed) => return,
+                }
+                while changed.len() < MAX_CHANGES {
+                    match changes.try_recv() {
+                        Ok(id) => changed.push(id),
+                        Err(TryRecvError::Lagged(_)) => lagged = true,
+                        Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Skips the jobs whose batch started at least their offline wait ago while their agent is
+/// offline.
+async fn skip_offline(state: &AppState, now: i64) {
+    let candidates = match state.store.offline_candidates(now).await {
+        Ok(candidates) => candidates,
+        Err(error) => {
+            warn!(%error, "could not read the jobs waiting for offline agents");
+            return;
+        }
+    };
+    let offline: Vec<String> = candidates
+        .into_iter()
+        .filter(|(_, agent_id)| state.registry.connection(agent_id).is_none())
+        .map(|(job_id, _)| job_id)
+        .collect();
+    if offline.is_empty() {
+        return;
+    }
+    match state.store.skip_offline(&offline).await {
+        Ok(skipped) => {
+            for job_id in &skipped {
+                info!(%job_id, "skipped: its agent is offline");
+                // Followers see the end; this task sees it too and opens the next batch.
+                state.job_events.notify(job_id);
+            }
+        }
+        Err(error) => warn!(%error, "could not skip the jobs of offline agents"),
+    }
+}
