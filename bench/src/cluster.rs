@@ -152,6 +152,19 @@ pub async fn start_agent_process(
     capacity: u32,
     terminal_shell: &Path,
 ) -> anyhow::Result<ChildGuard> {
+    start_labeled_agent_process(binaries, api, name, "", state_dir, capacity, terminal_shell).await
+}
+
+/// [`start_agent_process`] for an agent enrolled with `labels` (`k=v,…`, may be empty).
+pub async fn start_labeled_agent_process(
+    binaries: &Binaries,
+    api: &Api,
+    name: &str,
+    labels: &str,
+    state_dir: &Path,
+    capacity: u32,
+    terminal_shell: &Path,
+) -> anyhow::Result<ChildGuard> {
     let enrollment = enrollment_token(api, 1).await?;
     let mut enroll = tokio::process::Command::new(&binaries.agent);
     enroll
@@ -164,6 +177,11 @@ pub async fn start_agent_process(
             "--name",
             name,
         ])
+        .args(if labels.is_empty() {
+            Vec::new()
+        } else {
+            vec!["--labels", labels]
+        })
         .arg("--state-dir")
         .arg(state_dir)
         .env("CRONIUM_ENROLL_TOKEN", &enrollment.token)
@@ -223,13 +241,14 @@ pub async fn wait_online(
     }
 }
 
-/// Enrolls `count` identities in-process under `root/NNNN`, a few at a time, and returns their
-/// state dirs and names.
+/// Enrolls `count` identities in-process under `root/NNNN` with `labels`, a few at a time, and
+/// returns their state dirs and names.
 pub async fn enroll_in_process(
     api: &Api,
     root: &Path,
     prefix: &str,
     count: usize,
+    labels: &std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<(PathBuf, String)>> {
     use futures_util::{StreamExt, TryStreamExt};
     let enrollment = enrollment_token(api, count).await?;
@@ -243,7 +262,7 @@ pub async fn enroll_in_process(
                 token: enrollment.token.clone(),
                 ca_sha256: enrollment.ca_sha256.clone(),
                 name: Some(name.clone()),
-                labels: Default::default(),
+                labels: labels.clone(),
                 state_dir: state_dir.clone(),
                 force: false,
             };

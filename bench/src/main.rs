@@ -13,7 +13,9 @@
 //! under a flood and session open next to `ssh -tt`, fresh and over a ControlMaster
 //! ([`terminal`]; `--terminal-only` runs just that), SSH fallback jobs next to `ssh … true`
 //! ([`ssh_fallback`]; `--ssh-fallback-only`), and `install.sh` start → agent online next to a
-//! download of the binary alone ([`install`]; `--install-only`). It prints a markdown summary and optionally
+//! download of the binary alone ([`install`]; `--install-only`), and the fan-out of `echo hi` to
+//! 3 and 10 agent processes next to a Salt master with as many minions, and to 1,000 agents
+//! held by this process ([`fanout`]; `--fanout-only`). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -21,6 +23,7 @@
 mod api;
 mod cluster;
 mod docker;
+mod fanout;
 mod helpers;
 mod install;
 mod phases;
@@ -31,7 +34,7 @@ mod ssh_fallback;
 mod stats;
 mod terminal;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -47,7 +50,8 @@ use crate::ssh::SshPeer;
 use crate::stats::Summary;
 
 /// Benchmarks Cronium (latency vs ssh, throughput, durable commits, memory, Docker jobs vs
-/// `docker run`, helper calls vs a bare Unix socket, terminals vs `ssh -tt`) on 127.0.0.1.
+/// `docker run`, helper calls vs a bare Unix socket, terminals vs `ssh -tt`, fan-out vs Salt) on
+/// 127.0.0.1.
 #[derive(Debug, Parser)]
 #[command(name = "cronium-bench", version)]
 struct Cli {
@@ -109,6 +113,45 @@ struct Cli {
     /// Run only the install phase (with the control plane alone), none of the others.
     #[arg(long)]
     install_only: bool,
+    /// Timed rounds per fleet size of the fan-out phase (`echo hi` on every agent process of a
+    /// label, next to Salt's `cmd.run` on as many minions; 0 skips that part, and the phase
+    /// when `--fanout-simulated` is 0 too).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    fanout_runs: u64,
+    /// Untimed rounds per fleet size before the fan-out samples.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    fanout_warmup: u64,
+    /// Fleet sizes (agent processes, and Salt minions) of the fan-out comparison.
+    #[arg(long, value_delimiter = ',', default_value = "3,10")]
+    fanout_sizes: Vec<usize>,
+    /// In-process agents of the simulated fan-out (0 skips it).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    fanout_simulated: u64,
+    /// Timed rounds of the simulated fan-out, after 2 untimed ones.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    fanout_simulated_runs: u64,
+    /// Where the simulated agents keep their state dirs (default: /dev/shm when it exists, so
+    /// 1,000 agents' spools and work dirs on one disk do not measure that disk's inode
+    /// allocator; each real agent has a disk of its own).
+    #[arg(long)]
+    fanout_simulated_dir: Option<PathBuf>,
+    /// Do not compare the fan-out with Salt.
+    #[arg(long)]
+    no_salt: bool,
+    /// The virtualenv Salt is installed into on the first run and reused from then on
+    /// (default: `salt-venv` in the cargo target dir).
+    #[arg(long)]
+    salt_venv: Option<PathBuf>,
+    /// What `pip install` installs into that virtualenv.
+    #[arg(long, default_value = "salt")]
+    salt_spec: String,
+    /// The Python that creates the virtualenv.
+    #[arg(long, default_value = "python3")]
+    salt_python: String,
+    /// Run only the fan-out phase (with the control plane and its own agents), none of the
+    /// others.
+    #[arg(long)]
+    fanout_only: bool,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -236,6 +279,71 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         ));
         Ok(Some(figures))
     };
+    let run_fanout = async || -> anyhow::Result<Option<fanout::FanoutFigures>> {
+        if cli.fanout_runs == 0 && cli.fanout_simulated == 0 {
+            return Ok(None);
+        }
+        let mut sizes = cli.fanout_sizes.clone();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.is_empty() || sizes.iter().any(|&size| size == 0 || size > 100) {
+            anyhow::bail!("--fanout-sizes must be numbers 1-100, e.g. 3,10");
+        }
+        let salt = if cli.no_salt {
+            Err("--no-salt".to_owned())
+        } else {
+            let venv = match &cli.salt_venv {
+                Some(venv) => venv.clone(),
+                None => binaries
+                    .cronium
+                    .parent()
+                    .and_then(Path::parent)
+                    .context("cannot find the target dir for the Salt virtualenv")?
+                    .join("salt-venv"),
+            };
+            Ok(fanout::SaltSettings {
+                venv,
+                python: cli.salt_python.clone(),
+                spec: cli.salt_spec.clone(),
+            })
+        };
+        let options = fanout::FanoutOptions {
+            sizes,
+            warmup: cli.fanout_warmup as usize,
+            runs: cli.fanout_runs as usize,
+            simulated: cli.fanout_simulated as usize,
+            simulated_runs: cli.fanout_simulated_runs as usize,
+            simulated_dir: cli.fanout_simulated_dir.clone().unwrap_or_else(|| {
+                let shm = PathBuf::from("/dev/shm");
+                if shm.is_dir() {
+                    shm
+                } else {
+                    root.join("fanout")
+                }
+            }),
+            salt,
+        };
+        let figures = fanout::measure(&binaries, &api, &root.join("fanout"), options).await?;
+        let _ = std::fs::remove_dir_all(root.join("fanout"));
+        Ok(Some(figures))
+    };
+    if cli.fanout_only {
+        let figures = run_fanout().await?;
+        control_plane.process.ensure_running()?;
+        match &figures {
+            Some(figures) => println!("{}", figures.markdown()),
+            None => println!("(fan-out phase skipped: --fanout-runs 0 --fanout-simulated 0)"),
+        }
+        if let (Some(path), Some(figures)) = (&cli.out, &figures) {
+            let text = serde_json::to_string_pretty(&json!({"fanout": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        drop(control_plane);
+        drop(temp);
+        return Ok(());
+    }
     if cli.install_only {
         let figures = run_install().await?;
         control_plane.process.ensure_running()?;
@@ -501,6 +609,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     let terminal = run_terminal(&mut agent).await?;
     let ssh_fallback = run_ssh_fallback().await?;
     let installs = run_install().await?;
+    let fanouts = run_fanout().await?;
+    control_plane.process.ensure_running()?;
 
     // Last, so the Docker runner does not change the figures above (the agent's RSS).
     let docker = match docker_engine {
@@ -589,6 +699,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Some(figures) = &installs {
         println!("{}", figures.markdown());
     }
+    if let Some(figures) = &fanouts {
+        println!("{}", figures.markdown());
+    }
     if let Some(path) = &cli.out {
         let mut all = results.json();
         if let Some(figures) = &ssh_fallback {
@@ -596,6 +709,9 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         }
         if let Some(figures) = &installs {
             all["install"] = figures.json();
+        }
+        if let Some(figures) = &fanouts {
+            all["fanout"] = figures.json();
         }
         let text = serde_json::to_string_pretty(&all)?;
         std::fs::write(path, text + "\n")

@@ -38,7 +38,7 @@ pub struct LatencySamples {
 }
 
 /// A job timestamp (RFC 3339) as wall-clock ns.
-fn timestamp_ns(value: &Value) -> Option<i128> {
+pub(crate) fn timestamp_ns(value: &Value) -> Option<i128> {
     let text = value.as_str()?;
     let time = chrono::DateTime::parse_from_rfc3339(text).ok()?;
     Some(i128::from(time.timestamp_nanos_opt()?))
@@ -285,7 +285,7 @@ pub async fn memory_per_agent(
     settle: Duration,
 ) -> anyhow::Result<MemoryPerAgent> {
     let rss_before_kib = rss_kib(control_plane_pid)?;
-    let identities = enroll_in_process(api, root, "bench-mem-", count).await?;
+    let identities = enroll_in_process(api, root, "bench-mem-", count, &Default::default()).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_enrolled_kib = rss_kib(control_plane_pid)?;
 

@@ -1,4 +1,4 @@
-//! Child processes the benchmark starts: the control plane, the agent, strace.
+//! Child processes the benchmark starts: the control plane, the agents, strace, Salt's daemons.
 //!
 //! Every child is wrapped in a [`ChildGuard`] that stops it when dropped (SIGTERM, then SIGKILL
 //! after a grace period, then reaps it), so nothing outlives the benchmark, also on errors and
@@ -25,6 +25,9 @@ pub struct ChildGuard {
     name: String,
     child: Child,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// The child leads a process group of its own, and signals go to the whole group (for
+    /// programs that fork workers, like Salt's master and minions).
+    group: bool,
 }
 
 impl ChildGuard {
@@ -34,6 +37,27 @@ impl ChildGuard {
         name: &str,
         command: &mut Command,
         lines: Option<mpsc::UnboundedSender<String>>,
+    ) -> anyhow::Result<ChildGuard> {
+        ChildGuard::spawn_inner(name, command, lines, false)
+    }
+
+    /// [`ChildGuard::spawn`] in a new process group: stopping the guard signals every process of
+    /// that group, so the workers the child forked are stopped with it.
+    pub fn spawn_group(
+        name: &str,
+        command: &mut Command,
+        lines: Option<mpsc::UnboundedSender<String>>,
+    ) -> anyhow::Result<ChildGuard> {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+        ChildGuard::spawn_inner(name, command, lines, true)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        command: &mut Command,
+        lines: Option<mpsc::UnboundedSender<String>>,
+        group: bool,
     ) -> anyhow::Result<ChildGuard> {
         let mut child = command
             .stdin(Stdio::null())
@@ -50,6 +74,7 @@ impl ChildGuard {
             name: name.to_owned(),
             child,
             tail,
+            group,
         })
     }
 
@@ -79,12 +104,25 @@ impl ChildGuard {
         Ok(())
     }
 
-    /// Sends `signal` to the child (if it still runs).
+    /// Sends `signal` to the child (if it still runs), or to its process group.
     pub fn signal(&mut self, signal: libc::c_int) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) with the pid of our own unreaped child; it cannot be recycled yet.
+            let pid = self.child.id() as libc::pid_t;
+            // SAFETY: kill(2) with the pid of our own unreaped child (or the group it leads); it
+            // cannot be recycled yet.
             unsafe {
-                libc::kill(self.child.id() as libc::pid_t, signal);
+                libc::kill(if self.group { -pid } else { pid }, signal);
+            }
+        }
+    }
+
+    /// SIGKILLs what is left of the child's process group once the child itself has exited (a
+    /// group's id is not reused while any member lives, so this reaches only its stragglers).
+    fn kill_group_stragglers(&self) {
+        if self.group {
+            // SAFETY: kill(2) of a process group this guard created.
+            unsafe {
+                libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
             }
         }
     }
@@ -107,19 +145,23 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if !matches!(self.child.try_wait(), Ok(None)) {
+            self.kill_group_stragglers();
             return;
         }
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
+                self.kill_group_stragglers();
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         eprintln!("{} did not stop after SIGTERM; killing it", self.name);
+        self.signal(libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.kill_group_stragglers();
     }
 }
 
