@@ -952,6 +952,53 @@ pub(crate) struct PreparedRun {
     pub runtime_spec: String,
 }
 
+/// How a run that no API request asked for (a cron slot, a workflow node) was triggered.
+pub(crate) struct BackgroundTrigger<'a> {
+    pub input: Option<&'a str>,
+    pub created_by: &'a str,
+    /// `manual` or `schedule`.
+    pub trigger: &'static str,
+    pub slot_at: Option<i64>,
+    pub missed_slots: i64,
+}
+
+/// The run a background trigger creates for `event` on `targets`, through the API's
+/// run-creation path ([`prepare_run`]). The error is a text for the record of why no run was
+/// created (the details of an internal error go to the log).
+pub(crate) async fn background_run_spec(
+    state: &AppState,
+    event: &Event,
+    targets: &Targets,
+    how: BackgroundTrigger<'_>,
+) -> Result<crate::store::jobs::RunSpec, String> {
+    let prepared = prepare_run(state, event, targets)
+        .await
+        .map_err(|error| match error {
+            ApiError::Unprocessable { message, .. }
+            | ApiError::BadRequest { message, .. }
+            | ApiError::Conflict(message) => message,
+            other => {
+                tracing::warn!(event_id = %event.id, trigger = how.trigger, error = ?other, "could not prepare a run");
+                "internal error (see the control plane's log)".into()
+            }
+        })?;
+    Ok(crate::store::jobs::RunSpec {
+        event_id: event.id.clone(),
+        kind: event.kind.as_str().to_string(),
+        script: event.script.clone(),
+        env: serde_json::to_string(&event.env).unwrap_or_else(|_| "{}".into()),
+        runtime_spec: Some(prepared.runtime_spec),
+        input: how.input.map(str::to_string),
+        timeout_seconds: event.timeout_seconds,
+        max_attempts: event.retries + 1,
+        created_by: how.created_by.to_string(),
+        agent_ids: prepared.agent_ids,
+        trigger: how.trigger,
+        slot_at: how.slot_at,
+        missed_slots: how.missed_slots,
+    })
+}
+
 /// Resolves `targets` to agents and the event's runtime settings: the run-creation path shared
 /// by the API trigger and the scheduler.
 pub(crate) async fn prepare_run(

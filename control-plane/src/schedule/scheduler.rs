@@ -20,8 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{Clock, CompiledSchedule, Misfire, Overlap};
 use crate::AppState;
-use crate::http::error::ApiError;
-use crate::http::events::prepare_run;
+use crate::http::events::{BackgroundTrigger, background_run_spec};
 use crate::store::StoreResult;
 use crate::store::events::Event;
 use crate::store::jobs::RunSpec;
@@ -217,31 +216,18 @@ impl Scheduler {
         if event.targets.is_empty() && !event.action.on_control_plane(event.kind) {
             return Err("the event has no targets".into());
         }
-        let prepared = prepare_run(&self.state, event, &event.targets)
-            .await
-            .map_err(|error| match error {
-                ApiError::Unprocessable { message, .. }
-                | ApiError::BadRequest { message, .. }
-                | ApiError::Conflict(message) => message,
-                other => {
-                    warn!(event_id = %event.id, error = ?other, "could not prepare a scheduled run");
-                    "internal error (see the control plane's log)".into()
-                }
-            })?;
-        Ok(RunSpec {
-            event_id: event.id.clone(),
-            kind: event.kind.as_str().to_string(),
-            script: event.script.clone(),
-            env: serde_json::to_string(&event.env).unwrap_or_else(|_| "{}".into()),
-            runtime_spec: Some(prepared.runtime_spec),
-            input: None,
-            timeout_seconds: event.timeout_seconds,
-            max_attempts: event.retries + 1,
-            created_by: event.owner_id.clone(),
-            agent_ids: prepared.agent_ids,
-            trigger: "schedule",
-            slot_at: Some(slot),
-            missed_slots,
-        })
+        background_run_spec(
+            &self.state,
+            event,
+            &event.targets,
+            BackgroundTrigger {
+                input: None,
+                created_by: &event.owner_id,
+                trigger: "schedule",
+                slot_at: Some(slot),
+                missed_slots,
+            },
+        )
+        .await
     }
 }

@@ -5,56 +5,11 @@
 use std::collections::BTreeMap;
 
 use crate::store::dispatch::{DispatchPolicy, OfflinePolicy, RetryPolicy, Rollout, RolloutFields};
-use crate::store::events::{EventFields, EventKind, Runtime, Targets};
 use crate::store::jobs::{
     Attempt, AttemptResult, FinishOutcome, JobStatus, LogChunk, NewRun, Reason, RunSpec, Stream,
 };
-use crate::store::users::Role;
-use crate::store::{Store, now_ms};
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    store: Store,
-    owner: String,
-    event: String,
-}
-
-async fn fixture(policy: DispatchPolicy) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("test.db"))
-        .await
-        .unwrap();
-    let owner = store
-        .create_user("owner", "hash", Role::User)
-        .await
-        .unwrap()
-        .id;
-    let fields = EventFields {
-        name: "e".into(),
-        kind: EventKind::Bash,
-        script: "true".into(),
-        runtime: Runtime::Host,
-        targets: Targets::default(),
-        timeout_seconds: 60,
-        retries: 0,
-        env: BTreeMap::new(),
-        docker: Default::default(),
-        schedule: None,
-        next_run_at: None,
-        notify: Default::default(),
-        reschedule: false,
-        action: Default::default(),
-        dispatch: None,
-    };
-    let event = store.create_event(&owner, &fields).await.unwrap().id;
-    store.set_dispatch_policy(&event, &policy).await.unwrap();
-    Fixture {
-        _dir: dir,
-        store,
-        owner,
-        event,
-    }
-}
+use crate::store::now_ms;
+use crate::store::tests::{Fixture, fixture_with as fixture};
 
 impl Fixture {
     async fn agents(&self, names: &[&str]) -> Vec<String> {

@@ -12,14 +12,30 @@ use super::jobs::{
 use super::now_ms;
 use super::users::Role;
 
-struct Fixture {
+/// A store in a temp dir with one user and one bash event (no targets). Shared with
+/// `dispatch_tests.rs`.
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    store: Store,
-    owner: String,
-    event: String,
+    pub(super) store: Store,
+    pub(super) owner: String,
+    pub(super) event: String,
 }
 
 async fn fixture() -> Fixture {
+    // Retries here are queued again at once; the backoff has its own tests (dispatch_tests.rs).
+    fixture_with(super::dispatch::DispatchPolicy {
+        retry: super::dispatch::RetryPolicy {
+            backoff_seconds: 0.0,
+            factor: 1.0,
+            max_backoff_seconds: 0.0,
+        },
+        ..Default::default()
+    })
+    .await
+}
+
+/// [`fixture`] with the event's dispatch policy.
+pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("test.db"))
         .await
@@ -44,22 +60,9 @@ async fn fixture() -> Fixture {
         notify: Default::default(),
         reschedule: false,
         action: Default::default(),
-        dispatch: None,
+        dispatch: Some(policy),
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
-    // Retries here are queued again at once; the backoff has its own tests (dispatch_tests.rs).
-    let no_backoff = super::dispatch::DispatchPolicy {
-        retry: super::dispatch::RetryPolicy {
-            backoff_seconds: 0.0,
-            factor: 1.0,
-            max_backoff_seconds: 0.0,
-        },
-        ..Default::default()
-    };
-    store
-        .set_dispatch_policy(&event, &no_backoff)
-        .await
-        .unwrap();
     Fixture {
         _dir: dir,
         store,

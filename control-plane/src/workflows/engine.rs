@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::{Decision, Definition, NodeState, NodeView, decide, final_status};
 use crate::AppState;
-use crate::http::error::ApiError;
+use crate::http::events::BackgroundTrigger;
 use crate::store::events::Targets;
 use crate::store::jobs::{JobStatus, RunSpec};
 use crate::store::workflows::{
@@ -209,32 +209,19 @@ async fn node_run(
     if targets.is_empty() && !event.action.on_control_plane(event.kind) {
         return Err("the event has no targets and the node sets none".into());
     }
-    let prepared = crate::http::events::prepare_run(state, &event, &targets)
-        .await
-        .map_err(|error| match error {
-            ApiError::Unprocessable { message, .. }
-            | ApiError::BadRequest { message, .. }
-            | ApiError::Conflict(message) => message,
-            other => {
-                warn!(event_id = %event.id, error = ?other, "workflow engine: preparing a run failed");
-                "internal error (see the control plane's log)".into()
-            }
-        })?;
-    Ok(RunSpec {
-        event_id: event.id.clone(),
-        kind: event.kind.as_str().to_string(),
-        script: event.script.clone(),
-        env: serde_json::to_string(&event.env).unwrap_or_else(|_| "{}".into()),
-        runtime_spec: Some(prepared.runtime_spec),
-        input: input.map(str::to_string),
-        timeout_seconds: event.timeout_seconds,
-        max_attempts: event.retries + 1,
-        created_by: context.created_by.clone(),
-        agent_ids: prepared.agent_ids,
-        trigger: "manual",
-        slot_at: None,
-        missed_slots: 0,
-    })
+    crate::http::events::background_run_spec(
+        state,
+        &event,
+        &targets,
+        BackgroundTrigger {
+            input,
+            created_by: &context.created_by,
+            trigger: "manual",
+            slot_at: None,
+            missed_slots: 0,
+        },
+    )
+    .await
 }
 
 /// Wakes the runners of the jobs a step created: agents, the SSH worker and the control

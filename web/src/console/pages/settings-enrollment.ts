@@ -7,9 +7,8 @@ import { el, replaceChildren } from "../../dom";
 import { type EnrollmentTokenRecord, listEnrollmentTokens, revokeEnrollmentToken } from "../../settings-api";
 import type { PageContext } from "../context";
 import { labelList, parseLabels, timeEl } from "../format";
-import { poll } from "../live";
-import { copyButton, empty, errorLine, loading, redrawIfChanged, section, table } from "../widgets";
-import { actionButton, clearFieldErrors, field, showFormError } from "./settings";
+import { copyButton, empty, redrawIfChanged, section, table } from "../widgets";
+import { actionButton, clearFieldErrors, field, polledList, showFormError } from "./settings";
 
 const LIFETIMES: Array<{ seconds: number; label: string }> = [
   { seconds: 3600, label: "1 hour" },
@@ -19,20 +18,11 @@ const LIFETIMES: Array<{ seconds: number; label: string }> = [
 ];
 
 export function enrollmentTab(context: PageContext, region: HTMLElement): void {
-  const listRegion = el("div", {}, loading());
-  const status = el("div", {});
-  const poller = poll(
-    context.signal,
-    10_000,
-    async () => {
-      const tokens = await listEnrollmentTokens();
-      status.replaceChildren();
-      drawTokens(listRegion, tokens, () => poller.refresh());
-    },
-    (error) => status.replaceChildren(errorLine(error)),
+  const { status, list: listRegion, refresh } = polledList(context.signal, 10_000, listEnrollmentTokens, (list, tokens, again) =>
+    drawTokens(list, tokens, again),
   );
   region.append(
-    section("new-enrollment", "Create an install command", createForm(() => poller.refresh())),
+    section("new-enrollment", "Create an install command", createForm(refresh)),
     section("enrollment-tokens", "Usable enrollment tokens", status, listRegion),
   );
 }

@@ -8,9 +8,8 @@ import { el, replaceChildren } from "../../dom";
 import { type Tool, type ToolConfig, type ToolKind, createTool, deleteTool, listTools, testTool, updateTool } from "../../settings-api";
 import type { PageContext } from "../context";
 import { statusBadge, timeEl } from "../format";
-import { poll } from "../live";
-import { empty, errorLine, loading, redrawIfChanged, section, table } from "../widgets";
-import { actionButton, clearFieldErrors, field, showFormError } from "./settings";
+import { empty, redrawIfChanged, section, table } from "../widgets";
+import { actionButton, clearFieldErrors, field, polledList, showFormError } from "./settings";
 
 const KINDS: Array<{ value: ToolKind; label: string }> = [
   { value: "slack", label: "Slack (incoming webhook)" },
@@ -20,18 +19,9 @@ const KINDS: Array<{ value: ToolKind; label: string }> = [
 ];
 
 export function toolsTab(context: PageContext, region: HTMLElement): void {
-  const listRegion = el("div", {}, loading());
-  const status = el("div", {});
   const editor = el("div", {});
-  const poller = poll(
-    context.signal,
-    10_000,
-    async () => {
-      const tools = await listTools();
-      status.replaceChildren();
-      drawTools(listRegion, tools, context, editor, () => poller.refresh());
-    },
-    (error) => status.replaceChildren(errorLine(error)),
+  const { status, list: listRegion, refresh } = polledList(context.signal, 10_000, listTools, (list, tools, again) =>
+    drawTools(list, tools, context, editor, again),
   );
   region.append(
     el("p", { class: "muted" }, "Tools are where notifications go: scripts call notify with a tool's name, and events notify on failure. Their credentials are stored sealed and never shown again."),
@@ -39,7 +29,7 @@ export function toolsTab(context: PageContext, region: HTMLElement): void {
     editor,
   );
   if (context.canWrite) {
-    showEditor(editor, null, () => poller.refresh());
+    showEditor(editor, null, refresh);
   }
 }
 

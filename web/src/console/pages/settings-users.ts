@@ -20,9 +20,8 @@ import {
 } from "../../settings-api";
 import type { PageContext } from "../context";
 import { timeEl } from "../format";
-import { poll } from "../live";
-import { copyButton, empty, errorLine, loading, redrawIfChanged, section, table } from "../widgets";
-import { actionButton, clearFieldErrors, field, showFormError } from "./settings";
+import { copyButton, empty, redrawIfChanged, section, table } from "../widgets";
+import { actionButton, clearFieldErrors, field, polledList, showFormError } from "./settings";
 
 const ROLES: Array<{ value: Role; label: string }> = [
   { value: "viewer", label: "viewer (read only)" },
@@ -37,19 +36,10 @@ function roleSelect(id: string, selected: Role): HTMLSelectElement {
 // ---- Users ----
 
 export function usersTab(context: PageContext, region: HTMLElement): void {
-  const listRegion = el("div", {}, loading());
-  const status = el("div", {});
-  const poller = poll(
-    context.signal,
-    10_000,
-    async () => {
-      const users = await listUsers();
-      status.replaceChildren();
-      drawUsers(listRegion, users, context, () => poller.refresh());
-    },
-    (error) => status.replaceChildren(errorLine(error)),
+  const { status, list: listRegion, refresh } = polledList(context.signal, 10_000, listUsers, (list, users, again) =>
+    drawUsers(list, users, context, again),
   );
-  region.append(section("users", "Users", status, listRegion), section("new-user", "Add a user", newUserForm(() => poller.refresh())));
+  region.append(section("users", "Users", status, listRegion), section("new-user", "Add a user", newUserForm(refresh)));
 }
 
 function drawUsers(region: HTMLElement, users: UserRecord[], context: PageContext, refresh: () => void): void {
@@ -176,24 +166,15 @@ function newUserForm(refresh: () => void): HTMLElement {
 // ---- API tokens ----
 
 export function tokensTab(context: PageContext, region: HTMLElement): void {
-  const listRegion = el("div", {}, loading());
-  const status = el("div", {});
-  const poller = poll(
-    context.signal,
-    15_000,
-    async () => {
-      const tokens = await listTokens();
-      status.replaceChildren();
-      drawTokens(listRegion, tokens, context, () => poller.refresh());
-    },
-    (error) => status.replaceChildren(errorLine(error)),
+  const { status, list: listRegion, refresh } = polledList(context.signal, 15_000, listTokens, (list, tokens, again) =>
+    drawTokens(list, tokens, context, again),
   );
   region.append(
     el("p", { class: "muted" }, "API tokens let scripts and the cronium CLI call the API as you (Authorization: Bearer …). A token can do whatever you can."),
     section("tokens", "Your API tokens", status, listRegion),
   );
   if (context.canWrite) {
-    region.append(section("new-token", "Create a token", newTokenForm(() => poller.refresh())));
+    region.append(section("new-token", "Create a token", newTokenForm(refresh)));
   }
 }
 
@@ -263,24 +244,15 @@ function newTokenForm(refresh: () => void): HTMLElement {
 // ---- Variables ----
 
 export function variablesTab(context: PageContext, region: HTMLElement): void {
-  const listRegion = el("div", {}, loading());
-  const status = el("div", {});
-  const poller = poll(
-    context.signal,
-    10_000,
-    async () => {
-      const variables = await listVariables();
-      status.replaceChildren();
-      drawVariables(listRegion, variables, context, () => poller.refresh());
-    },
-    (error) => status.replaceChildren(errorLine(error)),
+  const { status, list: listRegion, refresh } = polledList(context.signal, 10_000, listVariables, (list, variables, again) =>
+    drawVariables(list, variables, context, again),
   );
   region.append(
     el("p", { class: "muted" }, "Variables are JSON values your scripts share: get_variable / set_variable read and write them. They are yours: every event you own sees them. Do not keep secrets here; use an event's secret environment variables."),
     section("variables", "Your variables", status, listRegion),
   );
   if (context.canWrite) {
-    region.append(section("set-variable", "Set a variable", variableForm(() => poller.refresh())));
+    region.append(section("set-variable", "Set a variable", variableForm(refresh)));
   }
 }
 

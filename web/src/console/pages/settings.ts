@@ -5,6 +5,8 @@
 import { ApiError, messageOf } from "../../api";
 import { el, replaceChildren } from "../../dom";
 import type { Page, PageContext } from "../context";
+import { poll } from "../live";
+import { errorLine, loading } from "../widgets";
 import { enrollmentTab } from "./settings-enrollment";
 import { toolsTab } from "./settings-tools";
 import { tokensTab, usersTab, variablesTab } from "./settings-users";
@@ -53,6 +55,30 @@ export const settingsPage: Page = (context, params) => {
 };
 
 /** A labelled form field; `data-field` lets an API error with that `field` mark it. */
+/** A list kept fresh by polling every `intervalMs`: `load` fetches, `draw` renders into `list`
+ * (with `refresh` for after a change); a failed load is shown in `status`. */
+export function polledList<T>(
+  signal: AbortSignal,
+  intervalMs: number,
+  load: () => Promise<T>,
+  draw: (list: HTMLElement, items: T, refresh: () => void) => void,
+): { status: HTMLElement; list: HTMLElement; refresh: () => void } {
+  const list = el("div", {}, loading());
+  const status = el("div", {});
+  const refresh = (): void => poller.refresh();
+  const poller = poll(
+    signal,
+    intervalMs,
+    async () => {
+      const items = await load();
+      status.replaceChildren();
+      draw(list, items, refresh);
+    },
+    (error) => status.replaceChildren(errorLine(error)),
+  );
+  return { status, list, refresh };
+}
+
 export function field(id: string, label: string, input: HTMLElement, hint?: string, apiField?: string): HTMLElement {
   return el(
     "div",
