@@ -400,6 +400,8 @@ export const fetchRun = (runId: string, withOutput = true): Promise<Run> =>
   request("GET", `/runs/${id(runId)}${withOutput ? "" : "?output=false"}`);
 export const fetchJob = (jobId: string): Promise<Job> => request("GET", `/jobs/${id(jobId)}`);
 export const cancelJob = (jobId: string): Promise<Job> => request("POST", `/jobs/${id(jobId)}/cancel`);
+/** `GET /runs/{id}/events`: the run's summary (`run`), each job's state change (`job`), then `end`. */
+export const runEventsUrl = (runId: string): string => `${API_BASE}/runs/${id(runId)}/events`;
 export const jobLogUrl = (jobId: string, follow: boolean, from = 0): string =>
   `${API_BASE}/jobs/${id(jobId)}/logs${follow ? `?follow=true&from=${from}` : ""}`;
 

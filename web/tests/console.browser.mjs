@@ -382,6 +382,10 @@ async function adminSteps() {
     await page.locator('#job-facts .badge[data-status="completed"]').waitFor();
     await page.locator("#job-facts", { hasText: "exit code 0" }).waitFor();
     await page.locator('#run-status .badge[data-status="completed"]').waitFor();
+    // The run was pushed by GET /runs/{id}/events, not polled.
+    if ((await page.locator('.run-summary[data-updates="stream"]').count()) !== 1) {
+      throw new Error("the run page fell back to polling");
+    }
     await page.locator("#log-search").fill("SECOND");
     await page.locator("#log-matches", { hasText: "1 matching line" }).waitFor();
     const visible = await page.locator(".log-line:not(.filtered-out)").allTextContents();

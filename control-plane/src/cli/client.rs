@@ -89,6 +89,9 @@ pub fn tls_client_config() -> anyhow::Result<rustls::ClientConfig> {
     Ok(tls)
 }
 
+/// The largest server-sent event [`Client::events`] accepts.
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
 impl Client {
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
@@ -177,23 +180,23 @@ impl Client {
         Ok(())
     }
 
-    /// Follows a job's logs, writing output as it arrives; returns the final job.
-    pub async fn follow(&self, job_id: &str, prefix: Option<&str>) -> anyhow::Result<Value> {
-        let response = self
-            .send(
-                reqwest::Method::GET,
-                &format!("/jobs/{job_id}/logs?follow=true"),
-                None,
-            )
-            .await?;
+    /// GETs a server-sent event stream and hands each event (its name and JSON data) to
+    /// `on_event` until that returns a value, which is returned; `None` when the stream ended
+    /// first. An error answer becomes the error.
+    pub async fn events<T>(
+        &self,
+        path: &str,
+        mut on_event: impl FnMut(&str, Value) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<Option<T>> {
+        let response = self.send(reqwest::Method::GET, path, None).await?;
         if !response.status().is_success() {
-            return Client::decode(response).await;
+            Client::decode(response).await?;
+            bail!("the server refused the request");
         }
         let mut body = response.bytes_stream();
         let mut buffer = Vec::new();
-        let mut at_line_start = true;
         while let Some(bytes) = body.next().await {
-            buffer.extend_from_slice(&bytes.context("reading the log stream")?);
+            buffer.extend_from_slice(&bytes.context("reading the event stream")?);
             while let Some(end) = buffer.windows(2).position(|window| window == b"\n\n") {
                 let event: Vec<u8> = buffer.drain(..end + 2).collect();
                 let text = String::from_utf8_lossy(&event);
@@ -209,7 +212,25 @@ impl Client {
                 let Ok(value) = serde_json::from_str::<Value>(&data) else {
                     continue;
                 };
-                match kind {
+                if let Some(done) = on_event(kind, value)? {
+                    return Ok(Some(done));
+                }
+            }
+            // A log event carries at most a 1 MiB page (JSON-escaped): more is not an event.
+            if buffer.len() > MAX_EVENT_BYTES {
+                bail!("the event stream sent an oversized event");
+            }
+        }
+        Ok(None)
+    }
+
+    /// Follows a job's logs, writing output as it arrives; returns the final job.
+    pub async fn follow(&self, job_id: &str, prefix: Option<&str>) -> anyhow::Result<Value> {
+        let mut at_line_start = true;
+        let end = self
+            .events(
+                &format!("/jobs/{job_id}/logs?follow=true"),
+                |kind, value| match kind {
                     "log" => {
                         let text = value["data"].as_str().unwrap_or_default();
                         let mut out = std::io::stdout().lock();
@@ -226,17 +247,18 @@ impl Client {
                             }
                         }
                         out.flush()?;
+                        Ok(None)
                     }
-                    "end" => return Ok(value),
+                    "end" => Ok(Some(value)),
                     "error" => bail!(
                         "{}",
                         value["message"].as_str().unwrap_or("the log stream failed")
                     ),
-                    _ => {}
-                }
-            }
-        }
-        bail!("the log stream ended before the job did")
+                    _ => Ok(None),
+                },
+            )
+            .await?;
+        end.context("the log stream ended before the job did")
     }
 }
 

@@ -1,5 +1,5 @@
 //! `cronium run … --wait` for fan-out runs and `cronium retry RUN_ID`: a live per-host table
-//! (host, status, exit code, duration) polled from `GET /runs/{id}?output=false`, redrawn in
+//! (host, status, exit code, duration) pushed by `GET /runs/{id}/events`, redrawn in
 //! place on a terminal and printed as one line per change otherwise; then the rollout's stop
 //! reason and the grouped outputs. The exit code is 0 only when every host completed.
 
@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use super::client::{ApiArgs, Client};
 
-/// How often the run is polled.
-const POLL: Duration = Duration::from_millis(500);
+/// How long to wait before reopening a run stream that dropped.
+const RECONNECT: Duration = Duration::from_millis(500);
 
 /// Most lines of a group's sample output printed.
 const SAMPLE_LINES: usize = 5;
@@ -115,63 +115,98 @@ fn format_row(cells: &[String; 4]) -> String {
     )
 }
 
-fn run_ended(run: &Value) -> bool {
-    !matches!(run["status"].as_str(), Some("queued" | "running"))
+/// The live table: redrawn in place on a terminal, one line per changed host otherwise.
+struct Table {
+    names: BTreeMap<String, String>,
+    tty: bool,
+    drawn_lines: usize,
+    /// Non-TTY: the last (status, exit code) printed per job.
+    printed: BTreeMap<String, (String, String)>,
 }
 
-/// Watches a run until it ends, then prints the summary. Exit code 0 only if every host
-/// completed.
+impl Table {
+    fn draw(&mut self, jobs: &[Value]) -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut rows: Vec<(String, [String; 4])> = jobs
+            .iter()
+            .map(|job| {
+                (
+                    job["id"].as_str().unwrap_or_default().to_string(),
+                    row(job, &self.names, now),
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.1[0].cmp(&b.1[0]));
+        if self.tty {
+            // Back to the table's first line, then redraw it.
+            if self.drawn_lines > 0 {
+                write!(stdout, "\x1b[{}A", self.drawn_lines)?;
+            }
+            for (_, cells) in &rows {
+                writeln!(stdout, "\x1b[2K{}", format_row(cells))?;
+            }
+            self.drawn_lines = rows.len();
+        } else {
+            for (job_id, cells) in &rows {
+                let key = (cells[1].clone(), cells[2].clone());
+                if self.printed.get(job_id) != Some(&key) {
+                    writeln!(stdout, "{}", format_row(cells))?;
+                    self.printed.insert(job_id.clone(), key);
+                }
+            }
+        }
+        stdout.flush()
+    }
+}
+
+/// Watches a run until it ends (pushed by `GET /runs/{id}/events`; a dropped stream is
+/// reopened, and starts again with the whole run), then prints the summary. Exit code 0 only if
+/// every host completed.
 pub async fn watch(client: &Client, run_id: &str) -> anyhow::Result<ExitCode> {
-    let names = host_names(client).await;
-    let tty = std::io::stdout().is_terminal();
-    let mut stdout = std::io::stdout();
+    let mut table = Table {
+        names: host_names(client).await,
+        tty: std::io::stdout().is_terminal(),
+        drawn_lines: 0,
+        printed: BTreeMap::new(),
+    };
     let header = format_row(&[
         "HOST".into(),
         "STATUS".into(),
         "EXIT".into(),
         "DURATION".into(),
     ]);
-    writeln!(stdout, "{header}")?;
-    let mut drawn_lines = 0;
-    // Non-TTY: the last (status, exit code) printed per job.
-    let mut printed: BTreeMap<String, (String, String)> = BTreeMap::new();
+    println!("{header}");
     let run = loop {
-        let run = client.get(&format!("/runs/{run_id}?output=false")).await?;
-        let now = chrono::Utc::now().timestamp_millis();
-        let jobs = run["jobs"].as_array().cloned().unwrap_or_default();
-        let mut rows: Vec<(String, [String; 4])> = jobs
-            .iter()
-            .map(|job| {
-                (
-                    job["id"].as_str().unwrap_or_default().to_string(),
-                    row(job, &names, now),
-                )
-            })
-            .collect();
-        rows.sort_by(|a, b| a.1[0].cmp(&b.1[0]));
-        if tty {
-            // Back to the table's first line, then redraw it.
-            if drawn_lines > 0 {
-                write!(stdout, "\x1b[{drawn_lines}A")?;
-            }
-            for (_, cells) in &rows {
-                writeln!(stdout, "\x1b[2K{}", format_row(cells))?;
-            }
-            drawn_lines = rows.len();
-        } else {
-            for (job_id, cells) in &rows {
-                let key = (cells[1].clone(), cells[2].clone());
-                if printed.get(job_id) != Some(&key) {
-                    writeln!(stdout, "{}", format_row(cells))?;
-                    printed.insert(job_id.clone(), key);
+        // The run's jobs in the order the summary lists them.
+        let mut jobs: Vec<Value> = Vec::new();
+        let end = client
+            .events(&format!("/runs/{run_id}/events"), |kind, value| {
+                match kind {
+                    "run" => jobs = value["jobs"].as_array().cloned().unwrap_or_default(),
+                    "end" => {
+                        jobs = value["jobs"].as_array().cloned().unwrap_or_default();
+                        table.draw(&jobs)?;
+                        return Ok(Some(value));
+                    }
+                    "job" => match jobs.iter_mut().find(|job| job["id"] == value["id"]) {
+                        Some(job) => *job = value,
+                        None => jobs.push(value),
+                    },
+                    "error" => anyhow::bail!(
+                        "{}",
+                        value["message"].as_str().unwrap_or("the run stream failed")
+                    ),
+                    _ => return Ok(None),
                 }
-            }
-        }
-        stdout.flush()?;
-        if run_ended(&run) {
+                table.draw(&jobs)?;
+                Ok(None)
+            })
+            .await?;
+        if let Some(run) = end {
             break run;
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(RECONNECT).await;
     };
     let full = client.get(&format!("/runs/{run_id}")).await?;
     print_summary(&run, &full)

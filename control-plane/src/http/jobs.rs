@@ -99,7 +99,7 @@ async fn job_json(state: &AppState, job: &Job) -> ApiResult<Value> {
 }
 
 /// A job without its output: what listings and status pollers need.
-fn job_summary_json(job: &Job) -> Value {
+pub(super) fn job_summary_json(job: &Job) -> Value {
     json!({
         "id": job.id,
         "run_id": job.run_id,
@@ -161,13 +161,9 @@ struct RunQuery {
     output: Option<bool>,
 }
 
-async fn show_run(
-    State(state): State<AppState>,
-    user: CurrentUser,
-    Path(id): Path<String>,
-    Query(query): Query<RunQuery>,
-) -> ApiResult<Json<Value>> {
-    let run = state.store.run(&id).await.map_err(|error| match error {
+/// Loads a run the caller may see (another user's run is not found).
+pub(super) async fn visible_run(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Run> {
+    let run = state.store.run(id).await.map_err(|error| match error {
         StoreError::NotFound => ApiError::NotFound("run"),
         other => other.into(),
     })?;
@@ -175,6 +171,16 @@ async fn show_run(
     if !user.may_access(&event.owner_id) {
         return Err(ApiError::NotFound("run"));
     }
+    Ok(run)
+}
+
+async fn show_run(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    Query(query): Query<RunQuery>,
+) -> ApiResult<Json<Value>> {
+    let run = visible_run(&state, &user, &id).await?;
     let mut jobs = Vec::with_capacity(run.jobs.len());
     for job in &run.jobs {
         jobs.push(if query.output == Some(false) {
@@ -193,7 +199,7 @@ async fn show_run(
 }
 
 /// A run without its jobs: status and counts derived from its jobs.
-fn run_json(run: &Run) -> Value {
+pub(super) fn run_json(run: &Run) -> Value {
     let count = |statuses: &[JobStatus]| {
         run.jobs
             .iter()
@@ -308,9 +314,7 @@ async fn logs(
     let job = visible_job(&state, &user, &id).await?;
     if query.follow {
         let events = follow(state, job.id, query.from);
-        return Ok(Sse::new(events)
-            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-            .into_response());
+        return Ok(sse_response(events));
     }
     // Stream the stored log page by page; the whole log never sits in memory.
     let pages = stream::unfold(
@@ -341,6 +345,15 @@ async fn logs(
         Body::from_stream(pages),
     )
         .into_response())
+}
+
+/// Server-sent events with a keep-alive comment every 15 s (proxies drop silent connections).
+pub(super) fn sse_response(
+    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 /// State of one follower.
@@ -424,16 +437,8 @@ fn follow(
                 ));
             }
             // Wait for a change to this job; re-read on lag or after a while regardless.
-            let wait = async {
-                loop {
-                    match follower.changes.recv().await {
-                        Ok(changed) if *changed == *follower.job_id => return,
-                        Ok(_) => continue,
-                        Err(_) => return,
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+            let job_id = &follower.job_id;
+            crate::queue::next_change(&mut follower.changes, |changed| changed == job_id).await;
         }
     })
 }

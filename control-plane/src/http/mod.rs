@@ -13,6 +13,7 @@ pub mod error;
 mod event_actions;
 pub mod events;
 pub mod jobs;
+pub mod run_events;
 pub mod servers;
 pub mod terminals;
 pub mod tools;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(dispatch::router())
         .merge(jobs::router())
+        .merge(run_events::router())
         .merge(servers::router())
         .merge(terminals::router())
         .merge(tools::router())

@@ -1401,4 +1401,5 @@ async fn runs_event_id(api: &Api, token: &str, run_id: &str) -> String {
 }
 
 mod dispatch;
+mod run_events;
 mod users;

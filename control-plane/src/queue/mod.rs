@@ -36,6 +36,40 @@ impl JobEvents {
     }
 }
 
+/// How long a live follower (a job's log, a run's events) waits for a change before it re-reads
+/// the store regardless: the safety net for changes nobody announced.
+pub const FOLLOW_REREAD: Duration = Duration::from_secs(5);
+
+/// Why a follower woke up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A job it watches changed.
+    Job(Arc<str>),
+    /// Changes were missed (the receiver lagged) or none came for [`FOLLOW_REREAD`]: re-read all.
+    Reread,
+}
+
+/// Waits for a change to a job `wanted` accepts, at most [`FOLLOW_REREAD`].
+pub async fn next_change(
+    changes: &mut broadcast::Receiver<Arc<str>>,
+    mut wanted: impl FnMut(&str) -> bool,
+) -> Wake {
+    let wait = async {
+        loop {
+            match changes.recv().await {
+                Ok(changed) if wanted(&changed) => return Wake::Job(changed),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Reread,
+                // The sender lives as long as the state: only the timer is left.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    };
+    tokio::time::timeout(FOLLOW_REREAD, wait)
+        .await
+        .unwrap_or(Wake::Reread)
+}
+
 /// Settles expired leases: every second, or at once when `wake` is notified. Re-queued jobs
 /// wake their agent; settled ones wake their followers.
 pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {

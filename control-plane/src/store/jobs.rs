@@ -1224,6 +1224,25 @@ impl Store {
         job_from_row(&row)
     }
 
+    /// The jobs of run `run_id` among `ids` (others are left out), in one query; at most 500
+    /// ids per call.
+    pub async fn jobs_of_run(&self, run_id: &str, ids: &[&str]) -> StoreResult<Vec<Job>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = &ids[..ids.len().min(500)];
+        let placeholders = vec!["?"; ids.len()].join(", ");
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = ? AND id IN ({placeholders}) ORDER BY id"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(run_id);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        let rows = query.fetch_all(&self.reader).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
     /// The owner of the event a job belongs to (for permission checks).
     pub async fn job_owner(&self, job_id: &str) -> StoreResult<String> {
         sqlx::query_scalar(

@@ -1,5 +1,5 @@
-// Keeping a page up to date without a manual refresh. The API has server-sent events for job
-// logs only, so lists (agents, runs, events) are polled: every `interval` while the tab is
+// Keeping a page up to date without a manual refresh. The API pushes job logs and a run's job
+// changes over server-sent events; lists (agents, runs, events) are polled: every `interval` while the tab is
 // visible, backing off (doubling up to a minute) while requests fail, and stopping when the
 // page is left (its AbortSignal).
 

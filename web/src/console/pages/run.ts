@@ -1,7 +1,8 @@
 // One run: its status, the per-host matrix (one job per agent or server) with cancel and
 // "re-run failed hosts", and the selected job's log streamed live over server-sent events
 // (`GET /jobs/{id}/logs?follow=true`: `log` events, then `end` with the job), ANSI colours
-// and all, with a download of the full log.
+// and all, with a download of the full log. The run itself is pushed too (`GET
+// /runs/{id}/events`), polled only when that stream is unavailable.
 
 import {
   type Agent,
@@ -12,6 +13,7 @@ import {
   fetchEvent,
   fetchRun,
   jobLogUrl,
+  runEventsUrl,
   listAgents,
   listServers,
   messageOf,
@@ -22,7 +24,7 @@ import {
 import { el, replaceChildren } from "../../dom";
 import type { Page, PageContext } from "../context";
 import { dateTime, duration, statusBadge, timeEl } from "../format";
-import { poll } from "../live";
+import { type Poller, poll } from "../live";
 import { LogView } from "../logview";
 import { currentPath } from "../router";
 import { errorLine, loading, redrawIfChanged, section, table } from "../widgets";
@@ -55,6 +57,7 @@ export const runPage: Page = async (context, params) => {
   let stream: LogStream | null = null;
   let run: Run | null = null;
   let eventName: string | null = null;
+  let refresh = (): void => undefined;
 
   const select = (jobId: string): void => {
     selected = jobId;
@@ -112,7 +115,7 @@ export const runPage: Page = async (context, params) => {
             show.addEventListener("click", () => select(candidate.id));
             const cells = el("td", { class: "actions" }, show);
             if (context.canWrite && !FINAL.has(candidate.status)) {
-              cells.append(cancelButton(candidate, () => poller.refresh()));
+              cells.append(cancelButton(candidate, () => refresh()));
             }
             return el(
               "tr",
@@ -132,34 +135,137 @@ export const runPage: Page = async (context, params) => {
     );
   };
 
-  const poller = poll(
-    context.signal,
-    2000,
-    async () => {
-      if (run !== null && FINAL.has(run.status) && run.jobs.every((job) => FINAL.has(job.status))) {
-        // An ended run does not change any more (a re-run is a new run).
+  // Shows a newer state of the run, loading what its summary lacks (the event's name, hosts
+  // not seen yet).
+  const show = async (next: Run): Promise<void> => {
+    run = next;
+    if (eventName === null) {
+      eventName = await fetchEvent(next.event_id).then(
+        (event) => event.name,
+        () => "",
+      );
+      if (eventName !== "") {
+        context.setTitle(`Run of ${eventName}`);
+      }
+    }
+    if (next.jobs.some((job) => !hosts.has(job.agent_id ?? job.server_id ?? ""))) {
+      await loadHosts().catch(() => undefined);
+    }
+    status.replaceChildren();
+    draw();
+  };
+
+  // Polling, when the run stream is unavailable.
+  let poller: Poller | null = null;
+  const startPolling = (): void => {
+    if (poller !== null || context.signal.aborted) {
+      return;
+    }
+    summary.dataset.updates = "poll";
+    poller = poll(
+      context.signal,
+      2000,
+      async () => {
+        if (run !== null && FINAL.has(run.status) && run.jobs.every((job) => FINAL.has(job.status))) {
+          // An ended run does not change any more (a re-run is a new run).
+          return;
+        }
+        await show(await fetchRun(runId, false));
+      },
+      (error) => status.replaceChildren(errorLine(error)),
+    );
+  };
+  // After a change the user made: a stream brings it by itself, a poller fetches now.
+  refresh = () => poller?.refresh();
+  watchRun(context.signal, runId, {
+    summary: (next) => {
+      summary.dataset.updates = "stream";
+      void show(next);
+    },
+    job: (job) => {
+      if (run === null) {
         return;
       }
-      run = await fetchRun(runId, false);
-      if (eventName === null) {
-        eventName = await fetchEvent(run.event_id).then(
-          (event) => event.name,
-          () => "",
-        );
-        if (eventName !== "") {
-          context.setTitle(`Run of ${eventName}`);
-        }
-      }
-      if (run.jobs.some((job) => !hosts.has(job.agent_id ?? job.server_id ?? ""))) {
-        await loadHosts().catch(() => undefined);
-      }
-      status.replaceChildren();
-      draw();
+      const jobs = run.jobs.map((candidate) => (candidate.id === job.id ? { ...candidate, ...job } : candidate));
+      void show({ ...run, jobs, counts: countsOf(jobs), status: statusOf(jobs) });
     },
-    (error) => status.replaceChildren(errorLine(error)),
-  );
+    failed: startPolling,
+  });
   context.signal.addEventListener("abort", () => stream?.close());
 };
+
+/**
+ * Follows `GET /runs/{id}/events`: `summary` with the whole run (at the start, again after a
+ * reconnect, and at the end), `job` with each job whose state changed. `failed` when the stream
+ * cannot be used (no EventSource, refused, an `error` event, or dropping again and again); the
+ * caller then polls.
+ */
+function watchRun(
+  signal: AbortSignal,
+  runId: string,
+  handlers: { summary: (run: Run) => void; job: (job: Job) => void; failed: () => void },
+): void {
+  if (typeof EventSource === "undefined") {
+    handlers.failed();
+    return;
+  }
+  const source = new EventSource(runEventsUrl(runId));
+  let drops = 0;
+  const data = <T,>(event: Event): T => JSON.parse((event as MessageEvent<string>).data) as T;
+  source.addEventListener("run", (event) => {
+    drops = 0;
+    handlers.summary(data<Run>(event));
+  });
+  source.addEventListener("job", (event) => handlers.job(data<Job>(event)));
+  source.addEventListener("end", (event) => {
+    // The stream closes after its end: no reconnect.
+    source.close();
+    handlers.summary(data<Run>(event));
+  });
+  source.addEventListener("error", (event) => {
+    // The browser reconnects by itself (the new stream starts with the whole run); a refused
+    // stream, a server-side error or repeated drops fall back to polling.
+    drops += 1;
+    const serverError = event instanceof MessageEvent;
+    if (serverError || source.readyState === EventSource.CLOSED || drops >= 3) {
+      source.close();
+      if (!signal.aborted) {
+        handlers.failed();
+      }
+    }
+  });
+  signal.addEventListener("abort", () => source.close());
+}
+
+/** A run's counts from its jobs (as the API derives them). */
+function countsOf(jobs: Job[]): Run["counts"] {
+  const count = (...statuses: string[]): number => jobs.filter((job) => statuses.includes(job.status)).length;
+  return {
+    queued: count("queued"),
+    running: count("claimed", "running"),
+    completed: count("completed"),
+    failed: count("failed"),
+    cancelled: count("cancelled"),
+  };
+}
+
+/** A run's status from its jobs, as the API derives it (`RunStatus::of`). */
+function statusOf(jobs: Job[]): Run["status"] {
+  const counts = countsOf(jobs);
+  if (counts.running > 0 || (counts.queued > 0 && counts.queued < jobs.length)) {
+    return "running";
+  }
+  if (counts.queued > 0) {
+    return "queued";
+  }
+  if (counts.failed > 0) {
+    return "failed";
+  }
+  if (counts.cancelled > 0 && counts.completed === 0) {
+    return "cancelled";
+  }
+  return "completed";
+}
 
 function cancelButton(job: Job, after: () => void): HTMLButtonElement {
   const button = el("button", { type: "button", class: "danger", "data-action": "cancel" }, job.cancel_requested ? "Cancelling…" : "Cancel");
