@@ -116,6 +116,9 @@ async fn connect_inner(
     let seen = Arc::new(Mutex::new(None));
     let config = Arc::new(client::Config {
         inactivity_timeout: None,
+        // A job's small messages (the temp dir's line, the forward request, the wrapper) go back
+        // and forth: without TCP_NODELAY each would wait for a delayed ACK (about 40 ms).
+        nodelay: true,
         ..Default::default()
     });
     let handler = Client {
