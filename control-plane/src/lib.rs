@@ -69,6 +69,29 @@ pub struct ServerConfig {
     pub releases: release::ReleaseConfig,
 }
 
+#[cfg(test)]
+impl ServerConfig {
+    /// A control plane for in-process tests: its data in `data_dir`, HTTP and QUIC on free
+    /// loopback ports, `key` (base64) as `ENCRYPTION_KEY`, every other setting at its default.
+    pub(crate) fn for_tests(data_dir: &std::path::Path, key: &str) -> ServerConfig {
+        ServerConfig {
+            data_dir: data_dir.to_path_buf(),
+            database_url: None,
+            http_addr: "127.0.0.1:0".parse().expect("loopback address"),
+            quic_addr: "127.0.0.1:0".parse().expect("loopback address"),
+            public_url: None,
+            quic_public_addrs: Vec::new(),
+            encryption_key: EncryptionKey::from_base64(key).expect("a test key"),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            docker_images: DockerImages::default(),
+            delivery: tools::DeliveryOptions::default(),
+            terminals: TerminalConfig::default(),
+            releases: release::ReleaseConfig::default(),
+        }
+    }
+}
+
 /// The image a Docker event runs in when it names none, per kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DockerImages {

@@ -39,24 +39,13 @@ async fn plane_with(http_jobs_public_only: bool) -> Plane {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        database_url: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        public_url: None,
-        quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap(),
-        lease: Duration::from_secs(30),
-        heartbeat: Duration::from_secs(5),
-        docker_images: crate::DockerImages::default(),
         delivery: crate::tools::DeliveryOptions {
             retry_delays: Vec::new(),
             request_timeout: Duration::from_secs(5),
             http_jobs_public_only,
             ..Default::default()
         },
-        terminals: crate::terminals::TerminalConfig::default(),
-        releases: crate::release::ReleaseConfig::default(),
+        ..ServerConfig::for_tests(dir.path(), &EncryptionKey::generate_base64())
     };
     let running = crate::start(config, CancellationToken::new())
         .await

@@ -18,21 +18,7 @@ struct Api {
 
 /// A configuration for a control plane in `dir` on free loopback ports.
 fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
-    ServerConfig {
-        data_dir: dir.to_path_buf(),
-        database_url: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        public_url: None,
-        quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(key).unwrap(),
-        lease: std::time::Duration::from_secs(30),
-        heartbeat: std::time::Duration::from_secs(5),
-        docker_images: crate::DockerImages::default(),
-        delivery: crate::tools::DeliveryOptions::default(),
-        terminals: crate::terminals::TerminalConfig::default(),
-        releases: crate::release::ReleaseConfig::default(),
-    }
+    ServerConfig::for_tests(dir, key)
 }
 
 async fn api() -> Api {

@@ -287,21 +287,7 @@ impl Drop for Harness {
 }
 
 fn config(dir: &std::path::Path) -> ServerConfig {
-    ServerConfig {
-        data_dir: dir.to_path_buf(),
-        database_url: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        public_url: None,
-        quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap(),
-        lease: std::time::Duration::from_secs(30),
-        heartbeat: std::time::Duration::from_secs(5),
-        docker_images: crate::DockerImages::default(),
-        delivery: crate::tools::DeliveryOptions::default(),
-        terminals: crate::terminals::TerminalConfig::default(),
-        releases: crate::release::ReleaseConfig::default(),
-    }
+    ServerConfig::for_tests(dir, &EncryptionKey::generate_base64())
 }
 
 async fn harness() -> Harness {

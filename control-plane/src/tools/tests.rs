@@ -160,24 +160,13 @@ struct Plane {
 
 fn server_config(dir: &Path, key: &str, retry_delays: Vec<Duration>) -> ServerConfig {
     ServerConfig {
-        data_dir: dir.to_path_buf(),
-        database_url: None,
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        quic_addr: "127.0.0.1:0".parse().unwrap(),
-        public_url: None,
-        quic_public_addrs: Vec::new(),
-        encryption_key: EncryptionKey::from_base64(key).unwrap(),
-        lease: Duration::from_secs(30),
-        heartbeat: Duration::from_secs(5),
-        docker_images: crate::DockerImages::default(),
         delivery: DeliveryOptions {
             retry_delays,
             request_timeout: Duration::from_secs(10),
             extra_smtp_roots: Vec::new(),
             http_jobs_public_only: false,
         },
-        terminals: crate::terminals::TerminalConfig::default(),
-        releases: crate::release::ReleaseConfig::default(),
+        ..ServerConfig::for_tests(dir, key)
     }
 }
 

@@ -323,21 +323,7 @@ mod durable {
     use crate::{AppState, Running, ServerConfig};
 
     fn config(dir: &std::path::Path, key: &str) -> ServerConfig {
-        ServerConfig {
-            data_dir: dir.to_path_buf(),
-            database_url: None,
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            quic_addr: "127.0.0.1:0".parse().unwrap(),
-            public_url: None,
-            quic_public_addrs: Vec::new(),
-            encryption_key: EncryptionKey::from_base64(key).unwrap(),
-            lease: Duration::from_secs(30),
-            heartbeat: Duration::from_secs(5),
-            docker_images: crate::DockerImages::default(),
-            delivery: crate::tools::DeliveryOptions::default(),
-            terminals: crate::terminals::TerminalConfig::default(),
-            releases: crate::release::ReleaseConfig::default(),
-        }
+        ServerConfig::for_tests(dir, key)
     }
 
     async fn start(dir: &std::path::Path, key: &str) -> Running {
