@@ -14,6 +14,7 @@ pub mod api;
 pub mod cluster;
 pub mod docker;
 pub mod netns;
+pub mod postgres;
 pub mod process;
 pub mod quic;
 pub mod release;

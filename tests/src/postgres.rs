@@ -1,0 +1,280 @@
+//! A throwaway PostgreSQL server for tests: Debian's PostgreSQL 15 binaries (`initdb`, `pg_ctl`)
+//! on a cluster in a temp dir, listening on a free 127.0.0.1 port (and a Unix socket in the temp
+//! dir, nowhere else), stopped and removed on drop.
+//!
+//! `initdb` refuses to run as root, so when the test runs as root the cluster belongs to the
+//! `postgres` system user (from the Debian package) and the server runs as that user; otherwise
+//! it runs as the caller. Authentication is `trust` on loopback only: the cluster lives as long as
+//! the test and holds nothing but test data.
+//!
+//! Each test takes a fresh database of its own with [`PgCluster::create_database`]. Set
+//! `CRONIUM_PG_BIN` to use binaries from another directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
+const START_DEADLINE: Duration = Duration::from_secs(60);
+const SUPERUSER: &str = "postgres";
+
+/// A running throwaway cluster; stopped (`pg_ctl stop -m immediate`) and deleted on drop.
+pub struct PgCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    /// The system user the server runs as, when it is not the caller.
+    run_as: Option<String>,
+    databases: AtomicU64,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster. Fails with what to install when the binaries are missing.
+    pub fn start() -> Result<PgCluster> {
+        let bin = std::env::var_os("CRONIUM_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN));
+        ensure!(
+            bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
+            "no PostgreSQL binaries in {} (apt-get install postgresql, or set CRONIUM_PG_BIN)",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("cronium-pg-")
+            .tempdir_in("/tmp")
+            .context("temp dir for the cluster")?;
+        // SAFETY: geteuid has no preconditions.
+        let run_as = (unsafe { libc::geteuid() } == 0).then(|| SUPERUSER.to_string());
+        if let Some(user) = &run_as {
+            let status = Command::new("chown")
+                .arg(user)
+                .arg(dir.path())
+                .status()
+                .context("chown of the cluster dir")?;
+            ensure!(
+                status.success(),
+                "chown {user} {} failed (is the Debian postgresql package installed?)",
+                dir.path().display()
+            );
+        }
+        let mut cluster = PgCluster {
+            bin,
+            dir,
+            port: 0,
+            run_as,
+            databases: AtomicU64::new(0),
+        };
+        cluster.init()?;
+        // A port that was free a moment ago can be taken before the server binds it: try again.
+        let mut last_error = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            match cluster.start_server() {
+                Ok(()) => return Ok(cluster),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// A command for one of the binaries, run as the cluster's user.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command.arg("-u").arg(user).arg("--").arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn run(&self, mut command: Command, what: &str) -> Result<()> {
+        let output = command
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("{what}: could not start"))?;
+        ensure!(
+            output.status.success(),
+            "{what} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    fn init(&self) -> Result<()> {
+        let mut command = self.command("initdb");
+        command
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .arg("--locale=C");
+        self.run(command, "initdb")
+    }
+
+    fn start_server(&self) -> Result<()> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut command = self.command("pg_ctl");
+        command
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_path())
+            .arg("-o")
+            .arg(options)
+            .args(["-w", "-t"])
+            .arg(START_DEADLINE.as_secs().to_string())
+            .arg("start");
+        if let Err(error) = self.run(command, "pg_ctl start") {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            bail!("{error:#}\nserver log:\n{log}");
+        }
+        // pg_ctl -w waited for the server to accept connections; check the TCP side too.
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "PostgreSQL does not accept connections on 127.0.0.1:{}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The cluster's directory (data dir, socket, server log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The URL of database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates a new, empty database with a unique name and returns its URL.
+    pub fn create_database(&self) -> Result<String> {
+        let name = format!(
+            "cronium_test_{}_{}",
+            std::process::id(),
+            self.databases.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut command = self.command("createdb");
+        command
+            .args(["-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(["-U", SUPERUSER])
+            .arg(&name);
+        self.run(command, "createdb")?;
+        Ok(self.url(&name))
+    }
+
+    /// The server log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut command = self.command("pg_ctl");
+        command
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = command.status();
+        // The temp dir (owned by the cluster's user) is removed by TempDir's drop, as root or as
+        // the caller who owns it.
+    }
+}
+
+/// A port that is free on 127.0.0.1 right now.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster starts, serves two separate databases over TCP, and is gone after drop.
+    #[test]
+    fn cluster_serves_databases_and_is_removed() -> Result<()> {
+        let cluster = PgCluster::start()?;
+        let first = cluster.create_database()?;
+        let second = cluster.create_database()?;
+        assert_ne!(first, second);
+        let psql = cluster.bin.join("psql");
+        let query = |url: &str, sql: &str| -> Result<String> {
+            let output = Command::new(&psql)
+                .args([
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    url,
+                    "-c",
+                    sql,
+                ])
+                .output()?;
+            ensure!(
+                output.status.success(),
+                "psql: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            Ok(String::from_utf8(output.stdout)?.trim().to_string())
+        };
+        query(
+            &first,
+            "CREATE TABLE t (v BIGINT); INSERT INTO t VALUES (42)",
+        )?;
+        assert_eq!(query(&first, "SELECT v FROM t")?, "42");
+        // The second database is separate: the table does not exist there.
+        assert!(query(&second, "SELECT v FROM t").is_err());
+        assert_eq!(
+            query(&first, "SHOW listen_addresses")?,
+            "127.0.0.1",
+            "the server listens on loopback only"
+        );
+        let dir = cluster.dir().to_path_buf();
+        let port = cluster.port();
+        drop(cluster);
+        assert!(!dir.exists(), "the cluster dir is removed");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the server is stopped"
+        );
+        Ok(())
+    }
+}
