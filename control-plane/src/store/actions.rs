@@ -39,7 +39,7 @@ impl Store {
         let row = sqlx::query(
             "SELECT t.id, t.name, t.kind, t.config, u.username
              FROM tools t JOIN events e ON e.owner_id = t.owner_id JOIN users u ON u.id = t.owner_id
-             WHERE t.id = ? AND e.id = ?",
+             WHERE t.id = $1 AND e.id = $2",
         )
         .bind(tool_id)
         .bind(event_id)

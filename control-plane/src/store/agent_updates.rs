@@ -78,7 +78,7 @@ pub struct AgentUpdateState {
 }
 
 pub(crate) fn update_state_from_row(
-    row: &sqlx::sqlite::SqliteRow,
+    row: &sqlx::any::AnyRow,
 ) -> StoreResult<Option<AgentUpdateState>> {
     let Some(target_version) = row.try_get::<Option<String>, _>("update_target")? else {
         return Ok(None);
@@ -127,7 +127,7 @@ impl Store {
                 Some(policy) => {
                     sqlx::query(
                         "INSERT INTO agent_update_policy (id, version, labels, percentage, updated_by, updated_at)
-                         VALUES (1, ?, ?, ?, ?, ?)
+                         VALUES (1, $1, $2, $3, $4, $5)
                          ON CONFLICT (id) DO UPDATE SET version = excluded.version, labels = excluded.labels,
                            percentage = excluded.percentage, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
                     )
@@ -174,8 +174,8 @@ impl Store {
         let (agent_id, target) = (agent_id.to_string(), target.to_string());
         write_op!(self, |conn| async {
             sqlx::query(
-                "UPDATE agents SET update_target = ?, update_state = 'pending', update_reason = NULL, update_at = ?
-                 WHERE id = ? AND (update_target IS NULL OR update_target <> ?)",
+                "UPDATE agents SET update_target = $1, update_state = 'pending', update_reason = NULL, update_at = $2
+                 WHERE id = $3 AND (update_target IS NULL OR update_target <> $4)",
             )
             .bind(&target)
             .bind(now_ms())
@@ -209,8 +209,8 @@ impl Store {
                 UpdateStateKind::Succeeded | UpdateStateKind::Failed | UpdateStateKind::RolledBack
             );
             let changed = sqlx::query(
-                "UPDATE agents SET update_target = ?, update_state = ?, update_reason = ?, update_at = ?
-                 WHERE id = ? AND NOT (? AND update_state IS 'pending' AND update_target IS NOT ?)",
+                "UPDATE agents SET update_target = $1, update_state = $2, update_reason = $3, update_at = $4
+                 WHERE id = $5 AND NOT ($6 AND update_state IS NOT DISTINCT FROM 'pending' AND update_target IS DISTINCT FROM $7)",
             )
             .bind(&target)
             .bind(state.as_str())
@@ -251,10 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_policy_round_trips_and_update_states_follow_announcements() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("test.db"))
-            .await
-            .unwrap();
+        let (_db, store) = crate::store::test_db::open_test_store().await;
         assert_eq!(store.update_policy().await.unwrap(), None);
         let policy = UpdatePolicy {
             version: "0.2.0".into(),

@@ -65,7 +65,7 @@ pub(crate) fn labels_to_json(labels: &Labels) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
 }
 
-fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
+fn agent_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Agent> {
     Ok(Agent {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -105,7 +105,7 @@ impl Store {
         write_op!(self, |conn| async {
         sqlx::query(
             "INSERT INTO enrollment_tokens (id, token_sha256, labels, uses_left, expires_at, created_by, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&token_id)
         .bind(token_sha256)
@@ -141,7 +141,7 @@ impl Store {
             let now = now_ms();
             let spent = sqlx::query(
                 "UPDATE enrollment_tokens SET uses_left = uses_left - 1
-             WHERE token_sha256 = ? AND uses_left > 0 AND expires_at > ? RETURNING labels",
+             WHERE token_sha256 = $1 AND uses_left > 0 AND expires_at > $2 RETURNING labels",
             )
             .bind(&token_sha256)
             .bind(now)
@@ -149,7 +149,7 @@ impl Store {
             .await?;
             let Some(spent) = spent else {
                 let row = sqlx::query(
-                    "SELECT uses_left, expires_at FROM enrollment_tokens WHERE token_sha256 = ?",
+                    "SELECT uses_left, expires_at FROM enrollment_tokens WHERE token_sha256 = $1",
                 )
                 .bind(&token_sha256)
                 .fetch_optional(&mut *conn)
@@ -174,7 +174,7 @@ impl Store {
             // The placeholder fingerprint is unique per agent until the real one is set.
             sqlx::query(
                 "INSERT INTO agents (id, name, labels, cert_sha256, hostname, os, arch, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&id)
             .bind(&name)
@@ -212,7 +212,7 @@ impl Store {
     ) -> StoreResult<()> {
         let (agent_id, cert_sha256) = (agent_id.to_string(), cert_sha256.to_string());
         write_op!(self, |conn| async {
-            sqlx::query("UPDATE agents SET cert_sha256 = ? WHERE id = ?")
+            sqlx::query("UPDATE agents SET cert_sha256 = $1 WHERE id = $2")
                 .bind(cert_sha256)
                 .bind(agent_id)
                 .execute(&mut *conn)
@@ -226,7 +226,7 @@ impl Store {
     pub async fn delete_pending_agent(&self, agent_id: &str) -> StoreResult<()> {
         let agent_id = agent_id.to_string();
         write_op!(self, |conn| async {
-            sqlx::query("DELETE FROM agents WHERE id = ? AND cert_sha256 LIKE 'pending:%'")
+            sqlx::query("DELETE FROM agents WHERE id = $1 AND cert_sha256 LIKE 'pending:%'")
                 .bind(agent_id)
                 .execute(&mut *conn)
                 .await?;
@@ -238,7 +238,7 @@ impl Store {
     /// The agent holding a certificate, revoked or not.
     pub async fn agent_by_certificate(&self, cert_sha256: &str) -> StoreResult<Option<Agent>> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE cert_sha256 = ?"
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE cert_sha256 = $1"
         )))
         .bind(cert_sha256)
         .fetch_optional(&self.reader)
@@ -249,7 +249,7 @@ impl Store {
     /// One agent by id.
     pub async fn agent(&self, id: &str) -> StoreResult<Agent> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE id = ? AND cert_sha256 NOT LIKE 'pending:%'"
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1 AND cert_sha256 NOT LIKE 'pending:%'"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -288,7 +288,7 @@ impl Store {
             arch.to_string(),
         );
         write_op!(self, |conn| async {
-        sqlx::query("UPDATE agents SET version = ?, hostname = ?, os = ?, arch = ?, docker = ?, last_seen_at = ? WHERE id = ?")
+        sqlx::query("UPDATE agents SET version = $1, hostname = $2, os = $3, arch = $4, docker = $5, last_seen_at = $6 WHERE id = $7")
             .bind(version)
             .bind(hostname)
             .bind(os)
@@ -312,7 +312,7 @@ impl Store {
         write_op!(self, |conn| async {
             for (agent_id, at) in &seen {
                 sqlx::query(
-                "UPDATE agents SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?) WHERE id = ?",
+                "UPDATE agents SET last_seen_at = CASE WHEN last_seen_at > $1 THEN last_seen_at ELSE $1 END WHERE id = $2",
             )
             .bind(at)
             .bind(agent_id)
@@ -332,7 +332,7 @@ impl Store {
         write_op!(self, |conn| async {
         let now = now_ms();
                 let changed =
-            sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            sqlx::query("UPDATE agents SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(now)
                 .bind(&agent_id)
                 .execute(&mut *conn)
@@ -342,8 +342,8 @@ impl Store {
             return Ok(false);
         }
         let failed: Vec<String> = sqlx::query_scalar(
-            "UPDATE jobs SET status = 'failed', reason = 'revoked', settled_by = 'revoke', finished_at = ?, lease_expires_at = NULL
-             WHERE agent_id = ? AND status IN ('queued', 'claimed', 'running') RETURNING id",
+            "UPDATE jobs SET status = 'failed', reason = 'revoked', settled_by = 'revoke', finished_at = $1, lease_expires_at = NULL
+             WHERE agent_id = $2 AND status IN ('queued', 'claimed', 'running') RETURNING id",
         )
         .bind(now)
         .bind(&agent_id)

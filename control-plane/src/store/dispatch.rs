@@ -1,7 +1,7 @@
 //! Dispatch policies: retries with backoff, a concurrency limit per event, and rolling fan-out
 //! batches with stop conditions and an offline-host policy.
 //!
-//! The rules live in SQL so they hold inside the claim statement itself ([`CLAIMABLE`]): a
+//! The rules live in SQL so they hold inside the claim statement itself ([`claimable`]): a
 //! queued job is claimable when it is due (`not_before`), when every job of a lower batch of its
 //! run is final, and when fewer than its event's `max_concurrency` jobs are claimed or running.
 //! All writes go through the single writer (see `write_op!`), so two claims never both see a free
@@ -19,15 +19,21 @@ use super::jobs::{RunSpec, create_run_in};
 use super::{Store, StoreError, StoreResult, audit_in, now_ms, write_op};
 
 /// The condition, on a queued job aliased `j` with its event's policy aliased `d` (a LEFT JOIN
-/// of `event_dispatch`), that it may be claimed at the time bound to the first `?`.
+/// of `event_dispatch`), that it may be claimed at the time bound to placeholder `$first`.
 /// `active` and `nth` are computed by [`claimable_select`].
-pub(crate) const CLAIMABLE: &str = "j.status = 'queued' AND (j.not_before IS NULL OR j.not_before <= ?)
+pub(crate) fn claimable(first: usize) -> String {
+    format!(
+        "j.status = 'queued' AND (j.not_before IS NULL OR j.not_before <= ${first})
      AND (j.batch = 0 OR NOT EXISTS (SELECT 1 FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch
-                                     AND b.status IN ('queued', 'claimed', 'running')))";
+                                     AND b.status IN ('queued', 'claimed', 'running')))"
+    )
+}
 
-/// The ids of up to `?` (last bind) claimable jobs of one runner, oldest first, at most as many
-/// per event as its concurrency limit leaves free. Binds: now, runner, limit.
-pub(crate) fn claimable_select() -> String {
+/// The ids of up to `limit` claimable jobs of one runner, oldest first, at most as many per
+/// event as its concurrency limit leaves free. Binds from placeholder `$first` on: now, runner,
+/// limit.
+pub(crate) fn claimable_select(first: usize) -> String {
+    let (runner, limit) = (first + 1, first + 2);
     format!(
         "SELECT id FROM (
            SELECT j.id, j.queued_at, d.max_concurrency AS cap,
@@ -36,9 +42,10 @@ pub(crate) fn claimable_select() -> String {
                     (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running'))
                   END AS active
            FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
-           WHERE {CLAIMABLE} AND j.runner = ?)
+           WHERE {} AND j.runner = ${runner}) AS candidates
          WHERE cap IS NULL OR active + nth <= cap
-         ORDER BY queued_at, id LIMIT ?"
+         ORDER BY queued_at, id LIMIT ${limit}",
+        claimable(first)
     )
 }
 
@@ -278,7 +285,7 @@ pub struct OutputGroup {
 /// Most bytes of a group's `sample_output`.
 pub const GROUP_SAMPLE_BYTES: usize = 2048;
 
-fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<DispatchPolicy> {
+fn policy_from_row(row: &sqlx::any::AnyRow) -> StoreResult<DispatchPolicy> {
     let rollout: Option<String> = row.try_get("rollout")?;
     Ok(DispatchPolicy {
         retry: RetryPolicy {
@@ -297,12 +304,9 @@ fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<DispatchPolicy>
     })
 }
 
-async fn policy_in(
-    conn: &mut sqlx::SqliteConnection,
-    event_id: &str,
-) -> StoreResult<DispatchPolicy> {
+async fn policy_in(conn: &mut sqlx::AnyConnection, event_id: &str) -> StoreResult<DispatchPolicy> {
     let row = sqlx::query(
-        "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout FROM event_dispatch WHERE event_id = ?",
+        "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout FROM event_dispatch WHERE event_id = $1",
     )
     .bind(event_id)
     .fetch_optional(&mut *conn)
@@ -329,7 +333,7 @@ fn rollout_json(rollout: &Rollout) -> StoreResult<Option<String>> {
 /// the run, batches numbered in the order of the hosts' names, the offline wait set.
 /// `create_run_in` calls it with no override; calling it again with one replaces the result.
 pub(crate) async fn apply_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     run_id: &str,
     event_id: &str,
     over: Option<&(Rollout, RolloutFields)>,
@@ -341,7 +345,7 @@ pub(crate) async fn apply_in(
     };
     let runners: Vec<String> = sqlx::query_scalar(
         "SELECT j.id FROM jobs j LEFT JOIN agents a ON a.id = j.agent_id LEFT JOIN servers s ON s.id = j.server_id
-         WHERE j.run_id = ? ORDER BY COALESCE(a.name, s.name, j.runner), j.runner, j.id",
+         WHERE j.run_id = $1 ORDER BY COALESCE(a.name, s.name, j.runner), j.runner, j.id",
     )
     .bind(run_id)
     .fetch_all(&mut *conn)
@@ -354,8 +358,8 @@ pub(crate) async fn apply_in(
             .map(|seconds| i64::from(seconds) * 1000),
     };
     sqlx::query(
-        "UPDATE jobs SET backoff_ms = ?, backoff_factor = ?, max_backoff_ms = ?, batch = 0,
-         offline_wait_ms = CASE WHEN agent_id IS NULL THEN NULL ELSE ? END WHERE run_id = ?",
+        "UPDATE jobs SET backoff_ms = $1, backoff_factor = $2, max_backoff_ms = $3, batch = 0,
+         offline_wait_ms = CASE WHEN agent_id IS NULL THEN NULL ELSE CAST($4 AS BIGINT) END WHERE run_id = $5",
     )
     .bind(seconds_to_ms(policy.retry.backoff_seconds))
     .bind(policy.retry.factor)
@@ -368,7 +372,7 @@ pub(crate) async fn apply_in(
         for (index, job_id) in runners.iter().enumerate() {
             let batch = index / size;
             if batch > 0 {
-                sqlx::query("UPDATE jobs SET batch = ? WHERE id = ?")
+                sqlx::query("UPDATE jobs SET batch = $1 WHERE id = $2")
                     .bind(batch as i64)
                     .bind(job_id)
                     .execute(&mut *conn)
@@ -376,7 +380,7 @@ pub(crate) async fn apply_in(
             }
         }
     }
-    sqlx::query("UPDATE runs SET rollout = ?, batch_size = ? WHERE id = ?")
+    sqlx::query("UPDATE runs SET rollout = $1, batch_size = $2 WHERE id = $3")
         .bind(rollout_json(&rollout)?)
         .bind(batch_size.map(|size| size as i64))
         .bind(run_id)
@@ -388,13 +392,13 @@ pub(crate) async fn apply_in(
 /// The `not_before` of a job whose attempt number `failed_attempt` just failed, at `now`: its
 /// backoff with up to 10 % jitter added.
 pub(crate) async fn retry_at_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     job_id: &str,
     failed_attempt: u32,
     now: i64,
 ) -> StoreResult<i64> {
     let (initial, factor, max): (i64, f64, i64) =
-        sqlx::query_as("SELECT backoff_ms, backoff_factor, max_backoff_ms FROM jobs WHERE id = ?")
+        sqlx::query_as("SELECT backoff_ms, backoff_factor, max_backoff_ms FROM jobs WHERE id = $1")
             .bind(job_id)
             .fetch_one(&mut *conn)
             .await?;
@@ -410,12 +414,9 @@ pub(crate) async fn retry_at_in(
 /// Checks the stop conditions of the run of `job_id`, which was just settled, in the caller's
 /// transaction; when one trips, the run's jobs that have not started are cancelled
 /// (`skip_reason = 'rollout_stopped'`) and the run records why. Returns whether it stopped.
-pub(crate) async fn settled_in(
-    conn: &mut sqlx::SqliteConnection,
-    job_id: &str,
-) -> StoreResult<bool> {
+pub(crate) async fn settled_in(conn: &mut sqlx::AnyConnection, job_id: &str) -> StoreResult<bool> {
     let row = sqlx::query(
-        "SELECT j.run_id, j.batch, r.rollout, r.stopped_at FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id = ?",
+        "SELECT j.run_id, j.batch, r.rollout, r.stopped_at FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id = $1",
     )
     .bind(job_id)
     .fetch_optional(&mut *conn)
@@ -437,10 +438,10 @@ pub(crate) async fn settled_in(
     let run_id: String = row.try_get("run_id")?;
     let batch: i64 = row.try_get("batch")?;
     let (failed, completed, open_up_to_batch, queued): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT COALESCE(SUM(status = 'failed'), 0), COALESCE(SUM(status = 'completed'), 0),
-                COALESCE(SUM(batch <= ? AND status IN ('queued', 'claimed', 'running')), 0),
-                COALESCE(SUM(status = 'queued'), 0)
-         FROM jobs WHERE run_id = ?",
+        "SELECT COUNT(*) FILTER (WHERE status = 'failed'), COUNT(*) FILTER (WHERE status = 'completed'),
+                COUNT(*) FILTER (WHERE batch <= $1 AND status IN ('queued', 'claimed', 'running')),
+                COUNT(*) FILTER (WHERE status = 'queued')
+         FROM jobs WHERE run_id = $2",
     )
     .bind(batch)
     .bind(&run_id)
@@ -475,14 +476,14 @@ pub(crate) async fn settled_in(
     let now = now_ms();
     let cancelled = sqlx::query(
         "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', skip_reason = 'rollout_stopped', settled_by = 'api',
-         not_before = NULL, finished_at = ? WHERE run_id = ? AND status = 'queued'",
+         not_before = NULL, finished_at = $1 WHERE run_id = $2 AND status = 'queued'",
     )
     .bind(now)
     .bind(&run_id)
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    sqlx::query("UPDATE runs SET stopped_reason = ?, stopped_at = ? WHERE id = ?")
+    sqlx::query("UPDATE runs SET stopped_reason = $1, stopped_at = $2 WHERE id = $3")
         .bind(&reason)
         .bind(now)
         .bind(&run_id)
@@ -498,20 +499,23 @@ pub(crate) async fn settled_in(
     Ok(true)
 }
 
-/// Placeholders `?, ?, …` for `count` values.
-fn placeholders(count: usize) -> String {
-    vec!["?"; count].join(", ")
+/// Placeholders `$first, $first+1, …` for `count` values.
+pub(crate) fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Stores an event's dispatch policy in the caller's transaction.
 pub(crate) async fn set_dispatch_policy_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     event_id: &str,
     policy: &DispatchPolicy,
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO event_dispatch (event_id, backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout)
-         VALUES (?, ?, ?, ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (event_id) DO UPDATE SET backoff_ms = excluded.backoff_ms, backoff_factor = excluded.backoff_factor,
          max_backoff_ms = excluded.max_backoff_ms, max_concurrency = excluded.max_concurrency, rollout = excluded.rollout",
     )
@@ -530,7 +534,7 @@ impl Store {
     /// The dispatch policy of an event (the defaults when it has none stored).
     pub async fn dispatch_policy(&self, event_id: &str) -> StoreResult<DispatchPolicy> {
         let row = sqlx::query(
-            "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout FROM event_dispatch WHERE event_id = ?",
+            "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout FROM event_dispatch WHERE event_id = $1",
         )
         .bind(event_id)
         .fetch_optional(&self.reader)
@@ -578,7 +582,7 @@ impl Store {
                 apply_in(conn, &run_id, &spec.event_id, over.as_ref()).await?;
             }
             if let Some(retry_of) = &retry_of {
-                sqlx::query("UPDATE runs SET retry_of = ? WHERE id = ?")
+                sqlx::query("UPDATE runs SET retry_of = $1 WHERE id = $2")
                     .bind(retry_of)
                     .bind(&run_id)
                     .execute(&mut *conn)
@@ -595,7 +599,7 @@ impl Store {
             "SELECT r.rollout, r.batch_size, r.stopped_reason, r.stopped_at, r.retry_of,
                     (SELECT COALESCE(MAX(batch), 0) + 1 FROM jobs WHERE run_id = r.id) AS batches,
                     (SELECT MIN(batch) FROM jobs WHERE run_id = r.id AND status IN ('queued', 'claimed', 'running')) AS current
-             FROM runs r WHERE r.id = ?",
+             FROM runs r WHERE r.id = $1",
         )
         .bind(run_id)
         .fetch_optional(&self.reader)
@@ -623,7 +627,7 @@ impl Store {
     /// Runners with a queued job that became due in `(after, up_to]`.
     pub async fn runners_due(&self, after: i64, up_to: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT runner FROM jobs WHERE status = 'queued' AND not_before > ? AND not_before <= ?",
+            "SELECT DISTINCT runner FROM jobs WHERE status = 'queued' AND not_before > $1 AND not_before <= $2",
         )
         .bind(after)
         .bind(up_to)
@@ -634,7 +638,7 @@ impl Store {
     /// The earliest `not_before` of a queued job after `after`.
     pub async fn next_due(&self, after: i64) -> StoreResult<Option<i64>> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND not_before > ?",
+            "SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND not_before > $1",
         )
         .bind(after)
         .fetch_one(&self.reader)
@@ -649,11 +653,11 @@ impl Store {
         }
         let query = format!(
             "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
-             WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= ?)
+             WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= $1)
                AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)
                AND q.event_id IN (SELECT event_id FROM jobs WHERE id IN ({})
                                   AND status IN ('queued', 'completed', 'failed', 'cancelled'))",
-            placeholders(job_ids.len())
+            placeholders(2, job_ids.len())
         );
         let mut query = sqlx::query_scalar(AssertSqlSafe(query)).bind(now);
         for id in job_ids {
@@ -667,7 +671,7 @@ impl Store {
     pub async fn runners_held_back(&self, now: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
-             WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= ?)
+             WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= $1)
                AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)",
         )
         .bind(now)
@@ -679,7 +683,7 @@ impl Store {
     /// second).
     pub async fn any_offline_wait(&self) -> StoreResult<bool> {
         Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND offline_wait_ms IS NOT NULL LIMIT 1)",
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' AND offline_wait_ms IS NOT NULL LIMIT 1) AS waiting",
         )
         .fetch_one(&self.reader)
         .await?
@@ -695,7 +699,7 @@ impl Store {
                AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch
                                AND b.status IN ('queued', 'claimed', 'running'))
                AND COALESCE((SELECT MAX(finished_at) FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch),
-                            r.created_at) + j.offline_wait_ms <= ?",
+                            r.created_at) + j.offline_wait_ms <= $1",
         )
         .bind(now)
         .fetch_all(&self.reader)
@@ -712,7 +716,7 @@ impl Store {
             for job_id in &job_ids {
                 let changed = sqlx::query(
                     "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', skip_reason = 'offline', settled_by = 'api',
-                     not_before = NULL, finished_at = ? WHERE id = ? AND status = 'queued'",
+                     not_before = NULL, finished_at = $1 WHERE id = $2 AND status = 'queued'",
                 )
                 .bind(now)
                 .bind(job_id)
@@ -733,8 +737,8 @@ impl Store {
     /// cancelled before any attempt (skipped, stopped rollout, cancelled while queued).
     pub async fn retry_runners(&self, run_id: &str, not_started: bool) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT runner FROM jobs WHERE run_id = ? AND runner IS NOT NULL
-               AND (status = 'failed' OR (? AND status = 'cancelled' AND attempt = 0))
+            "SELECT runner FROM jobs WHERE run_id = $1 AND runner IS NOT NULL
+               AND (status = 'failed' OR ($2 AND status = 'cancelled' AND attempt = 0))
              ORDER BY runner",
         )
         .bind(run_id)
@@ -747,7 +751,7 @@ impl Store {
     /// first.
     pub async fn run_output_groups(&self, run_id: &str) -> StoreResult<Vec<OutputGroup>> {
         let jobs: Vec<(String, String, Option<i64>, i64)> = sqlx::query_as(
-            "SELECT id, status, exit_code, log_len FROM jobs WHERE run_id = ?
+            "SELECT id, status, exit_code, log_len FROM jobs WHERE run_id = $1
                AND status IN ('completed', 'failed', 'cancelled') AND skip_reason IS NULL ORDER BY id",
         )
         .bind(run_id)
@@ -760,7 +764,7 @@ impl Store {
             let tail_from = (log_len as u64).saturating_sub(GROUP_SAMPLE_BYTES as u64);
             {
                 let mut rows = sqlx::query_as::<_, (i64, Vec<u8>)>(
-                    "SELECT offset, data FROM job_logs WHERE job_id = ? ORDER BY offset",
+                    "SELECT \"offset\", data FROM job_logs WHERE job_id = $1 ORDER BY \"offset\"",
                 )
                 .bind(&job_id)
                 .fetch(&self.reader);

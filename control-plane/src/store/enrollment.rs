@@ -23,7 +23,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT t.id, t.labels, t.uses_left, t.expires_at, u.username AS created_by, t.created_at
              FROM enrollment_tokens t LEFT JOIN users u ON u.id = t.created_by
-             WHERE t.uses_left > 0 AND t.expires_at > ? ORDER BY t.created_at DESC, t.id",
+             WHERE t.uses_left > 0 AND t.expires_at > $1 ORDER BY t.created_at DESC, t.id",
         )
         .bind(now_ms())
         .fetch_all(&self.reader)
@@ -49,7 +49,7 @@ impl Store {
         let id = id.to_string();
         write_op!(self, |conn| async {
             let changed = sqlx::query(
-                "UPDATE enrollment_tokens SET uses_left = 0 WHERE id = ? AND uses_left > 0 AND expires_at > ?",
+                "UPDATE enrollment_tokens SET uses_left = 0 WHERE id = $1 AND uses_left > 0 AND expires_at > $2",
             )
             .bind(id)
             .bind(now_ms())

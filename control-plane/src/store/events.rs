@@ -328,9 +328,9 @@ pub struct EventFields {
     pub dispatch: Option<super::dispatch::DispatchPolicy>,
 }
 
-pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success, http, tool_action, executor, (SELECT json_group_array(name) FROM event_secret_env WHERE event_secret_env.event_id = events.id) AS secret_env_names";
+pub(crate) const EVENT_COLUMNS: &str = "id, owner_id, name, kind, script, runtime, targets, timeout_seconds, retries, env, created_at, updated_at, image, memory_mb, cpus, pids, network, read_only, run_as_user, schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at, notify_on_failure, notify_on_success, http, tool_action, executor, (SELECT string_agg(name, ',') FROM event_secret_env WHERE event_secret_env.event_id = events.id) AS secret_env_names";
 
-pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event> {
+pub(crate) fn event_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Event> {
     let kind: String = row.try_get("kind")?;
     let runtime: String = row.try_get("runtime")?;
     let env: String = row.try_get("env")?;
@@ -375,9 +375,9 @@ pub(crate) fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Event
         }
     };
     let secret_env_names: Option<String> = row.try_get("secret_env_names")?;
+    // `string_agg` (SQLite 3.44+ and PostgreSQL) of names made of `[A-Za-z0-9_]`; NULL: none.
     let mut secret_env_names: Vec<String> = match secret_env_names {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|error| StoreError::Corrupt(format!("secret_env_names: {error}")))?,
+        Some(text) => text.split(',').map(str::to_string).collect(),
         None => Vec::new(),
     };
     secret_env_names.sort();
@@ -462,7 +462,7 @@ impl Store {
              image, memory_mb, cpus, pids, network, read_only, run_as_user,
              schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at,
              notify_on_failure, notify_on_success, http, tool_action, executor)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -524,12 +524,12 @@ impl Store {
         let event_id = id.clone();
         write_op!(self, |conn| async {
         let changed = sqlx::query(
-            "UPDATE events SET name = ?, kind = ?, script = ?, runtime = ?, targets = ?, timeout_seconds = ?, retries = ?,
-             env = ?, updated_at = ?, image = ?, memory_mb = ?, cpus = ?, pids = ?, network = ?, read_only = ?, run_as_user = ?,
-             schedule_cron = ?, schedule_timezone = ?, schedule_dst = ?, schedule_misfire = ?, schedule_overlap = ?,
-             next_run_at = CASE WHEN ? THEN ? ELSE next_run_at END,
-             notify_on_failure = ?, notify_on_success = ?, http = ?, tool_action = ?, executor = ?
-             WHERE id = ?",
+            "UPDATE events SET name = $1, kind = $2, script = $3, runtime = $4, targets = $5, timeout_seconds = $6, retries = $7,
+             env = $8, updated_at = $9, image = $10, memory_mb = $11, cpus = $12, pids = $13, network = $14, read_only = $15, run_as_user = $16,
+             schedule_cron = $17, schedule_timezone = $18, schedule_dst = $19, schedule_misfire = $20, schedule_overlap = $21,
+             next_run_at = CASE WHEN $22 THEN $23 ELSE next_run_at END,
+             notify_on_failure = $24, notify_on_success = $25, http = $26, tool_action = $27, executor = $28
+             WHERE id = $29",
         )
         .bind(&fields.name)
         .bind(fields.kind.as_str())
@@ -580,7 +580,7 @@ impl Store {
     pub async fn delete_event(&self, id: &str) -> StoreResult<()> {
         let id = id.to_string();
         write_op!(self, |conn| async {
-            let changed = sqlx::query("DELETE FROM events WHERE id = ?")
+            let changed = sqlx::query("DELETE FROM events WHERE id = $1")
                 .bind(id)
                 .execute(&mut *conn)
                 .await?
@@ -597,7 +597,7 @@ impl Store {
     /// One event by id.
     pub async fn event(&self, id: &str) -> StoreResult<Event> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE id = ?"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -609,7 +609,7 @@ impl Store {
     /// One event by its owner's name for it.
     pub async fn event_by_name(&self, owner_id: &str, name: &str) -> StoreResult<Event> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = ? AND name = ?"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = $1 AND name = $2"
         )))
         .bind(owner_id)
         .bind(name)
@@ -624,7 +624,7 @@ impl Store {
         let rows = match owner_id {
             Some(owner) => {
                 sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = ? ORDER BY name"
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE owner_id = $1 ORDER BY name"
                 )))
                 .bind(owner)
                 .fetch_all(&self.reader)

@@ -361,14 +361,14 @@ pub const CONTROL_PLANE_RUNNER: &str = "control-plane";
 /// Writes a run and one queued job per runner (agent id, or `ssh:<server id>`) in the caller's
 /// transaction; returns the run id and `(job id, runner)` pairs.
 pub(crate) async fn create_run_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     spec: &RunSpec,
 ) -> StoreResult<(String, Vec<(String, String)>)> {
     let run_id = new_id();
     let now = now_ms();
     sqlx::query(
         "INSERT INTO runs (id, event_id, input, created_by, created_at, trigger, slot_at, missed_slots)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&run_id)
     .bind(&spec.event_id)
@@ -393,7 +393,7 @@ pub(crate) async fn create_run_in(
         };
         sqlx::query(
             "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
-             VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&job_id)
         .bind(&run_id)
@@ -505,7 +505,7 @@ pub struct ExpiredJob {
 const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, server_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
      cancel_requested, queued_at, claimed_at, started_at, finished_at, not_before, batch, skip_reason, last_failure";
 
-fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
+fn job_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Job> {
     let status: String = row.try_get("status")?;
     // A skipped or not-started job is `cancelled`; its reason says why.
     let reason: Option<String> = row
@@ -550,7 +550,7 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Job> {
 /// Inserts log chunks that continue a log of `log_len` bytes; returns the new length.
 /// Chunks must be contiguous; the caller checked that.
 async fn insert_chunks(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
     job_id: &str,
     mut log_len: u64,
     chunks: &[LogChunk],
@@ -565,13 +565,15 @@ async fn insert_chunks(
                 chunk.offset
             )));
         }
-        sqlx::query("INSERT INTO job_logs (job_id, offset, stream, data) VALUES (?, ?, ?, ?)")
-            .bind(job_id)
-            .bind(chunk.offset as i64)
-            .bind(chunk.stream.as_str())
-            .bind(&chunk.data)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO job_logs (job_id, \"offset\", stream, data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(job_id)
+        .bind(chunk.offset as i64)
+        .bind(chunk.stream.as_str())
+        .bind(&chunk.data)
+        .execute(&mut *tx)
+        .await?;
         log_len += chunk.data.len() as u64;
     }
     Ok(log_len)
@@ -598,13 +600,13 @@ fn clip_bytes(text: &str, max: usize) -> &str {
 /// The end of a job's stored log: at most [`NOTIFY_OUTPUT_BYTES`] bytes and
 /// [`NOTIFY_OUTPUT_LINES`] lines, decoded lossily.
 async fn output_tail(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     job_id: &str,
     log_len: u64,
 ) -> StoreResult<String> {
     let from = log_len.saturating_sub(NOTIFY_OUTPUT_BYTES as u64);
     let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT offset, data FROM job_logs WHERE job_id = ? AND offset + length(data) > ? ORDER BY offset",
+        "SELECT \"offset\", data FROM job_logs WHERE job_id = $1 AND \"offset\" + length(data) > $2 ORDER BY \"offset\"",
     )
     .bind(job_id)
     .bind(from as i64)
@@ -630,7 +632,7 @@ async fn output_tail(
 /// A tool that no longer exists (deleted or renamed) is skipped and audited; it never fails the
 /// settlement.
 pub(crate) async fn notify_settled_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     job_id: &str,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
@@ -640,7 +642,7 @@ pub(crate) async fn notify_settled_in(
          FROM jobs j JOIN events e ON e.id = j.event_id
          LEFT JOIN agents a ON a.id = j.agent_id
          LEFT JOIN servers s ON s.id = j.server_id
-         WHERE j.id = ?",
+         WHERE j.id = $1",
     )
     .bind(job_id)
     .fetch_optional(&mut *conn)
@@ -783,11 +785,11 @@ impl Store {
         // that a settlement made possible is never recorded as earlier than that settlement.
         let now = now.unwrap_or_else(now_ms);
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = ?, lease_expires_at = ?,
+            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
              not_before = NULL
              WHERE id IN ({})
              RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
-            super::dispatch::claimable_select()
+            super::dispatch::claimable_select(3)
         )))
         .bind(now)
         .bind(lease_until)
@@ -818,7 +820,7 @@ impl Store {
             .collect::<StoreResult<Vec<_>>>()?;
         for job in &mut claimed {
             let rows = sqlx::query(
-                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = ? ORDER BY name",
+                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = $1 ORDER BY name",
             )
             .bind(&job.id)
             .fetch_all(&mut *conn)
@@ -851,7 +853,7 @@ impl Store {
             let mut cancel = Vec::new();
             for attempt in &attempts {
                 let renewed = sqlx::query(
-                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? AND runner = ?
+                "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND attempt = $3 AND runner = $4
                  AND status IN ('claimed', 'running') RETURNING cancel_requested",
             )
             .bind(lease_until)
@@ -876,7 +878,7 @@ impl Store {
     /// Attempts the control plane believes an agent runs.
     pub async fn active_attempts(&self, agent_id: &str) -> StoreResult<Vec<Attempt>> {
         let rows = sqlx::query(
-            "SELECT id, attempt FROM jobs WHERE runner = ? AND status IN ('claimed', 'running')",
+            "SELECT id, attempt FROM jobs WHERE runner = $1 AND status IN ('claimed', 'running')",
         )
         .bind(agent_id)
         .fetch_all(&self.reader)
@@ -896,7 +898,7 @@ impl Store {
     pub async fn extend_active_leases(&self, lease_until: i64) -> StoreResult<u64> {
         write_op!(self, |conn| async {
         Ok(sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ? WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
+            "UPDATE jobs SET lease_expires_at = $1 WHERE status IN ('claimed', 'running') AND lease_expires_at < $2",
         )
         .bind(lease_until)
         .bind(lease_until)
@@ -913,7 +915,7 @@ impl Store {
         write_op!(self, |conn| async {
                 let rows = sqlx::query(
             "SELECT id, runner AS agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
-             WHERE status IN ('claimed', 'running') AND lease_expires_at < ?",
+             WHERE status IN ('claimed', 'running') AND lease_expires_at < $1",
         )
         .bind(now)
         .fetch_all(&mut *conn)
@@ -927,13 +929,13 @@ impl Store {
             let requeued = !cancel_requested && attempt < row.try_get::<i64, _>("max_attempts")?;
             let mut notified = false;
             if requeued {
-                sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
+                sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
                     .bind(&job_id)
                     .execute(&mut *conn)
                     .await?;
                 sqlx::query(
                     "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL,
-                     started_at = NULL, queued_at = ? WHERE id = ?",
+                     started_at = NULL, queued_at = $1 WHERE id = $2",
                 )
                 .bind(now)
                 .bind(&job_id)
@@ -957,8 +959,8 @@ impl Store {
                     ("failed", "lost")
                 };
                 sqlx::query(
-                    "UPDATE jobs SET status = ?, reason = ?, settled_by = 'lease', log_len = ?, lease_expires_at = NULL,
-                     finished_at = ? WHERE id = ?",
+                    "UPDATE jobs SET status = $1, reason = $2, settled_by = 'lease', log_len = $3, lease_expires_at = NULL,
+                     finished_at = $4 WHERE id = $5",
                 )
                 .bind(status)
                 .bind(reason)
@@ -996,7 +998,7 @@ impl Store {
         attempt: &Attempt,
     ) -> StoreResult<OpenedAttempt> {
         let row = sqlx::query(
-            "SELECT runner AS agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = ?",
+            "SELECT runner AS agent_id, status, attempt, settled_by, log_len FROM jobs WHERE id = $1",
         )
         .bind(&attempt.job_id)
         .fetch_optional(&self.reader)
@@ -1032,7 +1034,7 @@ impl Store {
         let (agent_id, attempt, chunks) = (agent_id.to_string(), attempt.clone(), chunks.to_vec());
         write_op!(self, |conn| async {
                 let row = sqlx::query(
-            "SELECT log_len FROM jobs WHERE id = ? AND attempt = ? AND runner = ? AND status IN ('claimed', 'running')",
+            "SELECT log_len FROM jobs WHERE id = $1 AND attempt = $2 AND runner = $3 AND status IN ('claimed', 'running')",
         )
         .bind(&attempt.job_id)
         .bind(attempt.attempt as i64)
@@ -1051,8 +1053,8 @@ impl Store {
         .await?;
         let status = if started { "running" } else { "claimed" };
         sqlx::query(
-            "UPDATE jobs SET log_len = ?, status = CASE WHEN ? = 'running' THEN 'running' ELSE status END,
-             started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END WHERE id = ?",
+            "UPDATE jobs SET log_len = $1, status = CASE WHEN $2 = 'running' THEN 'running' ELSE status END,
+             started_at = CASE WHEN $3 = 'running' THEN COALESCE(started_at, $4) ELSE started_at END WHERE id = $5",
         )
         .bind(log_len as i64)
         .bind(status)
@@ -1083,7 +1085,7 @@ impl Store {
         write_op!(self, |conn| async {
         let now = now_ms();
                 let row = sqlx::query(
-            "SELECT runner AS agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = ?",
+            "SELECT runner AS agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = $1",
         )
         .bind(&attempt.job_id)
         .fetch_optional(&mut *conn)
@@ -1131,13 +1133,13 @@ impl Store {
             });
             let not_before =
                 super::dispatch::retry_at_in(conn, &attempt.job_id, attempt.attempt, now).await?;
-            sqlx::query("DELETE FROM job_logs WHERE job_id = ?")
+            sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
                 .bind(&attempt.job_id)
                 .execute(&mut *conn)
                 .await?;
             sqlx::query(
                 "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
-                 queued_at = ?, not_before = ?, last_failure = ? WHERE id = ?",
+                 queued_at = $1, not_before = $2, last_failure = $3 WHERE id = $4",
             )
             .bind(now)
             .bind(not_before)
@@ -1148,8 +1150,8 @@ impl Store {
             return Ok(FinishOutcome::Requeued);
         }
         sqlx::query(
-            "UPDATE jobs SET status = ?, reason = ?, exit_code = ?, result = ?, condition = ?, log_len = ?, settled_by = 'agent',
-             lease_expires_at = NULL, started_at = COALESCE(started_at, ?), finished_at = ? WHERE id = ?",
+            "UPDATE jobs SET status = $1, reason = $2, exit_code = $3, result = $4, condition = $5, log_len = $6, settled_by = 'agent',
+             lease_expires_at = NULL, started_at = COALESCE(started_at, $7), finished_at = $8 WHERE id = $9",
         )
         .bind(result.status.as_str())
         .bind(result.reason.map(Reason::as_str))
@@ -1174,7 +1176,7 @@ impl Store {
         let job_id = job_id.to_string();
         write_op!(self, |conn| async {
         let now = now_ms();
-                let row = sqlx::query("SELECT status, runner AS agent_id, attempt FROM jobs WHERE id = ?")
+                let row = sqlx::query("SELECT status, runner AS agent_id, attempt FROM jobs WHERE id = $1")
             .bind(&job_id)
             .fetch_optional(&mut *conn)
             .await?
@@ -1185,7 +1187,7 @@ impl Store {
             JobStatus::Queued => {
                 sqlx::query(
                     "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', settled_by = 'api', cancel_requested = 1,
-                     finished_at = ? WHERE id = ?",
+                     finished_at = $1 WHERE id = $2",
                 )
                 .bind(now)
                 .bind(&job_id)
@@ -1196,7 +1198,7 @@ impl Store {
                 CancelOutcome::Cancelled
             }
             JobStatus::Claimed | JobStatus::Running => {
-                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
                     .bind(&job_id)
                     .execute(&mut *conn)
                     .await?;
@@ -1215,7 +1217,7 @@ impl Store {
     /// One job by id.
     pub async fn job(&self, id: &str) -> StoreResult<Job> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -1231,9 +1233,9 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids = &ids[..ids.len().min(500)];
-        let placeholders = vec!["?"; ids.len()].join(", ");
+        let placeholders = super::dispatch::placeholders(2, ids.len());
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = ? AND id IN ({placeholders}) ORDER BY id"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = $1 AND id IN ({placeholders}) ORDER BY id"
         );
         let mut query = sqlx::query(AssertSqlSafe(sql)).bind(run_id);
         for id in ids {
@@ -1246,7 +1248,7 @@ impl Store {
     /// The owner of the event a job belongs to (for permission checks).
     pub async fn job_owner(&self, job_id: &str) -> StoreResult<String> {
         sqlx::query_scalar(
-            "SELECT e.owner_id FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = ?",
+            "SELECT e.owner_id FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = $1",
         )
         .bind(job_id)
         .fetch_optional(&self.reader)
@@ -1256,13 +1258,13 @@ impl Store {
 
     /// One run with its jobs.
     pub async fn run(&self, id: &str) -> StoreResult<Run> {
-        let row = sqlx::query("SELECT id, event_id, input, created_at, trigger, slot_at, missed_slots FROM runs WHERE id = ?")
+        let row = sqlx::query("SELECT id, event_id, input, created_at, trigger, slot_at, missed_slots FROM runs WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
             .ok_or(StoreError::NotFound)?;
         let jobs = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = ? ORDER BY id"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = $1 ORDER BY id"
         )))
         .bind(id)
         .fetch_all(&self.reader)
@@ -1289,37 +1291,38 @@ impl Store {
         status: Option<RunStatus>,
         limit: u32,
     ) -> StoreResult<Vec<(Run, String)>> {
-        let having = status.map_or("1", RunStatus::sql_condition);
+        let condition = status.map_or("TRUE", RunStatus::sql_condition);
         // Without a status filter the newest runs are picked before their jobs are counted;
-        // with one, every run of the selection is counted, then filtered.
-        let inner_limit = if status.is_none() { "LIMIT ?" } else { "" };
-        let mut query = sqlx::query(AssertSqlSafe(format!(
-            "SELECT r.id, r.event_id, e.name AS event_name, r.input, r.created_at, r.trigger, r.slot_at,
+        // with one, every run of the selection is counted, then filtered. (The counts are
+        // filtered in an outer query: PostgreSQL does not see output names in HAVING.)
+        let inner_limit = if status.is_none() { "LIMIT $5" } else { "" };
+        let query = sqlx::query(AssertSqlSafe(format!(
+            "SELECT * FROM (
+             SELECT r.id, r.event_id, e.name AS event_name, r.input, r.created_at, r.trigger, r.slot_at,
                     r.missed_slots, COUNT(j.id) AS total,
-                    COALESCE(SUM(j.status = 'queued'), 0) AS queued,
-                    COALESCE(SUM(j.status IN ('claimed', 'running')), 0) AS running,
-                    COALESCE(SUM(j.status = 'completed'), 0) AS completed,
-                    COALESCE(SUM(j.status = 'failed'), 0) AS failed,
-                    COALESCE(SUM(j.status = 'cancelled'), 0) AS cancelled
+                    COUNT(*) FILTER (WHERE j.status = 'queued') AS queued,
+                    COUNT(*) FILTER (WHERE j.status IN ('claimed', 'running')) AS running,
+                    COUNT(*) FILTER (WHERE j.status = 'completed') AS completed,
+                    COUNT(*) FILTER (WHERE j.status = 'failed') AS failed,
+                    COUNT(*) FILTER (WHERE j.status = 'cancelled') AS cancelled
              FROM (SELECT r.* FROM runs r JOIN events e ON e.id = r.event_id
-                   WHERE (? IS NULL OR e.owner_id = ?) AND (? IS NULL OR r.event_id = ?)
+                   WHERE ($1 IS NULL OR e.owner_id = $2) AND ($3 IS NULL OR r.event_id = $4)
                    ORDER BY r.created_at DESC, r.id DESC {inner_limit}) r
              JOIN events e ON e.id = r.event_id LEFT JOIN jobs j ON j.run_id = r.id
-             GROUP BY r.id HAVING {having}
-             ORDER BY r.created_at DESC, r.id DESC LIMIT ?"
+             GROUP BY r.id, r.event_id, e.name, r.input, r.created_at, r.trigger, r.slot_at, r.missed_slots
+             ) counted
+             WHERE {condition}
+             ORDER BY created_at DESC, id DESC LIMIT $5"
         )))
         .bind(owner)
         .bind(owner)
         .bind(event_id)
         .bind(event_id);
-        if status.is_none() {
-            query = query.bind(i64::from(limit));
-        }
         let rows = query.bind(i64::from(limit)).fetch_all(&self.reader).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let placeholders = vec!["?"; rows.len()].join(", ");
+        let placeholders = super::dispatch::placeholders(1, rows.len());
         let query =
             format!("SELECT {JOB_COLUMNS} FROM jobs WHERE run_id IN ({placeholders}) ORDER BY id");
         let mut jobs_query = sqlx::query(AssertSqlSafe(query));
@@ -1357,8 +1360,8 @@ impl Store {
         max_bytes: u64,
     ) -> StoreResult<Vec<LogChunk>> {
         let rows = sqlx::query(
-            "SELECT offset, stream, data FROM job_logs WHERE job_id = ? AND offset + length(data) > ? AND offset < ?
-             ORDER BY offset",
+            "SELECT \"offset\", stream, data FROM job_logs WHERE job_id = $1 AND \"offset\" + length(data) > $2 AND \"offset\" < $3
+             ORDER BY \"offset\"",
         )
         .bind(job_id)
         .bind(from as i64)
@@ -1390,7 +1393,7 @@ impl Store {
         write_op!(self, |conn| async {
             for attempt in &attempts {
                 sqlx::query(
-                "UPDATE jobs SET lease_expires_at = 0 WHERE id = ? AND attempt = ? AND agent_id = ?
+                "UPDATE jobs SET lease_expires_at = 0 WHERE id = $1 AND attempt = $2 AND agent_id = $3
                  AND status IN ('claimed', 'running')",
             )
             .bind(&attempt.job_id)

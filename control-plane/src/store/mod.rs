@@ -32,12 +32,12 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::AnyPool;
 use sqlx::Connection as _;
+use sqlx::any::AnyPoolOptions;
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Sqlite, SqliteConnection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Any as AnyDb, AnyConnection, Executor as _};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -65,7 +65,17 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
         match &error {
             sqlx::Error::RowNotFound => StoreError::NotFound,
-            sqlx::Error::Database(db) if db.is_unique_violation() || db.is_check_violation() => {
+            // SQLite names the kind in its message ("UNIQUE constraint failed: …"), PostgreSQL
+            // does not ("duplicate key value violates …"): callers look for "UNIQUE".
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                let message = db.message();
+                StoreError::Constraint(if message.contains("UNIQUE") {
+                    message.to_string()
+                } else {
+                    format!("UNIQUE constraint failed: {message}")
+                })
+            }
+            sqlx::Error::Database(db) if db.is_check_violation() => {
                 StoreError::Constraint(db.message().to_string())
             }
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
@@ -78,19 +88,40 @@ impl From<sqlx::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Which database engine the store talks to. The SQL is the same for both (`$N` placeholders,
+/// 0/1 BIGINT flags, portable spellings: docs/postgres.md); the few fragments that differ come
+/// from methods of this type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The statement that opens the writer's transaction: SQLite takes the write lock at once.
+    fn begin(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+}
+
 /// Handle to the database. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// The database engine.
+    backend: Backend,
     /// The pool holding the single writing connection; only the writer task uses it.
-    writer: SqlitePool,
+    writer: AnyPool,
     /// Operations for the writer task; closing every sender stops the task.
     writes: mpsc::UnboundedSender<WriteRequest>,
     /// Connections for reads.
-    reader: SqlitePool,
+    reader: AnyPool,
 }
 
 /// The writing connection, owned while an operation runs.
-type WriteConnection = PoolConnection<Sqlite>;
+type WriteConnection = PoolConnection<AnyDb>;
 
 /// An answer of the writer task, type-erased.
 type WriteAnswer = StoreResult<Box<dyn Any + Send>>;
@@ -118,13 +149,13 @@ impl std::fmt::Debug for WriteRequest {
 const MAX_GROUP: usize = 128;
 
 /// Runs a write operation through the writer task: `write_op!(store, |conn| async { … })`
-/// where the block uses `conn: &mut SqliteConnection` and evaluates to a `StoreResult`.
+/// where the block uses `conn: &mut AnyConnection` and evaluates to a `StoreResult`.
 /// Everything the block uses must be owned (it runs on another task).
 macro_rules! write_op {
     ($store:expr, |$conn:ident| $body:expr) => {
         $store.write(move |mut owned| async move {
             let result = {
-                let $conn: &mut sqlx::SqliteConnection = &mut owned;
+                let $conn: &mut sqlx::AnyConnection = &mut owned;
                 $body.await
             };
             (owned, result)
@@ -134,37 +165,81 @@ macro_rules! write_op {
 pub(crate) use write_op;
 
 impl Store {
+    /// Opens the database a URL names: `postgres://…`/`postgresql://…` (PostgreSQL) or
+    /// `sqlite://PATH` (SQLite); applies the migrations.
+    pub async fn open_url(url: &str) -> StoreResult<Store> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Store::open_postgres(url).await
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            Store::open_sqlite(Path::new(path)).await
+        } else {
+            Err(StoreError::Database(sqlx::Error::Configuration(
+                "the database URL must start with postgres://, postgresql:// or sqlite://".into(),
+            )))
+        }
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and applies the migrations.
     pub async fn open_sqlite(path: &Path) -> StoreResult<Store> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+        sqlx::any::install_default_drivers();
+        // Create the file and switch it to WAL (a property of the file) with the native driver;
+        // the Any driver's URL cannot carry these settings.
+        let url = format!("sqlite://{}", path.display());
+        let options = SqliteConnectOptions::from_str(&url)
             .map_err(StoreError::Database)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
+        sqlx::SqliteConnection::connect_with(&options)
+            .await?
+            .close()
             .await?;
+        let writer = sqlite_pool(&format!("{url}?mode=rw"), 1).await?;
         sqlx::migrate!("../migrations/sqlite")
             .run(&writer)
             .await
             .map_err(|error| StoreError::Database(error.into()))?;
-        let reader = SqlitePoolOptions::new()
+        let reader = sqlite_pool(&format!("{url}?mode=ro"), 4).await?;
+        Ok(Store::with_pools(Backend::Sqlite, writer, reader))
+    }
+
+    /// Connects to the PostgreSQL database at `url` and applies the migrations.
+    pub async fn open_postgres(url: &str) -> StoreResult<Store> {
+        sqlx::any::install_default_drivers();
+        let writer = AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&writer)
+            .await
+            .map_err(|error| StoreError::Database(error.into()))?;
+        let reader = AnyPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.read_only(true))
+            .connect(url)
             .await?;
+        Ok(Store::with_pools(Backend::Postgres, writer, reader))
+    }
+
+    fn with_pools(backend: Backend, writer: AnyPool, reader: AnyPool) -> Store {
         let (writes, requests) = mpsc::unbounded_channel();
         // The task ends when the last `Store` (and so the last sender) is dropped.
-        tokio::spawn(commit_groups(writer.clone(), requests));
-        Ok(Store {
+        tokio::spawn(commit_groups(backend, writer.clone(), requests));
+        Store {
+            backend,
             writer,
             writes,
             reader,
-        })
+        }
+    }
+
+    /// The database engine.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Runs `operation` in the next group commit and returns its result once it is on disk.
@@ -220,7 +295,7 @@ impl Store {
     /// Counts audit entries of one kind (for tests and metrics).
     pub async fn count_audit(&self, kind: &str) -> StoreResult<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM audit_log WHERE kind = ?")
+            sqlx::query_scalar("SELECT COUNT(*) FROM audit_log WHERE kind = $1")
                 .bind(kind)
                 .fetch_one(&self.reader)
                 .await?,
@@ -240,7 +315,7 @@ impl Store {
     pub async fn set_key_check(&self, sealed: &[u8]) -> StoreResult<()> {
         let sealed = sealed.to_vec();
         write_op!(self, |conn| async {
-            sqlx::query("INSERT INTO key_check (id, sealed, created_at) VALUES (1, ?, ?)")
+            sqlx::query("INSERT INTO key_check (id, sealed, created_at) VALUES (1, $1, $2)")
                 .bind(sealed)
                 .bind(now_ms())
                 .execute(&mut *conn)
@@ -253,7 +328,11 @@ impl Store {
 
 /// The writer task: takes the waiting operations, runs them in one transaction with a savepoint
 /// each, commits, then answers. If the commit fails, every operation of the group fails.
-async fn commit_groups(pool: SqlitePool, mut requests: mpsc::UnboundedReceiver<WriteRequest>) {
+async fn commit_groups(
+    backend: Backend,
+    pool: AnyPool,
+    mut requests: mpsc::UnboundedReceiver<WriteRequest>,
+) {
     while let Some(first) = requests.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -275,10 +354,7 @@ async fn commit_groups(pool: SqlitePool, mut requests: mpsc::UnboundedReceiver<W
                     continue;
                 }
             };
-        if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *connection)
-            .await
-        {
+        if let Err(error) = sqlx::query(backend.begin()).execute(&mut *connection).await {
             let message = error.to_string();
             for request in group {
                 let _ = request
@@ -330,14 +406,33 @@ async fn commit_groups(pool: SqlitePool, mut requests: mpsc::UnboundedReceiver<W
     }
 }
 
+/// A pool of SQLite connections through the Any driver, each set up for durability: the file is
+/// already in WAL mode; `synchronous=FULL`, foreign keys and the busy timeout are per connection.
+async fn sqlite_pool(url: &str, connections: u32) -> StoreResult<AnyPool> {
+    Ok(AnyPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?)
+}
+
 /// Writes an audit entry inside the caller's transaction.
 pub(crate) async fn audit_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     kind: &str,
     actor: Option<&str>,
     detail: serde_json::Value,
 ) -> StoreResult<()> {
-    sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES (?, ?, ?, ?)")
+    sqlx::query("INSERT INTO audit_log (at, kind, actor, detail) VALUES ($1, $2, $3, $4)")
         .bind(now_ms())
         .bind(kind)
         .bind(actor)
@@ -357,5 +452,7 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
 }
 
+#[cfg(test)]
+pub(crate) mod test_db;
 #[cfg(test)]
 mod tests;

@@ -73,7 +73,7 @@ impl Store {
     /// Events with a schedule whose next slot is at or before `now`.
     pub async fn due_schedules(&self, now: i64) -> StoreResult<Vec<Event>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE next_run_at IS NOT NULL AND next_run_at <= ? ORDER BY next_run_at"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE next_run_at IS NOT NULL AND next_run_at <= $1 ORDER BY next_run_at"
         )))
         .bind(now)
         .fetch_all(&self.reader)
@@ -84,7 +84,7 @@ impl Store {
     /// The earliest next slot after `now` of any event.
     pub async fn earliest_next_run(&self, now: i64) -> StoreResult<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT MIN(next_run_at) FROM events WHERE next_run_at > ?")
+            sqlx::query_scalar("SELECT MIN(next_run_at) FROM events WHERE next_run_at > $1")
                 .bind(now)
                 .fetch_one(&self.reader)
                 .await?,
@@ -97,19 +97,19 @@ impl Store {
         write_op!(self, |conn| async {
             let (action, reason) = match &plan.action {
                 SlotAction::Fire { overlap, .. } if *overlap != Overlap::Allow => {
-                    let busy: bool = sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM jobs WHERE run_id =
-                           (SELECT id FROM runs WHERE event_id = ? AND trigger = 'schedule' ORDER BY created_at DESC, id DESC LIMIT 1)
-                         AND status IN ('queued', 'claimed', 'running'))",
+                    let busy: i64 = sqlx::query_scalar(
+                        "SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE run_id =
+                           (SELECT id FROM runs WHERE event_id = $1 AND trigger = 'schedule' ORDER BY created_at DESC, id DESC LIMIT 1)
+                         AND status IN ('queued', 'claimed', 'running')) THEN 1 ELSE 0 END",
                     )
                     .bind(&plan.event_id)
                     .fetch_one(&mut *conn)
                     .await?;
-                    match (busy, overlap) {
+                    match (busy != 0, overlap) {
                         (false, _) => ("fired", None),
                         (true, Overlap::Queue) => {
                             let current: Option<i64> =
-                                sqlx::query_scalar("SELECT next_run_at FROM events WHERE id = ?")
+                                sqlx::query_scalar("SELECT next_run_at FROM events WHERE id = $1")
                                     .bind(&plan.event_id)
                                     .fetch_optional(&mut *conn)
                                     .await?
@@ -130,7 +130,7 @@ impl Store {
                 SlotAction::Record { outcome, reason } => (*outcome, Some(reason.clone())),
             };
             let moved = sqlx::query(
-                "UPDATE events SET next_run_at = ? WHERE id = ? AND next_run_at = ?",
+                "UPDATE events SET next_run_at = $1 WHERE id = $2 AND next_run_at = $3",
             )
             .bind(plan.new_next)
             .bind(&plan.event_id)
@@ -143,7 +143,7 @@ impl Store {
             }
             let recorded = sqlx::query(
                 "INSERT INTO schedule_fires (event_id, slot_at, outcome, reason, missed_slots, handled_at)
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id, slot_at) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id, slot_at) DO NOTHING",
             )
             .bind(&plan.event_id)
             .bind(plan.slot_at)
@@ -161,7 +161,7 @@ impl Store {
                 (SlotAction::Fire { run, .. }, "fired") => {
                     let (run_id, jobs) = create_run_in(conn, run).await?;
                     sqlx::query(
-                        "UPDATE schedule_fires SET run_id = ? WHERE event_id = ? AND slot_at = ?",
+                        "UPDATE schedule_fires SET run_id = $1 WHERE event_id = $2 AND slot_at = $3",
                     )
                     .bind(&run_id)
                     .bind(&plan.event_id)
@@ -182,7 +182,7 @@ impl Store {
     pub async fn slot_records(&self, event_id: &str, limit: i64) -> StoreResult<Vec<SlotRecord>> {
         let rows = sqlx::query(
             "SELECT slot_at, outcome, reason, run_id, missed_slots, handled_at FROM schedule_fires
-             WHERE event_id = ? ORDER BY slot_at DESC LIMIT ?",
+             WHERE event_id = $1 ORDER BY slot_at DESC LIMIT $2",
         )
         .bind(event_id)
         .bind(limit)

@@ -95,7 +95,7 @@ type Checked<T> = Result<Result<T, RotateError>, StoreError>;
 /// written, so a refusal (the inner error) leaves the database untouched. Returns the count
 /// per kind.
 async fn reseal_all(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     old: &EncryptionKey,
     new: &EncryptionKey,
 ) -> Checked<Vec<(&'static str, u64)>> {
@@ -150,11 +150,14 @@ async fn reseal_all(
         let condition = column
             .keys
             .iter()
-            .map(|key| format!("{key} = ?"))
+            .enumerate()
+            // Keys were read as text (`CAST(… AS TEXT)` above); compare them as text too, which
+            // PostgreSQL needs for the integer key of `key_check`. `$1` is the sealed value.
+            .map(|(index, key)| format!("CAST({key} AS TEXT) = ${}", index + 2))
             .collect::<Vec<_>>()
             .join(" AND ");
         let update = format!(
-            "UPDATE {table} SET {value} = ? WHERE {condition}",
+            "UPDATE {table} SET {value} = $1 WHERE {condition}",
             table = column.table,
             value = column.column,
         );
@@ -191,27 +194,25 @@ impl Store {
 
     /// The names of an event's secret environment variables, sorted.
     pub async fn event_secret_env_names(&self, event_id: &str) -> StoreResult<Vec<String>> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT name FROM event_secret_env WHERE event_id = ? ORDER BY name",
-            )
-            .bind(event_id)
-            .fetch_all(&self.reader)
-            .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM event_secret_env WHERE event_id = $1 ORDER BY name",
         )
+        .bind(event_id)
+        .fetch_all(&self.reader)
+        .await?)
     }
 }
 
 /// Changes an event's secret environment variables in the caller's transaction: `set` (name,
 /// sealed value) replaces or adds, `remove` deletes (missing names are ignored).
 pub(crate) async fn change_secret_env_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     event_id: &str,
     set: &[(String, Vec<u8>)],
     remove: &[String],
 ) -> StoreResult<()> {
     for name in remove {
-        sqlx::query("DELETE FROM event_secret_env WHERE event_id = ? AND name = ?")
+        sqlx::query("DELETE FROM event_secret_env WHERE event_id = $1 AND name = $2")
             .bind(event_id)
             .bind(name)
             .execute(&mut *conn)
@@ -219,7 +220,7 @@ pub(crate) async fn change_secret_env_in(
     }
     for (name, sealed) in set {
         sqlx::query(
-            "INSERT INTO event_secret_env (event_id, name, sealed_value) VALUES (?, ?, ?)
+            "INSERT INTO event_secret_env (event_id, name, sealed_value) VALUES ($1, $2, $3)
              ON CONFLICT (event_id, name) DO UPDATE SET sealed_value = excluded.sealed_value",
         )
         .bind(event_id)
@@ -234,13 +235,13 @@ pub(crate) async fn change_secret_env_in(
 /// Copies an event's secret environment (still sealed) into a new job, in the caller's
 /// transaction.
 pub(crate) async fn copy_secret_env_in(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     event_id: &str,
     job_id: &str,
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO job_secret_env (job_id, name, sealed_value)
-         SELECT ?, name, sealed_value FROM event_secret_env WHERE event_id = ?",
+         SELECT $1, name, sealed_value FROM event_secret_env WHERE event_id = $2",
     )
     .bind(job_id)
     .bind(event_id)
@@ -267,13 +268,19 @@ impl Store {
 
     /// Every (table, column) of the schema declared BLOB.
     pub(crate) async fn blob_columns_for_tests(&self) -> StoreResult<Vec<(String, String)>> {
-        let rows = sqlx::query(
-            "SELECT m.name AS table_name, p.name AS column_name
-             FROM sqlite_master m JOIN pragma_table_info(m.name) p
-             WHERE m.type = 'table' AND upper(p.type) = 'BLOB'",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let sql = match self.backend {
+            super::Backend::Sqlite => {
+                "SELECT m.name AS table_name, p.name AS column_name
+                 FROM sqlite_master m JOIN pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND upper(p.type) = 'BLOB'"
+            }
+            super::Backend::Postgres => {
+                "SELECT CAST(table_name AS TEXT) AS table_name, CAST(column_name AS TEXT) AS column_name
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND data_type = 'bytea'"
+            }
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.reader).await?;
         rows.iter()
             .map(|row| Ok((row.try_get("table_name")?, row.try_get("column_name")?)))
             .collect()

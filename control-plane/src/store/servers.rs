@@ -113,7 +113,7 @@ pub struct ServerFields {
 
 const SERVER_COLUMNS: &str = "id, owner_id, name, address, labels, connection, agent_id, ssh_host, ssh_port, ssh_user, ssh_auth, ssh_secrets, host_key, ssh_reuse, created_at, updated_at";
 
-fn server_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Server> {
+fn server_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Server> {
     let connection: String = row.try_get("connection")?;
     let connection = Connection::parse(&connection)
         .ok_or_else(|| StoreError::Corrupt(format!("connection {connection:?}")))?;
@@ -160,7 +160,7 @@ impl Store {
             let ssh = fields.ssh.as_ref();
             sqlx::query(
                 "INSERT INTO servers (id, owner_id, name, address, labels, connection, agent_id, ssh_host, ssh_port, ssh_user,
-                 ssh_auth, ssh_secrets, host_key, ssh_reuse, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 ssh_auth, ssh_secrets, host_key, ssh_reuse, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             )
             .bind(&id)
             .bind(&owner_id)
@@ -175,7 +175,7 @@ impl Store {
             .bind(ssh.map(|ssh| ssh.auth.as_str()))
             .bind(ssh.map(|ssh| ssh.secrets.clone()))
             .bind(ssh.and_then(|ssh| ssh.host_key.clone()))
-            .bind(ssh.is_none_or(|ssh| ssh.reuse_connection))
+            .bind(i64::from(ssh.is_none_or(|ssh| ssh.reuse_connection)))
             .bind(now)
             .bind(now)
             .execute(&mut *conn)
@@ -193,8 +193,8 @@ impl Store {
         write_op!(self, |conn| async {
             let ssh = fields.ssh.as_ref();
             let done = sqlx::query(
-                "UPDATE servers SET name = ?, address = ?, labels = ?, connection = ?, agent_id = ?, ssh_host = ?, ssh_port = ?,
-                 ssh_user = ?, ssh_auth = ?, ssh_secrets = ?, host_key = ?, ssh_reuse = ?, updated_at = ? WHERE id = ?",
+                "UPDATE servers SET name = $1, address = $2, labels = $3, connection = $4, agent_id = $5, ssh_host = $6, ssh_port = $7,
+                 ssh_user = $8, ssh_auth = $9, ssh_secrets = $10, host_key = $11, ssh_reuse = $12, updated_at = $13 WHERE id = $14",
             )
             .bind(&fields.name)
             .bind(&fields.address)
@@ -207,7 +207,7 @@ impl Store {
             .bind(ssh.map(|ssh| ssh.auth.as_str()))
             .bind(ssh.map(|ssh| ssh.secrets.clone()))
             .bind(ssh.and_then(|ssh| ssh.host_key.clone()))
-            .bind(ssh.is_none_or(|ssh| ssh.reuse_connection))
+            .bind(i64::from(ssh.is_none_or(|ssh| ssh.reuse_connection)))
             .bind(now_ms())
             .bind(&id)
             .execute(&mut *conn)
@@ -229,7 +229,7 @@ impl Store {
         write_op!(self, |conn| async {
             let cancelled: Vec<String> = sqlx::query_scalar(
                 "UPDATE jobs SET status = 'cancelled', reason = 'cancelled', settled_by = 'api', cancel_requested = 1,
-                 finished_at = ? WHERE server_id = ? AND status = 'queued' RETURNING id",
+                 finished_at = $1 WHERE server_id = $2 AND status = 'queued' RETURNING id",
             )
             .bind(now_ms())
             .bind(&id)
@@ -239,7 +239,7 @@ impl Store {
                 super::jobs::notify_settled_in(conn, &job_id).await?;
                 super::dispatch::settled_in(conn, &job_id).await?;
             }
-            let done = sqlx::query("DELETE FROM servers WHERE id = ?")
+            let done = sqlx::query("DELETE FROM servers WHERE id = $1")
                 .bind(&id)
                 .execute(&mut *conn)
                 .await?;
@@ -253,7 +253,7 @@ impl Store {
 
     pub async fn server(&self, id: &str) -> StoreResult<Server> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SERVER_COLUMNS} FROM servers WHERE id = ?"
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -265,7 +265,7 @@ impl Store {
     /// Every server, or those of one owner.
     pub async fn servers(&self, owner_id: Option<&str>) -> StoreResult<Vec<Server>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SERVER_COLUMNS} FROM servers WHERE ? IS NULL OR owner_id = ? ORDER BY name, id"
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE $1 IS NULL OR owner_id = $2 ORDER BY name, id"
         )))
         .bind(owner_id)
         .bind(owner_id)
@@ -278,8 +278,8 @@ impl Store {
     /// owner is an admin.
     pub async fn servers_usable_by(&self, owner_id: &str) -> StoreResult<Vec<Server>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SERVER_COLUMNS} FROM servers WHERE owner_id = ?
-             OR EXISTS (SELECT 1 FROM users WHERE id = ? AND role = 'admin') ORDER BY name, id"
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE owner_id = $1
+             OR EXISTS (SELECT 1 FROM users WHERE id = $2 AND role = 'admin') ORDER BY name, id"
         )))
         .bind(owner_id)
         .bind(owner_id)
@@ -293,12 +293,12 @@ impl Store {
     pub async fn pin_host_key(&self, server_id: &str, host_key: &str) -> StoreResult<String> {
         let (server_id, host_key) = (server_id.to_string(), host_key.to_string());
         write_op!(self, |conn| async {
-            sqlx::query("UPDATE servers SET host_key = ? WHERE id = ? AND host_key IS NULL")
+            sqlx::query("UPDATE servers SET host_key = $1 WHERE id = $2 AND host_key IS NULL")
                 .bind(&host_key)
                 .bind(&server_id)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query_scalar::<_, Option<String>>("SELECT host_key FROM servers WHERE id = ?")
+            sqlx::query_scalar::<_, Option<String>>("SELECT host_key FROM servers WHERE id = $1")
                 .bind(&server_id)
                 .fetch_optional(&mut *conn)
                 .await?
@@ -323,7 +323,7 @@ impl Store {
                AND (d.max_concurrency IS NULL OR d.max_concurrency >
                     (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running')))
              ORDER BY j.queued_at, j.id LIMIT 1",
-            super::dispatch::CLAIMABLE
+            super::dispatch::claimable(1)
         )))
         .bind(now)
         .fetch_optional(&self.reader)

@@ -33,7 +33,7 @@ pub struct TerminalSession {
     pub recording: Option<String>,
 }
 
-fn session_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<TerminalSession> {
+fn session_from_row(row: &sqlx::any::AnyRow) -> StoreResult<TerminalSession> {
     Ok(TerminalSession {
         id: row.try_get("id")?,
         agent_id: row.try_get("agent_id")?,
@@ -67,12 +67,12 @@ impl Store {
         );
         write_op!(self, |conn| async {
             let agent: Option<String> = sqlx::query_scalar(
-                "SELECT id FROM agents WHERE id = ? AND revoked_at IS NULL AND cert_sha256 NOT LIKE 'pending:%'",
+                "SELECT id FROM agents WHERE id = $1 AND revoked_at IS NULL AND cert_sha256 NOT LIKE 'pending:%'",
             )
             .bind(&agent_id)
             .fetch_optional(&mut *conn)
             .await?;
-            let user: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+            let user: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
                 .bind(&user_id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -80,7 +80,7 @@ impl Store {
                 return Err(StoreError::NotFound);
             }
             sqlx::query(
-                "INSERT INTO agent_grants (agent_id, user_id, granted_at, granted_by) VALUES (?, ?, ?, ?)
+                "INSERT INTO agent_grants (agent_id, user_id, granted_at, granted_by) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (agent_id, user_id) DO NOTHING",
             )
             .bind(&agent_id)
@@ -98,7 +98,7 @@ impl Store {
     pub async fn revoke_grant(&self, agent_id: &str, user_id: &str) -> StoreResult<bool> {
         let (agent_id, user_id) = (agent_id.to_owned(), user_id.to_owned());
         write_op!(self, |conn| async {
-            let done = sqlx::query("DELETE FROM agent_grants WHERE agent_id = ? AND user_id = ?")
+            let done = sqlx::query("DELETE FROM agent_grants WHERE agent_id = $1 AND user_id = $2")
                 .bind(agent_id)
                 .bind(user_id)
                 .execute(&mut *conn)
@@ -112,7 +112,7 @@ impl Store {
     pub async fn agent_grants(&self, agent_id: &str) -> StoreResult<Vec<Grant>> {
         let rows = sqlx::query(
             "SELECT g.user_id, u.username, u.role, g.granted_at FROM agent_grants g JOIN users u ON u.id = g.user_id
-             WHERE g.agent_id = ? ORDER BY u.username",
+             WHERE g.agent_id = $1 ORDER BY u.username",
         )
         .bind(agent_id)
         .fetch_all(&self.reader)
@@ -132,7 +132,7 @@ impl Store {
     /// Whether `user_id` was granted `agent_id`.
     pub async fn has_grant(&self, agent_id: &str, user_id: &str) -> StoreResult<bool> {
         let found: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM agent_grants WHERE agent_id = ? AND user_id = ?")
+            sqlx::query_scalar("SELECT 1 FROM agent_grants WHERE agent_id = $1 AND user_id = $2")
                 .bind(agent_id)
                 .bind(user_id)
                 .fetch_optional(&self.reader)
@@ -149,7 +149,7 @@ impl Store {
         let agent_id = agent_id.to_owned();
         write_op!(self, |conn| async {
             let done = sqlx::query(
-                "UPDATE agents SET record_terminals = ? WHERE id = ? AND revoked_at IS NULL AND cert_sha256 NOT LIKE 'pending:%'",
+                "UPDATE agents SET record_terminals = $1 WHERE id = $2 AND revoked_at IS NULL AND cert_sha256 NOT LIKE 'pending:%'",
             )
             .bind(i64::from(record))
             .bind(agent_id)
@@ -176,7 +176,7 @@ impl Store {
         );
         write_op!(self, |conn| async {
             sqlx::query(
-                "INSERT INTO terminal_sessions (id, agent_id, user_id, opened_at, recording) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO terminal_sessions (id, agent_id, user_id, opened_at, recording) VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(id)
             .bind(agent_id)
@@ -200,7 +200,7 @@ impl Store {
         let (id, agent_id) = (id.to_owned(), agent_id.to_owned());
         write_op!(self, |conn| async {
             let done = sqlx::query(
-                "UPDATE terminal_sessions SET closed_at = ?, exit_code = ? WHERE id = ? AND agent_id = ? AND closed_at IS NULL",
+                "UPDATE terminal_sessions SET closed_at = $1, exit_code = $2 WHERE id = $3 AND agent_id = $4 AND closed_at IS NULL",
             )
             .bind(now_ms())
             .bind(exit_code.map(i64::from))
@@ -223,7 +223,7 @@ impl Store {
         let (agent_id, live) = (agent_id.to_owned(), live.to_vec());
         write_op!(self, |conn| async {
             let open: Vec<String> = sqlx::query_scalar(
-                "SELECT id FROM terminal_sessions WHERE agent_id = ? AND closed_at IS NULL",
+                "SELECT id FROM terminal_sessions WHERE agent_id = $1 AND closed_at IS NULL",
             )
             .bind(&agent_id)
             .fetch_all(&mut *conn)
@@ -232,7 +232,7 @@ impl Store {
             let mut closed = 0;
             for id in open.iter().filter(|id| !live.contains(id)) {
                 closed += sqlx::query(
-                    "UPDATE terminal_sessions SET closed_at = ? WHERE id = ? AND closed_at IS NULL",
+                    "UPDATE terminal_sessions SET closed_at = $1 WHERE id = $2 AND closed_at IS NULL",
                 )
                 .bind(now)
                 .bind(id)
@@ -248,7 +248,7 @@ impl Store {
     /// One session by id.
     pub async fn terminal_session(&self, id: &str) -> StoreResult<Option<TerminalSession>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SESSION_SELECT} WHERE t.id = ?"
+            "{SESSION_SELECT} WHERE t.id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -265,7 +265,7 @@ impl Store {
         let rows =
             match user_id {
                 Some(user_id) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SESSION_SELECT} WHERE t.user_id = ? ORDER BY t.opened_at DESC, t.id LIMIT ?"
+                    "{SESSION_SELECT} WHERE t.user_id = $1 ORDER BY t.opened_at DESC, t.id LIMIT $2"
                 )))
                 .bind(user_id)
                 .bind(i64::from(limit))
@@ -273,7 +273,7 @@ impl Store {
                 .await?,
                 None => {
                     sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "{SESSION_SELECT} ORDER BY t.opened_at DESC, t.id LIMIT ?"
+                        "{SESSION_SELECT} ORDER BY t.opened_at DESC, t.id LIMIT $1"
                     )))
                     .bind(i64::from(limit))
                     .fetch_all(&self.reader)
@@ -290,7 +290,7 @@ impl Store {
     ) -> StoreResult<Vec<(String, u32)>> {
         let rows = sqlx::query(
             "SELECT agent_id, COUNT(*) AS open FROM terminal_sessions
-             WHERE closed_at IS NULL AND (? IS NULL OR user_id = ?) GROUP BY agent_id",
+             WHERE closed_at IS NULL AND ($1 IS NULL OR user_id = $2) GROUP BY agent_id",
         )
         .bind(user_id)
         .bind(user_id)
@@ -318,10 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn grants_and_sessions_are_recorded_and_reconciled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("test.db"))
-            .await
-            .unwrap();
+        let (_db, store) = crate::store::test_db::open_test_store().await;
         let admin = store.create_user("root", "h", Role::Admin).await.unwrap();
         let user = store.create_user("ann", "h", Role::User).await.unwrap();
         let alpha = agent(&store, "alpha").await;

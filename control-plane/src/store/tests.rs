@@ -15,7 +15,7 @@ use super::users::Role;
 /// A store in a temp dir with one user and one bash event (no targets). Shared with
 /// `dispatch_tests.rs`.
 pub(super) struct Fixture {
-    _dir: tempfile::TempDir,
+    _db: super::test_db::TestDatabase,
     pub(super) store: Store,
     pub(super) owner: String,
     pub(super) event: String,
@@ -36,10 +36,7 @@ async fn fixture() -> Fixture {
 
 /// [`fixture`] with the event's dispatch policy.
 pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("test.db"))
-        .await
-        .unwrap();
+    let (db, store) = super::test_db::open_test_store().await;
     let owner = store
         .create_user("owner", "hash", Role::User)
         .await
@@ -64,7 +61,7 @@ pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fix
     };
     let event = store.create_event(&owner, &fields).await.unwrap().id;
     Fixture {
-        _dir: dir,
+        _db: db,
         store,
         owner,
         event,

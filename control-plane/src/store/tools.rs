@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use super::{Store, StoreError, StoreResult, new_id, now_ms, write_op};
 
@@ -202,7 +202,7 @@ const TOOL_COLUMNS: &str = "id, owner_id, name, kind, target_host, created_at, u
 
 const NOTIFICATION_COLUMNS: &str = "id, owner_id, tool_id, tool_name, title, message, source_job_id, status, attempts, next_attempt_at, last_error, created_at, sent_at";
 
-fn tool_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Tool> {
+fn tool_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Tool> {
     let kind: String = row.try_get("kind")?;
     Ok(Tool {
         id: row.try_get("id")?,
@@ -216,7 +216,7 @@ fn tool_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Tool> {
     })
 }
 
-fn notification_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Notification> {
+fn notification_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Notification> {
     let status: String = row.try_get("status")?;
     Ok(Notification {
         id: row.try_get("id")?,
@@ -255,7 +255,7 @@ fn clip_error(error: &str) -> String {
 /// (`AppState::notifier.notify_one()`, or use [`crate::tools::notify`]); without a wake-up the
 /// dispatcher still finds the notification on its next poll (at most a few seconds later).
 pub(crate) async fn enqueue_notification_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     owner_id: &str,
     tool_name: &str,
     title: Option<&str>,
@@ -282,7 +282,7 @@ pub(crate) async fn enqueue_notification_in(
         }));
     }
     let tool: Option<(String, String)> =
-        sqlx::query_as("SELECT id, name FROM tools WHERE owner_id = ? AND name = ?")
+        sqlx::query_as("SELECT id, name FROM tools WHERE owner_id = $1 AND name = $2")
             .bind(owner_id)
             .bind(tool_name)
             .fetch_optional(&mut *conn)
@@ -294,7 +294,7 @@ pub(crate) async fn enqueue_notification_in(
     let now = now_ms();
     sqlx::query(
         "INSERT INTO notifications (id, owner_id, tool_id, tool_name, title, message, source_job_id, status, attempts, next_attempt_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', 0, $8, $9)",
     )
     .bind(&id)
     .bind(owner_id)
@@ -325,7 +325,7 @@ impl Store {
             let now = now_ms();
             sqlx::query(
                 "INSERT INTO tools (id, owner_id, name, kind, config, target_host, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&id)
             .bind(owner_id)
@@ -353,8 +353,8 @@ impl Store {
                 None => (None, None),
             };
             let changed = sqlx::query(
-                "UPDATE tools SET name = COALESCE(?, name), config = COALESCE(?, config),
-                 target_host = COALESCE(?, target_host), updated_at = ? WHERE id = ?",
+                "UPDATE tools SET name = COALESCE($1, name), config = COALESCE($2, config),
+                 target_host = COALESCE($3, target_host), updated_at = $4 WHERE id = $5",
             )
             .bind(change.name)
             .bind(sealed)
@@ -381,12 +381,12 @@ impl Store {
         write_op!(self, |conn| async {
             sqlx::query(
                 "UPDATE notifications SET status = 'failed', last_error = 'the tool was deleted'
-                 WHERE tool_id = ? AND status = 'pending'",
+                 WHERE tool_id = $1 AND status = 'pending'",
             )
             .bind(&id)
             .execute(&mut *conn)
             .await?;
-            let changed = sqlx::query("DELETE FROM tools WHERE id = ?")
+            let changed = sqlx::query("DELETE FROM tools WHERE id = $1")
                 .bind(&id)
                 .execute(&mut *conn)
                 .await?
@@ -403,7 +403,7 @@ impl Store {
     /// One tool by id.
     pub async fn tool(&self, id: &str) -> StoreResult<Tool> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TOOL_COLUMNS} FROM tools WHERE id = ?"
+            "SELECT {TOOL_COLUMNS} FROM tools WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -415,7 +415,7 @@ impl Store {
     /// Tools, all of them or only one owner's, by name.
     pub async fn tools(&self, owner_id: Option<&str>) -> StoreResult<Vec<Tool>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TOOL_COLUMNS} FROM tools WHERE ?1 IS NULL OR owner_id = ?1 ORDER BY name, id"
+            "SELECT {TOOL_COLUMNS} FROM tools WHERE $1 IS NULL OR owner_id = $1 ORDER BY name, id"
         )))
         .bind(owner_id)
         .fetch_all(&self.reader)
@@ -456,7 +456,7 @@ impl Store {
     /// One notification by id.
     pub async fn notification(&self, id: &str) -> StoreResult<Notification> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE id = ?"
+            "SELECT {NOTIFICATION_COLUMNS} FROM notifications WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -474,8 +474,8 @@ impl Store {
     ) -> StoreResult<Vec<Notification>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {NOTIFICATION_COLUMNS} FROM notifications
-             WHERE (?1 IS NULL OR owner_id = ?1) AND (?2 IS NULL OR status = ?2)
-             ORDER BY created_at DESC, id DESC LIMIT ?3"
+             WHERE ($1 IS NULL OR owner_id = $1) AND ($2 IS NULL OR status = $2)
+             ORDER BY created_at DESC, id DESC LIMIT $3"
         )))
         .bind(owner_id)
         .bind(status.map(NotificationStatus::as_str))
@@ -496,9 +496,9 @@ impl Store {
     ) -> StoreResult<Vec<ClaimedNotification>> {
         write_op!(self, |conn| async {
             let ids: Vec<String> = sqlx::query_scalar(
-                "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = ?
-                 WHERE id IN (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= ?
-                              ORDER BY next_attempt_at, id LIMIT ?)
+                "UPDATE notifications SET attempts = attempts + 1, next_attempt_at = $1
+                 WHERE id IN (SELECT id FROM notifications WHERE status = 'pending' AND next_attempt_at <= $2
+                              ORDER BY next_attempt_at, id LIMIT $3)
                  RETURNING id",
             )
             .bind(lease_until)
@@ -514,7 +514,7 @@ impl Store {
                      FROM notifications n JOIN users u ON u.id = n.owner_id
                      LEFT JOIN tools t ON t.id = n.tool_id
                      LEFT JOIN jobs j ON j.id = n.source_job_id
-                     WHERE n.id = ?",
+                     WHERE n.id = $1",
                 )
                 .bind(&id)
                 .fetch_one(&mut *conn)
@@ -523,7 +523,7 @@ impl Store {
                 let tool_id: Option<String> = row.try_get("tool_id")?;
                 let (Some(kind), Some(tool_id)) = (kind, tool_id) else {
                     sqlx::query(
-                        "UPDATE notifications SET status = 'failed', last_error = 'the tool was deleted' WHERE id = ?",
+                        "UPDATE notifications SET status = 'failed', last_error = 'the tool was deleted' WHERE id = $1",
                     )
                     .bind(&id)
                     .execute(&mut *conn)
@@ -564,8 +564,8 @@ impl Store {
         let id = id.to_string();
         write_op!(self, |conn| async {
             sqlx::query(
-                "UPDATE notifications SET status = 'sent', sent_at = ?, last_error = NULL
-                 WHERE id = ? AND status = 'pending'",
+                "UPDATE notifications SET status = 'sent', sent_at = $1, last_error = NULL
+                 WHERE id = $2 AND status = 'pending'",
             )
             .bind(now_ms())
             .bind(id)
@@ -586,8 +586,8 @@ impl Store {
         let (id, error) = (id.to_string(), clip_error(error));
         write_op!(self, |conn| async {
             sqlx::query(
-                "UPDATE notifications SET next_attempt_at = ?, last_error = ?
-                 WHERE id = ? AND status = 'pending'",
+                "UPDATE notifications SET next_attempt_at = $1, last_error = $2
+                 WHERE id = $3 AND status = 'pending'",
             )
             .bind(next_attempt_at)
             .bind(error)
@@ -604,8 +604,8 @@ impl Store {
         let (id, error) = (id.to_string(), clip_error(error));
         write_op!(self, |conn| async {
             sqlx::query(
-                "UPDATE notifications SET status = 'failed', last_error = ?
-                 WHERE id = ? AND status = 'pending'",
+                "UPDATE notifications SET status = 'failed', last_error = $1
+                 WHERE id = $2 AND status = 'pending'",
             )
             .bind(error)
             .bind(id)
@@ -624,8 +624,8 @@ impl Store {
             let now = now_ms();
             for id in ids {
                 sqlx::query(
-                    "UPDATE notifications SET attempts = MAX(attempts - 1, 0), next_attempt_at = ?
-                     WHERE id = ? AND status = 'pending'",
+                    "UPDATE notifications SET attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, next_attempt_at = $1
+                     WHERE id = $2 AND status = 'pending'",
                 )
                 .bind(now)
                 .bind(id)
@@ -640,7 +640,7 @@ impl Store {
     /// The sealed configuration column of a tool, as stored (tests check it holds no plaintext).
     #[cfg(test)]
     pub(crate) async fn sealed_tool_config(&self, id: &str) -> StoreResult<Vec<u8>> {
-        Ok(sqlx::query_scalar("SELECT config FROM tools WHERE id = ?")
+        Ok(sqlx::query_scalar("SELECT config FROM tools WHERE id = $1")
             .bind(id)
             .fetch_one(&self.reader)
             .await?)

@@ -50,7 +50,7 @@ pub struct Session {
     pub csrf_token: String,
 }
 
-fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
+fn user_from_row(row: &sqlx::any::AnyRow) -> StoreResult<User> {
     let role: String = row.try_get("role")?;
     Ok(User {
         id: row.try_get("id")?,
@@ -75,7 +75,7 @@ impl Store {
         };
         let (username, password_hash) = (username.to_string(), password_hash.to_string());
         write_op!(self, |conn| async {
-            sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
+            sqlx::query("INSERT INTO users (id, username, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)")
                 .bind(id)
                 .bind(username)
                 .bind(password_hash)
@@ -100,7 +100,7 @@ impl Store {
     /// A user and their password hash, for login.
     pub async fn user_with_password(&self, username: &str) -> StoreResult<Option<(User, String)>> {
         let row =
-            sqlx::query("SELECT id, username, role, password_hash FROM users WHERE username = ?")
+            sqlx::query("SELECT id, username, role, password_hash FROM users WHERE username = $1")
                 .bind(username)
                 .fetch_optional(&self.reader)
                 .await?;
@@ -125,7 +125,7 @@ impl Store {
             name.to_string(),
         );
         write_op!(self, |conn| async {
-            sqlx::query("INSERT INTO api_tokens (id, user_id, token_sha256, name, created_at) VALUES (?, ?, ?, ?, ?)")
+            sqlx::query("INSERT INTO api_tokens (id, user_id, token_sha256, name, created_at) VALUES ($1, $2, $3, $4, $5)")
                 .bind(token_id)
                 .bind(user_id)
                 .bind(token_sha256)
@@ -143,7 +143,7 @@ impl Store {
     pub async fn user_by_api_token(&self, token_sha256: &str) -> StoreResult<Option<User>> {
         let row = sqlx::query(
             "SELECT u.id, u.username, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id
-             WHERE t.token_sha256 = ? AND t.revoked_at IS NULL",
+             WHERE t.token_sha256 = $1 AND t.revoked_at IS NULL",
         )
         .bind(token_sha256)
         .fetch_optional(&self.reader)
@@ -167,7 +167,7 @@ impl Store {
         write_op!(self, |conn| async {
             let now = now_ms();
             sqlx::query(
-                "INSERT INTO sessions (id, user_id, token_sha256, csrf_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sessions (id, user_id, token_sha256, csrf_token, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(new_id())
             .bind(user_id)
@@ -186,7 +186,7 @@ impl Store {
     pub async fn session(&self, token_sha256: &str) -> StoreResult<Option<Session>> {
         let row = sqlx::query(
             "SELECT u.id, u.username, u.role, s.csrf_token FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.token_sha256 = ? AND s.expires_at > ?",
+             WHERE s.token_sha256 = $1 AND s.expires_at > $2",
         )
         .bind(token_sha256)
         .bind(now_ms())
@@ -205,7 +205,7 @@ impl Store {
     pub async fn delete_session(&self, token_sha256: &str) -> StoreResult<()> {
         let token_sha256 = token_sha256.to_string();
         write_op!(self, |conn| async {
-            sqlx::query("DELETE FROM sessions WHERE token_sha256 = ?")
+            sqlx::query("DELETE FROM sessions WHERE token_sha256 = $1")
                 .bind(token_sha256)
                 .execute(&mut *conn)
                 .await?;
@@ -265,7 +265,7 @@ impl Store {
 
     /// One user by id.
     pub async fn user(&self, id: &str) -> StoreResult<UserRecord> {
-        let row = sqlx::query("SELECT id, username, role, created_at FROM users WHERE id = ?")
+        let row = sqlx::query("SELECT id, username, role, created_at FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.reader)
             .await?
@@ -280,7 +280,7 @@ impl Store {
     pub async fn set_user_role(&self, id: &str, role: Role) -> StoreResult<UserChange> {
         let id = id.to_string();
         write_op!(self, |conn| async {
-            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
                 .bind(&id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -290,7 +290,7 @@ impl Store {
             // The last-admin condition is part of the statement (and writes are serialized), so
             // two concurrent demotions cannot both pass it. Promotions always pass.
             let changed = sqlx::query(
-                "UPDATE users SET role = ?1 WHERE id = ?2 AND (?1 = 'admin' OR role != 'admin'
+                "UPDATE users SET role = $1 WHERE id = $2 AND ($1 = 'admin' OR role != 'admin'
                  OR (SELECT COUNT(*) FROM users WHERE role = 'admin') > 1)",
             )
             .bind(role.as_str())
@@ -312,7 +312,7 @@ impl Store {
         let (id, password_hash) = (id.to_string(), password_hash.to_string());
         write_op!(self, |conn| async {
             // One write operation is one savepoint: both statements or neither.
-            let changed = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            let changed = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
                 .bind(password_hash)
                 .bind(&id)
                 .execute(&mut *conn)
@@ -321,7 +321,7 @@ impl Store {
             if changed == 0 {
                 return Err(StoreError::NotFound);
             }
-            sqlx::query("DELETE FROM sessions WHERE user_id = ?")
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
                 .bind(&id)
                 .execute(&mut *conn)
                 .await?;
@@ -336,7 +336,7 @@ impl Store {
     pub async fn delete_user(&self, id: &str) -> StoreResult<UserChange> {
         let id = id.to_string();
         write_op!(self, |conn| async {
-            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
                 .bind(&id)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -344,7 +344,7 @@ impl Store {
                 return Ok(UserChange::NotFound);
             }
             let deleted = sqlx::query(
-                "DELETE FROM users WHERE id = ? AND (role != 'admin'
+                "DELETE FROM users WHERE id = $1 AND (role != 'admin'
                  OR (SELECT COUNT(*) FROM users WHERE role = 'admin') > 1)",
             )
             .bind(&id)
@@ -370,7 +370,7 @@ impl Store {
     pub async fn api_tokens(&self, user_id: &str) -> StoreResult<Vec<ApiTokenRecord>> {
         let rows = sqlx::query(
             "SELECT id, name, created_at, last_used_at FROM api_tokens
-             WHERE user_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id",
+             WHERE user_id = $1 AND revoked_at IS NULL ORDER BY created_at DESC, id",
         )
         .bind(user_id)
         .fetch_all(&self.reader)
@@ -401,7 +401,7 @@ impl Store {
         let (user_id, id) = (user_id.to_string(), id.to_string());
         write_op!(self, |conn| async {
             let changed = sqlx::query(
-                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+                "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
             )
             .bind(now_ms())
             .bind(id)
@@ -423,7 +423,7 @@ impl Store {
     pub async fn touch_api_token(&self, token_sha256: &str) -> StoreResult<()> {
         let now = now_ms();
         let last: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT last_used_at FROM api_tokens WHERE token_sha256 = ?")
+            sqlx::query_scalar("SELECT last_used_at FROM api_tokens WHERE token_sha256 = $1")
                 .bind(token_sha256)
                 .fetch_optional(&self.reader)
                 .await?;
@@ -435,8 +435,8 @@ impl Store {
         let token_sha256 = token_sha256.to_string();
         write_op!(self, |conn| async {
             sqlx::query(
-                "UPDATE api_tokens SET last_used_at = ? WHERE token_sha256 = ?
-                 AND (last_used_at IS NULL OR last_used_at < ?)",
+                "UPDATE api_tokens SET last_used_at = $1 WHERE token_sha256 = $2
+                 AND (last_used_at IS NULL OR last_used_at < $3)",
             )
             .bind(now)
             .bind(token_sha256)

@@ -6,7 +6,7 @@
 //! one applied, in the same transaction as the write, so a write the agent sends again after a
 //! lost answer is recognised and not applied twice.
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 
 use super::tools::{NotifyRefused, enqueue_notification_in};
 use super::{Store, StoreError, StoreResult, audit_in, now_ms, write_op};
@@ -64,14 +64,14 @@ pub enum HelperWriteOutcome {
 
 /// The current attempt's owner, if the call may act for it.
 async fn current_attempt_owner(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     agent_id: &str,
     job_id: &str,
     attempt: u32,
 ) -> StoreResult<Option<(String, u64)>> {
     let row = sqlx::query(
         "SELECT j.runner AS agent_id, j.attempt, j.status, j.helper_seq, e.owner_id
-         FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = ?",
+         FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id = $1",
     )
     .bind(job_id)
     .fetch_optional(&mut *conn)
@@ -110,7 +110,7 @@ impl Store {
             return Ok(HelperRead::Stale);
         };
         let sealed: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT sealed_value FROM variables WHERE owner_id = ? AND name = ?",
+            "SELECT sealed_value FROM variables WHERE owner_id = $1 AND name = $2",
         )
         .bind(owner_id)
         .bind(name)
@@ -160,7 +160,7 @@ impl Store {
                         Some(tool) => Some(tool.clone()),
                         None => {
                             let names: Vec<String> =
-                                sqlx::query_scalar("SELECT name FROM tools WHERE owner_id = ? LIMIT 2")
+                                sqlx::query_scalar("SELECT name FROM tools WHERE owner_id = $1 LIMIT 2")
                                     .bind(&owner_id)
                                     .fetch_all(&mut *conn)
                                     .await?;
@@ -210,7 +210,7 @@ impl Store {
     /// The owner's variables, by name.
     pub async fn variables(&self, owner_id: &str) -> StoreResult<Vec<Variable>> {
         let rows = sqlx::query(
-            "SELECT name, sealed_value, updated_at, updated_by_job FROM variables WHERE owner_id = ? ORDER BY name",
+            "SELECT name, sealed_value, updated_at, updated_by_job FROM variables WHERE owner_id = $1 ORDER BY name",
         )
         .bind(owner_id)
         .fetch_all(&self.reader)
@@ -221,7 +221,7 @@ impl Store {
     /// One variable of the owner.
     pub async fn variable(&self, owner_id: &str, name: &str) -> StoreResult<Variable> {
         let row = sqlx::query(
-            "SELECT name, sealed_value, updated_at, updated_by_job FROM variables WHERE owner_id = ? AND name = ?",
+            "SELECT name, sealed_value, updated_at, updated_by_job FROM variables WHERE owner_id = $1 AND name = $2",
         )
         .bind(owner_id)
         .bind(name)
@@ -251,7 +251,7 @@ impl Store {
         let owner_id = owner_id.to_string();
         let name = name.to_string();
         write_op!(self, |conn| async {
-            let deleted = sqlx::query("DELETE FROM variables WHERE owner_id = ? AND name = ?")
+            let deleted = sqlx::query("DELETE FROM variables WHERE owner_id = $1 AND name = $2")
                 .bind(&owner_id)
                 .bind(&name)
                 .execute(&mut *conn)
@@ -267,12 +267,12 @@ impl Store {
 
 /// Records that write `seq` was answered, whatever the answer.
 async fn record_answered(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job_id: &str,
     seq: u64,
     outcome: HelperWriteOutcome,
 ) -> StoreResult<HelperWriteOutcome> {
-    sqlx::query("UPDATE jobs SET helper_seq = ? WHERE id = ?")
+    sqlx::query("UPDATE jobs SET helper_seq = $1 WHERE id = $2")
         .bind(seq as i64)
         .bind(job_id)
         .execute(&mut *conn)
@@ -281,14 +281,14 @@ async fn record_answered(
 }
 
 async fn upsert_variable_in(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     owner_id: &str,
     name: &str,
     sealed_value: &[u8],
     job_id: Option<&str>,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO variables (owner_id, name, sealed_value, updated_at, updated_by_job) VALUES (?, ?, ?, ?, ?)
+        "INSERT INTO variables (owner_id, name, sealed_value, updated_at, updated_by_job) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (owner_id, name) DO UPDATE SET sealed_value = excluded.sealed_value,
              updated_at = excluded.updated_at, updated_by_job = excluded.updated_by_job",
     )
@@ -302,7 +302,7 @@ async fn upsert_variable_in(
     Ok(())
 }
 
-fn variable_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Variable> {
+fn variable_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Variable> {
     Ok(Variable {
         name: row.try_get("name")?,
         sealed_value: row.try_get("sealed_value")?,

@@ -7,7 +7,7 @@
 //! row is keyed by (workflow run, node) and leaves `pending` only in the transaction that
 //! creates its run), and a decision is durable together with its effects.
 
-use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
 use super::jobs::{JobStatus, RunSpec, create_run_in};
 use super::{Store, StoreError, StoreResult, audit_in, new_id, now_ms, write_op};
@@ -55,7 +55,7 @@ const WORKFLOW_COLUMNS: &str =
     "id, owner_id, name, definition, trigger_manual, schedule_cron, schedule_timezone, next_run_at,
      webhook_secret_sealed IS NOT NULL AS webhook, created_at, updated_at";
 
-fn workflow_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Workflow> {
+fn workflow_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Workflow> {
     Ok(Workflow {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -178,11 +178,11 @@ pub enum StepOutcome {
 /// Marks a step as stale so its savepoint is rolled back.
 const STALE: &str = "workflow step is stale";
 
-async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<StepOutcome> {
+async fn apply_step_in(conn: &mut AnyConnection, step: &Step) -> StoreResult<StepOutcome> {
     let now = now_ms();
     if let (Some(fire), Some(create)) = (&step.fire, &step.create) {
         let moved =
-            sqlx::query("UPDATE workflows SET next_run_at = ? WHERE id = ? AND next_run_at = ?")
+            sqlx::query("UPDATE workflows SET next_run_at = $1 WHERE id = $2 AND next_run_at = $3")
                 .bind(fire.new_next)
                 .bind(&create.workflow_id)
                 .bind(fire.expected_next)
@@ -193,7 +193,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
             return Err(StoreError::Constraint(STALE.into()));
         }
         let recorded = sqlx::query(
-            "INSERT INTO workflow_fires (workflow_id, slot_at, outcome, handled_at) VALUES (?, ?, ?, ?)
+            "INSERT INTO workflow_fires (workflow_id, slot_at, outcome, handled_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (workflow_id, slot_at) DO NOTHING",
         )
         .bind(&create.workflow_id)
@@ -211,7 +211,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
     if let Some(create) = &step.create {
         sqlx::query(
             "INSERT INTO workflow_runs (id, workflow_id, definition, input, trigger, slot_at, status, created_by, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, $8)",
         )
         .bind(&step.workflow_run_id)
         .bind(&create.workflow_id)
@@ -225,7 +225,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
         .await?;
         for node_id in &create.node_ids {
             sqlx::query(
-                "INSERT INTO workflow_run_nodes (workflow_run_id, node_id, state) VALUES (?, ?, 'pending')",
+                "INSERT INTO workflow_run_nodes (workflow_run_id, node_id, state) VALUES ($1, $2, 'pending')",
             )
             .bind(&step.workflow_run_id)
             .bind(node_id)
@@ -234,7 +234,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
         }
         if step.fire.is_some() {
             sqlx::query(
-                "UPDATE workflow_fires SET workflow_run_id = ? WHERE workflow_id = ? AND slot_at = ?",
+                "UPDATE workflow_fires SET workflow_run_id = $1 WHERE workflow_id = $2 AND slot_at = $3",
             )
             .bind(&step.workflow_run_id)
             .bind(&create.workflow_id)
@@ -244,7 +244,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
         }
     }
     let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM workflow_runs WHERE id = ?")
+        sqlx::query_scalar("SELECT status FROM workflow_runs WHERE id = $1")
             .bind(&step.workflow_run_id)
             .fetch_optional(&mut *conn)
             .await?;
@@ -267,11 +267,11 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
             None => None,
         };
         let moved = sqlx::query(
-            "UPDATE workflow_run_nodes SET state = ?, run_id = COALESCE(?, run_id),
-               input = COALESCE(?, input), result = COALESCE(?, result), condition = COALESCE(?, condition), reason = COALESCE(?, reason),
-               started_at = CASE WHEN ? = 'running' THEN ? ELSE started_at END,
-               finished_at = CASE WHEN ? IN ('completed', 'failed', 'skipped') THEN ? ELSE finished_at END
-             WHERE workflow_run_id = ? AND node_id = ? AND state = ?",
+            "UPDATE workflow_run_nodes SET state = $1, run_id = COALESCE($2, run_id),
+               input = COALESCE($3, input), result = COALESCE($4, result), condition = COALESCE($5, condition), reason = COALESCE($6, reason),
+               started_at = CASE WHEN $7 = 'running' THEN $8 ELSE started_at END,
+               finished_at = CASE WHEN $9 IN ('completed', 'failed', 'skipped') THEN $10 ELSE finished_at END
+             WHERE workflow_run_id = $11 AND node_id = $12 AND state = $13",
         )
         .bind(change.to)
         .bind(&run_id)
@@ -296,8 +296,8 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
     if let Some(finish) = step.finish {
         // A cancelled run keeps its status; it only gets its end time.
         sqlx::query(
-            "UPDATE workflow_runs SET status = CASE WHEN status = 'running' THEN ? ELSE status END,
-               finished_at = ? WHERE id = ? AND finished_at IS NULL",
+            "UPDATE workflow_runs SET status = CASE WHEN status = 'running' THEN $1 ELSE status END,
+               finished_at = $2 WHERE id = $3 AND finished_at IS NULL",
         )
         .bind(finish)
         .bind(now)
@@ -308,7 +308,7 @@ async fn apply_step_in(conn: &mut SqliteConnection, step: &Step) -> StoreResult<
     Ok(StepOutcome::Applied { jobs })
 }
 
-fn run_node_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<RunNode> {
+fn run_node_from_row(row: &sqlx::any::AnyRow) -> StoreResult<RunNode> {
     Ok(RunNode {
         node_id: row.try_get("node_id")?,
         state: row.try_get("state")?,
@@ -326,10 +326,7 @@ fn run_node_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<RunNode> {
 
 const RUN_COLUMNS: &str = "id, workflow_id, definition, input, trigger, slot_at, status, created_by, created_at, finished_at";
 
-fn workflow_run_from_row(
-    row: &sqlx::sqlite::SqliteRow,
-    nodes: Vec<RunNode>,
-) -> StoreResult<WorkflowRun> {
+fn workflow_run_from_row(row: &sqlx::any::AnyRow, nodes: Vec<RunNode>) -> StoreResult<WorkflowRun> {
     Ok(WorkflowRun {
         id: row.try_get("id")?,
         workflow_id: row.try_get("workflow_id")?,
@@ -360,7 +357,7 @@ impl Store {
             sqlx::query(
                 "INSERT INTO workflows (id, owner_id, name, definition, trigger_manual, schedule_cron, schedule_timezone,
                    next_run_at, webhook_secret_sealed, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(&id)
             .bind(&owner_id)
@@ -397,10 +394,10 @@ impl Store {
         let (workflow_id, fields) = (id.to_string(), fields.clone());
         write_op!(self, |conn| async {
             let changed = sqlx::query(
-                "UPDATE workflows SET name = ?, definition = ?, trigger_manual = ?, schedule_cron = ?,
-                   schedule_timezone = ?, next_run_at = ?, updated_at = ?,
-                   webhook_secret_sealed = CASE ? WHEN 'keep' THEN webhook_secret_sealed ELSE ? END
-                 WHERE id = ?",
+                "UPDATE workflows SET name = $1, definition = $2, trigger_manual = $3, schedule_cron = $4,
+                   schedule_timezone = $5, next_run_at = $6, updated_at = $7,
+                   webhook_secret_sealed = CASE $8 WHEN 'keep' THEN webhook_secret_sealed ELSE $9 END
+                 WHERE id = $10",
             )
             .bind(&fields.name)
             .bind(&fields.definition)
@@ -434,7 +431,7 @@ impl Store {
     pub async fn delete_workflow(&self, id: &str) -> StoreResult<()> {
         let id = id.to_string();
         write_op!(self, |conn| async {
-            let changed = sqlx::query("DELETE FROM workflows WHERE id = ?")
+            let changed = sqlx::query("DELETE FROM workflows WHERE id = $1")
                 .bind(&id)
                 .execute(&mut *conn)
                 .await?
@@ -451,7 +448,7 @@ impl Store {
     /// One workflow by id.
     pub async fn workflow(&self, id: &str) -> StoreResult<Workflow> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?"
+            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -463,7 +460,7 @@ impl Store {
     /// The workflows of `owner` (every workflow when `None`), by name.
     pub async fn workflows(&self, owner: Option<&str>) -> StoreResult<Vec<Workflow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE (? IS NULL OR owner_id = ?) ORDER BY name, id"
+            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE ($1 IS NULL OR owner_id = $2) ORDER BY name, id"
         )))
         .bind(owner)
         .bind(owner)
@@ -475,7 +472,7 @@ impl Store {
     /// The sealed webhook secret of a workflow, if its webhook trigger is on.
     pub async fn workflow_webhook_secret(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {
         Ok(
-            sqlx::query_scalar("SELECT webhook_secret_sealed FROM workflows WHERE id = ?")
+            sqlx::query_scalar("SELECT webhook_secret_sealed FROM workflows WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.reader)
                 .await?
@@ -500,7 +497,7 @@ impl Store {
         write_op!(self, |conn| async {
             let now = now_ms();
             let changed = sqlx::query(
-                "UPDATE workflow_runs SET status = 'cancelled' WHERE id = ? AND status = 'running'",
+                "UPDATE workflow_runs SET status = 'cancelled' WHERE id = $1 AND status = 'running'",
             )
             .bind(&id)
             .execute(&mut *conn)
@@ -510,21 +507,21 @@ impl Store {
                 return Ok(None);
             }
             sqlx::query(
-                "UPDATE workflow_run_nodes SET state = 'skipped', reason = 'the workflow run was cancelled', finished_at = ?
-                 WHERE workflow_run_id = ? AND state = 'pending'",
+                "UPDATE workflow_run_nodes SET state = 'skipped', reason = 'the workflow run was cancelled', finished_at = $1
+                 WHERE workflow_run_id = $2 AND state = 'pending'",
             )
             .bind(now)
             .bind(&id)
             .execute(&mut *conn)
             .await?;
             let running: Vec<Option<String>> = sqlx::query_scalar(
-                "SELECT run_id FROM workflow_run_nodes WHERE workflow_run_id = ? AND state = 'running'",
+                "SELECT run_id FROM workflow_run_nodes WHERE workflow_run_id = $1 AND state = 'running'",
             )
             .bind(&id)
             .fetch_all(&mut *conn)
             .await?;
             if running.is_empty() {
-                sqlx::query("UPDATE workflow_runs SET finished_at = ? WHERE id = ?")
+                sqlx::query("UPDATE workflow_runs SET finished_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(&id)
                     .execute(&mut *conn)
@@ -538,7 +535,7 @@ impl Store {
     /// One workflow run with its nodes.
     pub async fn workflow_run(&self, id: &str) -> StoreResult<WorkflowRun> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE id = ?"
+            "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE id = $1"
         )))
         .bind(id)
         .fetch_optional(&self.reader)
@@ -546,7 +543,7 @@ impl Store {
         .ok_or(StoreError::NotFound)?;
         let nodes = sqlx::query(
             "SELECT node_id, state, run_id, input, result, condition, reason, started_at, finished_at
-             FROM workflow_run_nodes WHERE workflow_run_id = ? ORDER BY node_id",
+             FROM workflow_run_nodes WHERE workflow_run_id = $1 ORDER BY node_id",
         )
         .bind(id)
         .fetch_all(&self.reader)
@@ -565,7 +562,7 @@ impl Store {
         limit: u32,
     ) -> StoreResult<Vec<WorkflowRun>> {
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM workflow_runs WHERE workflow_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+            "SELECT id FROM workflow_runs WHERE workflow_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
         )
         .bind(workflow_id)
         .bind(i64::from(limit))
@@ -598,7 +595,7 @@ impl Store {
     pub async fn workflow_run_of_ended_job(&self, job_id: &str) -> StoreResult<Option<String>> {
         Ok(sqlx::query_scalar(
             "SELECT n.workflow_run_id FROM jobs j JOIN workflow_run_nodes n ON n.run_id = j.run_id
-             WHERE j.id = ? AND n.state = 'running' AND j.status IN ('completed', 'failed', 'cancelled')",
+             WHERE j.id = $1 AND n.state = 'running' AND j.status IN ('completed', 'failed', 'cancelled')",
         )
         .bind(job_id)
         .fetch_optional(&self.reader)
@@ -610,7 +607,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT j.status, j.result, j.condition, COALESCE(a.name, s.name, j.agent_id, j.server_id, j.id) AS runner
              FROM jobs j LEFT JOIN agents a ON a.id = j.agent_id LEFT JOIN servers s ON s.id = j.server_id
-             WHERE j.run_id = ? ORDER BY j.id",
+             WHERE j.run_id = $1 ORDER BY j.id",
         )
         .bind(run_id)
         .fetch_all(&self.reader)
@@ -634,7 +631,7 @@ impl Store {
     /// Workflows with a schedule whose next slot is at or before `now`.
     pub async fn due_workflow_schedules(&self, now: i64) -> StoreResult<Vec<Workflow>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE next_run_at IS NOT NULL AND next_run_at <= ? ORDER BY next_run_at"
+            "SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE next_run_at IS NOT NULL AND next_run_at <= $1 ORDER BY next_run_at"
         )))
         .bind(now)
         .fetch_all(&self.reader)
@@ -645,7 +642,7 @@ impl Store {
     /// The earliest next slot after `now` of any workflow.
     pub async fn earliest_next_workflow_run(&self, now: i64) -> StoreResult<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT MIN(next_run_at) FROM workflows WHERE next_run_at > ?")
+            sqlx::query_scalar("SELECT MIN(next_run_at) FROM workflows WHERE next_run_at > $1")
                 .bind(now)
                 .fetch_one(&self.reader)
                 .await?,
@@ -659,8 +656,8 @@ impl Store {
         limit: i64,
     ) -> StoreResult<Vec<(i64, String, Option<String>)>> {
         let rows = sqlx::query(
-            "SELECT slot_at, outcome, workflow_run_id FROM workflow_fires WHERE workflow_id = ?
-             ORDER BY slot_at DESC LIMIT ?",
+            "SELECT slot_at, outcome, workflow_run_id FROM workflow_fires WHERE workflow_id = $1
+             ORDER BY slot_at DESC LIMIT $2",
         )
         .bind(workflow_id)
         .bind(limit)

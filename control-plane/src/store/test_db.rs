@@ -1,0 +1,57 @@
+//! The database of a store test: a SQLite file in a temp dir, or, with
+//! `CRONIUM_TEST_DATABASE=postgres`, a fresh database on a throwaway PostgreSQL cluster
+//! (`cronium_e2e::postgres`). Tests running at the same time share one cluster; it is stopped and
+//! removed when the last of them drops its handle.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use cronium_e2e::postgres::PgCluster;
+
+use super::Store;
+
+/// Keeps a test's database alive (the temp dir, or a share of the cluster).
+pub(crate) enum TestDatabase {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(#[allow(dead_code)] Arc<PgCluster>),
+}
+
+/// Whether the store tests run against PostgreSQL.
+pub(crate) fn postgres_selected() -> bool {
+    match std::env::var("CRONIUM_TEST_DATABASE") {
+        Ok(value) if value == "postgres" => true,
+        Ok(value) if value == "sqlite" || value.is_empty() => false,
+        Ok(value) => panic!("CRONIUM_TEST_DATABASE must be sqlite or postgres, not {value:?}"),
+        Err(_) => false,
+    }
+}
+
+fn shared_cluster() -> Arc<PgCluster> {
+    static CLUSTER: Mutex<Weak<PgCluster>> = Mutex::new(Weak::new());
+    let mut slot = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(cluster) = slot.upgrade() {
+        return cluster;
+    }
+    let cluster = Arc::new(PgCluster::start().expect("a throwaway PostgreSQL cluster"));
+    *slot = Arc::downgrade(&cluster);
+    cluster
+}
+
+/// Opens a store on a new, empty database of the selected backend.
+pub(crate) async fn open_test_store() -> (TestDatabase, Store) {
+    if postgres_selected() {
+        let cluster = tokio::task::spawn_blocking(shared_cluster)
+            .await
+            .expect("starting the cluster");
+        let url = cluster.create_database().expect("a test database");
+        let store = Store::open_postgres(&url).await.unwrap();
+        (TestDatabase::Postgres(cluster), store)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("test.db"))
+            .await
+            .unwrap();
+        (TestDatabase::Sqlite(dir), store)
+    }
+}
