@@ -163,7 +163,8 @@ pub struct Running {
     pub admin_password: Option<String>,
     /// The shared lock on `<database>.running.lock`, held until [`Running::wait`] returns (or
     /// the process ends), so `cronium keys rotate` refuses while this control plane runs.
-    _running_lock: std::fs::File,
+    /// None on PostgreSQL, which `keys rotate` does not support yet.
+    _running_lock: Option<std::fs::File>,
 }
 
 impl Running {
@@ -209,10 +210,20 @@ fn local_url(address: SocketAddr) -> String {
 
 /// Opens the store named by the config (or the default in the data dir).
 pub async fn open_store(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Store> {
+    if let Some(url) = database_url.filter(|url| is_postgres_url(url)) {
+        return Store::open_postgres(url)
+            .await
+            .context("opening the PostgreSQL database");
+    }
     let path = database_path(data_dir, database_url)?;
     Store::open_sqlite(&path)
         .await
         .with_context(|| format!("opening the database {}", path.display()))
+}
+
+/// Whether a database URL names PostgreSQL.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The SQLite file named by the config (or `cronium.db` in the data dir).
@@ -222,12 +233,12 @@ pub fn database_path(data_dir: &Path, database_url: Option<&str>) -> anyhow::Res
         Some(url) if url.starts_with("sqlite://") => {
             PathBuf::from(url.trim_start_matches("sqlite://"))
         }
-        Some(url) if url.starts_with("postgres") => {
-            bail!(
-                "PostgreSQL is not supported by this build yet; use the embedded SQLite database (omit CRONIUM_DATABASE_URL)"
-            )
+        Some(url) if is_postgres_url(url) => {
+            bail!("this command works on the SQLite database only, not on PostgreSQL yet")
         }
-        Some(_) => bail!("CRONIUM_DATABASE_URL must start with sqlite://"),
+        Some(_) => {
+            bail!("CRONIUM_DATABASE_URL must start with sqlite://, postgres:// or postgresql://")
+        }
     })
 }
 
@@ -308,10 +319,10 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// Starts the control plane: database, key check, CA, listeners and background tasks.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
-    let running_lock = take_running_lock(&database_path(
-        &config.data_dir,
-        config.database_url.as_deref(),
-    )?)?;
+    let running_lock = match config.database_url.as_deref() {
+        Some(url) if is_postgres_url(url) => None,
+        url => Some(take_running_lock(&database_path(&config.data_dir, url)?)?),
+    };
     let store = open_store(&config.data_dir, config.database_url.as_deref()).await?;
     match store.key_check().await? {
         Some(sealed) => config.encryption_key.verify_key_check(&sealed)?,

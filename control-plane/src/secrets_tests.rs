@@ -87,6 +87,39 @@ async fn secret_env_is_write_only_and_patched_by_name() {
     let running = start(dir.path(), &EncryptionKey::generate_base64())
         .await
         .unwrap();
+    secret_env_through_the_api(running).await;
+}
+
+/// The same through a control plane whose database is PostgreSQL (a throwaway cluster): the
+/// whole start-up (migrations, key check, admin, CA) and the API's writes and reads on it.
+#[tokio::test]
+async fn secret_env_is_write_only_and_patched_by_name_on_postgres() {
+    let cluster = tokio::task::spawn_blocking(cronium_e2e::postgres::PgCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.create_database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = ServerConfig {
+        database_url: Some(url),
+        ..config(dir.path(), &EncryptionKey::generate_base64())
+    };
+    let running = crate::start(config, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        running.state.store.backend(),
+        crate::store::Backend::Postgres
+    );
+    assert!(
+        !dir.path().join("cronium.db").exists(),
+        "no SQLite file is created"
+    );
+    secret_env_through_the_api(running).await;
+}
+
+async fn secret_env_through_the_api(running: Running) {
     let token = admin_token(&running).await;
     let (status, created) = send(
         &running,
@@ -430,10 +463,8 @@ async fn rotation_re_encrypts_every_secret_and_the_old_key_is_refused_afterwards
 async fn every_sealed_column_of_the_schema_is_rotated() {
     // A new sealed column must be listed in SEALED_COLUMNS; this finds BLOB columns whose name
     // says they are sealed (or secret) and checks they are.
-    let dir = tempfile::tempdir().unwrap();
-    let store = crate::store::Store::open_sqlite(&dir.path().join("db.sqlite"))
-        .await
-        .unwrap();
+    // With CRONIUM_TEST_DATABASE=postgres: the BYTEA columns of the PostgreSQL schema.
+    let (_db, store) = crate::store::test_db::open_test_store().await;
     let columns = store.blob_columns_for_tests().await.unwrap();
     let listed: Vec<(String, String)> = crate::store::secrets::SEALED_COLUMNS
         .iter()

@@ -3,7 +3,8 @@
 //! - `cargo xtask test [NEXTEST ARGS…]` — the whole test suite: builds every binary (the
 //!   end-to-end tests start the real `cronium` and `cronium-agent`), installs web/'s npm
 //!   packages if needed (the browser test uses playwright-core), then runs
-//!   `cargo nextest run --workspace` (which includes the tidy checks below). The Docker tests
+//!   `cargo nextest run --workspace` (which includes the tidy checks below), then the store's
+//!   tests again with `CRONIUM_TEST_DATABASE=postgres` (unless nextest arguments were given). The Docker tests
 //!   need an engine: unless `DOCKER_HOST` names one, a private `dockerd` is started for the run
 //!   (its own data dir and socket, no bridge, no iptables rules) and stopped afterwards.
 //! - `cargo xtask tidy` — only the tidy checks.
@@ -51,7 +52,25 @@ fn main() -> ExitCode {
                 nextest.args(["--profile", "ci"]);
             }
             nextest.args(&args[1..]);
+            let postgres_pass = args.len() == 1;
             match nextest.status() {
+                // The store's tests again, on PostgreSQL (store::test_db starts a throwaway
+                // cluster); only for the whole suite, not when nextest arguments narrow it.
+                Ok(status) if status.success() && postgres_pass => {
+                    let mut postgres = Command::new(cargo());
+                    postgres
+                        .current_dir(&root)
+                        .env("CRONIUM_TEST_DATABASE", "postgres")
+                        .args(["nextest", "run", "-p", "cronium-control-plane", "--lib"]);
+                    if std::env::var_os("CI").is_some() {
+                        postgres.args(["--profile", "ci"]);
+                    }
+                    postgres.args(["-E", "test(/^store::/) | test(every_sealed_column)"]);
+                    match postgres.status() {
+                        Ok(status) if status.success() => ExitCode::SUCCESS,
+                        _ => ExitCode::FAILURE,
+                    }
+                }
                 Ok(status) if status.success() => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
                 Err(error) => {
