@@ -6,7 +6,7 @@ code is left as it is):
 
     scripts/pg_convert.py [--dry-run] [FILES...]
 
-Default files: control-plane/src/store/*.rs. What it does, per file:
+Default files: control-plane/src/store/*.rs except SQLITE_ONLY. What it does, per file:
 
 1. In every Rust string literal that is SQL (it holds a SQL keyword and a placeholder):
    `?NNN` -> `$NNN`, and each bare `?` -> `$1`, `$2`, ... numbered within that literal.
@@ -56,6 +56,9 @@ CODE_REPORTS = [
     (re.compile(r"\.bind\((true|false|[a-z_.]*(enabled|flag|read_only|reuse|record|manual|is_[a-z_]*))\)"),
      "binds what may be a bool: bind i64::from(..) if the column is a 0/1 flag"),
 ]
+# Store files that talk to SQLite itself with the native driver and stay as they are
+# (main's backup.rs: `VACUUM INTO` and `PRAGMA integrity_check` on a connection of its own).
+SQLITE_ONLY = {"backup.rs"}
 TYPE_RENAMES = [
     ("sqlx::sqlite::SqliteRow", "sqlx::any::AnyRow"),
     ("sqlx::SqliteConnection", "sqlx::AnyConnection"),
@@ -224,7 +227,9 @@ def main():
     args = [a for a in sys.argv[1:] if a != "--dry-run"]
     dry_run = "--dry-run" in sys.argv[1:]
     files = [pathlib.Path(a).resolve() for a in args] or sorted(
-        (ROOT / "control-plane" / "src" / "store").glob("*.rs")
+        path
+        for path in (ROOT / "control-plane" / "src" / "store").glob("*.rs")
+        if path.name not in SQLITE_ONLY
     )
     changed = [f for f in files if convert_file(f, dry_run)]
     verb = "would change" if dry_run else "changed"
