@@ -26,7 +26,8 @@ pub(crate) const CLAIMABLE: &str = "j.status = 'queued' AND (j.not_before IS NUL
                                      AND b.status IN ('queued', 'claimed', 'running')))";
 
 /// The ids of up to `?` (last bind) claimable jobs of one runner, oldest first, at most as many
-/// per event as its concurrency limit leaves free. Binds: now, runner, limit.
+/// per event as its concurrency limit leaves free (a runner's own jobs and the pool jobs it is a
+/// candidate for, `store::pool`). Binds: runner, now, limit.
 pub(crate) fn claimable_select() -> String {
     format!(
         "SELECT id FROM (
@@ -35,10 +36,11 @@ pub(crate) fn claimable_select() -> String {
                   CASE WHEN d.max_concurrency IS NULL THEN 0 ELSE
                     (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running'))
                   END AS active
-           FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
-           WHERE {CLAIMABLE} AND j.runner = ?)
+           FROM {} CROSS JOIN jobs j ON j.id = m.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+           WHERE {CLAIMABLE})
          WHERE cap IS NULL OR active + nth <= cap
-         ORDER BY queued_at, id LIMIT ?"
+         ORDER BY queued_at, id LIMIT ?",
+        super::pool::CLAIMABLE_IDS
     )
 }
 
@@ -355,7 +357,7 @@ pub(crate) async fn apply_in(
     };
     sqlx::query(
         "UPDATE jobs SET backoff_ms = ?, backoff_factor = ?, max_backoff_ms = ?, batch = 0,
-         offline_wait_ms = CASE WHEN agent_id IS NULL THEN NULL ELSE ? END WHERE run_id = ?",
+         offline_wait_ms = CASE WHEN agent_id IS NULL AND pool = 0 THEN NULL ELSE ? END WHERE run_id = ?",
     )
     .bind(seconds_to_ms(policy.retry.backoff_seconds))
     .bind(policy.retry.factor)
@@ -482,6 +484,7 @@ pub(crate) async fn settled_in(
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    super::observe::settled("cancelled", Some("rollout_stopped"), cancelled);
     sqlx::query("UPDATE runs SET stopped_reason = ?, stopped_at = ? WHERE id = ?")
         .bind(&reason)
         .bind(now)
@@ -623,7 +626,9 @@ impl Store {
     /// Runners with a queued job that became due in `(after, up_to]`.
     pub async fn runners_due(&self, after: i64, up_to: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT runner FROM jobs WHERE status = 'queued' AND not_before > ? AND not_before <= ?",
+            "SELECT DISTINCT COALESCE(j.runner, c.agent_id) AS runner FROM jobs j
+               LEFT JOIN job_candidates c ON j.runner IS NULL AND c.job_id = j.id
+             WHERE j.status = 'queued' AND j.not_before > ? AND j.not_before <= ? AND COALESCE(j.runner, c.agent_id) IS NOT NULL",
         )
         .bind(after)
         .bind(up_to)
@@ -648,9 +653,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let query = format!(
-            "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+            "SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+               LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
              WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= ?)
-               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)
+               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL) AND COALESCE(q.runner, c.agent_id) IS NOT NULL
                AND q.event_id IN (SELECT event_id FROM jobs WHERE id IN ({})
                                   AND status IN ('queued', 'completed', 'failed', 'cancelled'))",
             placeholders(job_ids.len())
@@ -666,9 +672,10 @@ impl Store {
     /// missed change notifications).
     pub async fn runners_held_back(&self, now: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+            "SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+               LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
              WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= ?)
-               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)",
+               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL) AND COALESCE(q.runner, c.agent_id) IS NOT NULL",
         )
         .bind(now)
         .fetch_all(&self.reader)
@@ -686,12 +693,14 @@ impl Store {
             > 0)
     }
 
-    /// Queued agent jobs whose batch started at least their offline wait ago: `(job, agent)`.
-    /// The caller skips those whose agent is offline ([`Store::skip_offline`]).
+    /// Queued agent jobs whose batch started at least their offline wait ago: `(job, agent)`, a
+    /// pair per candidate for a pool job. The caller skips those whose agents are all offline
+    /// ([`Store::skip_offline`]).
     pub async fn offline_candidates(&self, now: i64) -> StoreResult<Vec<(String, String)>> {
         Ok(sqlx::query_as(
-            "SELECT j.id, j.agent_id FROM jobs j JOIN runs r ON r.id = j.run_id
-             WHERE j.status = 'queued' AND j.offline_wait_ms IS NOT NULL AND j.agent_id IS NOT NULL
+            "SELECT j.id, COALESCE(j.agent_id, c.agent_id) FROM jobs j JOIN runs r ON r.id = j.run_id
+               LEFT JOIN job_candidates c ON j.agent_id IS NULL AND c.job_id = j.id
+             WHERE j.status = 'queued' AND j.offline_wait_ms IS NOT NULL AND COALESCE(j.agent_id, c.agent_id) IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch
                                AND b.status IN ('queued', 'claimed', 'running'))
                AND COALESCE((SELECT MAX(finished_at) FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch),
@@ -720,6 +729,7 @@ impl Store {
                 .await?
                 .rows_affected();
                 if changed > 0 {
+                    super::observe::settled("cancelled", Some("offline"), 1);
                     settled_in(conn, job_id).await?;
                     skipped.push(job_id.clone());
                 }
