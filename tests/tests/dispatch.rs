@@ -63,6 +63,30 @@ fn jobs_by_host<'a>(
         .collect()
 }
 
+/// `POST /runs/{id}/retry` with `only`: the new run and the names of the hosts it retries.
+async fn retry_hosts(
+    cluster: &TestCluster,
+    run_id: &str,
+    only: &str,
+    names: &BTreeMap<String, String>,
+) -> Result<(Value, BTreeSet<String>)> {
+    let retry = cluster
+        .api()
+        .post(
+            &format!("/api/v1/runs/{run_id}/retry"),
+            &json!({ "only": only }),
+        )
+        .await?
+        .expect_status(201, &format!("retry {only} hosts"))?;
+    let retried = retry["jobs"]
+        .as_array()
+        .context("jobs")?
+        .iter()
+        .map(|job| names[text(job, "agent_id")].clone())
+        .collect();
+    Ok((retry, retried))
+}
+
 fn text<'a>(job: &'a Value, field: &str) -> &'a str {
     job[field].as_str().unwrap_or_default()
 }
@@ -196,20 +220,7 @@ async fn a_rollout_in_batches_stops_after_two_failures_and_retries_exactly_the_f
     ensure!(groups == expected_groups, "groups: {groups:?}");
 
     // Retry the failed hosts: a new run linked to this one with exactly h1 and h3.
-    let retry = cluster
-        .api()
-        .post(
-            &format!("/api/v1/runs/{run_id}/retry"),
-            &json!({"only": "failed"}),
-        )
-        .await?
-        .expect_status(201, "retry failed hosts")?;
-    let retried: BTreeSet<String> = retry["jobs"]
-        .as_array()
-        .context("jobs")?
-        .iter()
-        .map(|job| names[text(job, "agent_id")].clone())
-        .collect();
+    let (retry, retried) = retry_hosts(&cluster, &run_id, "failed", &names).await?;
     ensure!(
         retried == BTreeSet::from(["h1-bad2".to_string(), "h3-bad4".to_string()]),
         "retried hosts: {retried:?}"
@@ -222,20 +233,7 @@ async fn a_rollout_in_batches_stops_after_two_failures_and_retries_exactly_the_f
         retry_run["retry_of"]
     );
     // With the not-started hosts: h1, h3 and h5.
-    let retry = cluster
-        .api()
-        .post(
-            &format!("/api/v1/runs/{run_id}/retry"),
-            &json!({"only": "failed_and_not_started"}),
-        )
-        .await?
-        .expect_status(201, "retry failed and not started hosts")?;
-    let retried: BTreeSet<String> = retry["jobs"]
-        .as_array()
-        .context("jobs")?
-        .iter()
-        .map(|job| names[text(job, "agent_id")].clone())
-        .collect();
+    let (retry, retried) = retry_hosts(&cluster, &run_id, "failed_and_not_started", &names).await?;
     ensure!(
         retried
             == BTreeSet::from([
