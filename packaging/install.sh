@@ -12,6 +12,10 @@
 # installed one, installs atomically, enrolls (once), and installs and starts the systemd unit
 # (or, with --no-service, runs the agent in the foreground, or in the background with --detach).
 # Safe to run again.
+#
+# Environment: CRONIUM_ENROLL_TOKEN (instead of --token); CRONIUM_SYSTEMD_DIR, the directory the
+# unit is written to (default /etc/systemd/system; the service is installed only when it exists
+# and `systemctl is-system-running` says systemd runs).
 set -eu
 
 CRONIUM_URL='@CRONIUM_URL@'
@@ -42,6 +46,9 @@ Usage: install.sh [options]
                      output in STATE_DIR/agent.log, pid in STATE_DIR/agent.pid) and return;
                      a run again restarts it
   --uninstall        stop and remove the service and the binary (--purge: the state dir too)
+Environment:
+  CRONIUM_ENROLL_TOKEN  the enrollment token, instead of --token
+  CRONIUM_SYSTEMD_DIR   where the unit cronium-agent.service goes (default /etc/systemd/system)
 EOF
 }
 
@@ -143,7 +150,10 @@ case $version in
 esac
 
 bin=$prefix/bin/cronium-agent
-unit=/etc/systemd/system/cronium-agent.service
+systemd_dir=${CRONIUM_SYSTEMD_DIR:-/etc/systemd/system}
+systemd_dir=${systemd_dir%/}
+safe_path CRONIUM_SYSTEMD_DIR "$systemd_dir"
+unit=$systemd_dir/cronium-agent.service
 pid_file=$state_dir/agent.pid
 
 # stop_detached: stops an agent started with --detach (its pid file names it), if it runs.
@@ -196,6 +206,12 @@ fi
 if [ "$no_service" = 0 ]; then
 	[ "$(id -u)" = 0 ] || die "installing the systemd service needs root: run with sudo, or use --no-service"
 	command -v systemctl >/dev/null 2>&1 || die "systemctl not found: this host has no systemd; use --no-service and supervise the agent yourself"
+	# systemctl alone is not systemd: containers often have it without systemd running ("offline").
+	systemd_state=$(systemctl is-system-running 2>/dev/null) || true
+	case $systemd_state in
+	'' | offline | unknown) die "systemd is not running on this host (systemctl is-system-running: ${systemd_state:-no answer}); use --no-service and supervise the agent yourself. Nothing was installed." ;;
+	esac
+	[ -d "$systemd_dir" ] || die "$systemd_dir does not exist: cannot install the systemd unit there (CRONIUM_SYSTEMD_DIR chooses another directory); or use --no-service. Nothing was installed."
 fi
 
 # Signatures are checked with OpenSSL 3 (ed25519 over the raw bytes needs `pkeyutl -rawin`).

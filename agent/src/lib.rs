@@ -14,6 +14,7 @@ pub mod frame_io;
 pub mod helper;
 pub mod identity;
 mod jobs;
+pub mod logging;
 pub mod runner;
 pub mod spool;
 pub mod terminal;
@@ -118,7 +119,26 @@ pub async fn run_with_terminals(
     terminal_options: TerminalOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_agent(options, terminal_options, None, shutdown).await
+    run_agent(options, terminal_options, None, None, shutdown).await
+}
+
+/// [`run`] with every job executed by `runner` instead of the agent's own runners (host
+/// processes, Docker, HTTP requests): the connection, claims, spool and uploads are the agent's
+/// own. For a benchmark that holds many agents in one process and must not measure the host's
+/// fork rate; the runner says what it does in place of the real work.
+pub async fn run_with_runner(
+    options: AgentOptions,
+    runner: Arc<dyn runner::Runner>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_agent(
+        options,
+        TerminalOptions::default(),
+        None,
+        Some(runner),
+        shutdown,
+    )
+    .await
 }
 
 /// [`run_with_terminals`] for the `cronium-agent` binary, which also updates itself when the
@@ -131,13 +151,14 @@ pub async fn run_self_updating(
     self_update: SelfUpdateOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_agent(options, terminal_options, Some(self_update), shutdown).await
+    run_agent(options, terminal_options, Some(self_update), None, shutdown).await
 }
 
 async fn run_agent(
     options: AgentOptions,
     terminal_options: TerminalOptions,
     self_update: Option<SelfUpdateOptions>,
+    runner: Option<Arc<dyn runner::Runner>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     install_crypto_provider();
@@ -215,19 +236,22 @@ async fn run_agent(
             "removed containers a previous run of this agent left"
         );
     }
-    let runner = Arc::new(Dispatch {
-        host: ProcessRunner::new(ProcessRunnerOptions {
-            work_root,
-            base_env,
-            kill_grace: KILL_GRACE,
-            interpreters,
-            helper_link,
-            allow_run_as: options.allow_run_as.clone(),
-            cgroups,
+    let runner: Arc<dyn runner::Runner> = match runner {
+        Some(runner) => runner,
+        None => Arc::new(Dispatch {
+            host: ProcessRunner::new(ProcessRunnerOptions {
+                work_root,
+                base_env,
+                kill_grace: KILL_GRACE,
+                interpreters,
+                helper_link,
+                allow_run_as: options.allow_run_as.clone(),
+                cgroups,
+            }),
+            docker: docker_runner,
+            http: crate::runner::http::HttpRunner::new(),
         }),
-        docker: docker_runner,
-        http: crate::runner::http::HttpRunner::new(),
-    });
+    };
 
     let tracker = TaskTracker::new();
     let exit = CancellationToken::new();

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cronium_agent::logging::LogFormat;
 use cronium_agent::{AgentOptions, EnrollOptions, SelfUpdateOptions, TerminalOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "cronium-agent", version)]
 struct Cli {
+    /// Log lines on stderr: `text`, or `json` (one object per line with `timestamp`, `level`,
+    /// `message`, `target` and the event's fields).
+    #[arg(long, global = true, env = "CRONIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,12 +181,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    cronium_agent::logging::init(
+        cli.log_format,
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    );
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -190,7 +193,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("cronium-agent: {error:#}");
+            cronium_agent::logging::report_fatal(cli.log_format, "cronium-agent", &error);
             ExitCode::FAILURE
         }
     }

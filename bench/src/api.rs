@@ -44,6 +44,17 @@ pub struct Followed {
     pub end_ns: i128,
 }
 
+/// What following a run's events produced.
+pub struct FollowedRun {
+    /// The run's summary sent with the `end` event.
+    pub end: Value,
+    /// When each job was first seen final (wall clock, ns): in the first summary, or in a `job`
+    /// event.
+    pub final_seen_ns: Vec<i128>,
+    /// Events received (`run`, `job`, `end`).
+    pub events: usize,
+}
+
 /// A triggered run's first job.
 pub struct Triggered {
     /// The job's id.
@@ -259,61 +270,129 @@ impl Api {
 
     /// [`Api::follow`] for jobs that may take up to `timeout`.
     pub async fn follow_for(&self, job_id: &str, timeout: Duration) -> anyhow::Result<Followed> {
-        let url = format!("{}/api/v1/jobs/{job_id}/logs?follow=true", self.base);
-        let work = async {
-            let response = self
-                .client
-                .get(&url)
-                .bearer_auth(&self.token)
-                .header("accept", "text/event-stream")
-                .send()
-                .await
-                .context("GET /jobs/{id}/logs?follow=true: request failed")?;
-            let status = response.status();
-            if !status.is_success() {
-                let body = response.text().await.unwrap_or_default();
-                bail!("GET /jobs/{{id}}/logs?follow=true: HTTP {status}: {body}");
+        let mut log = String::new();
+        let mut first_log_ns = None;
+        let path = format!("/api/v1/jobs/{job_id}/logs?follow=true");
+        let work = self.follow_events(&path, "the log stream", |event, data| match event {
+            "log" => {
+                first_log_ns.get_or_insert_with(now_ns);
+                let chunk: Value = serde_json::from_str(data)
+                    .with_context(|| format!("a log event is not JSON: {data}"))?;
+                log.push_str(chunk["data"].as_str().unwrap_or_default());
+                Ok(None)
             }
-            let mut body = response.bytes_stream();
-            let mut buffer: Vec<u8> = Vec::new();
-            let mut log = String::new();
-            let mut first_log_ns = None;
-            while let Some(bytes) = body.next().await {
-                buffer.extend_from_slice(&bytes.context("the log stream broke")?);
-                while let Some(end) = find_event_end(&buffer) {
-                    let block: Vec<u8> = buffer.drain(..end).collect();
-                    let (event, data) = parse_event(&block);
-                    match event.as_deref() {
-                        Some("log") => {
-                            first_log_ns.get_or_insert_with(now_ns);
-                            let chunk: Value = serde_json::from_str(&data)
-                                .with_context(|| format!("a log event is not JSON: {data}"))?;
-                            log.push_str(chunk["data"].as_str().unwrap_or_default());
-                        }
-                        Some("end") => {
-                            let end_ns = now_ns();
-                            let job = serde_json::from_str(&data)
-                                .with_context(|| format!("the end event is not JSON: {data}"))?;
-                            return Ok(Followed {
-                                log,
-                                job,
-                                first_log_ns,
-                                end_ns,
-                            });
-                        }
-                        Some("error") => bail!("the log stream reported an error: {data}"),
-                        _ => {}
-                    }
-                }
-                if buffer.len() > MAX_SSE_BUFFER {
-                    bail!("the log stream sent an oversized event");
-                }
+            "end" => {
+                let end_ns = now_ns();
+                let job = serde_json::from_str(data)
+                    .with_context(|| format!("the end event is not JSON: {data}"))?;
+                Ok(Some(Followed {
+                    log: std::mem::take(&mut log),
+                    job,
+                    first_log_ns,
+                    end_ns,
+                }))
             }
-            bail!("the log stream ended without an end event")
-        };
+            _ => Ok(None),
+        });
         tokio::time::timeout(timeout, work)
             .await
             .with_context(|| format!("following job {job_id} took longer than {timeout:?}"))?
+    }
+
+    /// Follows a run's changes over server-sent events (`GET /runs/{id}/events`) until the `end`
+    /// event, noting when each job was first seen in a final state.
+    pub async fn follow_run(&self, run_id: &str, timeout: Duration) -> anyhow::Result<FollowedRun> {
+        let mut final_seen = std::collections::HashMap::new();
+        let mut events = 0;
+        // When each job was first seen in a final state.
+        let note_final = |seen: &mut std::collections::HashMap<String, i128>, job: &Value, at| {
+            let final_status = matches!(
+                job["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            );
+            if final_status && let Some(id) = job["id"].as_str() {
+                seen.entry(id.to_owned()).or_insert(at);
+            }
+        };
+        let path = format!("/api/v1/runs/{run_id}/events");
+        let work = self.follow_events(&path, "the run's event stream", |event, data| {
+            events += 1;
+            let at = now_ns();
+            let value: Value = serde_json::from_str(data)
+                .with_context(|| format!("a {event} event is not JSON: {data}"))?;
+            match event {
+                "run" => {
+                    for job in value["jobs"].as_array().into_iter().flatten() {
+                        note_final(&mut final_seen, job, at);
+                    }
+                }
+                "job" => note_final(&mut final_seen, &value, at),
+                "end" => {
+                    for job in value["jobs"].as_array().into_iter().flatten() {
+                        note_final(&mut final_seen, job, at);
+                    }
+                    return Ok(Some(FollowedRun {
+                        end: value,
+                        final_seen_ns: std::mem::take(&mut final_seen).into_values().collect(),
+                        events,
+                    }));
+                }
+                _ => {}
+            }
+            Ok(None)
+        });
+        tokio::time::timeout(timeout, work)
+            .await
+            .with_context(|| format!("following run {run_id} took longer than {timeout:?}"))?
+    }
+
+    /// Reads the server-sent events of `GET path` (named `what` in errors), giving each named
+    /// event's name and data to `on_event` until it returns a value. An `error` event, a broken
+    /// or oversized stream, or its end before that are errors.
+    async fn follow_events<T>(
+        &self,
+        path: &str,
+        what: &str,
+        mut on_event: impl FnMut(&str, &str) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("GET {path}: request failed"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        let mut body = response.bytes_stream();
+        let mut buffer: Vec<u8> = Vec::new();
+        while let Some(bytes) = body.next().await {
+            buffer.extend_from_slice(&bytes.with_context(|| format!("{what} broke"))?);
+            let mut consumed = 0;
+            while let Some(end) = find_event_end(&buffer[consumed..]) {
+                let block = &buffer[consumed..consumed + end];
+                consumed += end;
+                let (event, data) = parse_event(block);
+                match event.as_deref() {
+                    None => {}
+                    Some("error") => bail!("{what} reported an error: {data}"),
+                    Some(event) => {
+                        if let Some(done) = on_event(event, &data)? {
+                            return Ok(done);
+                        }
+                    }
+                }
+            }
+            buffer.drain(..consumed);
+            if buffer.len() > MAX_SSE_BUFFER {
+                bail!("{what} sent an oversized event");
+            }
+        }
+        bail!("{what} ended without an end event")
     }
 }
 

@@ -127,9 +127,19 @@ struct Cli {
     /// In-process agents of the simulated fan-out (0 skips it).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     fanout_simulated: u64,
-    /// Timed rounds of the simulated fan-out, after 2 untimed ones.
+    /// Timed rounds of the simulated fan-out per executor, after 2 untimed ones.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     fanout_simulated_runs: u64,
+    /// What runs the simulated fleet's jobs, a fleet each: `simulated` (the SIMULATED
+    /// in-process executor: no process, it writes `hi`; measures the control plane's fan-out),
+    /// `bash` (the agent's real runner, a `bash` process per job, next to the floor of as many
+    /// bare `bash` spawns), or both (the default), in the order given.
+    #[arg(long, value_delimiter = ',', default_value = "simulated,bash")]
+    fanout_simulated_executors: Vec<SimulatedExecutorArg>,
+    /// Run only the simulated fan-out (no real agent processes, no Salt): the same as
+    /// `--fanout-only --fanout-runs 0`.
+    #[arg(long)]
+    fanout_simulated_only: bool,
     /// Where the simulated agents keep their state dirs (default: /dev/shm when it exists, so
     /// 1,000 agents' spools and work dirs on one disk do not measure that disk's inode
     /// allocator; each real agent has a disk of its own).
@@ -163,6 +173,15 @@ struct Cli {
     strace: PathBuf,
 }
 
+/// `--fanout-simulated-executors` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SimulatedExecutorArg {
+    /// The SIMULATED in-process executor.
+    Simulated,
+    /// The agent's real runner: a `bash` process per job.
+    Bash,
+}
+
 /// How long the agent under test gets to come online.
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -171,7 +190,11 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.fanout_simulated_only {
+        cli.fanout_only = true;
+        cli.fanout_runs = 0;
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Dropping the benchmark future (Ctrl-C) or unwinding out of it (panic) drops every guard:
     // the child processes are stopped and the temp dir removed.
@@ -313,6 +336,16 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             runs: cli.fanout_runs as usize,
             simulated: cli.fanout_simulated as usize,
             simulated_runs: cli.fanout_simulated_runs as usize,
+            simulated_executors: cli
+                .fanout_simulated_executors
+                .iter()
+                .map(|executor| match executor {
+                    SimulatedExecutorArg::Simulated => {
+                        fanout::simulated::Executor::SimulatedInProcess
+                    }
+                    SimulatedExecutorArg::Bash => fanout::simulated::Executor::RealBash,
+                })
+                .collect(),
             simulated_dir: cli.fanout_simulated_dir.clone().unwrap_or_else(|| {
                 let shm = PathBuf::from("/dev/shm");
                 if shm.is_dir() {

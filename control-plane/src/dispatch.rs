@@ -29,6 +29,11 @@ const OFFLINE_CHECK: Duration = Duration::from_secs(1);
 /// Most change notifications handled in one pass.
 const MAX_CHANGES: usize = 4096;
 
+/// Shortest time between two passes woken by changes: a fan-out announces thousands of job
+/// changes one by one, and a pass costs several queries; changes that arrive sooner are
+/// gathered into the next pass. A change after a quiet moment is handled at once.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(5);
+
 /// Tells a runner that it may have work: an agent through its control stream, the SSH worker
 /// for `ssh:` runners, the control plane's own worker (`actions/`) for `control-plane`.
 pub fn wake_runner(state: &AppState, runner: &str) {
@@ -56,6 +61,7 @@ pub async fn run(state: AppState) {
     let mut lagged = true;
     let mut changed: Vec<Arc<str>> = Vec::new();
     loop {
+        let last_pass = tokio::time::Instant::now();
         let now = now_ms();
         match state.store.runners_due(watermark, now).await {
             Ok(runners) => {
@@ -121,11 +127,22 @@ pub async fn run(state: AppState) {
                     Err(RecvError::Lagged(_)) => lagged = true,
                     Err(RecvError::Closed) => return,
                 }
-                while changed.len() < MAX_CHANGES {
-                    match changes.try_recv() {
-                        Ok(id) => changed.push(id),
-                        Err(TryRecvError::Lagged(_)) => lagged = true,
-                        Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                // Right after a pass, gather what else arrives until the interval is over.
+                let gather_until = last_pass + MIN_PASS_INTERVAL;
+                loop {
+                    while changed.len() < MAX_CHANGES {
+                        match changes.try_recv() {
+                            Ok(id) => changed.push(id),
+                            Err(TryRecvError::Lagged(_)) => lagged = true,
+                            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                        }
+                    }
+                    if changed.len() >= MAX_CHANGES || tokio::time::Instant::now() >= gather_until {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = state.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(gather_until) => {}
                     }
                 }
             }
@@ -133,8 +150,8 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// Skips the jobs whose batch started at least their offline wait ago while their agent is
-/// offline.
+/// Skips the jobs whose batch started at least their offline wait ago while their agent (every
+/// candidate of a pool job) is offline.
 async fn skip_offline(state: &AppState, now: i64) {
     let candidates = match state.store.offline_candidates(now).await {
         Ok(candidates) => candidates,
@@ -143,10 +160,19 @@ async fn skip_offline(state: &AppState, now: i64) {
             return;
         }
     };
+    // A pool job has a pair per candidate: it waits while any of them is online.
+    let online: BTreeSet<&str> = candidates
+        .iter()
+        .filter(|(_, agent_id)| state.registry.connection(agent_id).is_some())
+        .map(|(job_id, _)| job_id.as_str())
+        .collect();
     let offline: Vec<String> = candidates
+        .iter()
+        .map(|(job_id, _)| job_id.as_str())
+        .filter(|job_id| !online.contains(job_id))
+        .collect::<BTreeSet<_>>()
         .into_iter()
-        .filter(|(_, agent_id)| state.registry.connection(agent_id).is_none())
-        .map(|(job_id, _)| job_id)
+        .map(str::to_string)
         .collect();
     if offline.is_empty() {
         return;

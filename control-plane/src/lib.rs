@@ -7,10 +7,12 @@
 
 pub mod actions;
 pub mod agents;
+pub mod changes;
 pub mod cli;
 pub mod crypto;
 pub mod dispatch;
 pub mod http;
+pub mod metrics;
 pub mod queue;
 pub mod release;
 pub mod schedule;
@@ -67,6 +69,8 @@ pub struct ServerConfig {
     pub terminals: TerminalConfig,
     /// Where the signed agent releases and their public key are.
     pub releases: release::ReleaseConfig,
+    /// SHA-256 (hex) of the bearer token that may read `GET /metrics` (besides admins).
+    pub metrics_token_sha256: Option<String>,
 }
 
 #[cfg(test)]
@@ -88,6 +92,7 @@ impl ServerConfig {
             delivery: tools::DeliveryOptions::default(),
             terminals: TerminalConfig::default(),
             releases: release::ReleaseConfig::default(),
+            metrics_token_sha256: None,
         }
     }
 }
@@ -124,6 +129,8 @@ pub struct Settings {
     pub releases_dir: PathBuf,
     /// `--release-key`: the release public key file; `<releases dir>/release-key.pub` if `None`.
     pub release_public_key: Option<PathBuf>,
+    /// SHA-256 (hex) of the metrics token (`--metrics-token-file`), if one is configured.
+    pub metrics_token_sha256: Option<String>,
 }
 
 /// Shared state of every handler and session. Cheap to clone.
@@ -135,6 +142,8 @@ pub struct AppState {
     pub ca: Arc<CertificateAuthority>,
     pub key: EncryptionKey,
     pub job_events: JobEvents,
+    /// Change notices for the console's lists (`GET /changes`).
+    pub changes: changes::Changes,
     /// Wakes the lease sweeper before its next tick.
     pub lease_reaper: Arc<Notify>,
     /// Wakes the notification dispatcher; `notify_one` after a notification was committed.
@@ -398,12 +407,14 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
                 .clone()
                 .unwrap_or_else(|| config.data_dir.join("releases")),
             release_public_key: config.releases.public_key_file.clone(),
+            metrics_token_sha256: config.metrics_token_sha256.clone(),
         }),
         store,
         registry: AgentRegistry::default(),
         ca,
         key: config.encryption_key.clone(),
         job_events: JobEvents::default(),
+        changes: changes::Changes::default(),
         lease_reaper: Arc::new(Notify::new()),
         notifier: Arc::new(Notify::new()),
         terminals: TerminalHub::default(),
@@ -429,6 +440,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     state.tasks.spawn(actions::run_worker(state.clone()));
     state.tasks.spawn(dispatch::run(state.clone()));
     state.tasks.spawn(workflows::engine::run(state.clone()));
+    state.tasks.spawn(changes::run(state.clone()));
     state.tasks.spawn(queue::record_last_seen(
         state.clone(),
         Duration::from_secs(30),

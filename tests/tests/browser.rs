@@ -5,8 +5,9 @@
 //! installed over SSH through a real sshd, an event created in the editor, run, its log watched
 //! live, a second run cancelled, the settings pages, a terminal tab in the Console with its
 //! recording played back; the control plane records terminals) and as a viewer (no change
-//! buttons, the API refuses). Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default
-//! `target/test-artifacts/`).
+//! buttons, the API refuses); `live.browser.mjs` watches lists update without a reload (an agent
+//! this test starts when the script asks, a run) and sets a workflow node's own targets.
+//! Screenshots go to `$CRONIUM_TEST_ARTIFACTS` (default `target/test-artifacts/`).
 //!
 //! Needs `/usr/bin/chromium` (Debian's `chromium`), Node.js and `web/node_modules` (the control
 //! plane's build installs it); without them the test fails and says what to install.
@@ -87,60 +88,117 @@ async fn run_browser_script(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<()> {
-    let root = workspace_root();
-    let web = root.join("web");
-    let artifacts = std::env::var_os("CRONIUM_TEST_ARTIFACTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/test-artifacts"));
-    std::fs::create_dir_all(&artifacts)
-        .with_context(|| format!("create {}", artifacts.display()))?;
-    // Chromium's profile: new and empty, removed when the test ends however it ends.
-    let profile = tempfile::Builder::new()
-        .prefix("cronium-chromium-")
-        .tempdir()
-        .context("create the browser profile dir")?;
-
-    let mut command = tokio::process::Command::new("node");
-    command
-        .arg(web.join("tests").join(script))
-        .current_dir(&web)
-        .env("CRONIUM_URL", cluster.http_url())
-        .env("CRONIUM_TEST_ARTIFACTS", &artifacts)
-        .env("CRONIUM_BROWSER_PROFILE", profile.path())
-        .env("CHROMIUM", CHROMIUM)
-        // Chromium inherits this, so the cluster kills it on drop even if node died first.
-        .env(CLUSTER_MARKER_VAR, cluster.marker())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let child = command.spawn().context("start node")?;
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(output) => output.context("wait for node")?,
-        Err(_) => bail!(
-            "{script} did not finish within {timeout:?} (screenshots in {})",
-            artifacts.display()
-        ),
-    };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{script} stdout:\n{stdout}\nstderr:\n{stderr}");
-
-    assert!(
-        output.status.success(),
-        "{script} failed in the browser ({}):\n{stderr}\n{stdout}",
-        output.status
-    );
-    // The script closes the browser; nothing may keep running with its profile.
-    let marker = profile.path().to_string_lossy().into_owned();
-    cluster
-        .wait_no_process_with_arg(&marker, Duration::from_secs(15))
+    BrowserScript::start(cluster, script, env)?
+        .finish(cluster, timeout)
         .await
-        .context("browser processes outlived the script")?;
-    Ok(())
+}
+
+/// A browser script running: started by [`BrowserScript::start`], waited for by
+/// [`BrowserScript::finish`] (in between, the test may change the cluster). Dropping it kills
+/// node (and the cluster kills the browser).
+struct BrowserScript {
+    child: tokio::process::Child,
+    script: String,
+    artifacts: PathBuf,
+    /// Chromium's profile: new and empty, removed when the test ends however it ends.
+    profile: tempfile::TempDir,
+}
+
+impl BrowserScript {
+    fn start(cluster: &TestCluster, script: &str, env: &[(&str, &str)]) -> Result<BrowserScript> {
+        let root = workspace_root();
+        let web = root.join("web");
+        let artifacts = std::env::var_os("CRONIUM_TEST_ARTIFACTS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/test-artifacts"));
+        std::fs::create_dir_all(&artifacts)
+            .with_context(|| format!("create {}", artifacts.display()))?;
+        let profile = tempfile::Builder::new()
+            .prefix("cronium-chromium-")
+            .tempdir()
+            .context("create the browser profile dir")?;
+
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(web.join("tests").join(script))
+            .current_dir(&web)
+            .env("CRONIUM_URL", cluster.http_url())
+            .env("CRONIUM_TEST_ARTIFACTS", &artifacts)
+            .env("CRONIUM_BROWSER_PROFILE", profile.path())
+            .env("CHROMIUM", CHROMIUM)
+            // Chromium inherits this, so the cluster kills it on drop even if node died first.
+            .env(CLUSTER_MARKER_VAR, cluster.marker())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().context("start node")?;
+        Ok(BrowserScript {
+            child,
+            script: script.to_owned(),
+            artifacts,
+            profile,
+        })
+    }
+
+    /// Waits until `path` exists (the script asks for something), failing if the script ends
+    /// first or after `timeout`.
+    async fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !path.exists() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} ended ({status}) before it created {}",
+                    self.script,
+                    path.display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} did not create {} within {timeout:?}",
+                    self.script,
+                    path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    async fn finish(self, cluster: &TestCluster, timeout: Duration) -> Result<()> {
+        let BrowserScript {
+            child,
+            script,
+            artifacts,
+            profile,
+        } = self;
+        let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(output) => output.context("wait for node")?,
+            Err(_) => bail!(
+                "{script} did not finish within {timeout:?} (screenshots in {})",
+                artifacts.display()
+            ),
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!("{script} stdout:\n{stdout}\nstderr:\n{stderr}");
+
+        assert!(
+            output.status.success(),
+            "{script} failed in the browser ({}):\n{stderr}\n{stdout}",
+            output.status
+        );
+        // The script closes the browser; nothing may keep running with its profile.
+        let marker = profile.path().to_string_lossy().into_owned();
+        cluster
+            .wait_no_process_with_arg(&marker, Duration::from_secs(15))
+            .await
+            .context("browser processes outlived the script")?;
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,4 +257,34 @@ async fn the_console_creates_runs_and_streams_an_event_and_a_viewer_changes_noth
         CONSOLE_SCRIPT_TIMEOUT,
     )
     .await
+}
+
+/// Lists update without a reload (`GET /changes`): an agent started while the servers page is
+/// open turns online, a run triggered while the runs page is open appears and ends completed;
+/// and a workflow node's own targets are set in the builder's inspector, saved, shown again
+/// after a reload and cleared (`web/tests/live.browser.mjs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_update_without_a_reload_and_a_workflow_node_keeps_its_own_targets() -> Result<()> {
+    check_prerequisites(&workspace_root().join("web"))?;
+    let mut cluster = TestCluster::start().await?;
+    let password = cluster.cli_user_create("operator", "admin").await?;
+    // Enrolled but not running: the script watches it come online.
+    let agent = cluster.enroll_agent("late-agent", &[]).await?;
+    let signals = tempfile::tempdir().context("create the signal dir")?;
+    let signal_dir = signals.path().to_str().context("signal dir")?.to_owned();
+    let mut script = BrowserScript::start(
+        &cluster,
+        "live.browser.mjs",
+        &[
+            ("CRONIUM_USERNAME", "operator"),
+            ("CRONIUM_PASSWORD", &password),
+            ("CRONIUM_AGENT_NAME", &agent.name),
+            ("CRONIUM_SIGNAL_DIR", &signal_dir),
+        ],
+    )?;
+    script
+        .wait_for_file(&signals.path().join("start-agent"), SCRIPT_TIMEOUT)
+        .await?;
+    cluster.spawn_agent(&agent, &Default::default())?;
+    script.finish(&cluster, SCRIPT_TIMEOUT).await
 }

@@ -1,8 +1,9 @@
 //! Dispatch policies end to end, with real agent processes: a rollout over five agents in
 //! batches of two that stops after two failed hosts, retrying the failed hosts, the live table
 //! of `cronium run --wait`, offline hosts skipped, a retry that waits for its backoff and is
-//! claimed without a new trigger, and a concurrency limit of one across three agents. Ordering
-//! is proven by the times the control plane recorded, never by sleeping.
+//! claimed without a new trigger, a concurrency limit of one across three agents, and a pool
+//! target whose every run is one job on one of the two matching agents of three. Ordering is
+//! proven by the times the control plane recorded, never by sleeping.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -60,6 +61,30 @@ fn jobs_by_host<'a>(
             (names.get(agent).cloned().unwrap_or_default(), job)
         })
         .collect()
+}
+
+/// `POST /runs/{id}/retry` with `only`: the new run and the names of the hosts it retries.
+async fn retry_hosts(
+    cluster: &TestCluster,
+    run_id: &str,
+    only: &str,
+    names: &BTreeMap<String, String>,
+) -> Result<(Value, BTreeSet<String>)> {
+    let retry = cluster
+        .api()
+        .post(
+            &format!("/api/v1/runs/{run_id}/retry"),
+            &json!({ "only": only }),
+        )
+        .await?
+        .expect_status(201, &format!("retry {only} hosts"))?;
+    let retried = retry["jobs"]
+        .as_array()
+        .context("jobs")?
+        .iter()
+        .map(|job| names[text(job, "agent_id")].clone())
+        .collect();
+    Ok((retry, retried))
 }
 
 fn text<'a>(job: &'a Value, field: &str) -> &'a str {
@@ -195,20 +220,7 @@ async fn a_rollout_in_batches_stops_after_two_failures_and_retries_exactly_the_f
     ensure!(groups == expected_groups, "groups: {groups:?}");
 
     // Retry the failed hosts: a new run linked to this one with exactly h1 and h3.
-    let retry = cluster
-        .api()
-        .post(
-            &format!("/api/v1/runs/{run_id}/retry"),
-            &json!({"only": "failed"}),
-        )
-        .await?
-        .expect_status(201, "retry failed hosts")?;
-    let retried: BTreeSet<String> = retry["jobs"]
-        .as_array()
-        .context("jobs")?
-        .iter()
-        .map(|job| names[text(job, "agent_id")].clone())
-        .collect();
+    let (retry, retried) = retry_hosts(&cluster, &run_id, "failed", &names).await?;
     ensure!(
         retried == BTreeSet::from(["h1-bad2".to_string(), "h3-bad4".to_string()]),
         "retried hosts: {retried:?}"
@@ -221,20 +233,7 @@ async fn a_rollout_in_batches_stops_after_two_failures_and_retries_exactly_the_f
         retry_run["retry_of"]
     );
     // With the not-started hosts: h1, h3 and h5.
-    let retry = cluster
-        .api()
-        .post(
-            &format!("/api/v1/runs/{run_id}/retry"),
-            &json!({"only": "failed_and_not_started"}),
-        )
-        .await?
-        .expect_status(201, "retry failed and not started hosts")?;
-    let retried: BTreeSet<String> = retry["jobs"]
-        .as_array()
-        .context("jobs")?
-        .iter()
-        .map(|job| names[text(job, "agent_id")].clone())
-        .collect();
+    let (retry, retried) = retry_hosts(&cluster, &run_id, "failed_and_not_started", &names).await?;
     ensure!(
         retried
             == BTreeSet::from([
@@ -529,6 +528,62 @@ async fn a_retry_delay_survives_a_control_plane_restart() -> Result<()> {
     ensure!(
         claimed_at >= not_before,
         "claimed at {claimed_at}, due at {not_before}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_target_runs_each_run_once_on_one_matching_agent_never_another() -> Result<()> {
+    let mut cluster = TestCluster::start().await?;
+    let mut names = BTreeMap::new();
+    for (name, fleet) in [("pool1", "pool"), ("pool2", "pool"), ("outside", "other")] {
+        let agent = cluster.enroll_agent(name, &[("fleet", fleet)]).await?;
+        cluster
+            .start_agent(&agent, &AgentOptions::default())
+            .await?;
+        names.insert(agent.id.clone(), name.to_string());
+    }
+    // Each job prints the name of the agent whose work dir it runs in.
+    let event_id = create_event(
+        &cluster,
+        &EventSpec::bash(
+            "pooled",
+            "host=${PWD#*/agents/}\nhost=${host%%/*}\necho \"ran on ${host%-*}\"",
+        ),
+        json!({"targets": {"pool": {"fleet": "pool"}}}),
+    )
+    .await?;
+    let mut run_ids = Vec::new();
+    for _ in 0..6 {
+        run_ids.push(trigger(&cluster, &event_id, json!({})).await?);
+    }
+    let mut ran_on = BTreeSet::new();
+    for run_id in &run_ids {
+        let run = wait_run_ended(&cluster, run_id).await?;
+        let jobs = run["jobs"].as_array().context("jobs")?;
+        ensure!(
+            run["status"] == "completed" && jobs.len() == 1,
+            "one completed job per run: {run:#}"
+        );
+        let job = &jobs[0];
+        let agent = names
+            .get(text(job, "agent_id"))
+            .with_context(|| format!("the job names a known agent: {job}"))?;
+        ensure!(
+            agent.starts_with("pool") && job["attempt"] == 1,
+            "run by a matching agent, once: {job}"
+        );
+        let log = cluster.job_logs(text(job, "id")).await?;
+        ensure!(
+            String::from_utf8_lossy(&log).trim() == format!("ran on {agent}"),
+            "the agent the job names ran it: {}",
+            String::from_utf8_lossy(&log)
+        );
+        ran_on.insert(agent.clone());
+    }
+    ensure!(
+        ran_on.iter().all(|agent| agent != "outside"),
+        "the agent outside the pool never ran a job: {ran_on:?}"
     );
     Ok(())
 }

@@ -7,6 +7,9 @@
 //! "Newer" versions are the same built agent signed with a higher manifest version (the agent's
 //! version is what the signed manifest of its binary says). Bad releases are shell scripts that
 //! would leave a trace if they were ever executed.
+//!
+//! Also: an agent enrolled by hand with `cronium-agent enroll --release-key`, and the pid file of
+//! an `install.sh --detach` agent across a rollback.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -391,17 +394,8 @@ async fn tampered_unsigned_foreign_and_older_releases_are_refused_and_never_run(
     let unpinned = cluster.add_agent("unpinned").await?;
 
     let ran = cluster.dir().join("unverified-binary-ran");
-    let evil = format!(
-        "#!/bin/sh\ntouch {}\necho 'cronium-agent 9.9.9 ({target}), protocol 1..=1'\n",
-        ran.display()
-    );
-    let make = |version: &str| -> Result<PathBuf> {
-        let dir = releases.join(version).join(&target);
-        std::fs::create_dir_all(&dir)?;
-        let file = dir.join("cronium-agent");
-        std::fs::write(&file, &evil)?;
-        Ok(file)
-    };
+    let evil = unverified_binary(&ran, &target);
+    let make = |version: &str| place_release(&releases, version, &target, &evil);
     // 60.0.1: binary modified after signing.
     let file = make("60.0.1")?;
     sign(&file, &keys.private, "60.0.1", &target).await?;
@@ -573,4 +567,351 @@ async fn a_new_binary_that_exits_or_never_connects_is_rolled_back() -> Result<()
         "the process that ran the exiting binary is gone"
     );
     Ok(())
+}
+
+/// `cronium-agent` and its arguments, with the cluster's marker (found and killed on drop) and
+/// no inherited `CRONIUM_*` settings.
+fn agent_command(cluster: &TestCluster, bin: &Path, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(bin);
+    command.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CRONIUM_") {
+            command.env_remove(&name);
+        }
+    }
+    command.env(cronium_e2e::cluster::CLUSTER_MARKER_VAR, cluster.marker());
+    command
+}
+
+/// An agent enrolled by hand (`cronium-agent enroll --release-key`, no installer) pins the key it
+/// is given: a malformed key (or a private key, or a missing file) is refused before the token
+/// is sent; with the control plane's key, a release signed by another key is refused (whole
+/// release, and only the binary's signature) and never run, and a correctly signed one is
+/// installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_enrolled_with_release_key_accepts_only_releases_signed_by_that_key() -> Result<()>
+{
+    let cluster = TestCluster::start().await?;
+    let current = built_version()?;
+    let keys = cluster.publish_agent_release(Some(&current), None).await?;
+    let target = agent_target()?;
+    let releases = cluster.releases_dir();
+    let other_key = keygen(&cluster.dir().join("other-key")).await?;
+
+    // The key an operator fetches from the control plane.
+    let response = reqwest::get(cluster.api().url("/downloads/release-key")).await?;
+    ensure!(response.status() == 200, "GET /downloads/release-key");
+    let release_key = response.text().await?;
+    ensure!(
+        release_key.trim() == std::fs::read_to_string(&keys.public)?.trim(),
+        "the served key is the cluster's release key: {release_key}"
+    );
+    let key_file = cluster.dir().join("release-key.pem");
+    std::fs::write(&key_file, &release_key)?;
+
+    // The agent runs from a copy of its own (a self-update writes next to the binary).
+    let home = cluster.dir().join("manual");
+    let bin = home.join("bin/cronium-agent");
+    std::fs::create_dir_all(home.join("bin"))?;
+    std::fs::copy(cronium_e2e::binary("cronium-agent")?, &bin)?;
+    let state_dir = home.join("state");
+    let state_text = state_dir.to_str().context("utf-8 path")?.to_owned();
+    let created = cluster
+        .create_enrollment_token(&json!({"uses": 1, "ttl_seconds": 600}))
+        .await?;
+    let token = cronium_e2e::cluster::json_str(&created, "token")?;
+    let ca_sha256 = cronium_e2e::cluster::json_str(&created, "ca_sha256")?;
+    let enroll = |key: &Path| {
+        let mut command = agent_command(
+            &cluster,
+            &bin,
+            &[
+                "enroll",
+                "--server",
+                &cluster.http_url(),
+                "--ca-sha256",
+                &ca_sha256,
+                "--name",
+                "manual",
+                "--state-dir",
+                &state_text,
+                "--release-key",
+                key.to_str().unwrap_or_default(),
+            ],
+        );
+        command.env("CRONIUM_ENROLL_TOKEN", &token);
+        let mut command = tokio::process::Command::from(command);
+        command
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), command.output())
+                .await
+                .context("cronium-agent enroll timed out")?
+                .context("run cronium-agent enroll")
+        }
+    };
+
+    // Malformed keys: a clear message, a non-zero exit, nothing written, the token not used.
+    let garbage = cluster.dir().join("garbage-key.pem");
+    std::fs::write(&garbage, "this is not a key\n")?;
+    let not_ed25519 = cluster.dir().join("not-ed25519.pem");
+    std::fs::write(
+        &not_ed25519,
+        "-----BEGIN PUBLIC KEY-----\nbm90IGFuIGVkMjU1MTkga2V5\n-----END PUBLIC KEY-----\n",
+    )?;
+    let missing = cluster.dir().join("no-such-key.pem");
+    for (file, expected) in [
+        (&garbage, "not a PEM, hex or base64 public key"),
+        (&not_ed25519, "not an ed25519 public key"),
+        (
+            &keys.private,
+            "this is a PRIVATE key; the agent needs only the public key",
+        ),
+        (&missing, "does not exist"),
+    ] {
+        let output = enroll(file).await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            !output.status.success()
+                && stderr.contains(expected)
+                && stderr.contains(file.to_str().unwrap_or_default()),
+            "--release-key {}: expected {expected:?}, got: {stderr}",
+            file.display()
+        );
+        ensure!(
+            !state_dir.join("agent.json").exists() && !state_dir.join("release-key.pub").exists(),
+            "--release-key {}: something was written in the state dir",
+            file.display()
+        );
+    }
+    // The one-use token was never sent: it enrolls now, with the control plane's key pinned.
+    let output = enroll(&key_file).await?;
+    ensure!(
+        output.status.success(),
+        "enroll --release-key: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        std::fs::read_to_string(state_dir.join("release-key.pub"))?.trim() == release_key.trim(),
+        "the pinned key is the one given"
+    );
+
+    let (mut agent, _) = ChildGuard::spawn(
+        "manual",
+        agent_command(&cluster, &bin, &["run", "--state-dir", &state_text]),
+        &home.join("agent.log"),
+        None,
+    )?;
+    let online = match wait_agent(&cluster, "manual", |agent| agent["status"] == "online").await {
+        Ok(online) => online,
+        Err(error) => bail!("{error:#}\nagent log:\n{}", agent.log_tail(40)),
+    };
+    ensure!(online["version"] == current.as_str(), "agent: {online}");
+    let agent_id = online["id"].as_str().context("agent id")?.to_owned();
+    let binary_before = cronium_e2e::sha256_hex(&std::fs::read(&bin)?);
+
+    // Signed by another key: the whole release, or only the binary (its manifest is genuine).
+    let ran = cluster.dir().join("foreign-binary-ran");
+    let evil = unverified_binary(&ran, &target);
+    let make = |version: &str| place_release(&releases, version, &target, &evil);
+    let file = make("60.0.5")?;
+    sign(&file, &other_key.private, "60.0.5", &target).await?;
+    let file = make("60.0.7")?;
+    sign(&file, &keys.private, "60.0.7", &target).await?;
+    let foreign = cluster.dir().join("foreign-binary");
+    std::fs::write(&foreign, &evil)?;
+    sign(&foreign, &other_key.private, "60.0.7", &target).await?;
+    std::fs::copy(with_suffix(&foreign, ".sig"), with_suffix(&file, ".sig"))?;
+    for (version, expected) in [
+        (
+            "60.0.5",
+            "the signature of the release manifest does not verify with the pinned release key",
+        ),
+        (
+            "60.0.7",
+            "the signature of the agent binary does not verify with the pinned release key",
+        ),
+    ] {
+        set_policy(&cluster, json!({"version": version, "percentage": 100})).await?;
+        let refused = wait_update(&cluster, "manual", version, "failed").await?;
+        let reason = refused["update"]["reason"].as_str().unwrap_or_default();
+        ensure!(
+            reason.contains(expected),
+            "release {version}: expected {expected:?}, got: {refused}"
+        );
+        ensure!(
+            refused["status"] == "online" && refused["version"] == current.as_str(),
+            "release {version}: {refused}"
+        );
+        ensure!(
+            agent.try_wait()?.is_none(),
+            "release {version}: the agent exited"
+        );
+        ensure!(
+            cronium_e2e::sha256_hex(&std::fs::read(&bin)?) == binary_before,
+            "release {version}: the binary changed"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(home.join("bin"))?
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != "cronium-agent")
+            .collect();
+        ensure!(
+            leftovers.is_empty(),
+            "release {version}: left next to the binary: {leftovers:?}"
+        );
+        ensure!(!ran.exists(), "release {version}: the foreign binary ran");
+    }
+
+    // Signed with the pinned key: verified, executed in place (same process), installed.
+    let newer = "50.0.0";
+    cluster.publish_agent_release(Some(newer), None).await?;
+    set_policy(&cluster, json!({"version": newer, "percentage": 100})).await?;
+    let updated = wait_update(&cluster, "manual", newer, "succeeded").await?;
+    wait_agent(&cluster, "manual", |agent| {
+        agent["status"] == "online" && agent["version"] == newer
+    })
+    .await
+    .with_context(|| format!("after the update: {updated}"))?;
+    ensure!(
+        agent.try_wait()?.is_none(),
+        "the agent process exited instead of executing the new binary in place"
+    );
+    ensure!(
+        home.join("bin/cronium-agent.prev").is_file(),
+        "the previous binary is kept"
+    );
+    let manifest = std::fs::read_to_string(state_dir.join("installed.manifest.json"))?;
+    ensure!(
+        manifest.contains(&format!("\"version\": \"{newer}\"")),
+        "installed manifest: {manifest}"
+    );
+    run_job(&cluster, &agent_id, "after-pinned-update").await?;
+    Ok(())
+}
+
+/// A rollback replaces the agent's process (the watchdog runs the old binary): for an agent
+/// installed with `--no-service --detach`, `agent.pid` follows it, so the installer's
+/// `--uninstall` still stops the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_agent_rolled_back_keeps_a_true_pid_file_and_uninstalls() -> Result<()> {
+    let cluster = TestCluster::start().await?;
+    let current = built_version()?;
+    let keys = cluster.publish_agent_release(Some(&current), None).await?;
+    let target = agent_target()?;
+    let script = cluster.download_install_script().await?;
+    let created = cluster
+        .create_enrollment_token(&json!({"uses": 1, "ttl_seconds": 600}))
+        .await?;
+    let token = cronium_e2e::cluster::json_str(&created, "token")?;
+    let prefix = cluster.dir().join("prefix-detached");
+    let prefix_text = prefix.to_str().context("utf-8 path")?.to_owned();
+    let state_dir = prefix.join("var/lib/cronium-agent");
+    let bin = prefix.join("bin/cronium-agent");
+    let bin_text = bin.to_str().context("utf-8 path")?.to_owned();
+    let output = cronium_e2e::release::run_installer(cluster.installer_command(
+        "/bin/dash",
+        &script,
+        &[
+            "--name",
+            "detached",
+            "--prefix",
+            &prefix_text,
+            "--no-service",
+            "--detach",
+        ],
+        &[("CRONIUM_ENROLL_TOKEN", &token)],
+    ))
+    .await?;
+    ensure!(
+        output.status.success(),
+        "install --detach: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let read_pid = || -> Result<i32> {
+        Ok(std::fs::read_to_string(state_dir.join("agent.pid"))?
+            .trim()
+            .parse()?)
+    };
+    let first_pid = read_pid()?;
+    if let Err(error) = wait_agent(&cluster, "detached", |agent| agent["status"] == "online").await
+    {
+        bail!(
+            "{error:#}\nagent log:\n{}",
+            cronium_e2e::process::log_tail(&state_dir.join("agent.log"), 40)
+        );
+    }
+
+    // Properly signed, but it exits at once when run: rolled back by the watchdog.
+    let dir = cluster.releases_dir().join("70.0.0").join(&target);
+    std::fs::create_dir_all(&dir)?;
+    let exits = dir.join("cronium-agent");
+    std::fs::write(
+        &exits,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = version ]; then echo 'cronium-agent 70.0.0 ({target}), protocol 1..=1'; exit 0; fi\nexit 3\n"
+        ),
+    )?;
+    sign(&exits, &keys.private, "70.0.0", &target).await?;
+    set_policy(&cluster, json!({"version": "70.0.0", "percentage": 100})).await?;
+    wait_update(&cluster, "detached", "70.0.0", "rolled_back").await?;
+    wait_agent(&cluster, "detached", |agent| {
+        agent["status"] == "online" && agent["version"] == current.as_str()
+    })
+    .await?;
+
+    // The agent now runs in another process, and the pid file names it.
+    let running: Vec<i32> = cronium_e2e::process::live_processes_with_arg(&bin_text)
+        .into_iter()
+        .filter(|process| process.cmdline.contains(" run --state-dir "))
+        .map(|process| process.pid)
+        .collect();
+    let pid = read_pid()?;
+    ensure!(
+        running == [pid] && pid != first_pid,
+        "agent.pid says {pid} (first {first_pid}); agent processes: {running:?}"
+    );
+
+    // So --uninstall stops it.
+    let output = cronium_e2e::release::run_installer(cluster.installer_command(
+        "/bin/dash",
+        &script,
+        &["--uninstall", "--prefix", &prefix_text],
+        &[],
+    ))
+    .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.success()
+            && stderr.contains(&format!("stopped the detached agent (pid {pid})")),
+        "uninstall: {stderr}"
+    );
+    ensure!(
+        cronium_e2e::process::live_processes_with_arg(&bin_text).is_empty(),
+        "an agent process is left after --uninstall"
+    );
+    ensure!(
+        !bin.exists() && !state_dir.join("agent.pid").exists(),
+        "uninstall left files"
+    );
+    wait_agent(&cluster, "detached", |agent| agent["status"] != "online").await?;
+    Ok(())
+}
+
+/// A script posing as an agent binary that touches `ran` if anything ever executes it.
+fn unverified_binary(ran: &Path, target: &str) -> String {
+    format!(
+        "#!/bin/sh\ntouch {}\necho 'cronium-agent 9.9.9 ({target}), protocol 1..=1'\n",
+        ran.display()
+    )
+}
+
+/// Writes `contents` as `version`'s agent binary for `target` in the releases dir (unsigned).
+fn place_release(releases: &Path, version: &str, target: &str, contents: &str) -> Result<PathBuf> {
+    let dir = releases.join(version).join(target);
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("cronium-agent");
+    std::fs::write(&file, contents)?;
+    Ok(file)
 }

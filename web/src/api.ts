@@ -154,6 +154,8 @@ export interface Targets {
   agents?: string[];
   labels?: Labels;
   servers?: string[];
+  /** One job per run, run by any one agent carrying all these labels (alone: no agents, labels or servers). */
+  pool?: Labels | null;
 }
 
 export interface Schedule {

@@ -11,7 +11,7 @@ export interface WorkflowNode {
   id: string;
   event_id: string;
   join?: "all" | "any";
-  /** Overrides the event's targets; kept as the API gave it (the builder does not edit it). */
+  /** Overrides the event's targets (the builder's node inspector edits it); absent: the event's. */
   targets?: { agents?: string[]; labels?: Labels; servers?: string[] };
 }
 

@@ -44,7 +44,7 @@ import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { launchChromium } from "./chromium.mjs";
+import { assertCleanPages, launchChromium, runBrowserTest, step } from "./chromium.mjs";
 
 const STEP_TIMEOUT_MS = 30_000;
 
@@ -99,17 +99,6 @@ const browserLog = [];
 const violations = [];
 let page;
 let context;
-
-async function step(name, action) {
-  const started = Date.now();
-  try {
-    const result = await action();
-    console.log(`ok   ${name} (${Date.now() - started} ms)`);
-    return result;
-  } catch (error) {
-    throw new Error(`step "${name}" failed: ${error instanceof Error ? error.message : String(error)}`);
-  }
-}
 
 async function shot(name) {
   // The sidebar is sticky: from the top, a full-page screenshot shows it where it belongs.
@@ -1056,36 +1045,20 @@ async function main() {
   } finally {
     hook.server.close();
   }
-  if (violations.length > 0) {
-    throw new Error(`a page broke its Content-Security-Policy:\n${violations.join("\n")}`);
-  }
-  const errors = browserLog.filter((line) => line.startsWith("page error"));
-  if (errors.length > 0) {
-    throw new Error(`the pages threw:\n${errors.join("\n")}`);
-  }
+  assertCleanPages({ browserLog, violations });
 }
 
-let failure = null;
-try {
-  await main();
-} catch (error) {
-  failure = error instanceof Error ? error.message : String(error);
-  if (page !== undefined) {
-    await page.screenshot({ path: join(artifacts, "console-failure.png"), fullPage: true }).catch(() => {});
-  }
-} finally {
-  await context?.close().catch(() => {});
-  if (ownProfile) {
-    rmSync(profile, { recursive: true, force: true });
-  }
-  rmSync(gateDir, { recursive: true, force: true });
-}
-if (failure !== null) {
-  console.error(`FAILED: ${failure}`);
-  if (browserLog.length > 0) {
-    console.error(`browser console:\n  ${browserLog.slice(-30).join("\n  ")}`);
-  }
-  console.error(`screenshots: ${artifacts}`);
-  process.exit(1);
-}
-console.log(`console: all steps passed; screenshots in ${artifacts}`);
+await runBrowserTest({
+  name: "console",
+  label: "console",
+  artifacts,
+  main,
+  browser: () => ({ page, context }),
+  browserLog,
+  cleanup: () => {
+    if (ownProfile) {
+      rmSync(profile, { recursive: true, force: true });
+    }
+    rmSync(gateDir, { recursive: true, force: true });
+  },
+});

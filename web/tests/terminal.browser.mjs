@@ -17,7 +17,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { launchChromium } from "./chromium.mjs";
+import { assertCleanPages, launchChromium, runBrowserTest, step } from "./chromium.mjs";
 
 const STEP_TIMEOUT_MS = 30_000;
 
@@ -47,17 +47,6 @@ const browserLog = [];
 const violations = [];
 let page;
 let context;
-
-async function step(name, action) {
-  const started = Date.now();
-  try {
-    const result = await action();
-    console.log(`ok   ${name} (${Date.now() - started} ms)`);
-    return result;
-  } catch (error) {
-    throw new Error(`step "${name}" failed: ${error instanceof Error ? error.message : String(error)}`);
-  }
-}
 
 /** Whether the terminal's buffer (scrollback included) has a line containing `text`. */
 function bufferHas(text) {
@@ -181,31 +170,20 @@ async function main() {
     }
     await page.screenshot({ path: join(artifacts, "terminal-closed.png") });
   });
-  if (violations.length > 0) {
-    throw new Error(`the page broke its Content-Security-Policy:\n${violations.join("\n")}`);
-  }
+  assertCleanPages({ browserLog, violations, pageErrors: false });
 }
 
-let failure = null;
-try {
-  await main();
-} catch (error) {
-  failure = error instanceof Error ? error.message : String(error);
-  if (page !== undefined) {
-    await page.screenshot({ path: join(artifacts, "terminal-failure.png") }).catch(() => {});
-  }
-} finally {
-  await context?.close().catch(() => {});
-  if (ownProfile) {
-    rmSync(profile, { recursive: true, force: true });
-  }
-}
-if (failure !== null) {
-  console.error(`FAILED: ${failure}`);
-  if (browserLog.length > 0) {
-    console.error(`browser console:\n  ${browserLog.slice(-30).join("\n  ")}`);
-  }
-  console.error(`screenshots: ${artifacts}`);
-  process.exit(1);
-}
-console.log(`terminal page: all steps passed; screenshots in ${artifacts}`);
+await runBrowserTest({
+  name: "terminal",
+  label: "terminal page",
+  artifacts,
+  main,
+  browser: () => ({ page, context }),
+  browserLog,
+  fullPage: false,
+  cleanup: () => {
+    if (ownProfile) {
+      rmSync(profile, { recursive: true, force: true });
+    }
+  },
+});

@@ -10,6 +10,9 @@
 //!   when the deadline passes or the new process dies first.
 //! - `update-result.json`: the last outcome, reported to the control plane after every welcome.
 //! - `update.lock`: locked while the trial is confirmed or rolled back.
+//! - `agent.pid` is not the updater's: `install.sh --no-service --detach` writes the detached
+//!   agent's pid there. A rollback in the foreground runs the old binary in the watchdog's
+//!   process, so the watchdog moves that pid on ([`move_detached_pid`]).
 
 use std::fs;
 use std::io::{self, Write};
@@ -29,6 +32,10 @@ pub const RESULT_FILE: &str = "update-result.json";
 /// Serializes the decisions about a trial: confirming it (new binary) and rolling it back
 /// (watchdog) each happen under an exclusive `flock` of this file.
 pub const LOCK_FILE: &str = "update.lock";
+
+/// The pid file of an agent started by `install.sh --no-service --detach` (read by the
+/// installer's next run and by `--uninstall` to stop that agent).
+pub const DETACHED_PID_FILE: &str = "agent.pid";
 
 /// Largest state file read back (they are a few hundred bytes).
 const MAX_STATE_FILE: u64 = 64 * 1024;
@@ -203,6 +210,20 @@ pub fn write_outcome(state_dir: &Path, outcome: &Outcome) -> io::Result<()> {
     write_json(&state_dir.join(RESULT_FILE), outcome)
 }
 
+/// If `agent.pid` names `from` (the agent's process that a rollback replaced), makes it name `to`
+/// (the process that runs the agent now); any other content is left alone. Returns whether it
+/// changed the file.
+pub fn move_detached_pid(state_dir: &Path, from: u32, to: u32) -> io::Result<bool> {
+    let path = state_dir.join(DETACHED_PID_FILE);
+    match read_small(&path)? {
+        Some(bytes) if String::from_utf8_lossy(&bytes).trim() == from.to_string() => {
+            write_atomic(&path, format!("{to}\n").as_bytes(), 0o644)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// `<dir>/<name of bin>.prev`: the binary an update replaced, kept for a manual rollback.
 pub fn previous_path(bin: &Path) -> PathBuf {
     let name = bin
@@ -297,5 +318,22 @@ mod tests {
         assert!(read_outcome(&state).is_err());
         fs::write(state.join(PENDING_FILE), vec![b' '; 70 * 1024]).unwrap();
         assert!(read_pending(&state).is_err());
+    }
+
+    #[test]
+    fn the_detached_pid_file_moves_only_from_the_replaced_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join(DETACHED_PID_FILE);
+        // No pid file (systemd, foreground): nothing is created.
+        assert!(!move_detached_pid(dir.path(), 41, 42).unwrap());
+        assert!(!pid_file.exists());
+        // Another agent's pid (a second install restarted it meanwhile): left alone.
+        fs::write(&pid_file, "7\n").unwrap();
+        assert!(!move_detached_pid(dir.path(), 41, 42).unwrap());
+        assert_eq!(fs::read_to_string(&pid_file).unwrap(), "7\n");
+        // The replaced agent's pid: now the new process's.
+        fs::write(&pid_file, "41\n").unwrap();
+        assert!(move_detached_pid(dir.path(), 41, 42).unwrap());
+        assert_eq!(fs::read_to_string(&pid_file).unwrap(), "42\n");
     }
 }

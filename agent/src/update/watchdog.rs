@@ -16,8 +16,9 @@
 //! The installed binary was never replaced (the new one only runs from its staged path until it
 //! confirms), so rolling back is starting the installed binary again: under systemd
 //! (`INVOCATION_ID` set) the unit's `Restart=on-failure` does that; in the foreground the
-//! watchdog itself executes it with the agent's arguments. The old binary then reads the marker
-//! and reports `rolled_back`.
+//! watchdog itself executes it with the agent's arguments (and moves the pid in an
+//! `install.sh --detach` pid file to its own). The old binary then reads the marker and reports
+//! `rolled_back`.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -138,6 +139,14 @@ pub fn run(state_dir: &Path) -> ExitCode {
     if std::env::var_os("INVOCATION_ID").is_some() {
         // systemd restarts the unit, whose ExecStart is the installed (old) binary.
         return ExitCode::SUCCESS;
+    }
+    // This process becomes the agent: an `install.sh --detach` pid file must name it now, or the
+    // installer's next run and `--uninstall` could not stop the agent.
+    if let Err(error) = files::move_detached_pid(state_dir, pending.pid, std::process::id()) {
+        eprintln!(
+            "cronium-agent update-watchdog: cannot update {}: {error}",
+            state_dir.join(files::DETACHED_PID_FILE).display()
+        );
     }
     let error = std::process::Command::new(&pending.bin)
         .args(&pending.args)

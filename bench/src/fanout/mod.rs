@@ -11,12 +11,15 @@
 //!   `LocalClient().cmd(…)` in a long-lived one. When Salt cannot be installed or started, the
 //!   phase reports why and measures Cronium alone.
 //! - **Simulated agents** (1,000 by default, [`simulated`]): one process (this one) holding that
-//!   many agent connections with the agent's own code, each claiming and running its job (a
-//!   real `bash` process per job). The API has no push for a whole run, and 1,000 log followers
-//!   would measure the followers, so a sample waits with back-to-back `GET
-//!   /runs/{id}?output=false` requests (no sleep) until every job completed; the outputs are
-//!   checked afterwards. The jobs' latest `finished_at` (the control plane's clock) is reported
-//!   too, free of that loop.
+//!   many agent connections with the agent's own code (connection, claims, spool, uploads), each
+//!   claiming and running its job. Twice, with a fleet each: the jobs run by the SIMULATED
+//!   in-process executor ([`simulated::SimulatedEchoHi`]: no process, it writes `hi`), which
+//!   measures the control plane's fan-out, and by the agent's real runner (a `bash` process per
+//!   job) next to the floor of as many bare `bash` spawns from this process. A sample waits on
+//!   the run's own event stream (`GET /runs/{id}/events`, what `cronium run --wait` uses) for
+//!   its `end`; the outputs are checked afterwards. Each sample is broken into phases: the
+//!   first and last job's `claimed_at`, `started_at` and `finished_at` (the control plane's
+//!   clock), and the first and last final job state pushed to the client.
 
 pub mod salt;
 pub mod simulated;
@@ -36,7 +39,7 @@ use crate::report::at_most;
 use crate::stats::Summary;
 
 use self::salt::{SaltFleet, SaltInstall};
-use self::simulated::InProcessFleet;
+use self::simulated::{Executor, InProcessFleet};
 
 /// Target: Cronium's fan-out time at most this fraction of Salt's (p50).
 pub const VS_SALT: f64 = 0.1;
@@ -73,8 +76,10 @@ pub struct FanoutOptions {
     pub runs: usize,
     /// In-process agents of the simulated fan-out (0 skips it).
     pub simulated: usize,
-    /// Timed rounds of the simulated fan-out (after 2 untimed).
+    /// Timed rounds of the simulated fan-out (after 2 untimed), per executor.
     pub simulated_runs: usize,
+    /// The executors of the simulated fan-out, a fleet each, in this order.
+    pub simulated_executors: Vec<simulated::Executor>,
     /// Where the simulated agents' state dirs (identities, spools, work dirs) go, in a temp dir
     /// of their own.
     pub simulated_dir: PathBuf,
@@ -88,11 +93,16 @@ struct Sample {
     total: f64,
     /// The trigger's response (the jobs are durable).
     post: f64,
-    /// The latest `claimed_at`, `started_at` and `finished_at` of the run's jobs (the control
+    /// The earliest `claimed_at`, `started_at` and `finished_at` of the run's jobs (the control
     /// plane's clock, ms resolution), in [`MILESTONES`] order.
+    first: [Option<f64>; 3],
+    /// The latest of the same.
     last: [Option<f64>; 3],
-    /// Requests the client made while waiting (the simulated fan-out's loop).
-    polls: usize,
+    /// The first and the last job's final state received by the client (the simulated
+    /// fan-out's run event stream).
+    seen: Option<(f64, f64)>,
+    /// Events the client received while waiting (the simulated fan-out's run event stream).
+    events: usize,
 }
 
 /// The job timestamps whose latest value per run is reported.
@@ -102,37 +112,58 @@ const MILESTONES: [&str; 3] = ["claimed_at", "started_at", "finished_at"];
 pub struct Side {
     pub total: Summary,
     pub post: Summary,
+    /// Per [`MILESTONES`] entry: the earliest of the run's jobs, from the trigger.
+    pub first: Vec<(&'static str, Summary)>,
     /// Per [`MILESTONES`] entry: the latest of the run's jobs, from the trigger.
     pub last: Vec<(&'static str, Summary)>,
+    /// The first and the last final job state received by the client, when streamed.
+    pub seen: Option<(Summary, Summary)>,
 }
 
 impl Side {
     fn of(samples: &[Sample]) -> Side {
-        let last = MILESTONES
-            .iter()
-            .enumerate()
-            .filter_map(|(index, name)| {
-                let values: Vec<f64> = samples.iter().filter_map(|s| s.last[index]).collect();
-                (!values.is_empty()).then(|| (*name, Summary::of(&values)))
-            })
-            .collect();
+        let per_milestone = |pick: fn(&Sample) -> &[Option<f64>; 3]| {
+            MILESTONES
+                .iter()
+                .enumerate()
+                .filter_map(|(index, name)| {
+                    let values: Vec<f64> = samples.iter().filter_map(|s| pick(s)[index]).collect();
+                    (!values.is_empty()).then(|| (*name, Summary::of(&values)))
+                })
+                .collect::<Vec<_>>()
+        };
+        let seen: Vec<(f64, f64)> = samples.iter().filter_map(|s| s.seen).collect();
         Side {
             total: Summary::of(&samples.iter().map(|s| s.total).collect::<Vec<_>>()),
             post: Summary::of(&samples.iter().map(|s| s.post).collect::<Vec<_>>()),
-            last,
+            first: per_milestone(|s| &s.first),
+            last: per_milestone(|s| &s.last),
+            seen: (!seen.is_empty()).then(|| {
+                (
+                    Summary::of(&seen.iter().map(|s| s.0).collect::<Vec<_>>()),
+                    Summary::of(&seen.iter().map(|s| s.1).collect::<Vec<_>>()),
+                )
+            }),
         }
     }
 
     fn json(&self) -> Value {
-        let last: serde_json::Map<String, Value> = self
+        let mut clock: serde_json::Map<String, Value> = self
             .last
             .iter()
             .map(|(name, summary)| (format!("last_{name}"), summary.to_json()))
             .collect();
+        clock.extend(
+            self.first
+                .iter()
+                .map(|(name, summary)| (format!("first_{name}"), summary.to_json())),
+        );
         json!({
             "trigger_to_all_results": self.total.to_json(),
             "post_answered": self.post.to_json(),
-            "server_clock": last,
+            "server_clock": clock,
+            "client_first_result_seen": self.seen.as_ref().map(|seen| seen.0.to_json()),
+            "client_last_result_seen": self.seen.as_ref().map(|seen| seen.1.to_json()),
         })
     }
 
@@ -189,21 +220,29 @@ impl SizeFigures {
     }
 }
 
-/// The simulated fan-out's figures.
-pub struct SimulatedFigures {
-    pub agents: usize,
+/// One fleet of the simulated fan-out: what ran its jobs, and its figures.
+pub struct FleetFigures {
+    pub executor: Executor,
     pub side: Side,
-    /// Requests of the waiting loop per sample (p50).
-    pub polls_p50: f64,
+    /// Events of the run's stream per sample (p50).
+    pub events_p50: f64,
     /// Until all of them were online.
     pub online_after: Duration,
     /// Agents that stopped with an error at the end.
     pub agent_errors: usize,
+    /// With the real runner: the floor, as many `bash` runs of the same script started by this
+    /// process, as many at a time as there are CPUs, until all exited (ms), measured after each
+    /// round.
+    pub spawn_floor: Option<Summary>,
+}
+
+/// The simulated fan-out's figures.
+pub struct SimulatedFigures {
+    pub agents: usize,
+    /// One per executor, in the order measured.
+    pub fleets: Vec<FleetFigures>,
     /// Where their state dirs were, and that file system's type.
     pub state_dir: String,
-    /// The floor: as many `bash` runs of the same script started by this process, as many at a
-    /// time as there are CPUs, until all exited (ms).
-    pub spawn_floor: Summary,
     /// How many at a time the floor ran.
     pub floor_parallelism: usize,
 }
@@ -343,70 +382,97 @@ pub async fn measure(
     drop(fleet);
     drop(agents);
 
-    let simulated = if options.simulated == 0 {
+    let simulated = if options.simulated == 0 || options.simulated_executors.is_empty() {
         None
     } else {
         let count = options.simulated;
-        crate::progress(&format!(
-            "fanout: enrolling and connecting {count} in-process agents"
-        ));
-        let labels = BTreeMap::from([(LABEL.to_owned(), "simulated".to_owned())]);
-        // Declared before the fleet, so removed after it stopped.
-        let state = tempfile::Builder::new()
-            .prefix("cronium-bench-simulated-")
-            .tempdir_in(&options.simulated_dir)
-            .with_context(|| {
-                format!(
-                    "cannot create a temp dir in {}",
-                    options.simulated_dir.display()
-                )
-            })?;
-        let state_dir = format!(
-            "{} ({})",
-            options.simulated_dir.display(),
-            file_system(state.path())
-        );
-        let mut fleet =
-            InProcessFleet::start(api, state.path(), "bench-sim-", count, &labels).await?;
-        crate::progress(&format!(
-            "fanout: {count} agents online after {:.1} s; 2 warm-up + {} fan-outs",
-            fleet.online_after.as_secs_f64(),
-            options.simulated_runs
-        ));
-        let event = create_event(api, "bench-fanout-simulated", "simulated").await?;
         let parallelism = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let script = state.path().join("floor.sh");
-        std::fs::write(&script, "echo hi\n")?;
-        let (mut samples, mut floor) = (Vec::new(), Vec::new());
-        for round in 0..2 + options.simulated_runs {
-            let sample = polled_round(api, &event, count).await?;
-            fleet.ensure_running()?;
-            let spawned = spawn_floor(&script, count, parallelism).await?;
-            if round >= 2 {
-                samples.push(sample);
-                floor.push(spawned);
+        let mut fleets = Vec::new();
+        let mut state_dir = String::new();
+        for (index, &executor) in options.simulated_executors.iter().enumerate() {
+            // Each fleet has its own agents and label value, so the other fleet's (offline)
+            // agents are not targeted.
+            let value = format!("simulated-{}", executor.key());
+            crate::progress(&format!(
+                "fanout: enrolling and connecting {count} in-process agents, jobs run by the {}",
+                executor.label()
+            ));
+            let labels = BTreeMap::from([(LABEL.to_owned(), value.clone())]);
+            // Declared before the fleet, so removed after it stopped.
+            let state = tempfile::Builder::new()
+                .prefix("cronium-bench-simulated-")
+                .tempdir_in(&options.simulated_dir)
+                .with_context(|| {
+                    format!(
+                        "cannot create a temp dir in {}",
+                        options.simulated_dir.display()
+                    )
+                })?;
+            state_dir = format!(
+                "{} ({})",
+                options.simulated_dir.display(),
+                file_system(state.path())
+            );
+            let prefix = format!("bench-sim{index}-");
+            let mut fleet =
+                InProcessFleet::start(api, state.path(), &prefix, count, &labels, executor).await?;
+            crate::progress(&format!(
+                "fanout: {count} agents ({}) online after {:.1} s; 2 warm-up + {} fan-outs",
+                executor.label(),
+                fleet.online_after.as_secs_f64(),
+                options.simulated_runs
+            ));
+            let event = create_event(api, &format!("bench-fanout-{value}"), &value).await?;
+            let script = state.path().join("floor.sh");
+            std::fs::write(&script, "echo hi\n")?;
+            let (mut samples, mut floor) = (Vec::new(), Vec::new());
+            for round in 0..2 + options.simulated_runs {
+                let sample = simulated::streamed_round(api, &event, count).await?;
+                fleet.ensure_running()?;
+                let spawned = match executor {
+                    Executor::RealBash => Some(spawn_floor(&script, count, parallelism).await?),
+                    Executor::SimulatedInProcess => None,
+                };
+                if round >= 2 {
+                    samples.push(sample);
+                    floor.extend(spawned);
+                }
             }
+            let online_after = fleet.online_after;
+            let agent_errors = fleet.stop().await;
+            drop(state);
+            let figures = FleetFigures {
+                executor,
+                side: Side::of(&samples),
+                events_p50: Summary::of(
+                    &samples.iter().map(|s| s.events as f64).collect::<Vec<_>>(),
+                )
+                .p50,
+                online_after,
+                agent_errors,
+                spawn_floor: (!floor.is_empty()).then(|| Summary::of(&floor)),
+            };
+            crate::progress(&format!(
+                "fanout: {count} simulated agents, {}: p50 {:.0} ms, p99 {:.0} ms to all results{}",
+                executor.label(),
+                figures.side.total.p50,
+                figures.side.total.p99,
+                figures
+                    .spawn_floor
+                    .as_ref()
+                    .map(|floor| format!(" (floor: {count} bash spawns p50 {:.0} ms)", floor.p50))
+                    .unwrap_or_default()
+            ));
+            fleets.push(figures);
         }
-        let online_after = fleet.online_after;
-        let agent_errors = fleet.stop().await;
-        drop(state);
-        let figures = SimulatedFigures {
+        Some(SimulatedFigures {
             agents: count,
-            side: Side::of(&samples),
-            polls_p50: Summary::of(&samples.iter().map(|s| s.polls as f64).collect::<Vec<_>>()).p50,
-            online_after,
-            agent_errors,
+            fleets,
             state_dir,
-            spawn_floor: Summary::of(&floor),
             floor_parallelism: parallelism,
-        };
-        crate::progress(&format!(
-            "fanout: {count} simulated agents: p50 {:.0} ms, p99 {:.0} ms to all results",
-            figures.side.total.p50, figures.side.total.p99
-        ));
-        Some(figures)
+        })
     };
     Ok(FanoutFigures {
         warmup: options.warmup,
@@ -520,13 +586,27 @@ fn ensure_said_hi(job: &Value, log: Option<&str>) -> anyhow::Result<()> {
 
 /// Per [`MILESTONES`] entry: the latest of `jobs` in ms after `t0_ns`.
 fn last_milestones(jobs: &[&Value], t0_ns: i128) -> [Option<f64>; 3] {
+    milestones(jobs, t0_ns, Iterator::max)
+}
+
+/// Per [`MILESTONES`] entry: the earliest of `jobs` in ms after `t0_ns`.
+fn first_milestones(jobs: &[&Value], t0_ns: i128) -> [Option<f64>; 3] {
+    milestones(jobs, t0_ns, Iterator::min)
+}
+
+/// Per [`MILESTONES`] entry: `pick` of `jobs` in ms after `t0_ns`; `None` unless every job
+/// has it.
+fn milestones(
+    jobs: &[&Value],
+    t0_ns: i128,
+    pick: fn(std::vec::IntoIter<i128>) -> Option<i128>,
+) -> [Option<f64>; 3] {
     MILESTONES.map(|field| {
-        jobs.iter()
+        let times = jobs
+            .iter()
             .map(|job| timestamp_ns(&job[field]))
-            .collect::<Option<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .map(|at| (at - t0_ns) as f64 / 1e6)
+            .collect::<Option<Vec<_>>>()?;
+        pick(times.into_iter()).map(|at| (at - t0_ns) as f64 / 1e6)
     })
 }
 
@@ -551,64 +631,10 @@ async fn followed_round(api: &Api, event_id: &str, hosts: usize) -> anyhow::Resu
     Ok(Sample {
         total: total.as_secs_f64() * 1e3,
         post: post.as_secs_f64() * 1e3,
+        first: first_milestones(&ends, t0_ns),
         last: last_milestones(&ends, t0_ns),
-        polls: 0,
-    })
-}
-
-/// One fan-out waited for with back-to-back `GET /runs/{id}?output=false` until every job
-/// completed; the outputs are checked afterwards, outside the timing.
-async fn polled_round(api: &Api, event_id: &str, hosts: usize) -> anyhow::Result<Sample> {
-    let t0_ns = now_ns();
-    let t0 = Instant::now();
-    let (run_id, _) = trigger(api, event_id, hosts).await?;
-    let post = t0.elapsed();
-    let mut polls = 0;
-    loop {
-        let run = api.get(&format!("/runs/{run_id}?output=false")).await?;
-        polls += 1;
-        let count = |name: &str| run["counts"][name].as_u64().unwrap_or(0) as usize;
-        if count("completed") == hosts {
-            break;
-        }
-        if count("failed") + count("cancelled") > 0 {
-            let failed = run["jobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|job| job["status"] == "failed" || job["status"] == "cancelled")
-                .and_then(|job| job["id"].as_str())
-                .unwrap_or_default();
-            let job = api
-                .get(&format!("/jobs/{failed}"))
-                .await
-                .unwrap_or_default();
-            bail!(
-                "{} of {hosts} jobs failed or were cancelled, e.g. {job}",
-                count("failed") + count("cancelled")
-            );
-        }
-        if t0.elapsed() > ROUND_TIMEOUT {
-            bail!(
-                "only {} of {hosts} jobs completed within {ROUND_TIMEOUT:?}",
-                count("completed")
-            );
-        }
-    }
-    let total = t0.elapsed();
-    let run = api.get(&format!("/runs/{run_id}")).await?;
-    let jobs: Vec<&Value> = run["jobs"].as_array().into_iter().flatten().collect();
-    if jobs.len() != hosts {
-        bail!("GET /runs/{{id}} lists {} jobs, not {hosts}", jobs.len());
-    }
-    for job in &jobs {
-        ensure_said_hi(job, None)?;
-    }
-    Ok(Sample {
-        total: total.as_secs_f64() * 1e3,
-        post: post.as_secs_f64() * 1e3,
-        last: last_milestones(&jobs, t0_ns),
-        polls,
+        seen: None,
+        events: 0,
     })
 }
 
@@ -637,6 +663,145 @@ fn row(name: &str, summary: &Summary) -> String {
         "| {name} | {} | {:.1} | {:.1} | {:.1} |",
         summary.count, summary.mean, summary.p50, summary.p99
     )
+}
+
+impl SimulatedFigures {
+    /// The markdown of the simulated fan-out: the totals against the target, then the phases.
+    fn markdown(&self) -> Vec<String> {
+        let agents = self.agents;
+        let mut out = vec![
+            format!(
+                "| {agents} simulated agents in one process (agent code: connection, claims, spool, uploads), ms | n | mean | p50 | p99 | target | verdict |"
+            ),
+            "|---|---:|---:|---:|---:|---|---|".to_owned(),
+        ];
+        for fleet in &self.fleets {
+            let total = &fleet.side.total;
+            out.push(format!(
+                "| {}: trigger → run `end` on `GET /runs/{{id}}/events` (all {agents} results) | {} | {:.1} | {:.1} | {:.1} | p99 ≤ {SIMULATED_MS} ms | p99 {} |",
+                fleet.executor.label(),
+                total.count,
+                total.mean,
+                total.p50,
+                total.p99,
+                at_most(total.p99, SIMULATED_MS, " ms")
+            ));
+            if let Some(floor) = &fleet.spawn_floor {
+                out.push(format!(
+                    "{} | |",
+                    row(
+                        &format!(
+                            "floor: {agents} × `bash script` (`echo hi`) spawned by the same process, {} at a time, after each round above",
+                            self.floor_parallelism
+                        ),
+                        floor
+                    )
+                ));
+            }
+        }
+        out.push(String::new());
+        // The phases, side by side per executor.
+        let mut header = "| phase, ms after the trigger |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for fleet in &self.fleets {
+            let name = match fleet.executor {
+                Executor::SimulatedInProcess => "simulated executor",
+                Executor::RealBash => "real bash",
+            };
+            header.push_str(&format!(
+                " {name}: first job p50 | last job p50 | last job p99 |"
+            ));
+            rule.push_str("---:|---:|---:|");
+        }
+        out.push(header);
+        out.push(rule);
+        let cells = |pick: &dyn Fn(&Side) -> Option<(f64, Summary)>| -> String {
+            self.fleets
+                .iter()
+                .map(|fleet| match pick(&fleet.side) {
+                    Some((first, last)) => {
+                        format!(" {first:.1} | {:.1} | {:.1} |", last.p50, last.p99)
+                    }
+                    None => " | | |".to_owned(),
+                })
+                .collect()
+        };
+        let post = |side: &Side| Some((side.post.p50, side.post));
+        out.push(format!(
+            "| `POST /events/{{id}}/runs` answered (run and {agents} jobs durable) |{}",
+            cells(&post)
+        ));
+        for (name, what) in [
+            ("claimed_at", "claim committed"),
+            (
+                "started_at",
+                "the start recorded: first output batch or the result",
+            ),
+            (
+                "finished_at",
+                "result written by the store's writer; durable at that group's commit",
+            ),
+        ] {
+            let pick = move |side: &Side| {
+                let first = side.first.iter().find(|(n, _)| *n == name)?;
+                let last = side.last.iter().find(|(n, _)| *n == name)?;
+                Some((first.1.p50, last.1))
+            };
+            out.push(format!(
+                "| job `{name}`: {what} (server clock, ms resolution) |{}",
+                cells(&pick)
+            ));
+        }
+        let seen = |side: &Side| side.seen.as_ref().map(|(first, last)| (first.p50, *last));
+        out.push(format!(
+            "| a job's final state received on the run's event stream (client) |{}",
+            cells(&seen)
+        ));
+        let end = |side: &Side| Some((side.total.p50, side.total));
+        out.push(format!(
+            "| the run's `end` event received (client) |{}",
+            cells(&end)
+        ));
+        out.push(String::new());
+        let fleets: Vec<String> = self
+            .fleets
+            .iter()
+            .map(|fleet| {
+                format!(
+                    "{}: online {:.1} s after they started, {:.0} stream events per round (p50), {} stopped with an error",
+                    fleet.executor.label(),
+                    fleet.online_after.as_secs_f64(),
+                    fleet.events_p50,
+                    fleet.agent_errors
+                )
+            })
+            .collect();
+        out.push(format!(
+            "({agents} agents per fleet, a fleet per executor; {}; their state dirs (spools, work dirs) in {}. The first job column is the p50 of the round's earliest job.)",
+            fleets.join("; "),
+            self.state_dir
+        ));
+        out.push(String::new());
+        out
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "agents": self.agents,
+            "state_dir": self.state_dir,
+            "floor_parallelism": self.floor_parallelism,
+            "fleets": self.fleets.iter().map(|fleet| json!({
+                "executor": fleet.executor.key(),
+                "executor_label": fleet.executor.label(),
+                "cronium": fleet.side.json(),
+                "run_stream_events_p50": fleet.events_p50,
+                "online_after_seconds": fleet.online_after.as_secs_f64(),
+                "agent_errors": fleet.agent_errors,
+                "spawn_floor": fleet.spawn_floor.map(|floor| floor.to_json()),
+                "met_p99": fleet.side.total.p99 <= SIMULATED_MS,
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 impl FanoutFigures {
@@ -710,42 +875,7 @@ impl FanoutFigures {
             }
         }
         if let Some(simulated) = &self.simulated {
-            out.push(format!(
-                "| {} simulated agents in one process (ms) | n | mean | p50 | p99 | target | verdict |",
-                simulated.agents
-            ));
-            out.push("|---|---:|---:|---:|---:|---|---|".to_owned());
-            let total = &simulated.side.total;
-            out.push(format!(
-                "| trigger → all {} results visible (`GET /runs/{{id}}` back to back, {:.0} requests p50) | {} | {:.1} | {:.1} | {:.1} | p99 ≤ {SIMULATED_MS} ms | p99 {} |",
-                simulated.agents,
-                simulated.polls_p50,
-                total.count,
-                total.mean,
-                total.p50,
-                total.p99,
-                at_most(total.p99, SIMULATED_MS, " ms")
-            ));
-            out.extend(simulated.side.milestone_rows("", " | |"));
-            out.push(format!(
-                "{} | |",
-                row(
-                    &format!(
-                        "floor: {} × `bash script` (`echo hi`) spawned by the same process, {} at a time",
-                        simulated.agents, simulated.floor_parallelism
-                    ),
-                    &simulated.spawn_floor
-                )
-            ));
-            out.push(String::new());
-            out.push(format!(
-                "({} agents online {:.1} s after they started; {} stopped with an error; their state dirs (spools, work dirs) in {}.)",
-                simulated.agents,
-                simulated.online_after.as_secs_f64(),
-                simulated.agent_errors,
-                simulated.state_dir
-            ));
-            out.push(String::new());
+            out.extend(simulated.markdown());
         }
         out.join("\n")
     }
@@ -775,17 +905,7 @@ impl FanoutFigures {
                     "salt": salt,
                 })
             }).collect::<Vec<_>>(),
-            "simulated": self.simulated.as_ref().map(|simulated| json!({
-                "agents": simulated.agents,
-                "cronium": simulated.side.json(),
-                "polls_p50": simulated.polls_p50,
-                "online_after_seconds": simulated.online_after.as_secs_f64(),
-                "agent_errors": simulated.agent_errors,
-                "state_dir": simulated.state_dir,
-                "spawn_floor": simulated.spawn_floor.to_json(),
-                "floor_parallelism": simulated.floor_parallelism,
-                "met_p99": simulated.side.total.p99 <= SIMULATED_MS,
-            })),
+            "simulated": self.simulated.as_ref().map(SimulatedFigures::json),
             "targets": {"vs_salt_p50": VS_SALT, "simulated_p99_ms": SIMULATED_MS},
         })
     }
@@ -821,6 +941,10 @@ mod tests {
             last_milestones(&[&a, &b], t0_ns),
             [Some(10.0), Some(40.0), None]
         );
+        assert_eq!(
+            first_milestones(&[&a, &b], t0_ns),
+            [Some(5.0), Some(20.0), None]
+        );
     }
 
     #[test]
@@ -828,8 +952,10 @@ mod tests {
         let sample = |total: f64, finished: Option<f64>| Sample {
             total,
             post: 1.0,
+            first: [None, None, finished],
             last: [None, None, finished],
-            polls: 0,
+            seen: None,
+            events: 0,
         };
         let side = Side::of(&[sample(10.0, Some(9.0)), sample(20.0, None)]);
         assert_eq!(side.total.p50, 10.0);

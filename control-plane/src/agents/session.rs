@@ -159,6 +159,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         // reconnecting uploads.
         connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
         let mut registration = state.registry.register(&agent.id, connection.clone(), now_ms());
+        state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
         let welcome = Welcome {
             version,
@@ -241,10 +242,11 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         }
         .await;
         streams.abort();
-        if let Some(last_seen) = state.registry.unregister(&agent.id, registration.session)
-            && let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await
-        {
-            warn!(%error, "could not record last-seen time");
+        if let Some(last_seen) = state.registry.unregister(&agent.id, registration.session) {
+            if let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await {
+                warn!(%error, "could not record last-seen time");
+            }
+            state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         }
         info!("agent disconnected");
         result

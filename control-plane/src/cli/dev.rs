@@ -82,6 +82,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         delivery: crate::tools::DeliveryOptions::default(),
         terminals: args.terminals.config()?,
         releases: crate::release::ReleaseConfig::default(),
+        metrics_token_sha256: None,
     };
     let release = publish_local_agent(&args.data_dir);
     let server_shutdown = CancellationToken::new();
@@ -167,6 +168,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  console        {url}/ui/");
     println!("  API            {url}/api/v1");
     println!("  QUIC (agents)  {}", running.quic_addr);
+    println!("  metrics        {url}/metrics (Prometheus; with the API token below)");
     println!("  data dir       {}", args.data_dir.display());
     if let Some(password) = &running.admin_password {
         println!("  login          admin / {password}   (shown on first start only)");
@@ -199,17 +201,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(ended) = agent_ended {
         // The agent stopped by itself (e.g. revoked): report it and shut the rest down.
         match ended {
-            Ok(Ok(())) => eprintln!("the local agent stopped"),
-            Ok(Err(error)) => eprintln!("the local agent stopped: {error:#}"),
-            Err(error) => eprintln!("the local agent crashed: {error}"),
+            Ok(Ok(())) => tracing::warn!("the local agent stopped"),
+            Ok(Err(error)) => {
+                tracing::error!(error = %format!("{error:#}"), "the local agent stopped")
+            }
+            Err(error) => tracing::error!(%error, "the local agent crashed"),
         }
     } else {
         agent_shutdown.cancel();
         // Dev mode does not keep jobs alive across a stop: kill them rather than wait.
         agent_options.force_stop.cancel();
         match tokio::time::timeout(Duration::from_secs(15), agent).await {
-            Ok(Ok(Err(error))) => eprintln!("the local agent stopped with an error: {error:#}"),
-            Err(_) => eprintln!("the local agent did not stop within 15 s"),
+            Ok(Ok(Err(error))) => tracing::error!(
+                error = %format!("{error:#}"),
+                "the local agent stopped with an error"
+            ),
+            Err(_) => tracing::warn!("the local agent did not stop within 15 s"),
             _ => {}
         }
     }

@@ -3,7 +3,9 @@
 //! `event`). Every flag's doc comment is its `--help` text.
 
 mod agent_update;
+mod backup;
 pub(crate) mod client;
+mod config;
 mod dev;
 mod keys;
 mod release;
@@ -20,6 +22,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use cronium_agent::logging::LogFormat;
+
 use crate::crypto::{EncryptionKey, random_token, sha256_hex};
 use crate::store::users::Role;
 use crate::{ServerConfig, open_store};
@@ -28,6 +32,10 @@ use crate::{ServerConfig, open_store};
 #[derive(Parser, Debug)]
 #[command(name = "cronium", version, about)]
 pub struct Cli {
+    /// Log lines on stderr: `text`, or `json` (one object per line with `timestamp`, `level`,
+    /// `message`, `target` and the event's fields).
+    #[arg(long, global = true, env = "CRONIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +46,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run everything on one box: control plane on SQLite plus a local agent, enrolled automatically.
     Dev(DevArgs),
+    /// Copy the database to a file, consistently, also while the server runs (`VACUUM INTO`).
+    /// ENCRYPTION_KEY and the CA files in the data dir are not in the copy: back them up too.
+    Backup(backup::BackupArgs),
     /// Manage users (works on the database directly, also while the server runs).
     #[command(subcommand)]
     User(UserCommand),
@@ -117,10 +128,11 @@ pub struct ServeArgs {
     /// Seconds between agent heartbeats.
     #[arg(long, env = "CRONIUM_HEARTBEAT_SECONDS", default_value_t = 5)]
     heartbeat_seconds: u64,
+    // Boxed: `Command::Serve` stays near the size of the other commands.
     #[command(flatten)]
-    docker_images: DockerImageArgs,
+    docker_images: Box<DockerImageArgs>,
     #[command(flatten)]
-    terminals: TerminalArgs,
+    terminals: Box<TerminalArgs>,
     /// Signed agent releases served at /downloads/agent/ [default: <data dir>/releases].
     #[arg(long, env = "CRONIUM_RELEASES_DIR")]
     releases_dir: Option<PathBuf>,
@@ -134,8 +146,18 @@ pub struct ServeArgs {
     /// addresses in URLs and redirects. Without it they reach whatever this host can reach.
     #[arg(long, env = "CRONIUM_HTTP_JOBS_PUBLIC_ONLY")]
     http_jobs_public_only: bool,
-    /// A file of `KEY=VALUE` lines with the environment variables above, used where neither a flag nor the environment sets a value.
-    #[arg(long)]
+    /// A file whose first line is a bearer token (32+ characters) that may read `GET /metrics`
+    /// and nothing else, for Prometheus (`authorization: {credentials_file: …}`); admins' API
+    /// tokens work too.
+    #[arg(long, env = "CRONIUM_METRICS_TOKEN_FILE")]
+    metrics_token_file: Option<PathBuf>,
+    /// A file of `KEY=VALUE` lines, each a setting named by its environment variable: any of
+    /// the `[env: …]` names above (and CRONIUM_LOG_FORMAT), e.g. `CRONIUM_HTTP_ADDR=0.0.0.0:8080`.
+    /// Blank lines and lines starting with `#` are skipped; one pair of quotes around a value is
+    /// removed. A value from the file is used only where neither the flag nor the environment
+    /// variable is given: flags, then the environment, then the file, then the default. An
+    /// unknown key, a key given twice, a malformed line or an invalid value stops the start.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
@@ -456,6 +478,32 @@ impl ActionArgs {
     }
 }
 
+/// An event's targets on the command line.
+#[derive(Args, Debug)]
+struct TargetArgs {
+    /// Agents (ids or names) to run on, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<String>,
+    /// Run on every agent with these labels (k=v,…).
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Run each run ONCE, on any one agent with these labels (k=v,…; the first to claim it).
+    /// Instead of --agents and --labels.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["agents", "labels"])]
+    pool: Vec<String>,
+}
+
+impl TargetArgs {
+    /// The event's `targets`.
+    fn json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(if self.pool.is_empty() {
+            serde_json::json!({"agents": self.agents, "labels": parse_labels(&self.labels)?})
+        } else {
+            serde_json::json!({"pool": parse_labels(&self.pool)?})
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum EventCommand {
     /// Create an event.
@@ -471,12 +519,8 @@ enum EventCommand {
         /// Read the script from this file.
         #[arg(long)]
         script_file: Option<PathBuf>,
-        /// Agents (ids or names) to run on, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        agents: Vec<String>,
-        /// Run on every agent with these labels (k=v,…).
-        #[arg(long, value_delimiter = ',')]
-        labels: Vec<String>,
+        #[command(flatten)]
+        targets: Box<TargetArgs>,
         /// Seconds before a run is killed (0: no limit).
         #[arg(long, default_value_t = 3600)]
         timeout: u32,
@@ -628,7 +672,7 @@ fn parse_ttl(text: &str) -> anyhow::Result<u64> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = config::parse(std::env::args_os()).unwrap_or_else(|error| error.exit());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let level = if matches!(cli.command, Command::Serve(_) | Command::Dev(_)) {
             "info"
@@ -637,10 +681,7 @@ pub fn main() -> ExitCode {
         };
         tracing_subscriber::EnvFilter::new(format!("{level},sqlx=warn,quinn=warn,rustls=warn"))
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    cronium_agent::logging::init(cli.log_format, filter);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -655,7 +696,12 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match cli.log_format {
+                LogFormat::Text => eprintln!("error: {error:#}"),
+                LogFormat::Json => {
+                    cronium_agent::logging::report_fatal(LogFormat::Json, "cronium", &error)
+                }
+            }
             ExitCode::FAILURE
         }
     }
@@ -725,8 +771,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             kind,
             script,
             script_file,
-            agents,
-            labels,
+            targets,
             timeout,
             retries,
             env,
@@ -746,7 +791,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let mut body = serde_json::json!({
                 "name": name, "kind": kind, "script": script,
-                "targets": {"agents": agents, "labels": parse_labels(&labels)?},
+                "targets": targets.json()?,
                 "timeout_seconds": timeout, "retries": retries, "env": parse_env(&env.env)?,
             });
             if !env.secret_env.is_empty() {
@@ -785,6 +830,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::AgentUpdate(command) => agent_update::run(command).await,
         Command::Keys(command) => keys::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Workflow(command) => workflow::run(command).await,
+        Command::Backup(args) => backup::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -811,105 +857,11 @@ pub async fn create_api_token(
     Ok(token)
 }
 
-/// Reads `KEY=VALUE` lines; blank lines and `#` comments are skipped.
-fn read_config_file(
-    path: &std::path::Path,
-) -> anyhow::Result<std::collections::HashMap<String, String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(|line| {
-            let (key, value) = line
-                .split_once('=')
-                .with_context(|| format!("{}: {line:?} is not KEY=VALUE", path.display()))?;
-            Ok((
-                key.trim().to_string(),
-                value.trim().trim_matches('"').to_string(),
-            ))
-        })
-        .collect()
-}
-
-async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.config {
-        // Flags and the environment win; the file fills what they left unset.
-        let file = read_config_file(path)?;
-        let from_file = |key: &str| {
-            if std::env::var_os(key).is_none() {
-                file.get(key).cloned()
-            } else {
-                None
-            }
-        };
-        if args.encryption_key.is_none() {
-            args.encryption_key = from_file("ENCRYPTION_KEY");
-        }
-        if args.public_url.is_none() {
-            args.public_url = from_file("CRONIUM_PUBLIC_URL");
-        }
-        if args.data.database_url.is_none() {
-            args.data.database_url = from_file("CRONIUM_DATABASE_URL");
-        }
-        if args.terminals.allowed_origins.is_empty()
-            && let Some(origins) = from_file("CRONIUM_ALLOWED_ORIGINS")
-        {
-            args.terminals.allowed_origins = origins
-                .split(',')
-                .map(|origin| origin.trim().to_owned())
-                .collect();
-        }
-        if args.releases_dir.is_none() {
-            args.releases_dir = from_file("CRONIUM_RELEASES_DIR").map(PathBuf::from);
-        }
-        if args.release_key.is_none() {
-            args.release_key = from_file("CRONIUM_RELEASE_KEY").map(PathBuf::from);
-        }
-        if let Some(dir) = from_file("CRONIUM_DATA_DIR") {
-            args.data.data_dir = dir.into();
-        }
-        if let Some(address) = from_file("CRONIUM_HTTP_ADDR") {
-            args.http_addr = address
-                .parse()
-                .context("CRONIUM_HTTP_ADDR in the config file")?;
-        }
-        if let Some(address) = from_file("CRONIUM_QUIC_ADDR") {
-            args.quic_addr = address
-                .parse()
-                .context("CRONIUM_QUIC_ADDR in the config file")?;
-        }
+        tracing::info!(config = %path.display(), "settings not given by flags or the environment come from the config file");
     }
-    let Some(key) = args.encryption_key.as_deref() else {
-        bail!(
-            "ENCRYPTION_KEY is not set; generate one with `openssl rand -base64 32`, keep it safe, and set it in the environment \
-             (cronium never falls back to storing secrets in plaintext)"
-        );
-    };
-    let config = ServerConfig {
-        data_dir: args.data.data_dir,
-        database_url: args.data.database_url,
-        http_addr: args.http_addr,
-        quic_addr: args.quic_addr,
-        public_url: args.public_url,
-        quic_public_addrs: args.quic_public_addrs,
-        encryption_key: EncryptionKey::from_base64(key)?,
-        lease: Duration::from_secs(args.lease_seconds.max(1)),
-        heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
-        docker_images: args.docker_images.into(),
-        delivery: crate::tools::DeliveryOptions {
-            http_jobs_public_only: args.http_jobs_public_only,
-            ..Default::default()
-        },
-        terminals: args.terminals.config()?,
-        releases: crate::release::ReleaseConfig {
-            dir: args.releases_dir,
-            public_key_file: args.release_key,
-        },
-    };
-    if config.heartbeat * 2 > config.lease {
-        bail!("--lease-seconds must be at least twice --heartbeat-seconds");
-    }
+    let config = server_config(args)?;
     let shutdown = CancellationToken::new();
     let running = crate::start(config, shutdown.clone()).await?;
     if let Some(password) = &running.admin_password {
@@ -923,6 +875,51 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(watch_signals(shutdown));
     running.wait().await;
     Ok(())
+}
+
+/// The control plane's configuration from `serve`'s settings (the config file already applied
+/// by [`config::parse`]), checked.
+fn server_config(args: ServeArgs) -> anyhow::Result<ServerConfig> {
+    let Some(key) = args.encryption_key.as_deref() else {
+        bail!(
+            "ENCRYPTION_KEY is not set; generate one with `openssl rand -base64 32`, keep it safe, and set it in the environment or the --config file \
+             (cronium never falls back to storing secrets in plaintext)"
+        );
+    };
+    let config = ServerConfig {
+        data_dir: args.data.data_dir,
+        database_url: args.data.database_url,
+        http_addr: args.http_addr,
+        quic_addr: args.quic_addr,
+        public_url: args.public_url,
+        quic_public_addrs: args.quic_public_addrs,
+        encryption_key: EncryptionKey::from_base64(key)?,
+        lease: Duration::from_secs(args.lease_seconds.max(1)),
+        heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
+        docker_images: (*args.docker_images).into(),
+        delivery: crate::tools::DeliveryOptions {
+            http_jobs_public_only: args.http_jobs_public_only,
+            ..Default::default()
+        },
+        terminals: args.terminals.config()?,
+        releases: crate::release::ReleaseConfig {
+            dir: args.releases_dir,
+            public_key_file: args.release_key,
+        },
+        metrics_token_sha256: args
+            .metrics_token_file
+            .as_deref()
+            .map(crate::metrics::load_token_sha256)
+            .transpose()?,
+    };
+    if config.heartbeat * 2 > config.lease {
+        bail!(
+            "--lease-seconds (CRONIUM_LEASE_SECONDS, {} s) must be at least twice --heartbeat-seconds (CRONIUM_HEARTBEAT_SECONDS, {} s)",
+            config.lease.as_secs(),
+            config.heartbeat.as_secs()
+        );
+    }
+    Ok(config)
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.
@@ -1033,6 +1030,26 @@ mod runtime_args_tests {
             Cli::try_parse_from(["cronium", "event", "create", "e", "--timezone", "UTC"]).is_err(),
             "--timezone needs --cron"
         );
+    }
+
+    #[test]
+    fn event_create_takes_a_pool_instead_of_agents_and_labels() {
+        let argv = "cronium event create e --script true --pool role=web,zone=b";
+        let cli = Cli::try_parse_from(argv.split(' ')).unwrap();
+        let Command::Event(EventCommand::Create { targets, .. }) = cli.command else {
+            panic!("parsed as something else");
+        };
+        assert_eq!(
+            targets.json().unwrap(),
+            serde_json::json!({"pool": {"role": "web", "zone": "b"}})
+        );
+        for other in ["--agents", "--labels"] {
+            let argv = format!("cronium event create e --pool role=web {other} x=y");
+            assert!(
+                Cli::try_parse_from(argv.split(' ')).is_err(),
+                "--pool with {other}"
+            );
+        }
     }
 
     #[test]

@@ -287,6 +287,9 @@ struct TargetsRequest {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     servers: Vec<String>,
+    /// One job run by any agent matching these labels (`pool.rs`).
+    #[serde(default)]
+    pool: Option<BTreeMap<String, String>>,
 }
 
 impl From<TargetsRequest> for Targets {
@@ -295,6 +298,7 @@ impl From<TargetsRequest> for Targets {
             agents: request.agents,
             labels: request.labels,
             servers: request.servers,
+            pool: request.pool,
         }
     }
 }
@@ -307,7 +311,7 @@ fn event_json(event: &Event) -> Value {
         "kind": event.kind.as_str(),
         "script": event.script,
         "runtime": event.runtime.as_str(),
-        "targets": {"agents": event.targets.agents, "labels": event.targets.labels, "servers": event.targets.servers},
+        "targets": {"agents": event.targets.agents, "labels": event.targets.labels, "servers": event.targets.servers, "pool": event.targets.pool},
         "timeout_seconds": event.timeout_seconds,
         "retries": event.retries,
         "env": event.env,
@@ -639,6 +643,7 @@ fn event_fields(mut request: EventRequest, base: Option<&Event>) -> ApiResult<Ev
         return Err(ApiError::field("targets.servers", "lists too many servers"));
     }
     labels_field("targets.labels", &targets.labels)?;
+    super::pool::check("targets", &targets)?;
     let env = request
         .env
         .or_else(|| base.map(|event| event.env.clone()))
@@ -738,6 +743,9 @@ async fn create(
             other => other.into(),
         })?;
     state.schedules.notify_one();
+    state
+        .changes
+        .notify_owned(crate::changes::Kind::Event, &event.id, &event.owner_id);
     let mut body = event_json(&event);
     super::dispatch::add_policy_json(&mut body, &policy);
     Ok((StatusCode::CREATED, Json(body)))
@@ -802,6 +810,9 @@ async fn update(
             other => other.into(),
         })?;
     state.schedules.notify_one();
+    state
+        .changes
+        .notify_owned(crate::changes::Kind::Event, &event.id, &event.owner_id);
     let mut body = event_json(&event);
     super::dispatch::add_policy_json(&mut body, &policy);
     Ok(Json(body))
@@ -813,9 +824,12 @@ async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     user.require_writer()?;
-    visible_event(&state, &user, &id).await?;
+    let event = visible_event(&state, &user, &id).await?;
     state.store.delete_event(&id).await?;
     state.schedules.notify_one();
+    state
+        .changes
+        .notify_owned(crate::changes::Kind::Event, &event.id, &event.owner_id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -873,10 +887,11 @@ async fn trigger(
         Some(targets) => targets.into(),
         None => event.targets.clone(),
     };
+    super::pool::check("targets", &targets)?;
     if targets.is_empty() && !event.action.on_control_plane(event.kind) {
         return Err(ApiError::field(
             "targets",
-            "the event has no targets; give agents, labels or servers",
+            "the event has no targets; give agents, labels, servers or a pool",
         ));
     }
     let input = request.input.map(|input| input.to_string());
@@ -906,7 +921,7 @@ async fn trigger(
         }
     };
     let prepared = prepare_run(&state, &event, &targets).await?;
-    let spec = crate::store::jobs::RunSpec::manual(&NewRun {
+    let mut spec = crate::store::jobs::RunSpec::manual(&NewRun {
         event_id: &event.id,
         kind: event.kind.as_str(),
         script: &event.script,
@@ -918,6 +933,7 @@ async fn trigger(
         created_by: &user.0.id,
         agent_ids: &prepared.agent_ids,
     })?;
+    spec.pool = prepared.pool;
     let (run_id, jobs) = state.store.create_run_dispatched(spec, over, None).await?;
     // The jobs are durable; now wake their agents (no agent polls) and the SSH worker, and
     // tell the dispatcher (offline hosts of a rollout).
@@ -927,6 +943,19 @@ async fn trigger(
     }
     state.ssh.wake();
     state.actions.wake();
+    if prepared.pool {
+        // One job; the pairs name its candidates, woken above.
+        let mut ids: Vec<&String> = jobs.iter().map(|(job_id, _)| job_id).collect();
+        ids.dedup();
+        let jobs: Vec<Value> = ids
+            .into_iter()
+            .map(|job_id| json!({"id": job_id, "pool": true}))
+            .collect();
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({"run_id": run_id, "jobs": jobs})),
+        ));
+    }
     let jobs: Vec<Value> = jobs
         .iter()
         .map(
@@ -947,7 +976,10 @@ async fn trigger(
 
 /// What a run of an event needs besides the event: its agents and runtime settings.
 pub(crate) struct PreparedRun {
+    /// With `pool`: the candidates of the run's one job.
     pub agent_ids: Vec<String>,
+    /// One pool job (`targets.pool`) instead of a job per agent.
+    pub pool: bool,
     /// JSON of the wire's `RuntimeSpec`.
     pub runtime_spec: String,
 }
@@ -996,6 +1028,7 @@ pub(crate) async fn background_run_spec(
         trigger: how.trigger,
         slot_at: how.slot_at,
         missed_slots: how.missed_slots,
+        pool: prepared.pool,
     })
 }
 
@@ -1011,7 +1044,11 @@ pub(crate) async fn prepare_run(
         return Ok(PreparedRun {
             agent_ids,
             runtime_spec,
+            pool: false,
         });
+    }
+    if let Some(pool) = &targets.pool {
+        return prepare_pool_run(state, event, pool).await;
     }
     let mut agent_ids = resolve_targets(state, targets).await?;
     let servers = super::servers::resolve_servers(state, &event.owner_id, &targets.servers).await?;
@@ -1048,6 +1085,7 @@ pub(crate) async fn prepare_run(
         return Ok(PreparedRun {
             agent_ids,
             runtime_spec,
+            pool: false,
         });
     }
     let runtime_spec = match event.runtime {
@@ -1059,6 +1097,56 @@ pub(crate) async fn prepare_run(
     Ok(PreparedRun {
         agent_ids,
         runtime_spec,
+        pool: false,
+    })
+}
+
+/// [`prepare_run`] for a pool target: the candidates are the enrolled agents carrying every
+/// label of the pool, online or not (for a Docker event, those whose last hello did not report
+/// a missing Docker engine).
+async fn prepare_pool_run(
+    state: &AppState,
+    event: &Event,
+    pool: &BTreeMap<String, String>,
+) -> ApiResult<PreparedRun> {
+    let agents = state.store.agents().await?;
+    let mut agent_ids = super::pool::candidates(&agents, pool);
+    if agent_ids.is_empty() {
+        return Err(ApiError::field(
+            "targets.pool",
+            "no enrolled agent matches the pool's labels",
+        ));
+    }
+    if let Some(runtime_spec) = super::event_actions::agent_runtime_spec(event)? {
+        return Ok(PreparedRun {
+            agent_ids,
+            runtime_spec,
+            pool: true,
+        });
+    }
+    let runtime_spec = match event.runtime {
+        Runtime::Host => host_runtime_spec(event),
+        Runtime::Docker => {
+            agent_ids.retain(|id| {
+                agents
+                    .iter()
+                    .any(|agent| &agent.id == id && agent.docker != Some(false))
+            });
+            if agent_ids.is_empty() {
+                return Err(ApiError::field(
+                    "runtime",
+                    "this docker event's pool has no agent with a reachable Docker engine",
+                ));
+            }
+            docker_runtime_spec(state, event, &agent_ids).await?
+        }
+    };
+    let runtime_spec = serde_json::to_string(&runtime_spec)
+        .map_err(|error| ApiError::Internal(anyhow::anyhow!("runtime spec: {error}")))?;
+    Ok(PreparedRun {
+        agent_ids,
+        runtime_spec,
+        pool: true,
     })
 }
 

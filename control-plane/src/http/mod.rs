@@ -6,6 +6,7 @@
 pub mod agent_update;
 pub mod agents;
 pub mod auth;
+pub mod changes;
 pub mod dispatch;
 pub mod downloads;
 pub mod enrollment;
@@ -13,6 +14,7 @@ pub mod error;
 mod event_actions;
 pub mod events;
 pub mod jobs;
+pub(crate) mod pool;
 pub mod run_events;
 pub mod servers;
 pub mod terminals;
@@ -45,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::router())
         .merge(agents::router())
         .merge(agent_update::router())
+        .merge(changes::router())
         .merge(enrollment::router())
         .merge(events::router())
         .merge(dispatch::router())
@@ -68,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(ui::router())
         .merge(downloads::router())
+        .merge(crate::metrics::router())
         .nest("/api/v1", api)
         .fallback(|| async {
             (
@@ -76,6 +80,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::count_requests,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

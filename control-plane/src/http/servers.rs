@@ -20,6 +20,7 @@ use super::auth::CurrentUser;
 use super::error::{ApiError, ApiJson, ApiResult};
 use super::{object_name, timestamp};
 use crate::AppState;
+use crate::changes::Kind;
 use crate::ssh::bootstrap::{self, InstallOptions, ServiceMode};
 use crate::ssh::{SshSecrets, runner_of_server};
 use crate::store::StoreError;
@@ -344,6 +345,9 @@ async fn create(
         .create_server(&user.0.id, &fields)
         .await
         .map_err(name_conflict(&fields.name))?;
+    state
+        .changes
+        .notify_owned(Kind::Server, &server.id, &server.owner_id);
     Ok((StatusCode::CREATED, Json(server_json(&server))))
 }
 
@@ -380,6 +384,9 @@ async fn update(
         .update_server(&id, &fields)
         .await
         .map_err(name_conflict(&fields.name))?;
+    state
+        .changes
+        .notify_owned(Kind::Server, &server.id, &server.owner_id);
     Ok(Json(server_json(&server)))
 }
 
@@ -389,8 +396,11 @@ async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     user.require_writer()?;
-    visible_server(&state, &user, &id).await?;
+    let server = visible_server(&state, &user, &id).await?;
     state.store.delete_server(&id).await?;
+    state
+        .changes
+        .notify_owned(Kind::Server, &server.id, &server.owner_id);
     // The cancelled jobs' `notify.on_failure` notifications were enqueued with the deletion.
     state.notifier.notify_one();
     Ok(StatusCode::NO_CONTENT)

@@ -39,6 +39,69 @@ impl Drop for Api {
     }
 }
 
+/// A server-sent-events response of the real router, read event by event (the streaming routes'
+/// tests).
+struct SseStream {
+    body: axum::body::BodyDataStream,
+    buffer: Vec<u8>,
+}
+
+impl SseStream {
+    /// `GET uri` with `token`; the answer must be a 200 event stream.
+    async fn open(api: &Api, uri: &str, token: &str) -> SseStream {
+        let request = Request::builder()
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = crate::http::router(api.state().clone())
+            .oneshot(request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {uri}");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        SseStream {
+            body: response.into_body().into_data_stream(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next event's name and data; `None` when the stream closed. Fails after 30 s (a
+    /// stream that stalls). Comments (keep-alives) are skipped.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        use futures_util::StreamExt as _;
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
+                    let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                    let text = String::from_utf8(block).unwrap();
+                    let (mut name, mut data) = (None, String::new());
+                    for line in text.lines() {
+                        if let Some(value) = line.strip_prefix("event:") {
+                            name = Some(value.trim().to_string());
+                        } else if let Some(value) = line.strip_prefix("data:") {
+                            data.push_str(value.trim_start());
+                        }
+                    }
+                    if let Some(name) = name {
+                        return Some((name, serde_json::from_str(&data).unwrap()));
+                    }
+                    continue;
+                }
+                match self.body.next().await {
+                    Some(bytes) => self.buffer.extend_from_slice(&bytes.unwrap()),
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the event stream stalled")
+    }
+}
+
 impl Api {
     fn state(&self) -> &AppState {
         &self.running.state
@@ -1386,6 +1449,10 @@ async fn runs_event_id(api: &Api, token: &str, run_id: &str) -> String {
     run["event_id"].as_str().unwrap().to_string()
 }
 
+mod changes;
+mod contract;
 mod dispatch;
+mod pool;
 mod run_events;
+mod security;
 mod users;

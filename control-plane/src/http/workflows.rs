@@ -278,6 +278,11 @@ async fn create(
         .await
         .map_err(conflict_on_name(&fields.name))?;
     state.schedules.notify_one();
+    state.changes.notify_owned(
+        crate::changes::Kind::Workflow,
+        &workflow.id,
+        &workflow.owner_id,
+    );
     let mut body = workflow_json(&state, &workflow);
     if let Some(secret) = secret {
         // Shown this once; only its sealed form is stored.
@@ -325,6 +330,11 @@ async fn update(
         .await
         .map_err(conflict_on_name(&fields.name))?;
     state.schedules.notify_one();
+    state.changes.notify_owned(
+        crate::changes::Kind::Workflow,
+        &updated.id,
+        &updated.owner_id,
+    );
     let mut body = workflow_json(&state, &updated);
     if let Some(secret) = secret {
         body["webhook_secret"] = json!(secret);
@@ -338,9 +348,14 @@ async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     user.require_writer()?;
-    visible_workflow(&state, &user, &id).await?;
+    let workflow = visible_workflow(&state, &user, &id).await?;
     state.store.delete_workflow(&id).await?;
     state.schedules.notify_one();
+    state.changes.notify_owned(
+        crate::changes::Kind::Workflow,
+        &workflow.id,
+        &workflow.owner_id,
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 

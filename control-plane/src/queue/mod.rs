@@ -85,8 +85,13 @@ pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
             Ok(expired) => {
                 for job in expired {
                     info!(job_id = %job.job_id, agent_id = %job.agent_id, requeued = job.requeued, "lease expired");
-                    if job.requeued {
+                    if job.requeued && job.candidates.is_empty() {
                         state.registry.wake(&job.agent_id);
+                    } else if job.requeued {
+                        // A pool job is back in the pool: any candidate may claim it.
+                        for agent_id in &job.candidates {
+                            state.registry.wake(agent_id);
+                        }
                     }
                     if job.notified {
                         state.notifier.notify_one();

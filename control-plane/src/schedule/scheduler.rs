@@ -192,9 +192,14 @@ impl Scheduler {
         match &outcome {
             SlotOutcome::Fired { run_id, jobs } => {
                 info!(%event_id, slot_at, %run_id, "scheduled run created");
-                for (_, agent_id) in jobs {
+                for (job_id, agent_id) in jobs {
                     self.state.registry.wake(agent_id);
+                    // The new run and its next fire time, for the console's lists.
+                    self.state.changes.touch(crate::changes::Kind::Job, job_id);
                 }
+                self.state
+                    .changes
+                    .touch(crate::changes::Kind::Event, &event_id);
                 self.state.actions.wake();
             }
             SlotOutcome::Recorded { reason } => {

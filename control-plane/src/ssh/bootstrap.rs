@@ -281,6 +281,9 @@ async fn install(
         ssh: server.ssh.clone(),
     };
     state.store.update_server(&server.id, &fields).await?;
+    state
+        .changes
+        .notify_owned(crate::changes::Kind::Server, &server.id, &server.owner_id);
     Ok((agent_id, agent_name))
 }
 

@@ -470,18 +470,28 @@ const SCRIPT_END: &str = "CRONIUM_SCRIPT_END";
 /// base64 here-document (exact bytes, nothing expanded) and the helper libraries (single-quoted
 /// `printf` arguments: a builtin, no process), exports the environment (the secret variables
 /// and the helpers' too) and replaces itself with the interpreter.
+///
+/// The `CRONIUM_*` variables are the agent's (`agent/src/runner/process.rs`), with the same
+/// meanings: `CRONIUM_JOB_ID`, `CRONIUM_RUN_ID`, `CRONIUM_EVENT_ID`, `CRONIUM_ATTEMPT` (the
+/// attempt number, 1 for the first, as the `event` helper's `attempt`), and the helpers'
+/// `CRONIUM_HELPER_SOCKET` and `CRONIUM_JOB_TOKEN` (or `CRONIUM_HELPER_UNAVAILABLE`). The
+/// event's own variables never set a `CRONIUM_` name (the API refuses them; one found here is
+/// skipped, as the agent does).
 fn wrapper(script: &Script<'_>, helper_env: &[(&str, String)]) -> String {
     use base64::Engine;
     let claimed = script.claimed;
+    let attempt = claimed.attempt.to_string();
     let mut env: BTreeMap<&str, &str> = claimed
         .env
         .iter()
         .chain(script.secret_env.iter().map(|(key, value)| (key, value)))
+        .filter(|(key, _)| !key.starts_with("CRONIUM_"))
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     env.insert("CRONIUM_JOB_ID", &claimed.id);
     env.insert("CRONIUM_RUN_ID", &claimed.run_id);
     env.insert("CRONIUM_EVENT_ID", &claimed.event_id);
+    env.insert("CRONIUM_ATTEMPT", &attempt);
     for (key, value) in helper_env {
         env.insert(key, value);
     }

@@ -1204,6 +1204,8 @@ echo "DIR=$PWD"
 echo "input=$(cronium_input)"
 echo "event=$(cronium_event)"
 test -S "$CRONIUM_HELPER_SOCKET"
+echo "names=$(env | sed -n 's/^\(CRONIUM_[A-Z_]*\)=.*/\1/p' | LC_ALL=C sort | tr '\n' ' ')"
+echo "ids=$CRONIUM_JOB_ID $CRONIUM_RUN_ID $CRONIUM_EVENT_ID $CRONIUM_ATTEMPT"
 n=$(cronium_input | sed 's/[^0-9]//g')
 cronium_set_variable ssh_counter "{\"n\": $n}"
 echo "got=$(cronium_get_variable ssh_counter)"
@@ -1224,6 +1226,21 @@ echo "refused=$(cat err)"
                 && output.contains("\"attempt\":1"),
             "{output}"
         );
+        // The same CRONIUM_* variables as a job on an agent (agent/src/runner/process.rs,
+        // `the_environment_is_scrubbed`), with the same values.
+        assert!(
+            output.contains(
+                "names=CRONIUM_ATTEMPT CRONIUM_EVENT_ID CRONIUM_HELPER_SOCKET CRONIUM_JOB_ID \
+                 CRONIUM_JOB_TOKEN CRONIUM_RUN_ID \n"
+            ),
+            "{output}"
+        );
+        let ids = format!(
+            "ids={job_id} {} {} 1\n",
+            job["run_id"].as_str().unwrap(),
+            job["event_id"].as_str().unwrap()
+        );
+        assert!(output.contains(&ids), "{ids} in {output}");
         assert!(output.contains(&format!("got={{\"n\":{n}}}")), "{output}");
         assert!(
             output.contains("refused=cronium: the variable name \"bad name\" is not valid"),
@@ -1247,6 +1264,40 @@ echo "refused=$(cat err)"
         assert_eq!(payload["title"], format!("ssh {n}"), "{payload}");
     }
     assert_eq!(api.running.state.ssh.pool.len(), 1, "one kept connection");
+
+    // A retried job sees its attempt number in CRONIUM_ATTEMPT, the same as the `event`
+    // helper's `attempt`: the first attempt fails, the second completes.
+    let event = api
+        .ok(
+            Method::POST,
+            "/events",
+            Some(json!({
+                "name": format!("e-{}", crate::store::new_id()),
+                "kind": "bash",
+                "script": ". ./cronium.sh\necho \"attempt=$CRONIUM_ATTEMPT event=$(cronium_event)\"\n[ \"$CRONIUM_ATTEMPT\" = 2 ]\n",
+                "runtime": "host",
+                "targets": {"servers": [server["id"]]},
+                "timeout_seconds": 60,
+                "retries": 1,
+                "retry": {"backoff_seconds": 0},
+            })),
+        )
+        .await;
+    let run = api
+        .ok(
+            Method::POST,
+            &format!("/events/{}/runs", event["id"].as_str().unwrap()),
+            Some(json!({})),
+        )
+        .await;
+    let job = api.finished(run["jobs"][0]["id"].as_str().unwrap()).await;
+    let output = job["output"].as_str().unwrap();
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert!(
+        output.contains("attempt=2 event=") && output.contains("\"attempt\":2"),
+        "{output}"
+    );
     assert_eq!(
         api.running.state.ssh.pool.forwards(),
         0,

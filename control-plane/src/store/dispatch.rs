@@ -30,10 +30,10 @@ pub(crate) fn claimable(first: usize) -> String {
 }
 
 /// The ids of up to `limit` claimable jobs of one runner, oldest first, at most as many per
-/// event as its concurrency limit leaves free. Binds from placeholder `$first` on: now, runner,
-/// limit.
-pub(crate) fn claimable_select(first: usize) -> String {
-    let (runner, limit) = (first + 1, first + 2);
+/// event as its concurrency limit leaves free (a runner's own jobs and the pool jobs it is a
+/// candidate for, `store::pool`). Binds from placeholder `$first` on: runner, now, limit.
+pub(crate) fn claimable_select(backend: super::Backend, first: usize) -> String {
+    let (now, limit) = (first + 1, first + 2);
     format!(
         "SELECT id FROM (
            SELECT j.id, j.queued_at, d.max_concurrency AS cap,
@@ -41,11 +41,13 @@ pub(crate) fn claimable_select(first: usize) -> String {
                   CASE WHEN d.max_concurrency IS NULL THEN 0 ELSE
                     (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running'))
                   END AS active
-           FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
-           WHERE {} AND j.runner = ${runner}) AS candidates
+           FROM {} {} jobs j ON j.id = m.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+           WHERE {}) AS candidates
          WHERE cap IS NULL OR active + nth <= cap
          ORDER BY queued_at, id LIMIT ${limit}",
-        claimable(first)
+        super::pool::claimable_ids(first),
+        backend.join_in_order(),
+        claimable(now)
     )
 }
 
@@ -359,7 +361,7 @@ pub(crate) async fn apply_in(
     };
     sqlx::query(
         "UPDATE jobs SET backoff_ms = $1, backoff_factor = $2, max_backoff_ms = $3, batch = 0,
-         offline_wait_ms = CASE WHEN agent_id IS NULL THEN NULL ELSE CAST($4 AS BIGINT) END WHERE run_id = $5",
+         offline_wait_ms = CASE WHEN agent_id IS NULL AND pool = 0 THEN NULL ELSE CAST($4 AS BIGINT) END WHERE run_id = $5",
     )
     .bind(seconds_to_ms(policy.retry.backoff_seconds))
     .bind(policy.retry.factor)
@@ -483,6 +485,7 @@ pub(crate) async fn settled_in(conn: &mut sqlx::AnyConnection, job_id: &str) -> 
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    super::observe::settled("cancelled", Some("rollout_stopped"), cancelled);
     sqlx::query("UPDATE runs SET stopped_reason = $1, stopped_at = $2 WHERE id = $3")
         .bind(&reason)
         .bind(now)
@@ -627,7 +630,9 @@ impl Store {
     /// Runners with a queued job that became due in `(after, up_to]`.
     pub async fn runners_due(&self, after: i64, up_to: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT runner FROM jobs WHERE status = 'queued' AND not_before > $1 AND not_before <= $2",
+            "SELECT DISTINCT COALESCE(j.runner, c.agent_id) AS runner FROM jobs j
+               LEFT JOIN job_candidates c ON j.runner IS NULL AND c.job_id = j.id
+             WHERE j.status = 'queued' AND j.not_before > $1 AND j.not_before <= $2 AND COALESCE(j.runner, c.agent_id) IS NOT NULL",
         )
         .bind(after)
         .bind(up_to)
@@ -652,9 +657,10 @@ impl Store {
             return Ok(Vec::new());
         }
         let query = format!(
-            "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+            "SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+               LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
              WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= $1)
-               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)
+               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL) AND COALESCE(q.runner, c.agent_id) IS NOT NULL
                AND q.event_id IN (SELECT event_id FROM jobs WHERE id IN ({})
                                   AND status IN ('queued', 'completed', 'failed', 'cancelled'))",
             placeholders(2, job_ids.len())
@@ -670,9 +676,10 @@ impl Store {
     /// missed change notifications).
     pub async fn runners_held_back(&self, now: i64) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT q.runner FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+            "SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM jobs q LEFT JOIN event_dispatch d ON d.event_id = q.event_id
+               LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
              WHERE q.status = 'queued' AND (q.not_before IS NULL OR q.not_before <= $1)
-               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL)",
+               AND (q.batch > 0 OR d.max_concurrency IS NOT NULL) AND COALESCE(q.runner, c.agent_id) IS NOT NULL",
         )
         .bind(now)
         .fetch_all(&self.reader)
@@ -690,12 +697,14 @@ impl Store {
             > 0)
     }
 
-    /// Queued agent jobs whose batch started at least their offline wait ago: `(job, agent)`.
-    /// The caller skips those whose agent is offline ([`Store::skip_offline`]).
+    /// Queued agent jobs whose batch started at least their offline wait ago: `(job, agent)`, a
+    /// pair per candidate for a pool job. The caller skips those whose agents are all offline
+    /// ([`Store::skip_offline`]).
     pub async fn offline_candidates(&self, now: i64) -> StoreResult<Vec<(String, String)>> {
         Ok(sqlx::query_as(
-            "SELECT j.id, j.agent_id FROM jobs j JOIN runs r ON r.id = j.run_id
-             WHERE j.status = 'queued' AND j.offline_wait_ms IS NOT NULL AND j.agent_id IS NOT NULL
+            "SELECT j.id, COALESCE(j.agent_id, c.agent_id) FROM jobs j JOIN runs r ON r.id = j.run_id
+               LEFT JOIN job_candidates c ON j.agent_id IS NULL AND c.job_id = j.id
+             WHERE j.status = 'queued' AND j.offline_wait_ms IS NOT NULL AND COALESCE(j.agent_id, c.agent_id) IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch
                                AND b.status IN ('queued', 'claimed', 'running'))
                AND COALESCE((SELECT MAX(finished_at) FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch),
@@ -724,6 +733,7 @@ impl Store {
                 .await?
                 .rows_affected();
                 if changed > 0 {
+                    super::observe::settled("cancelled", Some("offline"), 1);
                     settled_in(conn, job_id).await?;
                     skipped.push(job_id.clone());
                 }

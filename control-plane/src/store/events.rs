@@ -131,22 +131,32 @@ impl Default for DockerSettings {
 }
 
 /// Which agents an event runs on: named agents (by id or name) plus every agent matching all
-/// labels, plus named servers (by id or name; SSH servers run their jobs over SSH).
+/// labels, plus named servers (by id or name; SSH servers run their jobs over SSH). Or, with
+/// `pool`, ONE job per run that any agent matching all of the pool's labels may claim (never
+/// together with the others).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Targets {
     pub agents: Vec<String>,
     pub labels: Labels,
     pub servers: Vec<String>,
+    /// A label selector: one job, run by whichever matching agent claims it first.
+    pub pool: Option<Labels>,
 }
 
 impl Targets {
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty() && self.labels.is_empty() && self.servers.is_empty()
+        self.agents.is_empty()
+            && self.labels.is_empty()
+            && self.servers.is_empty()
+            && self.pool.is_none()
     }
 
     fn to_json(&self) -> String {
-        serde_json::json!({ "agents": self.agents, "labels": self.labels, "servers": self.servers })
-            .to_string()
+        let mut value = serde_json::json!({ "agents": self.agents, "labels": self.labels, "servers": self.servers });
+        if let Some(pool) = &self.pool {
+            value["pool"] = serde_json::json!(pool);
+        }
+        value.to_string()
     }
 
     fn from_json(text: &str) -> StoreResult<Targets> {
@@ -176,10 +186,15 @@ impl Targets {
                 .map(|labels| labels.to_string())
                 .unwrap_or_else(|| "{}".into()),
         )?;
+        let pool = match value.get("pool") {
+            Some(pool) if !pool.is_null() => Some(labels_from_json(&pool.to_string())?),
+            _ => None,
+        };
         Ok(Targets {
             agents,
             labels,
             servers,
+            pool,
         })
     }
 }

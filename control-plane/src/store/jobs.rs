@@ -184,6 +184,9 @@ pub struct Job {
     /// JSON of the previous failed attempt (`attempt`, `reason`, `exit_code`, `finished_at`,
     /// `output_tail`), whose log the next attempt replaced.
     pub last_failure: Option<String>,
+    /// The one job of a pool target (`store::pool`): `agent_id` is the agent that claimed the
+    /// current attempt, `None` while the job waits in the pool.
+    pub pool: bool,
 }
 
 /// A job as handed to an agent by a claim. Its `Debug` shows neither script nor environment.
@@ -325,6 +328,8 @@ pub struct RunSpec {
     pub trigger: &'static str,
     pub slot_at: Option<i64>,
     pub missed_slots: i64,
+    /// One pool job (`store::pool`) whose candidates are `agent_ids`, instead of a job each.
+    pub pool: bool,
 }
 
 impl RunSpec {
@@ -345,6 +350,7 @@ impl RunSpec {
             trigger: "manual",
             slot_at: None,
             missed_slots: 0,
+            pool: false,
         })
     }
 }
@@ -358,8 +364,16 @@ pub const SSH_RUNNER_PREFIX: &str = "ssh:";
 /// `control_plane`, tool actions; `actions/`). Such a job has neither an agent nor a server.
 pub const CONTROL_PLANE_RUNNER: &str = "control-plane";
 
+/// Jobs inserted per statement by [`create_run_in`] ([`JOB_INSERT_BINDS`] values each, far below
+/// the limits of bound parameters).
+const JOB_INSERT_ROWS: usize = 50;
+
+/// Values bound per job row by [`create_run_in`].
+const JOB_INSERT_BINDS: usize = 14;
+
 /// Writes a run and one queued job per runner (agent id, or `ssh:<server id>`) in the caller's
-/// transaction; returns the run id and `(job id, runner)` pairs.
+/// transaction; returns the run id and `(job id, runner)` pairs. A pool run (`spec.pool`) gets
+/// one job and a pair per candidate agent (the runners to wake; `store::pool`).
 pub(crate) async fn create_run_in(
     conn: &mut sqlx::AnyConnection,
     spec: &RunSpec,
@@ -380,40 +394,63 @@ pub(crate) async fn create_run_in(
     .bind(spec.missed_slots)
     .execute(&mut *conn)
     .await?;
-    let mut jobs = Vec::with_capacity(spec.agent_ids.len());
-    for agent_id in &spec.agent_ids {
-        let job_id = new_id();
-        // A runner key `ssh:<server id>` is a job the control plane runs over SSH.
-        // The runner key `control-plane` is a job the control plane runs itself.
-        let on_control_plane = agent_id == CONTROL_PLANE_RUNNER;
-        let (agent, server) = match agent_id.strip_prefix(SSH_RUNNER_PREFIX) {
-            _ if on_control_plane => (None, None),
-            Some(server_id) => (None, Some(server_id)),
-            None => (Some(agent_id.as_str()), None),
-        };
-        sqlx::query(
-            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec)
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(&job_id)
-        .bind(&run_id)
-        .bind(&spec.event_id)
-        .bind(agent)
-        .bind(server)
-        .bind(i64::from(on_control_plane))
-        .bind(spec.max_attempts as i64)
-        .bind(&spec.kind)
-        .bind(&spec.script)
-        .bind(&spec.env)
-        .bind(&spec.input)
-        .bind(spec.timeout_seconds as i64)
-        .bind(now)
-        .bind(&spec.runtime_spec)
-        .execute(&mut *conn)
-        .await?;
-        super::secrets::copy_secret_env_in(conn, &spec.event_id, &job_id).await?;
-        jobs.push((job_id, agent_id.clone()));
+    if spec.pool {
+        let jobs = super::pool::insert_job_in(conn, &run_id, spec, now).await?;
+        super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
+        super::dispatch::apply_in(conn, &run_id, &spec.event_id, None).await?;
+        return Ok((run_id, jobs));
     }
+    let jobs: Vec<(String, String)> = spec
+        .agent_ids
+        .iter()
+        .map(|agent_id| (new_id(), agent_id.clone()))
+        .collect();
+    // Many rows per statement: a fan-out to a thousand hosts is twenty statements, not a
+    // thousand (the writer's time is shared by every claim and result).
+    for chunk in jobs.chunks(JOB_INSERT_ROWS) {
+        let rows = (0..chunk.len())
+            .map(|row| {
+                let first = row * JOB_INSERT_BINDS + 1;
+                format!(
+                    "({}, 'queued')",
+                    super::dispatch::placeholders(first, JOB_INSERT_BINDS)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let statement = format!(
+            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec, status)
+             VALUES {rows}"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(statement));
+        for (job_id, agent_id) in chunk {
+            // A runner key `ssh:<server id>` is a job the control plane runs over SSH.
+            // The runner key `control-plane` is a job the control plane runs itself.
+            let on_control_plane = agent_id == CONTROL_PLANE_RUNNER;
+            let (agent, server) = match agent_id.strip_prefix(SSH_RUNNER_PREFIX) {
+                _ if on_control_plane => (None, None),
+                Some(server_id) => (None, Some(server_id)),
+                None => (Some(agent_id.as_str()), None),
+            };
+            query = query
+                .bind(job_id)
+                .bind(&run_id)
+                .bind(&spec.event_id)
+                .bind(agent)
+                .bind(server)
+                .bind(i64::from(on_control_plane))
+                .bind(spec.max_attempts as i64)
+                .bind(&spec.kind)
+                .bind(&spec.script)
+                .bind(&spec.env)
+                .bind(&spec.input)
+                .bind(spec.timeout_seconds as i64)
+                .bind(now)
+                .bind(&spec.runtime_spec);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
     super::dispatch::apply_in(conn, &run_id, &spec.event_id, None).await?;
     Ok((run_id, jobs))
 }
@@ -500,10 +537,12 @@ pub struct ExpiredJob {
     pub requeued: bool,
     /// The settlement enqueued the event's `notify` notification (wake the dispatcher).
     pub notified: bool,
+    /// A re-queued pool job's candidates (wake them, not `agent_id`); empty otherwise.
+    pub candidates: Vec<String>,
 }
 
 const JOB_COLUMNS: &str = "id, run_id, event_id, agent_id, server_id, status, reason, attempt, max_attempts, exit_code, result, condition, log_len,
-     cancel_requested, queued_at, claimed_at, started_at, finished_at, not_before, batch, skip_reason, last_failure";
+     cancel_requested, queued_at, claimed_at, started_at, finished_at, not_before, batch, skip_reason, last_failure, pool";
 
 fn job_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Job> {
     let status: String = row.try_get("status")?;
@@ -544,6 +583,7 @@ fn job_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Job> {
         not_before: row.try_get("not_before")?,
         batch: row.try_get::<i64, _>("batch")? as u32,
         last_failure: row.try_get("last_failure")?,
+        pool: row.try_get::<i64, _>("pool")? != 0,
     })
 }
 
@@ -636,7 +676,7 @@ pub(crate) async fn notify_settled_in(
     job_id: &str,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
-        "SELECT j.status, j.reason, j.exit_code, j.attempt, j.run_id, j.log_len, j.agent_id, j.server_id, j.on_control_plane,
+        "SELECT j.status, j.reason, j.exit_code, j.attempt, j.run_id, j.log_len, j.agent_id, j.server_id, j.on_control_plane, j.pool,
                 e.id AS event_id, e.owner_id, e.name AS event_name, e.notify_on_failure, e.notify_on_success,
                 a.name AS agent_name, s.name AS server_name
          FROM jobs j JOIN events e ON e.id = j.event_id
@@ -652,6 +692,13 @@ pub(crate) async fn notify_settled_in(
     };
     let status =
         JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+    if status.is_final() {
+        super::observe::settled(
+            status.as_str(),
+            row.try_get::<Option<String>, _>("reason")?.as_deref(),
+            1,
+        );
+    }
     let tool: Option<String> = match status {
         JobStatus::Completed => row.try_get("notify_on_success")?,
         JobStatus::Failed | JobStatus::Cancelled => row.try_get("notify_on_failure")?,
@@ -675,6 +722,9 @@ pub(crate) async fn notify_settled_in(
             Some(agent_id) => format!("agent {agent_id}"),
             None if row.try_get::<i64, _>("on_control_plane")? != 0 => {
                 "the control plane".to_string()
+            }
+            None if row.try_get::<i64, _>("pool")? != 0 => {
+                "its pool (no agent took it)".to_string()
             }
             None => "a deleted server".to_string(),
         },
@@ -779,22 +829,41 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Most claims find nothing (an agent asks again each time a job of its ends); those are
+        // answered from a read connection, so they take no place in the writer's group commits
+        // next to results. A job that becomes claimable after this read does so in a commit
+        // that is followed by a wake-up of its runner (run creation, re-queue, the dispatcher for
+        // due retries, batches and concurrency slots), which claims again.
+        let claimable: Option<String> = sqlx::query_scalar(AssertSqlSafe(
+            super::dispatch::claimable_select(self.backend(), 1),
+        ))
+        .bind(agent_id)
+        .bind(now.unwrap_or_else(now_ms))
+        .bind(1_i64)
+        .fetch_optional(&self.reader)
+        .await?;
+        if claimable.is_none() {
+            return Ok(Vec::new());
+        }
         let agent_id = agent_id.to_string();
+        let backend = self.backend();
         write_op!(self, |conn| async {
         // The time is read when the claim runs, after every write queued before it: a claim
         // that a settlement made possible is never recorded as earlier than that settlement.
         let now = now.unwrap_or_else(now_ms);
         let rows = sqlx::query(AssertSqlSafe(format!(
             "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
-             not_before = NULL
+             not_before = NULL, {}
              WHERE id IN ({})
-             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec",
-            super::dispatch::claimable_select(3)
+             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec, queued_at",
+            super::pool::bind_claimer(3),
+            super::dispatch::claimable_select(backend, 4)
         )))
         .bind(now)
         .bind(lease_until)
+        .bind(&agent_id)
+        .bind(&agent_id)
         .bind(now)
-        .bind(agent_id)
         .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await?;
@@ -802,6 +871,7 @@ impl Store {
             .iter()
             .map(|row| {
                 let env: String = row.try_get("env")?;
+                super::observe::claimed(now - row.try_get::<i64, _>("queued_at")?);
                 Ok(ClaimedJob {
                     id: row.try_get("id")?,
                     attempt: row.try_get::<i64, _>("attempt")? as u32,
@@ -914,7 +984,7 @@ impl Store {
     pub async fn expire_leases(&self, now: i64) -> StoreResult<Vec<ExpiredJob>> {
         write_op!(self, |conn| async {
                 let rows = sqlx::query(
-            "SELECT id, runner AS agent_id, attempt, max_attempts, cancel_requested, log_len FROM jobs
+            "SELECT id, runner AS agent_id, attempt, max_attempts, cancel_requested, log_len, pool FROM jobs
              WHERE status IN ('claimed', 'running') AND lease_expires_at < $1",
         )
         .bind(now)
@@ -928,15 +998,20 @@ impl Store {
             let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
             let requeued = !cancel_requested && attempt < row.try_get::<i64, _>("max_attempts")?;
             let mut notified = false;
+            let mut candidates = Vec::new();
+            if requeued && row.try_get::<i64, _>("pool")? != 0 {
+                candidates = super::pool::candidates_in(conn, &job_id).await?;
+            }
             if requeued {
                 sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
                     .bind(&job_id)
                     .execute(&mut *conn)
                     .await?;
-                sqlx::query(
+                sqlx::query(AssertSqlSafe(format!(
                     "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL,
-                     started_at = NULL, queued_at = $1 WHERE id = $2",
-                )
+                     started_at = NULL, queued_at = $1, {} WHERE id = $2",
+                    super::pool::UNBIND
+                )))
                 .bind(now)
                 .bind(&job_id)
                 .execute(&mut *conn)
@@ -984,6 +1059,7 @@ impl Store {
                 agent_id,
                 requeued,
                 notified,
+                candidates,
             });
         }
         Ok(expired)
@@ -1137,10 +1213,11 @@ impl Store {
                 .bind(&attempt.job_id)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query(
+            sqlx::query(AssertSqlSafe(format!(
                 "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
-                 queued_at = $1, not_before = $2, last_failure = $3 WHERE id = $4",
-            )
+                 queued_at = $1, not_before = $2, last_failure = $3, {} WHERE id = $4",
+                super::pool::UNBIND
+            )))
             .bind(now)
             .bind(not_before)
             .bind(last_failure.to_string())

@@ -12,10 +12,14 @@
 pub mod actions;
 pub mod agent_updates;
 pub mod agents;
+pub mod backup;
+pub mod changes;
 pub mod dispatch;
 pub mod enrollment;
 pub mod events;
 pub mod jobs;
+pub mod observe;
+pub mod pool;
 pub mod schedules;
 pub mod secrets;
 pub mod servers;
@@ -30,6 +34,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AnyPool;
@@ -105,6 +110,16 @@ impl Backend {
             Backend::Postgres => "BEGIN",
         }
     }
+
+    /// An inner join whose left side the plan must start from (`… ON …` follows): SQLite's
+    /// `CROSS JOIN` fixes the join order; PostgreSQL has no such hint (and no `CROSS JOIN … ON`)
+    /// and plans a plain `JOIN` well from the estimates.
+    pub(crate) fn join_in_order(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "CROSS JOIN",
+            Backend::Postgres => "JOIN",
+        }
+    }
 }
 
 /// Handle to the database. Cheap to clone.
@@ -118,6 +133,8 @@ pub struct Store {
     writes: mpsc::UnboundedSender<WriteRequest>,
     /// Connections for reads.
     reader: AnyPool,
+    /// The process's metrics; the writer task adds what committed operations observed.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The writing connection, owned while an operation runs.
@@ -227,19 +244,31 @@ impl Store {
 
     fn with_pools(backend: Backend, writer: AnyPool, reader: AnyPool) -> Store {
         let (writes, requests) = mpsc::unbounded_channel();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         // The task ends when the last `Store` (and so the last sender) is dropped.
-        tokio::spawn(commit_groups(backend, writer.clone(), requests));
+        tokio::spawn(commit_groups(
+            backend,
+            writer.clone(),
+            requests,
+            metrics.clone(),
+        ));
         Store {
             backend,
             writer,
             writes,
             reader,
+            metrics,
         }
     }
 
     /// The database engine.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The process's metrics (`GET /metrics`).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Runs `operation` in the next group commit and returns its result once it is on disk.
@@ -327,11 +356,13 @@ impl Store {
 }
 
 /// The writer task: takes the waiting operations, runs them in one transaction with a savepoint
-/// each, commits, then answers. If the commit fails, every operation of the group fails.
+/// each, commits, then answers. If the commit fails, every operation of the group fails. What the
+/// successful operations observed (`observe`) goes to `metrics` after the commit.
 async fn commit_groups(
     backend: Backend,
     pool: AnyPool,
     mut requests: mpsc::UnboundedReceiver<WriteRequest>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     while let Some(first) = requests.recv().await {
         let mut group = vec![first];
@@ -366,15 +397,19 @@ async fn commit_groups(
             continue;
         }
         let mut answers = Vec::with_capacity(group.len());
+        let mut observed = Vec::new();
         for request in group {
             let savepoint = sqlx::query("SAVEPOINT operation")
                 .execute(&mut *connection)
                 .await;
-            let (returned, answer) = match savepoint {
-                Ok(_) => (request.operation)(connection).await,
-                Err(error) => (connection, Err(StoreError::from(error))),
+            let ((returned, answer), observations) = match savepoint {
+                Ok(_) => observe::observing((request.operation)(connection)).await,
+                Err(error) => ((connection, Err(StoreError::from(error))), Vec::new()),
             };
             connection = returned;
+            if answer.is_ok() {
+                observed.extend(observations);
+            }
             let end = if answer.is_ok() {
                 "RELEASE operation"
             } else {
@@ -387,6 +422,7 @@ async fn commit_groups(
         }
         match sqlx::query("COMMIT").execute(&mut *connection).await {
             Ok(_) => {
+                metrics.record(&observed);
                 for (reply, answer) in answers {
                     let _ = reply.send(answer);
                 }

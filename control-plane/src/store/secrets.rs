@@ -232,19 +232,20 @@ pub(crate) async fn change_secret_env_in(
     Ok(())
 }
 
-/// Copies an event's secret environment (still sealed) into a new job, in the caller's
-/// transaction.
-pub(crate) async fn copy_secret_env_in(
+/// Copies an event's secret environment (still sealed) into every job of a new run, in the
+/// caller's transaction (one statement for the whole run).
+pub(crate) async fn copy_secret_env_to_run_in(
     conn: &mut sqlx::AnyConnection,
     event_id: &str,
-    job_id: &str,
+    run_id: &str,
 ) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO job_secret_env (job_id, name, sealed_value)
-         SELECT $1, name, sealed_value FROM event_secret_env WHERE event_id = $2",
+         SELECT j.id, s.name, s.sealed_value FROM jobs j JOIN event_secret_env s ON s.event_id = $1
+         WHERE j.run_id = $2",
     )
-    .bind(job_id)
     .bind(event_id)
+    .bind(run_id)
     .execute(&mut *conn)
     .await?;
     Ok(())

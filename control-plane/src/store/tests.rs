@@ -1009,3 +1009,53 @@ async fn without_notify_or_with_a_deleted_tool_nothing_is_enqueued_and_the_job_s
         1
     );
 }
+
+#[tokio::test]
+async fn a_run_over_many_agents_has_one_job_each_claimed_once_by_its_agent() {
+    let fixture = fixture().await;
+    // More than two statements' worth of rows (50 per insert), the last one partial.
+    let mut agents = Vec::new();
+    for index in 0..123 {
+        agents.push(fixture.agent(&format!("host-{index:03}")).await);
+    }
+    let (run_id, jobs) = fixture
+        .store
+        .create_run(NewRun {
+            event_id: &fixture.event,
+            kind: "bash",
+            script: "true",
+            env: &BTreeMap::new(),
+            runtime_spec: None,
+            input: None,
+            timeout_seconds: 60,
+            max_attempts: 1,
+            created_by: &fixture.owner,
+            agent_ids: &agents,
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), agents.len());
+    let ids: HashSet<&String> = jobs.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), agents.len(), "job ids are unique");
+    let runners: HashSet<&String> = jobs.iter().map(|(_, runner)| runner).collect();
+    assert_eq!(runners.len(), agents.len(), "one job per agent");
+    let run = fixture.store.run(&run_id).await.unwrap();
+    assert_eq!(run.jobs.len(), agents.len());
+    assert!(run.jobs.iter().all(|job| job.status == JobStatus::Queued));
+    let lease = now_ms() + 60_000;
+    for (job_id, agent) in &jobs {
+        let claimed = fixture.store.claim_jobs(agent, 5, lease).await.unwrap();
+        assert_eq!(claimed.len(), 1, "agent {agent} claims its one job");
+        assert_eq!(&claimed[0].id, job_id);
+        assert_eq!(claimed[0].run_id, run_id);
+        // Nothing left: the claim is answered empty (from a read connection).
+        assert!(
+            fixture
+                .store
+                .claim_jobs(agent, 5, lease)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

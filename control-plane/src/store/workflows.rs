@@ -591,15 +591,22 @@ impl Store {
         .await?)
     }
 
-    /// The workflow run whose running node's run holds this job, if the job has ended.
-    pub async fn workflow_run_of_ended_job(&self, job_id: &str) -> StoreResult<Option<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT n.workflow_run_id FROM jobs j JOIN workflow_run_nodes n ON n.run_id = j.run_id
-             WHERE j.id = $1 AND n.state = 'running' AND j.status IN ('completed', 'failed', 'cancelled')",
-        )
-        .bind(job_id)
-        .fetch_optional(&self.reader)
-        .await?)
+    /// The workflow runs whose running nodes' runs hold one of these jobs that has ended: one
+    /// query for a burst of job changes (the engine's wake-up), distinct ids.
+    pub async fn workflow_runs_of_ended_jobs(&self, job_ids: &[&str]) -> StoreResult<Vec<String>> {
+        if job_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = format!(
+            "SELECT DISTINCT n.workflow_run_id FROM workflow_run_nodes n JOIN jobs j ON j.run_id = n.run_id
+             WHERE n.state = 'running' AND j.id IN ({}) AND j.status IN ('completed', 'failed', 'cancelled')",
+            super::dispatch::placeholders(1, job_ids.len())
+        );
+        let mut query = sqlx::query_scalar(AssertSqlSafe(query));
+        for id in job_ids {
+            query = query.bind(*id);
+        }
+        Ok(query.fetch_all(&self.reader).await?)
     }
 
     /// The jobs of a node's run, by id.

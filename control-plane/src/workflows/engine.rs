@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tracing::{debug, info, warn};
 
 use super::{Decision, Definition, NodeState, NodeView, decide, final_status};
@@ -28,6 +28,9 @@ use crate::store::{StoreError, StoreResult, new_id};
 
 /// How often every active workflow run is looked at even without a job change.
 pub const SCAN_PERIOD: Duration = Duration::from_secs(10);
+
+/// Most job changes looked up in one query.
+const MAX_CHANGES_PER_LOOKUP: usize = 500;
 
 /// How often a step is read and decided again when it raced with another change.
 const MAX_STEP_TRIES: usize = 8;
@@ -55,11 +58,34 @@ pub async fn run(state: AppState) {
             // The first tick is immediate: the start-up scan.
             _ = scan.tick() => scan_all(&state).await,
             changed = job_changes.recv() => match changed {
-                Ok(job_id) => match state.store.workflow_run_of_ended_job(&job_id).await {
-                    Ok(Some(workflow_run_id)) => advance_logged(&state, &workflow_run_id).await,
-                    Ok(None) => {}
-                    Err(error) => warn!(%error, "workflow engine: looking up a job failed"),
-                },
+                Ok(job_id) => {
+                    // A fan-out changes thousands of jobs at once: the ids already waiting are
+                    // looked up together, one query per wake-up instead of one per change.
+                    let mut ids = vec![job_id];
+                    let mut lagged = false;
+                    while ids.len() < MAX_CHANGES_PER_LOOKUP {
+                        match job_changes.try_recv() {
+                            Ok(id) => ids.push(id),
+                            Err(TryRecvError::Lagged(_)) => lagged = true,
+                            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+                        }
+                    }
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let ids: Vec<&str> = ids.iter().map(|id| &**id).collect();
+                    match state.store.workflow_runs_of_ended_jobs(&ids).await {
+                        Ok(runs) => {
+                            for workflow_run_id in runs {
+                                advance_logged(&state, &workflow_run_id).await;
+                            }
+                        }
+                        Err(error) => warn!(%error, "workflow engine: looking up jobs failed"),
+                    }
+                    if lagged {
+                        debug!("workflow engine lagged behind job changes; scanning");
+                        scan_all(&state).await;
+                    }
+                }
                 Err(RecvError::Lagged(missed)) => {
                     debug!(missed, "workflow engine lagged behind job changes; scanning");
                     scan_all(&state).await;
@@ -227,8 +253,10 @@ async fn node_run(
 /// Wakes the runners of the jobs a step created: agents, the SSH worker and the control
 /// plane's own executor (HTTP requests, tool actions).
 fn wake(state: &AppState, jobs: &[(String, String)]) {
-    for (_, runner) in jobs {
+    for (job_id, runner) in jobs {
         state.registry.wake(runner);
+        // The node runs' new jobs, for the console's lists.
+        state.changes.touch(crate::changes::Kind::Job, job_id);
     }
     if !jobs.is_empty() {
         state.ssh.wake();
@@ -306,6 +334,11 @@ pub async fn start(
             }
             info!(workflow_id = %workflow.id, %workflow_run_id, trigger = trigger.kind, "workflow run started");
             wake(state, &jobs);
+            state.changes.notify_owned(
+                crate::changes::Kind::WorkflowRun,
+                &workflow_run_id,
+                &workflow.owner_id,
+            );
             Ok(Some(workflow_run_id))
         }
         StepOutcome::Stale => Ok(None),
@@ -381,6 +414,9 @@ pub async fn advance(state: &AppState, workflow_run_id: &str) -> StoreResult<()>
         match state.store.apply_workflow_step(step).await? {
             StepOutcome::Applied { jobs } => {
                 wake(state, &jobs);
+                state
+                    .changes
+                    .touch(crate::changes::Kind::WorkflowRun, workflow_run_id);
                 return Ok(());
             }
             StepOutcome::Stale => continue,

@@ -69,6 +69,9 @@ pub struct NodeTargets {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub servers: Vec<String>,
+    /// One job run by any agent matching these labels (see `store::events::Targets::pool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<BTreeMap<String, String>>,
 }
 
 impl From<&NodeTargets> for Targets {
@@ -77,6 +80,7 @@ impl From<&NodeTargets> for Targets {
             agents: targets.agents.clone(),
             labels: targets.labels.clone(),
             servers: targets.servers.clone(),
+            pool: targets.pool.clone(),
         }
     }
 }
@@ -185,6 +189,11 @@ impl Definition {
                         format!("nodes[{index}].targets.labels"),
                         message,
                     ));
+                }
+                if let Err(crate::http::error::ApiError::Unprocessable { field, message }) =
+                    crate::http::pool::check(&format!("nodes[{index}].targets"), &targets.into())
+                {
+                    return Err(field_error(field, message));
                 }
             }
         }

@@ -1,9 +1,11 @@
-// The app shell: a sidebar (navigation, theme toggle, the user and "Log out") and the page area.
+// The app shell: a sidebar (navigation, the live-updates indicator, theme toggle, the user and
+// "Log out") and the page area. It opens the console's one change-notice stream (changes.ts).
 // Routes live in the hash; each navigation aborts the previous page's signal, so its pollers
 // and log streams stop, and draws the new page into a fresh area.
 
 import { type User, logout, messageOf } from "../api";
 import { el, replaceChildren } from "../dom";
+import { type LiveState, liveState, onLiveState, startChanges } from "./changes";
 import type { Page, PageContext } from "./context";
 import { dashboardPage } from "./pages/dashboard";
 import { eventEditorPage } from "./pages/event-editor";
@@ -35,6 +37,27 @@ const routes: Route<Page>[] = [
   { pattern: "/settings", target: settingsPage },
   { pattern: "/settings/:tab", target: settingsPage },
 ];
+
+const LIVE_TEXT: Record<LiveState, [string, string]> = {
+  connecting: ["Connecting…", "Opening the stream of live updates"],
+  live: ["Live", "Lists update as soon as something changes"],
+  reconnecting: ["Reconnecting…", "Live updates dropped; lists are polled until they are back"],
+  off: ["Polling", "This browser cannot receive live updates; lists are polled"],
+};
+
+/** The sidebar's indicator of the change-notice stream. */
+function liveIndicator(): HTMLElement {
+  const indicator = el("span", { class: "live-indicator", id: "live-indicator", role: "status" });
+  const show = (state: LiveState): void => {
+    const [text, title] = LIVE_TEXT[state];
+    indicator.dataset.state = state;
+    indicator.textContent = text;
+    indicator.title = title;
+  };
+  show(liveState());
+  onLiveState(null, show);
+  return indicator;
+}
 
 const NAV: Array<{ hash: string; label: string; section: string }> = [
   { hash: "#/", label: "Dashboard", section: "" },
@@ -79,6 +102,7 @@ export function startShell(app: HTMLElement, user: User): void {
     el("a", { href: "#/", class: "brand" }, "Cronium"),
     el("ul", { class: "nav" }, ...links.map((link) => el("li", {}, link))),
     el("span", { class: "spacer" }),
+    liveIndicator(),
     themeButton,
     el(
       "div",
@@ -92,6 +116,7 @@ export function startShell(app: HTMLElement, user: User): void {
   const main = el("main", { id: "content", class: "content", tabindex: "-1" });
   replaceChildren(app, el("a", { href: "#content", class: "skip-link" }, "Skip to content"), sidebar, main);
   app.className = "shell";
+  startChanges();
   document.body.dataset.role = user.role;
 
   let controller: AbortController | null = null;

@@ -3,76 +3,15 @@
 //! announced found by the re-read, the `end` summary and the stream's close; another user's run
 //! is not found, as with `GET /runs/{id}`.
 
-use std::time::Duration;
+use axum::http::{Method, StatusCode};
+use serde_json::json;
 
-use axum::body::{Body, BodyDataStream};
-use axum::http::{Method, Request, StatusCode, header};
-use futures_util::StreamExt;
-use serde_json::{Value, json};
-use tower::ServiceExt;
-
-use super::{Api, api};
+use super::{Api, SseStream, api};
 use crate::store::users::Role;
 
-/// Reads server-sent events from a response body.
-struct Events {
-    body: BodyDataStream,
-    buffer: Vec<u8>,
-}
-
-impl Events {
-    async fn open(api: &Api, run_id: &str, token: &str) -> Self {
-        let request = Request::builder()
-            .uri(format!("/api/v1/runs/{run_id}/events"))
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(Body::empty())
-            .unwrap();
-        let response = crate::http::router(api.state().clone())
-            .oneshot(request)
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            response.headers()[header::CONTENT_TYPE],
-            "text/event-stream"
-        );
-        Events {
-            body: response.into_body().into_data_stream(),
-            buffer: Vec::new(),
-        }
-    }
-
-    /// The next event's name and data; `None` when the stream closed. Fails after 30 s (a
-    /// stream that stalls).
-    async fn next(&mut self) -> Option<(String, Value)> {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Some(end) = self.buffer.windows(2).position(|pair| pair == b"\n\n") {
-                    let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
-                    let text = String::from_utf8(block).unwrap();
-                    let (mut name, mut data) = (None, String::new());
-                    for line in text.lines() {
-                        if let Some(value) = line.strip_prefix("event:") {
-                            name = Some(value.trim().to_string());
-                        } else if let Some(value) = line.strip_prefix("data:") {
-                            data.push_str(value.trim_start());
-                        }
-                    }
-                    // Comments (keep-alive) carry no event.
-                    if let Some(name) = name {
-                        return Some((name, serde_json::from_str(&data).unwrap()));
-                    }
-                    continue;
-                }
-                match self.body.next().await {
-                    Some(bytes) => self.buffer.extend_from_slice(&bytes.unwrap()),
-                    None => return None,
-                }
-            }
-        })
-        .await
-        .expect("the run stream stalled")
-    }
+/// Opens a run's event stream.
+async fn run_events(api: &Api, run_id: &str, token: &str) -> SseStream {
+    SseStream::open(api, &format!("/api/v1/runs/{run_id}/events"), token).await
 }
 
 /// An event of alice's on three agents and one run of it: (run id, job ids).
@@ -125,7 +64,7 @@ async fn a_run_stream_sends_the_summary_each_state_change_and_the_end() {
     let alice = api.token("alice", Role::User).await;
     let (run_id, jobs) = run_on_three_agents(&api, &alice).await;
 
-    let mut events = Events::open(&api, &run_id, &alice).await;
+    let mut events = run_events(&api, &run_id, &alice).await;
     let (name, run) = events.next().await.unwrap();
     assert_eq!(name, "run");
     let (_, shown) = api
@@ -168,7 +107,7 @@ async fn a_run_stream_sends_the_summary_each_state_change_and_the_end() {
     assert_eq!(events.next().await, None, "the stream closes after the end");
 
     // A finished run: its summary, then the end at once.
-    let mut events = Events::open(&api, &run_id, &alice).await;
+    let mut events = run_events(&api, &run_id, &alice).await;
     assert_eq!(events.next().await.unwrap().0, "run");
     assert_eq!(events.next().await.unwrap().0, "end");
     assert_eq!(events.next().await, None);

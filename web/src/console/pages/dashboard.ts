@@ -1,5 +1,6 @@
 // The dashboard: agents online/offline, recent runs, failures to look at and the next scheduled
-// runs. Polled every 5 s (the API has no event stream for these lists).
+// runs. Fetched again on the change notices of agents, runs and events (every 5 s while the
+// notice stream is down).
 
 import { type Agent, type CronEvent, type RunSummary, listAgents, listEvents, listRuns } from "../../api";
 import { el } from "../../dom";
@@ -57,6 +58,7 @@ export const dashboardPage: Page = (context) => {
     (error) => {
       status.replaceChildren(errorLine(error));
     },
+    ["agent", "run", "event"],
   );
 };
 

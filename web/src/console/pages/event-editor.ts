@@ -27,7 +27,8 @@ import {
 import { el, replaceChildren } from "../../dom";
 import type { ScriptEditor } from "../code-editor";
 import type { Page, PageContext } from "../context";
-import { ago, formatLabels, parseLabels, statusBadge } from "../format";
+import { ago } from "../format";
+import { targetPicker } from "../targets";
 import { errorLine, loading } from "../widgets";
 
 const TEMPLATES: Record<ScriptKind, string> = {
@@ -166,83 +167,8 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
   });
 
   // ---- Targets.
-  const wantedAgents = new Set(event?.targets.agents ?? []);
-  const agentBoxes = agents
-    .slice()
-    .sort((a, b) => a.name.localeCompare(b.name))
-    .map((agent) => {
-      const box = el("input", { type: "checkbox", value: agent.name, "data-agent-id": agent.id, checked: wantedAgents.has(agent.id) || wantedAgents.has(agent.name) });
-      return { agent, box };
-    });
-  // Targets the event names that are not (or no longer) known here are kept, not dropped.
-  const unknownAgentBoxes = [...wantedAgents]
-    .filter((wanted) => !agents.some((agent) => agent.id === wanted || agent.name === wanted))
-    .map((name) => ({ name, box: el("input", { type: "checkbox", value: name, checked: true }) }));
-  const wantedServers = new Set(event?.targets.servers ?? []);
-  const serverBoxes = servers
-    .slice()
-    .sort((a, b) => a.name.localeCompare(b.name))
-    .map((server) => ({ server, box: el("input", { type: "checkbox", value: server.name, checked: wantedServers.has(server.id) || wantedServers.has(server.name) }) }));
-  const labels = el("input", { id: "target-labels", type: "text", placeholder: "role=web, env=prod", value: formatLabels(event?.targets.labels ?? {}), autocomplete: "off" });
-  const preview = el("div", { class: "target-preview", id: "target-preview", "aria-live": "polite" });
-  const agentList = el(
-    "div",
-    { class: "checklist", id: "target-agents", role: "group", "aria-label": "Agents" },
-    ...(agentBoxes.length + unknownAgentBoxes.length === 0
-      ? [el("p", { class: "muted" }, "No agents yet. ", el("a", { href: "#/servers" }, "Add a server"), " to get one.")]
-      : [
-          ...agentBoxes.map(({ agent, box }) =>
-            el("label", { class: "check" }, box, ` ${agent.name} `, statusBadge(agent.status), el("span", { class: "muted" }, ` ${formatLabels(agent.labels)}`)),
-          ),
-          ...unknownAgentBoxes.map(({ name, box }) => el("label", { class: "check" }, box, ` ${name} `, el("span", { class: "warn" }, "not an enrolled agent"))),
-        ]),
-  );
-  const serverList =
-    serverBoxes.length === 0
-      ? null
-      : el(
-          "div",
-          { class: "checklist", id: "target-servers", role: "group", "aria-label": "Servers" },
-          ...serverBoxes.map(({ server, box }) => el("label", { class: "check" }, box, ` ${server.name} `, el("span", { class: "muted" }, `${server.connection} ${server.address}`))),
-        );
-  const updatePreview = (): void => {
-    let wantedLabels: Record<string, string> = {};
-    try {
-      wantedLabels = parseLabels(labels.value);
-    } catch (error) {
-      replaceChildren(preview, el("span", { class: "form-error" }, messageOf(error)));
-      return;
-    }
-    const names = new Set<string>();
-    for (const { agent, box } of agentBoxes) {
-      if (box.checked) {
-        names.add(agent.name);
-      }
-    }
-    const labelEntries = Object.entries(wantedLabels);
-    const byLabel = labelEntries.length === 0 ? [] : agents.filter((agent) => labelEntries.every(([key, value]) => agent.labels[key] === value));
-    byLabel.forEach((agent) => names.add(agent.name));
-    serverBoxes.forEach(({ server, box }) => box.checked && names.add(server.name));
-    unknownAgentBoxes.forEach(({ name, box }) => box.checked && names.add(name));
-    const offline = agents.filter((agent) => names.has(agent.name) && agent.status === "offline").length;
-    replaceChildren(
-      preview,
-      names.size === 0
-        ? el("span", { class: "muted" }, "No host is targeted: a run needs at least one.")
-        : el(
-            "span",
-            {},
-            `Runs on ${names.size} host${names.size === 1 ? "" : "s"}: ${[...names].sort().join(", ")}`,
-            offline > 0 ? el("span", { class: "warn" }, ` (${offline} offline: their jobs wait)`) : "",
-          ),
-      labelEntries.length > 0 && el("span", { class: "muted" }, ` — labels match ${byLabel.length} agent${byLabel.length === 1 ? "" : "s"} now.`),
-    );
-  };
-  for (const { box } of [...agentBoxes, ...serverBoxes, ...unknownAgentBoxes]) {
-    box.addEventListener("change", updatePreview);
-  }
-  labels.addEventListener("input", updatePreview);
-  updatePreview();
+  const targets = targetPicker({ idPrefix: "target-", agents, servers, initial: event?.targets });
+  const { agentList, serverList, labels, preview, mode } = targets;
 
   // ---- Runtime and limits.
   const runtimeHost = el("input", { type: "radio", name: "runtime", id: "runtime-host", value: "host", checked: (event?.runtime ?? "host") === "host" });
@@ -462,6 +388,7 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
       "section",
       { class: "card", "aria-labelledby": "targets-title" },
       el("h2", { id: "targets-title" }, "Targets"),
+      slot("targets.pool", "How a run uses them", mode, "pool labels: key=value pairs, comma separated; matched when the run starts", "target-pool"),
       slot("targets.agents", "Agents", agentList, undefined, "target-agents"),
       serverList !== null && slot("targets.servers", "Servers", serverList, undefined, "target-servers"),
       slot("targets.labels", "Every agent with these labels", labels, "key=value pairs, comma separated; matched when the run starts"),
@@ -565,9 +492,9 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
       }
     }
     const number = (input: HTMLInputElement): number | null => (input.value.trim() === "" ? null : Number(input.value));
-    let targetLabels: Record<string, string>;
+    let chosenTargets: ReturnType<typeof targets.value>;
     try {
-      targetLabels = parseLabels(labels.value);
+      chosenTargets = targets.value();
     } catch (error) {
       throw new ApiError(422, "invalid", messageOf(error), "targets.labels");
     }
@@ -577,14 +504,7 @@ function drawEditor(context: PageContext, event: CronEvent | null, agents: Agent
       kind: kind.value as ScriptKind,
       script: scriptValue(),
       runtime: docker ? "docker" : "host",
-      targets: {
-        agents: [
-          ...agentBoxes.filter(({ box }) => box.checked).map(({ agent }) => agent.name),
-          ...unknownAgentBoxes.filter(({ box }) => box.checked).map(({ name }) => name),
-        ],
-        labels: targetLabels,
-        servers: serverBoxes.filter(({ box }) => box.checked).map(({ server }) => server.name),
-      },
+      targets: chosenTargets,
       limits: { memory_mb: number(memory), cpus: number(cpus), pids: number(pids) },
       user: runAs.value.trim(),
       timeout_seconds: Number(timeout.value || "0"),

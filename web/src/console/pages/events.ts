@@ -1,4 +1,5 @@
-// The events list with a text filter (name, kind, targets, schedule), polled every 10 s.
+// The events list with a text filter (name, kind, targets, schedule), fetched again on event
+// and run change notices (every 10 s while the notice stream is down).
 
 import { type CronEvent, listEvents } from "../../api";
 import { el } from "../../dom";
@@ -100,6 +101,7 @@ export const eventsPage: Page = (context) => {
       draw();
     },
     (error) => status.replaceChildren(errorLine(error)),
+    ["event", "run"],
   );
   filter.focus();
 };

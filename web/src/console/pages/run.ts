@@ -49,7 +49,8 @@ export const runPage: Page = async (context, params) => {
   await loadHosts().catch(() => undefined);
   const hostName = (job: Job): string => {
     const id = job.agent_id ?? job.server_id ?? "";
-    return hosts.get(id) ?? id;
+    // A pool job (targets.pool) has no agent until one claims it.
+    return id === "" ? "(pool: any matching agent)" : (hosts.get(id) ?? id);
   };
 
   let selected: string | null = currentPath().query.get("job");
@@ -148,7 +149,7 @@ export const runPage: Page = async (context, params) => {
         context.setTitle(`Run of ${eventName}`);
       }
     }
-    if (next.jobs.some((job) => !hosts.has(job.agent_id ?? job.server_id ?? ""))) {
+    if (next.jobs.some((job) => (job.agent_id ?? job.server_id) != null && !hosts.has(job.agent_id ?? job.server_id ?? ""))) {
       await loadHosts().catch(() => undefined);
     }
     status.replaceChildren();

@@ -1,5 +1,6 @@
 // All runs, newest first (GET /runs), with a status filter and a text filter on the event's
-// name; polled every 5 s.
+// name; fetched again on run (and event) change notices (every 5 s while the notice stream
+// is down).
 
 import { type RunStatus, type RunSummary, listRuns } from "../../api";
 import { el } from "../../dom";
@@ -78,6 +79,8 @@ export const runsPage: Page = (context) => {
       draw();
     },
     (error) => status.replaceChildren(errorLine(error)),
+    // An event's deletion takes its runs with it.
+    ["run", "event"],
   );
   statusFilter.addEventListener("change", () => {
     updateAddress();

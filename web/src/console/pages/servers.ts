@@ -1,4 +1,5 @@
-// Servers and agents: live status (polled every 5 s), labels, version, last seen, "Open
+// Servers and agents: live status (fetched again on agent and server change notices, every 5 s
+// while the notice stream is down), labels, version, last seen, "Open
 // terminal" for online agents; "Add server" with the one-line install command (an enrollment
 // token) or SSH credentials (the server is created, then `install-agent` streams its progress
 // here). SSH secrets are write-only: the form is cleared once sent and nothing shows them again.
@@ -52,6 +53,7 @@ export const serversPage: Page = (context) => {
       drawServers(serversRegion, servers, agents, context, () => poller?.refresh());
     },
     (error) => status.replaceChildren(errorLine(error)),
+    ["agent", "server"],
   );
 };
 

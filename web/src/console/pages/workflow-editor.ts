@@ -2,12 +2,13 @@
 // caller's events each) and edges (on success, failure, always, or a condition true/false),
 // coloured by kind. Nodes are added from a picker, dragged, connected by dragging from a node's
 // handle to another node or with the Connect controls (every change has a keyboard path: the
-// pickers, buttons, and arrow keys on a focused node). Name, schedule (with the server's
+// pickers, buttons, and arrow keys on a focused node). The node inspector sets a node's join
+// and its own targets (agents, servers, labels: the event editor's picker, targets.ts). Name, schedule (with the server's
 // preview) and webhook trigger are saved together; the API's field errors (a cycle, say) are
 // shown and the node or edge they name is marked. A saved workflow can be run with JSON input;
 // its recent runs are listed. Viewers get the same view without any control that changes.
 
-import { ApiError, type CronEvent, listEvents, messageOf, previewSchedule } from "../../api";
+import { type Agent, ApiError, type CronEvent, type Server, listAgents, listEvents, listServers, messageOf, previewSchedule } from "../../api";
 import { el, replaceChildren } from "../../dom";
 import {
   type Workflow,
@@ -25,6 +26,7 @@ import {
 import type { Page, PageContext } from "../context";
 import { ago, statusBadge, timeEl } from "../format";
 import { poll } from "../live";
+import { targetPicker } from "../targets";
 import { copyButton, empty, errorLine, loading, redrawIfChanged, section, table } from "../widgets";
 import {
   EDGE_STYLES,
@@ -63,20 +65,27 @@ export const workflowEditorPage: Page = async (context, params) => {
   }
   const wait = loading();
   context.root.append(wait);
-  const [workflow, events] = await Promise.all([
+  const [workflow, events, agents, servers] = await Promise.all([
     workflowIdParam === undefined ? Promise.resolve(null) : fetchWorkflow(workflowIdParam),
     listEvents().catch(() => [] as CronEvent[]),
+    // For the node inspector's targets; without them it still shows the targets by name.
+    listAgents().catch(() => [] as Agent[]),
+    listServers().catch(() => [] as Server[]),
   ]);
   wait.remove();
   if (context.signal.aborted) {
     return;
   }
-  new Builder(context, workflow, events).mount();
+  new Builder(context, workflow, events, { agents, servers }).mount();
 };
 
 class Builder {
   private readonly context: PageContext;
   private readonly events: CronEvent[];
+  /** The hosts the node inspector's targets picker offers. */
+  private readonly hosts: { agents: Agent[]; servers: Server[] };
+  /** Nodes whose targets' labels do not parse: node id → message (Save refuses). */
+  private readonly invalidTargets = new Map<string, string>();
   private saved: Workflow | null;
   private nodes: WorkflowNode[];
   private edges: WorkflowEdge[];
@@ -116,8 +125,9 @@ class Builder {
   private readonly runsRegion = el("div", { id: "workflow-runs" });
   private runsPolling = false;
 
-  constructor(context: PageContext, workflow: Workflow | null, events: CronEvent[]) {
+  constructor(context: PageContext, workflow: Workflow | null, events: CronEvent[], hosts: { agents: Agent[]; servers: Server[] }) {
     this.context = context;
+    this.hosts = hosts;
     this.events = [...events].sort((a, b) => a.name.localeCompare(b.name));
     this.saved = workflow;
     this.nodes = workflow?.nodes.map((node) => ({ ...node })) ?? [];
@@ -509,8 +519,8 @@ class Builder {
           this.inspector,
           el("h3", {}, `Node ${node.id}`),
           el("p", {}, "Event: ", el("a", { href: `#/events/${encodeURIComponent(node.event_id)}` }, this.eventName(node.event_id))),
-          node.targets !== undefined && el("p", { class: "muted small" }, "Runs on its own targets (set through the API)."),
           field("workflow-node-join", "Join", join, "for a node with several incoming edges"),
+          this.nodeTargets(node),
           !this.readOnly && remove,
         );
         return;
@@ -539,6 +549,66 @@ class Builder {
     replaceChildren(
       this.inspector,
       el("p", { class: "muted small" }, this.readOnly ? "The graph as saved." : "Select a node to set its join or remove it; select an edge to remove it."),
+    );
+  }
+
+  /** The node's targets: its event's (no `targets`), or its own, picked like the event editor's. */
+  private nodeTargets(node: WorkflowNode): HTMLElement {
+    const own = el("input", { type: "checkbox", id: "workflow-node-own-targets", checked: node.targets !== undefined, disabled: this.readOnly });
+    const region = el("div", { id: "workflow-node-targets" });
+    const error = el("p", { class: "field-error", id: "workflow-node-targets-error", role: "alert" });
+    const drawPicker = (): void => {
+      if (node.targets === undefined) {
+        replaceChildren(region, el("p", { class: "muted small" }, "Runs where its event runs."));
+        return;
+      }
+      const picker = targetPicker({
+        idPrefix: "workflow-node-target-",
+        agents: this.hosts.agents,
+        servers: this.hosts.servers,
+        initial: node.targets,
+        disabled: this.readOnly,
+        onChange: () => {
+          try {
+            node.targets = picker.value();
+            this.invalidTargets.delete(node.id);
+            error.textContent = "";
+          } catch (failure) {
+            this.invalidTargets.set(node.id, messageOf(failure));
+            error.textContent = messageOf(failure);
+          }
+          this.changed();
+        },
+      });
+      replaceChildren(
+        region,
+        field("workflow-node-target-pool", "How a run uses them", picker.mode, "pool labels: key=value pairs, comma separated"),
+        field("workflow-node-target-agents", "Agents", picker.agentList),
+        picker.serverList !== null && field("workflow-node-target-servers", "Servers", picker.serverList),
+        field("workflow-node-target-labels", "Every agent with these labels", picker.labels, "key=value pairs, comma separated"),
+        picker.preview,
+      );
+    };
+    own.addEventListener("change", () => {
+      if (own.checked) {
+        node.targets = { agents: [], labels: {}, servers: [] };
+      } else {
+        delete node.targets;
+        this.invalidTargets.delete(node.id);
+        error.textContent = "";
+      }
+      this.changed();
+      drawPicker();
+    });
+    drawPicker();
+    error.textContent = this.invalidTargets.get(node.id) ?? "";
+    return el(
+      "fieldset",
+      { class: "wf-targets" },
+      el("legend", {}, "Targets"),
+      el("label", { class: "check" }, own, " Own targets instead of the event's"),
+      region,
+      error,
     );
   }
 
@@ -712,6 +782,15 @@ class Builder {
     }
     this.clearInvalid();
     const wasNew = this.saved === null;
+    const [badTargets] = [...this.invalidTargets].filter(([id]) => this.nodes.some((node) => node.id === id));
+    if (badTargets !== undefined) {
+      const [nodeId, message] = badTargets;
+      this.invalidNode = nodeId;
+      this.saveError.replaceChildren(errorLine(new Error(`Not saved: the targets' labels of node ${nodeId}: ${message}`)));
+      this.saveButton.disabled = false;
+      this.redraw();
+      return;
+    }
     try {
       const answer = wasNew ? await createWorkflow(this.body()) : await updateWorkflow(this.saved?.id ?? "", this.body());
       if (this.context.signal.aborted) {
@@ -860,6 +939,7 @@ class Builder {
         ]);
       },
       (error) => this.runsRegion.replaceChildren(errorLine(error)),
+      ["workflow_run"],
     );
   }
 }

@@ -1,5 +1,6 @@
 // A workflow run (`#/workflows/ID/runs/RUN`): the workflow's graph with each node coloured by
-// its state (pending, running, completed, failed, skipped), polled until the run ends; a node
+// its state (pending, running, completed, failed, skipped), fetched again on workflow run
+// change notices (polled while the notice stream is down) until the run ends; a node
 // links to its own run (`#/runs/ID`). Cancel while it runs; the workflow's recent runs below.
 // The run records its nodes but not its edges: the edges drawn are the workflow's current ones
 // between those nodes.
@@ -97,6 +98,7 @@ export const workflowRunPage: Page = async (context, params) => {
       redrawIfChanged(runsRegion, JSON.stringify(list.map((item) => [item.id, item.status])) + Math.floor(Date.now() / 30_000), () => [runsTable(workflow.id, list, runId)]);
     },
     (error) => runsRegion.replaceChildren(errorLine(error)),
+    ["workflow_run"],
   );
   poll(
     stop.signal,
@@ -111,6 +113,7 @@ export const workflowRunPage: Page = async (context, params) => {
       }
     },
     (error) => status.replaceChildren(errorLine(error)),
+    ["workflow_run"],
   );
 };
 

@@ -1,4 +1,5 @@
-// The workflows list: name, nodes, trigger, last run, next scheduled run; polled every 10 s.
+// The workflows list: name, nodes, trigger, last run, next scheduled run; fetched again on
+// workflow and workflow run change notices (every 10 s while the notice stream is down).
 // The API's list has no last run, so each workflow's newest run is fetched with it.
 
 import { el } from "../../dom";
@@ -61,6 +62,7 @@ export const workflowsPage: Page = (context) => {
       });
     },
     (error) => status.replaceChildren(errorLine(error)),
+    ["workflow", "workflow_run"],
   );
 };
 

@@ -1,0 +1,104 @@
+//! Pool jobs: the one job of a run whose event targets `pool` (a label selector), claimable by
+//! any of its candidate agents (migration 0022).
+//!
+//! A pool job is inserted with no agent (`pool = 1`, `agent_id` NULL, so its generated `runner`
+//! is NULL) and one `job_candidates` row per agent whose labels matched when the run was created.
+//! A claim by a candidate selects it ([`claimable_ids`]) and binds it to that agent (`agent_id`
+//! set in the claim statement), so the attempt's output, result and lease go through the same
+//! checks as any agent job. Re-queuing an attempt ([`UNBIND`]) clears `agent_id` again: the job
+//! is back in the pool for every candidate. Every write goes through the single writer, so of two
+//! candidates claiming at once exactly one gets the job.
+
+use super::jobs::RunSpec;
+use super::{Store, StoreResult};
+
+/// A derived table `m` of the ids of the queued jobs the runner bound to placeholder `$runner`
+/// may claim: the runner's own, and the pool jobs not bound to an agent that list the runner (an
+/// agent id) as a candidate. [`super::dispatch::claimable_select`] joins `jobs` to it (`CROSS JOIN` on SQLite, so the
+/// plan starts from these ids through the `jobs_claim` index rather than every queued job).
+pub(crate) fn claimable_ids(runner: usize) -> String {
+    format!(
+        "(
+       WITH me (runner) AS (SELECT CAST(${runner} AS TEXT))
+       SELECT q.id FROM me JOIN jobs q ON q.runner = me.runner AND q.status = 'queued'
+       UNION ALL
+       SELECT q.id FROM me JOIN jobs q ON q.runner IS NULL AND q.status = 'queued' AND q.pool = 1
+                         JOIN job_candidates c ON c.job_id = q.id AND c.agent_id = me.runner) m"
+    )
+}
+
+/// `SET` clause fragment of a claim: binds a pool job to the claiming agent (placeholder
+/// `$agent`).
+pub(crate) fn bind_claimer(agent: usize) -> String {
+    format!("agent_id = CASE WHEN pool = 1 THEN CAST(${agent} AS TEXT) ELSE agent_id END")
+}
+
+/// `SET` clause fragment of a re-queue: a pool job goes back to the pool.
+pub(crate) const UNBIND: &str = "agent_id = CASE WHEN pool = 1 THEN NULL ELSE agent_id END";
+
+/// Inserts the one queued job of a pool run (`spec.agent_ids` are its candidates) in the
+/// caller's transaction. Returns `(job id, candidate)` pairs: the runners to wake.
+pub(crate) async fn insert_job_in(
+    conn: &mut sqlx::AnyConnection,
+    run_id: &str,
+    spec: &RunSpec,
+    now: i64,
+) -> StoreResult<Vec<(String, String)>> {
+    let job_id = super::new_id();
+    sqlx::query(
+        "INSERT INTO jobs (id, run_id, event_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec, pool)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, 1)",
+    )
+    .bind(&job_id)
+    .bind(run_id)
+    .bind(&spec.event_id)
+    .bind(spec.max_attempts as i64)
+    .bind(&spec.kind)
+    .bind(&spec.script)
+    .bind(&spec.env)
+    .bind(&spec.input)
+    .bind(spec.timeout_seconds as i64)
+    .bind(now)
+    .bind(&spec.runtime_spec)
+    .execute(&mut *conn)
+    .await?;
+    let mut candidates = spec.agent_ids.clone();
+    candidates.sort();
+    candidates.dedup();
+    for agent_id in &candidates {
+        sqlx::query("INSERT INTO job_candidates (job_id, agent_id) VALUES ($1, $2)")
+            .bind(&job_id)
+            .bind(agent_id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(candidates
+        .into_iter()
+        .map(|agent_id| (job_id.clone(), agent_id))
+        .collect())
+}
+
+/// The candidates of a pool job (none for any other job), in the caller's transaction.
+pub(crate) async fn candidates_in(
+    conn: &mut sqlx::AnyConnection,
+    job_id: &str,
+) -> StoreResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT agent_id FROM job_candidates WHERE job_id = $1 ORDER BY agent_id",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+impl Store {
+    /// The agents that may claim a pool job (empty for any other job).
+    pub async fn job_candidates(&self, job_id: &str) -> StoreResult<Vec<String>> {
+        let mut conn = self.reader.acquire().await?;
+        candidates_in(&mut conn, job_id).await
+    }
+}
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;
