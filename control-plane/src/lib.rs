@@ -75,12 +75,15 @@ pub struct ServerConfig {
 
 #[cfg(test)]
 impl ServerConfig {
-    /// A control plane for in-process tests: its data in `data_dir`, HTTP and QUIC on free
-    /// loopback ports, `key` (base64) as `ENCRYPTION_KEY`, every other setting at its default.
+    /// A control plane for in-process tests: its data in `data_dir` (and, when the tests run on
+    /// PostgreSQL, a database of its own there, the same one each time for the same `data_dir`,
+    /// so a restarted control plane finds its data: `cronium_e2e::postgres::test_database_url`),
+    /// HTTP and QUIC on free loopback ports, `key` (base64) as `ENCRYPTION_KEY`, every other
+    /// setting at its default.
     pub(crate) fn for_tests(data_dir: &std::path::Path, key: &str) -> ServerConfig {
         ServerConfig {
             data_dir: data_dir.to_path_buf(),
-            database_url: None,
+            database_url: ServerConfig::test_database_url(data_dir),
             http_addr: "127.0.0.1:0".parse().expect("loopback address"),
             quic_addr: "127.0.0.1:0".parse().expect("loopback address"),
             public_url: None,
@@ -94,6 +97,37 @@ impl ServerConfig {
             releases: release::ReleaseConfig::default(),
             metrics_token_sha256: None,
         }
+    }
+
+    /// The store of the in-process test control plane of `data_dir`, opened again (e.g. while
+    /// it is stopped), on the database [`ServerConfig::for_tests`] gives it.
+    pub(crate) async fn reopen_test_store(data_dir: &std::path::Path) -> Store {
+        open_store(
+            data_dir,
+            ServerConfig::test_database_url(data_dir).as_deref(),
+        )
+        .await
+        .expect("the test control plane's store")
+    }
+
+    /// `None` (SQLite in `data_dir`) unless the tests run on PostgreSQL; then the URL of the
+    /// database of `data_dir`'s control plane, created on first use.
+    fn test_database_url(data_dir: &std::path::Path) -> Option<String> {
+        static DATABASES: std::sync::Mutex<std::collections::BTreeMap<PathBuf, String>> =
+            std::sync::Mutex::new(std::collections::BTreeMap::new());
+        cronium_e2e::postgres::postgres_selected().then(|| {
+            let mut databases = DATABASES
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            databases
+                .entry(data_dir.to_path_buf())
+                .or_insert_with(|| {
+                    cronium_e2e::postgres::test_database_url()
+                        .expect("a PostgreSQL test database")
+                        .expect("PostgreSQL is selected")
+                })
+                .clone()
+        })
     }
 }
 
@@ -170,10 +204,10 @@ pub struct Running {
     pub state: AppState,
     /// The generated admin password, on first start only.
     pub admin_password: Option<String>,
-    /// The shared lock on `<database>.running.lock`, held until [`Running::wait`] returns (or
-    /// the process ends), so `cronium keys rotate` refuses while this control plane runs.
-    /// None on PostgreSQL, which `keys rotate` does not support yet.
-    _running_lock: Option<std::fs::File>,
+    /// The shared running lock (`<database>.running.lock`, or an advisory lock on PostgreSQL),
+    /// held until [`Running::wait`] returns (or the process ends), so `cronium keys rotate`
+    /// refuses while this control plane runs.
+    _running_lock: RunningLock,
 }
 
 impl Running {
@@ -243,7 +277,7 @@ pub fn database_path(data_dir: &Path, database_url: Option<&str>) -> anyhow::Res
             PathBuf::from(url.trim_start_matches("sqlite://"))
         }
         Some(url) if is_postgres_url(url) => {
-            bail!("this command works on the SQLite database only, not on PostgreSQL yet")
+            bail!("this works on the SQLite database only, not on PostgreSQL")
         }
         Some(_) => {
             bail!("CRONIUM_DATABASE_URL must start with sqlite://, postgres:// or postgresql://")
@@ -257,6 +291,15 @@ pub fn running_lock_path(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
     name.push(".running.lock");
     PathBuf::from(name)
+}
+
+/// The "a control plane runs on this database" lock a running control plane holds (shared):
+/// a file lock next to a SQLite database, an advisory lock on PostgreSQL
+/// (`store::running`). Either is released when the process ends.
+#[derive(Debug)]
+enum RunningLock {
+    File(#[allow(dead_code)] std::fs::File),
+    Postgres(#[allow(dead_code)] store::running::AdvisoryLock),
 }
 
 /// Takes the shared "a control plane runs on this database" lock.
@@ -329,8 +372,15 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
     let running_lock = match config.database_url.as_deref() {
-        Some(url) if is_postgres_url(url) => None,
-        url => Some(take_running_lock(&database_path(&config.data_dir, url)?)?),
+        Some(url) if is_postgres_url(url) => RunningLock::Postgres(
+            store::running::try_advisory_lock(url, store::running::LockMode::Shared)
+                .await
+                .context("taking the running lock on the PostgreSQL database")?
+                .context(
+                    "`cronium keys rotate` is re-encrypting this PostgreSQL database; start again when it is done",
+                )?,
+        ),
+        url => RunningLock::File(take_running_lock(&database_path(&config.data_dir, url)?)?),
     };
     let store = open_store(&config.data_dir, config.database_url.as_deref()).await?;
     match store.key_check().await? {

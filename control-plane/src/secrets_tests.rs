@@ -247,7 +247,8 @@ async fn secret_env_through_the_api(running: Running) {
     stop(running).await;
 }
 
-/// Runs `cronium keys rotate` with these arguments (after `--data-dir DIR`).
+/// Runs `cronium keys rotate` with these arguments (after `--data-dir DIR`, and the
+/// `--database-url` of `DIR`'s control plane when the tests run on PostgreSQL).
 async fn rotate(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<()> {
     let mut args = vec![
         "cronium".to_owned(),
@@ -256,6 +257,11 @@ async fn rotate(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<()> {
         "--data-dir".to_owned(),
         dir.display().to_string(),
     ];
+    if let Some(url) =
+        crate::ServerConfig::for_tests(dir, &EncryptionKey::generate_base64()).database_url
+    {
+        args.extend(["--database-url".to_owned(), url]);
+    }
     args.extend(extra.iter().map(|arg| arg.to_string()));
     let cli = crate::cli::Cli::try_parse_from(args)?;
     crate::cli::dispatch_for_tests(cli).await

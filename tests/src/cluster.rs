@@ -264,6 +264,9 @@ pub struct TestCluster {
     /// Unique value of [`CLUSTER_MARKER_VAR`] for this cluster.
     marker: String,
     encryption_key: String,
+    /// The control plane's PostgreSQL database when the tests run on PostgreSQL
+    /// (`crate::postgres::test_database_url`); SQLite in the data dir otherwise.
+    database_url: Option<String>,
     options: ClusterOptions,
     /// The control plane's default Docker images (`--docker-image-*`); its own defaults if `None`.
     docker_images: Option<DefaultImages>,
@@ -342,7 +345,9 @@ impl TestCluster {
         let encryption_key =
             base64::engine::general_purpose::STANDARD.encode(crate::random_bytes(32));
         let marker = crate::unique_marker("cluster");
+        let database_url = crate::postgres::test_database_url()?;
         let mut cluster = TestCluster {
+            database_url,
             dir: Some(dir),
             dir_path,
             marker,
@@ -994,7 +999,7 @@ impl TestCluster {
                 let mut command = Command::new(program);
                 command.args(args).arg(crate::binary("cronium")?);
                 self.tag_environment(&mut command);
-                command.env("ENCRYPTION_KEY", &self.encryption_key);
+                self.database_environment(&mut command);
                 command
             }
         };
@@ -1045,8 +1050,22 @@ impl TestCluster {
     fn cronium_command(&self) -> Result<Command> {
         let mut command = Command::new(crate::binary("cronium")?);
         self.tag_environment(&mut command);
-        command.env("ENCRYPTION_KEY", &self.encryption_key);
+        self.database_environment(&mut command);
         Ok(command)
+    }
+
+    /// What every `cronium` command of this cluster needs to open its database: the key, and
+    /// the PostgreSQL URL when there is one.
+    fn database_environment(&self, command: &mut Command) {
+        command.env("ENCRYPTION_KEY", &self.encryption_key);
+        if let Some(url) = &self.database_url {
+            command.env("CRONIUM_DATABASE_URL", url);
+        }
+    }
+
+    /// The control plane's PostgreSQL database, when the tests run on PostgreSQL.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
     }
 
     /// Removes inherited `CRONIUM_*` settings, adds the cluster marker and a useful log filter.

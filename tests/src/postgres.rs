@@ -9,6 +9,11 @@
 //!
 //! Each test takes a fresh database of its own with [`PgCluster::create_database`]. Set
 //! `CRONIUM_PG_BIN` to use binaries from another directory.
+//!
+//! The whole suite runs on PostgreSQL when `CRONIUM_TEST_DATABASE=postgres` and
+//! `CRONIUM_TEST_POSTGRES_URL` names a server (`cargo xtask test` starts one with the
+//! `cronium-test-postgres` binary for its second pass): [`test_database_url`] gives each test a
+//! database of its own on it, which the in-process control planes and `TestCluster` use.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,6 +23,72 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 const DEFAULT_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// `postgres` selects PostgreSQL for the tests (`sqlite`, empty or unset: SQLite).
+pub const SELECT_VAR: &str = "CRONIUM_TEST_DATABASE";
+/// The URL of the PostgreSQL server the tests create their databases on (no database name:
+/// `postgres://USER@HOST:PORT`).
+pub const SERVER_URL_VAR: &str = "CRONIUM_TEST_POSTGRES_URL";
+/// Databases created by this process (for unique names).
+static CREATED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the tests run against PostgreSQL ([`SELECT_VAR`]). Panics on a value that is neither
+/// database, so a typo cannot silently test SQLite.
+pub fn postgres_selected() -> bool {
+    match std::env::var(SELECT_VAR) {
+        Ok(value) if value == "postgres" => true,
+        Ok(value) if value == "sqlite" || value.is_empty() => false,
+        Ok(value) => panic!("{SELECT_VAR} must be sqlite or postgres, not {value:?}"),
+        Err(_) => false,
+    }
+}
+
+/// A new, empty database for one test when the tests run on PostgreSQL; `None` on SQLite.
+pub fn test_database_url() -> Result<Option<String>> {
+    if !postgres_selected() {
+        return Ok(None);
+    }
+    let server = std::env::var(SERVER_URL_VAR).with_context(|| {
+        format!(
+            "{SELECT_VAR}=postgres needs {SERVER_URL_VAR}, the URL of a server to create test \
+             databases on (`cargo xtask test` starts one; by hand: target/debug/cronium-test-postgres)"
+        )
+    })?;
+    create_database_on(&server).map(Some)
+}
+
+/// Creates a database with a unique name on the server at `server_url` (no database name in
+/// it) and returns the database's URL.
+pub fn create_database_on(server_url: &str) -> Result<String> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!(
+        "cronium_test_{}_{}_{nanos}",
+        std::process::id(),
+        CREATED.fetch_add(1, Ordering::Relaxed)
+    );
+    let output = Command::new(pg_bin().join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(format!("{server_url}/postgres"))
+        .arg("-c")
+        .arg(format!("CREATE DATABASE {name}"))
+        .output()
+        .context("running psql")?;
+    ensure!(
+        output.status.success(),
+        "CREATE DATABASE on {server_url} failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(format!("{server_url}/{name}"))
+}
+
+/// The directory of the PostgreSQL binaries.
+fn pg_bin() -> PathBuf {
+    std::env::var_os("CRONIUM_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN))
+}
 const START_DEADLINE: Duration = Duration::from_secs(60);
 const SUPERUSER: &str = "postgres";
 
@@ -34,9 +105,7 @@ pub struct PgCluster {
 impl PgCluster {
     /// Creates and starts a cluster. Fails with what to install when the binaries are missing.
     pub fn start() -> Result<PgCluster> {
-        let bin = std::env::var_os("CRONIUM_PG_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN));
+        let bin = pg_bin();
         ensure!(
             bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
             "no PostgreSQL binaries in {} (apt-get install postgresql, or set CRONIUM_PG_BIN)",
@@ -175,7 +244,32 @@ impl PgCluster {
 
     /// The URL of database `name`.
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{name}", self.port)
+        format!("{}/{name}", self.server_url())
+    }
+
+    /// The server's URL without a database name, over TCP.
+    pub fn server_url(&self) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}", self.port)
+    }
+
+    /// The server's URL without a database name, over its Unix socket (the host part is the
+    /// percent-encoded socket directory, which sqlx and libpq both read as a socket): what
+    /// `cronium-test-postgres` hands out as [`SERVER_URL_VAR`], since it also reaches the
+    /// server from a control plane inside a network namespace of its own (a socket is a file,
+    /// not an address).
+    pub fn socket_server_url(&self) -> String {
+        let directory: String = self
+            .dir
+            .path()
+            .to_string_lossy()
+            .chars()
+            .map(|c| match c {
+                '/' => "%2F".to_string(),
+                c if c.is_ascii_alphanumeric() || "-_.".contains(c) => c.to_string(),
+                c => format!("%{:02X}", c as u32),
+            })
+            .collect();
+        format!("postgres://{SUPERUSER}@{directory}:{}", self.port)
     }
 
     /// Creates a new, empty database with a unique name and returns its URL.

@@ -139,24 +139,34 @@ async fn secret_env_reaches_the_job_and_is_masked_everywhere() -> Result<()> {
     let leaking = cluster.logs_containing(&canary);
     ensure!(leaking.is_empty(), "logs with the value: {leaking:?}");
 
-    // Rotation on the stopped cluster; the new key starts it again and jobs still get the value.
-    cluster.kill_control_plane()?;
+    // Rotation is refused while the control plane runs (it keeps the key in memory): the
+    // running lock, a file on SQLite and an advisory lock on PostgreSQL.
     let old_key = cluster.encryption_key().to_owned();
     let old_key_file = cluster.dir().join("old.key");
     std::fs::write(&old_key_file, &old_key)?;
-    let output = cluster
-        .cli(
-            &[
-                "keys",
-                "rotate",
-                "--data-dir",
-                &cluster.data_dir().display().to_string(),
-                "--current-key-file",
-                &old_key_file.display().to_string(),
-            ],
-            Duration::from_secs(60),
-        )
-        .await?;
+    let data_dir = cluster.data_dir().display().to_string();
+    let rotate = [
+        "keys",
+        "rotate",
+        "--data-dir",
+        &data_dir,
+        "--current-key-file",
+        &old_key_file.display().to_string(),
+    ];
+    let output = cluster.cli(&rotate, Duration::from_secs(60)).await?;
+    let refusal = String::from_utf8_lossy(&output.stderr).into_owned();
+    ensure!(
+        !output.status.success() && refusal.contains("a control plane is running"),
+        "keys rotate under a running control plane was not refused: {refusal}"
+    );
+    ensure!(
+        std::fs::read_to_string(&old_key_file)?.trim() == old_key,
+        "the refused rotation replaced the key file"
+    );
+
+    // Rotation on the stopped cluster; the new key starts it again and jobs still get the value.
+    cluster.kill_control_plane()?;
+    let output = cluster.cli(&rotate, Duration::from_secs(60)).await?;
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),
@@ -269,6 +279,9 @@ async fn serve_once(cluster: &TestCluster, key: Option<&str>) -> Result<String> 
     }
     if let Some(key) = key {
         command.env("ENCRYPTION_KEY", key);
+    }
+    if let Some(url) = cluster.database_url() {
+        command.env("CRONIUM_DATABASE_URL", url);
     }
     command
         .args(["serve", "--data-dir"])

@@ -3,8 +3,11 @@
 //! - `cargo xtask test [NEXTEST ARGS…]` — the whole test suite: builds every binary (the
 //!   end-to-end tests start the real `cronium` and `cronium-agent`), installs web/'s npm
 //!   packages if needed (the browser test uses playwright-core), then runs
-//!   `cargo nextest run --workspace` (which includes the tidy checks below), then the store's
-//!   tests again with `CRONIUM_TEST_DATABASE=postgres` (unless nextest arguments were given). The Docker tests
+//!   `cargo nextest run --workspace` (which includes the tidy checks below), then the suite
+//!   again on PostgreSQL (unless nextest arguments were given; `cargo xtask test --postgres
+//!   [NEXTEST ARGS…]` runs only that pass): `cronium-test-postgres` starts a throwaway server
+//!   for the pass and `CRONIUM_TEST_DATABASE=postgres` gives every test a database of its own
+//!   on it (see `postgres_pass`). The Docker tests
 //!   need an engine: unless `DOCKER_HOST` names one, a private `dockerd` is started for the run
 //!   (its own data dir and socket, no bridge, no iptables rules) and stopped afterwards.
 //! - `cargo xtask tidy` — only the tidy checks.
@@ -41,42 +44,45 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut nextest = Command::new(cargo());
-            if let Some(engine) = &engine {
-                nextest.env("DOCKER_HOST", engine.host());
-            }
-            nextest
-                .current_dir(&root)
-                .args(["nextest", "run", "--workspace"]);
-            if std::env::var_os("CI").is_some() {
-                nextest.args(["--profile", "ci"]);
-            }
-            nextest.args(&args[1..]);
-            let postgres_pass = args.len() == 1;
-            match nextest.status() {
-                // The store's tests again, on PostgreSQL (store::test_db starts a throwaway
-                // cluster); only for the whole suite, not when nextest arguments narrow it.
-                Ok(status) if status.success() && postgres_pass => {
-                    let mut postgres = Command::new(cargo());
-                    postgres
-                        .current_dir(&root)
-                        .env("CRONIUM_TEST_DATABASE", "postgres")
-                        .args(["nextest", "run", "-p", "cronium-control-plane", "--lib"]);
-                    if std::env::var_os("CI").is_some() {
-                        postgres.args(["--profile", "ci"]);
-                    }
-                    postgres.args(["-E", "test(/^store::/) | test(every_sealed_column)"]);
-                    match postgres.status() {
-                        Ok(status) if status.success() => ExitCode::SUCCESS,
-                        _ => ExitCode::FAILURE,
+            // `--postgres` first: only the PostgreSQL pass, with the nextest arguments after it.
+            let postgres_only = args.get(1).map(String::as_str) == Some("--postgres");
+            let nextest_args = &args[if postgres_only { 2 } else { 1 }..];
+            if !postgres_only {
+                let mut nextest = Command::new(cargo());
+                if let Some(engine) = &engine {
+                    nextest.env("DOCKER_HOST", engine.host());
+                }
+                nextest
+                    .current_dir(&root)
+                    .args(["nextest", "run", "--workspace"]);
+                if std::env::var_os("CI").is_some() {
+                    nextest.args(["--profile", "ci"]);
+                }
+                nextest.args(nextest_args);
+                match nextest.status() {
+                    Ok(status) if status.success() => {}
+                    Ok(_) => return ExitCode::FAILURE,
+                    Err(error) => {
+                        eprintln!(
+                            "xtask: cannot run cargo nextest ({error}); install it with `cargo install cargo-nextest --locked`"
+                        );
+                        return ExitCode::FAILURE;
                     }
                 }
-                Ok(status) if status.success() => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::FAILURE,
+                // Arguments that narrow the run narrow it to the SQLite pass.
+                if !nextest_args.is_empty() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            match postgres_pass(
+                &root,
+                engine.as_ref().map(|engine| engine.host()).as_deref(),
+                nextest_args,
+            ) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
                 Err(error) => {
-                    eprintln!(
-                        "xtask: cannot run cargo nextest ({error}); install it with `cargo install cargo-nextest --locked`"
-                    );
+                    eprintln!("xtask: the PostgreSQL pass: {error}");
                     ExitCode::FAILURE
                 }
             }
@@ -93,10 +99,83 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: cargo xtask test [NEXTEST ARGS…] | cargo xtask tidy");
+            eprintln!("usage: cargo xtask test [--postgres] [NEXTEST ARGS…] | cargo xtask tidy");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The tests that touch a database (the control plane's and the end-to-end tests), again on
+/// PostgreSQL: a throwaway server from `cronium-test-postgres` (stopped when its stdin closes,
+/// so also when this process dies), and `CRONIUM_TEST_DATABASE=postgres` with its URL, so each
+/// test's store, in-process control plane and `TestCluster` gets a database of its own on it.
+/// Left out: `cronium dev` (embedded SQLite by design) and the SQLite-only `cronium backup`.
+/// Returns whether every test passed.
+fn postgres_pass(
+    root: &Path,
+    docker_host: Option<&str>,
+    nextest_args: &[String],
+) -> Result<bool, String> {
+    use std::io::BufRead;
+
+    let binary = target_dir(root).join("debug").join("cronium-test-postgres");
+    let mut server = Command::new(&binary)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot start {} ({error})", binary.display()))?;
+    let mut line = String::new();
+    let read = server
+        .stdout
+        .take()
+        .map(|stdout| std::io::BufReader::new(stdout).read_line(&mut line));
+    let url = match (read, line.trim().split_once('=')) {
+        (Some(Ok(_)), Some(("CRONIUM_TEST_POSTGRES_URL", url))) => url.to_string(),
+        _ => {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(format!(
+                "cronium-test-postgres did not start a server (printed {line:?}); is the Debian postgresql package installed?"
+            ));
+        }
+    };
+    let mut nextest = Command::new(cargo());
+    if let Some(host) = docker_host {
+        nextest.env("DOCKER_HOST", host);
+    }
+    nextest
+        .current_dir(root)
+        .env("CRONIUM_TEST_DATABASE", "postgres")
+        .env("CRONIUM_TEST_POSTGRES_URL", &url)
+        .args([
+            "nextest",
+            "run",
+            "-p",
+            "cronium-control-plane",
+            "-p",
+            "cronium-e2e",
+        ]);
+    if std::env::var_os("CI").is_some() {
+        nextest.args(["--profile", "ci"]);
+    }
+    if nextest_args.is_empty() {
+        nextest.args(["-E", "not (binary(dev) | test(/backup/))"]);
+    }
+    nextest.args(nextest_args);
+    let status = nextest.status();
+    // Closing stdin stops the server and removes its files.
+    drop(server.stdin.take());
+    let _ = server.wait();
+    status
+        .map(|status| status.success())
+        .map_err(|error| format!("cannot run cargo nextest ({error})"))
+}
+
+/// Cargo's target dir: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 /// `npm ci` in web/ when web/node_modules is missing or older than web/package-lock.json.

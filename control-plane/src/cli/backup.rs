@@ -20,6 +20,13 @@ pub struct BackupArgs {
 }
 
 pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
+    if let Some(url) = args.data.database_url.as_deref()
+        && crate::is_postgres_url(url)
+    {
+        anyhow::bail!(
+            "cronium backup copies the SQLite database; on PostgreSQL back up with the server's own tools (pg_dump, or a base backup), see the README's \"PostgreSQL\""
+        );
+    }
     let database = database_path(&args.data.data_dir, args.data.database_url.as_deref())?;
     if args.out.exists() {
         anyhow::bail!(

@@ -23,6 +23,7 @@ use clap::{Args, Subcommand};
 
 use super::DataArgs;
 use crate::crypto::EncryptionKey;
+use crate::store::running::{LockMode, try_advisory_lock};
 use crate::store::secrets::RotateError;
 
 /// Name of the key file in the data dir (`cronium dev` creates it; `serve` may use it through
@@ -102,17 +103,62 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The running lock `keys rotate` holds (exclusive) while it works.
+enum Lock {
+    File(#[allow(dead_code)] std::fs::File),
+    Postgres(#[allow(dead_code)] crate::store::running::AdvisoryLock),
+}
+
+/// Takes the exclusive lock on `<database>.running.lock`.
+fn lock_file(database: &Path) -> anyhow::Result<std::fs::File> {
+    let lock_path = crate::running_lock_path(database);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "a control plane is running on {} (it holds {}); stop it first: it keeps the current key in memory",
+            database.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", lock_path.display()))
+        }
+    }
+}
+
 /// `cronium keys rotate`.
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     let KeysCommand::Rotate(args) = command;
     let data_dir = &args.data.data_dir;
-    let database = crate::database_path(data_dir, args.data.database_url.as_deref())?;
-    if !database.exists() {
-        bail!(
-            "no database at {} (give --data-dir or --database-url)",
-            database.display()
-        );
-    }
+    let postgres = args
+        .data
+        .database_url
+        .as_deref()
+        .filter(|url| crate::is_postgres_url(url));
+    // The SQLite file, or None on PostgreSQL.
+    let database = match postgres {
+        Some(_) => None,
+        None => {
+            let database = crate::database_path(data_dir, args.data.database_url.as_deref())?;
+            if !database.exists() {
+                bail!(
+                    "no database at {} (give --data-dir or --database-url)",
+                    database.display()
+                );
+            }
+            Some(database)
+        }
+    };
+    // What the messages call the database (never the URL: it may hold a password).
+    let database_name = match &database {
+        Some(path) => path.display().to_string(),
+        None => "the PostgreSQL database".to_string(),
+    };
 
     let (old_key, source) = match (&args.current_key_file, std::env::var("ENCRYPTION_KEY")) {
         (Some(path), _) => (read_key(path)?.1, KeySource::File(path.clone())),
@@ -143,25 +189,20 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
         bail!("the new key is the current key; nothing to do");
     }
 
-    // Refuse while a control plane runs on this database.
-    let lock_path = crate::running_lock_path(&database);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "a control plane is running on {} (it holds {}); stop it first: it keeps the current key in memory",
-            database.display(),
-            lock_path.display()
+    // Refuse while a control plane runs on this database (held until the end of this function).
+    let lock = match postgres {
+        None => Lock::File(lock_file(
+            database.as_deref().context("the SQLite database's path")?,
+        )?),
+        Some(url) => Lock::Postgres(
+            try_advisory_lock(url, LockMode::Exclusive)
+                .await
+                .context("taking the running lock on the PostgreSQL database")?
+                .context(
+                    "a control plane is running on the PostgreSQL database (it holds the running lock); stop every replica first: each keeps the current key in memory",
+                )?,
         ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            return Err(error).with_context(|| format!("locking {}", lock_path.display()));
-        }
-    }
+    };
 
     // Where the new key goes before the database changes.
     let staged = match (&source, &args.new_key_file) {
@@ -194,10 +235,7 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
         }
     };
 
-    println!(
-        "re-encrypted every stored secret of {} under the new key:",
-        database.display()
-    );
+    println!("re-encrypted every stored secret of {database_name} under the new key:");
     for (kind, count) in &counts {
         println!("  {kind}: {count}");
     }

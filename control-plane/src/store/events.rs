@@ -477,7 +477,7 @@ impl Store {
              image, memory_mb, cpus, pids, network, read_only, run_as_user,
              schedule_cron, schedule_timezone, schedule_dst, schedule_misfire, schedule_overlap, next_run_at,
              notify_on_failure, notify_on_success, http, tool_action, executor)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, CAST($15 AS DOUBLE PRECISION), $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)",
         )
         .bind(&id)
         .bind(owner_id)
@@ -493,7 +493,9 @@ impl Store {
         .bind(now)
         .bind(&fields.docker.image)
         .bind(fields.docker.memory_mb.map(i64::from))
-        .bind(fields.docker.cpus)
+        // As text (CAST in the SQL): sqlx's Any driver binds a NULL f64 as a float4 NULL, and
+        // PostgreSQL then keeps that parameter type for the cached statement (docs/postgres.md).
+        .bind(fields.docker.cpus.map(|cpus| cpus.to_string()))
         .bind(fields.docker.pids.map(i64::from))
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))
@@ -540,7 +542,7 @@ impl Store {
         write_op!(self, |conn| async {
         let changed = sqlx::query(
             "UPDATE events SET name = $1, kind = $2, script = $3, runtime = $4, targets = $5, timeout_seconds = $6, retries = $7,
-             env = $8, updated_at = $9, image = $10, memory_mb = $11, cpus = $12, pids = $13, network = $14, read_only = $15, run_as_user = $16,
+             env = $8, updated_at = $9, image = $10, memory_mb = $11, cpus = CAST($12 AS DOUBLE PRECISION), pids = $13, network = $14, read_only = $15, run_as_user = $16,
              schedule_cron = $17, schedule_timezone = $18, schedule_dst = $19, schedule_misfire = $20, schedule_overlap = $21,
              next_run_at = CASE WHEN $22 THEN $23 ELSE next_run_at END,
              notify_on_failure = $24, notify_on_success = $25, http = $26, tool_action = $27, executor = $28
@@ -557,7 +559,9 @@ impl Store {
         .bind(now_ms())
         .bind(&fields.docker.image)
         .bind(fields.docker.memory_mb.map(i64::from))
-        .bind(fields.docker.cpus)
+        // As text (CAST in the SQL): sqlx's Any driver binds a NULL f64 as a float4 NULL, and
+        // PostgreSQL then keeps that parameter type for the cached statement (docs/postgres.md).
+        .bind(fields.docker.cpus.map(|cpus| cpus.to_string()))
         .bind(fields.docker.pids.map(i64::from))
         .bind(fields.docker.network.as_str())
         .bind(i64::from(fields.docker.read_only))

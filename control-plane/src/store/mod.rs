@@ -20,6 +20,7 @@ pub mod events;
 pub mod jobs;
 pub mod observe;
 pub mod pool;
+pub mod running;
 pub mod schedules;
 pub mod secrets;
 pub mod servers;

@@ -1,28 +1,19 @@
 //! The database of a store test: a SQLite file in a temp dir, or, with
-//! `CRONIUM_TEST_DATABASE=postgres`, a fresh database on a throwaway PostgreSQL cluster
-//! (`cronium_e2e::postgres`). Tests running at the same time share one cluster; it is stopped and
-//! removed when the last of them drops its handle.
+//! `CRONIUM_TEST_DATABASE=postgres`, a fresh database on PostgreSQL: on the server named by
+//! `CRONIUM_TEST_POSTGRES_URL` (`cargo xtask test`), else on a throwaway cluster
+//! (`cronium_e2e::postgres`) that tests running at the same time share; it is stopped and removed
+//! when the last of them drops its handle.
 
 use std::sync::{Arc, Mutex, Weak};
 
-use cronium_e2e::postgres::PgCluster;
+use cronium_e2e::postgres::{PgCluster, SERVER_URL_VAR, create_database_on, postgres_selected};
 
 use super::Store;
 
 /// Keeps a test's database alive (the temp dir, or a share of the cluster).
 pub(crate) enum TestDatabase {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres(#[allow(dead_code)] Arc<PgCluster>),
-}
-
-/// Whether the store tests run against PostgreSQL.
-pub(crate) fn postgres_selected() -> bool {
-    match std::env::var("CRONIUM_TEST_DATABASE") {
-        Ok(value) if value == "postgres" => true,
-        Ok(value) if value == "sqlite" || value.is_empty() => false,
-        Ok(value) => panic!("CRONIUM_TEST_DATABASE must be sqlite or postgres, not {value:?}"),
-        Err(_) => false,
-    }
+    Postgres(#[allow(dead_code)] Option<Arc<PgCluster>>),
 }
 
 fn shared_cluster() -> Arc<PgCluster> {
@@ -41,12 +32,17 @@ fn shared_cluster() -> Arc<PgCluster> {
 /// Opens a store on a new, empty database of the selected backend.
 pub(crate) async fn open_test_store() -> (TestDatabase, Store) {
     if postgres_selected() {
+        if let Ok(server) = std::env::var(SERVER_URL_VAR) {
+            let url = create_database_on(&server).expect("a test database");
+            let store = Store::open_postgres(&url).await.unwrap();
+            return (TestDatabase::Postgres(None), store);
+        }
         let cluster = tokio::task::spawn_blocking(shared_cluster)
             .await
             .expect("starting the cluster");
         let url = cluster.create_database().expect("a test database");
         let store = Store::open_postgres(&url).await.unwrap();
-        (TestDatabase::Postgres(cluster), store)
+        (TestDatabase::Postgres(Some(cluster)), store)
     } else {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("test.db"))

@@ -53,7 +53,7 @@ pub enum WebhookSecret {
 
 const WORKFLOW_COLUMNS: &str =
     "id, owner_id, name, definition, trigger_manual, schedule_cron, schedule_timezone, next_run_at,
-     webhook_secret_sealed IS NOT NULL AS webhook, created_at, updated_at";
+     CASE WHEN webhook_secret_sealed IS NULL THEN 0 ELSE 1 END AS webhook, created_at, updated_at";
 
 fn workflow_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Workflow> {
     Ok(Workflow {

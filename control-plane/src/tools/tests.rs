@@ -1153,9 +1153,7 @@ async fn a_pending_notification_survives_a_restart_and_is_delivered_afterwards()
     plane.stop().await;
 
     // Stopped: still pending, the interrupted attempt handed back and due at once.
-    let store = crate::store::Store::open_sqlite(&dir.path().join("cronium.db"))
-        .await
-        .unwrap();
+    let store = crate::ServerConfig::reopen_test_store(dir.path()).await;
     let pending = store.notification(&id).await.unwrap();
     assert_eq!(pending.status, NotificationStatus::Pending);
     assert_eq!(pending.attempts, 0);

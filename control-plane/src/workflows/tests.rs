@@ -471,9 +471,7 @@ mod durable {
 
         // While the control plane is down, the first node's job ends (as recorded by an
         // agent's session that died before the engine heard of it).
-        let store = Store::open_sqlite(&dir.path().join("cronium.db"))
-            .await
-            .unwrap();
+        let store = crate::ServerConfig::reopen_test_store(dir.path()).await;
         assert_eq!(
             complete_queued(&store, &agent, &json!({"x": 1}))
                 .await
