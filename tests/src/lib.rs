@@ -13,12 +13,18 @@
 pub mod api;
 pub mod cluster;
 pub mod docker;
+pub mod fleet;
+pub mod lab;
+pub mod light;
+pub mod load;
+pub mod mount;
 pub mod netns;
 pub mod process;
 pub mod quic;
 pub mod release;
 pub mod sse;
 pub mod sshd;
+pub mod terminal_client;
 pub mod webhook;
 
 use std::path::PathBuf;

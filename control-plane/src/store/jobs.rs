@@ -918,7 +918,10 @@ impl Store {
             .fetch_optional(&mut *conn)
             .await?;
                 match renewed {
-                    None => abandoned.push(attempt.clone()),
+                    None => {
+                        super::audit::audit_stale_holder_in(conn, &agent_id, attempt).await?;
+                        abandoned.push(attempt.clone())
+                    }
                     Some(row) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
                         cancel.push(attempt.clone())
                     }

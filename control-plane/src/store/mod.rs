@@ -12,8 +12,10 @@
 pub mod actions;
 pub mod agent_updates;
 pub mod agents;
+pub mod audit;
 pub mod backup;
 pub mod changes;
+mod connection;
 pub mod dispatch;
 pub mod enrollment;
 pub mod events;
@@ -58,6 +60,9 @@ pub enum StoreError {
     /// The database could not be reached or is busy beyond the timeout.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// The database's disk is full (SQLITE_FULL): the write was rolled back, nothing changed.
+    #[error("the database's disk is full: {0}")]
+    Full(sqlx::Error),
     /// Anything else the database reported.
     #[error("database error: {0}")]
     Database(sqlx::Error),
@@ -76,9 +81,19 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(error)
             }
+            sqlx::Error::Database(db) if is_disk_full(db.code().as_deref()) => {
+                StoreError::Full(error)
+            }
             _ => StoreError::Database(error),
         }
     }
+}
+
+/// Whether an SQLite (extended) result code is SQLITE_FULL (13): a write needed disk space the
+/// file system does not have.
+fn is_disk_full(code: Option<&str>) -> bool {
+    code.and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 13)
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -153,6 +168,7 @@ impl Store {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| Box::pin(connection::configure(conn)))
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("../migrations/sqlite")
@@ -162,6 +178,7 @@ impl Store {
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| Box::pin(connection::configure(conn)))
             .connect_with(options.read_only(true))
             .await?;
         let (writes, requests) = mpsc::unbounded_channel();
@@ -341,11 +358,16 @@ async fn commit_groups(
             }
             Err(error) => {
                 let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+                // In WAL mode the pages reach the disk at COMMIT: that is where a full disk shows.
+                let full = matches!(&error, sqlx::Error::Database(db) if is_disk_full(db.code().as_deref()));
                 let message = error.to_string();
                 for (reply, _) in answers {
-                    let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                        message.clone(),
-                    ))));
+                    let error = sqlx::Error::Protocol(message.clone());
+                    let _ = reply.send(Err(if full {
+                        StoreError::Full(error)
+                    } else {
+                        StoreError::Unavailable(error)
+                    }));
                 }
             }
         }
