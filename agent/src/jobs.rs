@@ -125,9 +125,16 @@ impl Jobs {
         {
             Ok(spool) => spool,
             Err(error) => {
-                // Without a spool the attempt cannot be run or reported; its lease runs out and
-                // the control plane settles it.
-                tracing::error!(job = %spec.job_id, attempt = spec.attempt, %error, "cannot start an assigned job");
+                // Without a spool the script is not run; the attempt is reported failed from
+                // memory, with the reason in its log. (A job id that cannot name a directory is
+                // not reported: its lease runs out and the control plane settles it.)
+                tracing::error!(job = %spec.job_id, attempt = spec.attempt, %error, "cannot write the spool of an assigned job; reporting it failed");
+                match self.inner.spool.unstored(&spool_spec, &error) {
+                    Ok(spool) => self.adopt(spool),
+                    Err(error) => {
+                        tracing::error!(job = %spec.job_id, attempt = spec.attempt, %error, "cannot report an assigned job")
+                    }
+                }
                 return;
             }
         };

@@ -116,6 +116,8 @@ pub struct AttemptSpool {
 struct SpoolInner {
     attempt: AttemptRef,
     dir: PathBuf,
+    /// The log records of an attempt that has no spool on disk ([`Spool::unstored`]).
+    memory_log: Option<Arc<[u8]>>,
     max_log_bytes: u64,
     state: Mutex<SpoolState>,
     /// The helper writes (variables, notifications) not yet answered by the control plane.
@@ -172,12 +174,37 @@ pub struct HelperValues {
 /// Sequential reader of a log from any offset. It reads only bytes the caller says are complete.
 #[derive(Debug)]
 pub struct LogReader {
-    file: File,
+    source: LogSource,
     path: PathBuf,
     position: u64,
     offset: u64,
     record_stream: LogStream,
     record_remaining: u64,
+}
+
+/// Where a [`LogReader`] reads the records from.
+#[derive(Debug)]
+enum LogSource {
+    /// The attempt's `log` file.
+    File(File),
+    /// The records of an attempt whose spool could not be written ([`Spool::unstored`]).
+    Memory(Arc<[u8]>),
+}
+
+impl LogSource {
+    fn read_exact_at(&self, buffer: &mut [u8], position: u64) -> io::Result<()> {
+        match self {
+            LogSource::File(file) => file.read_exact_at(buffer, position),
+            LogSource::Memory(records) => {
+                let bytes = usize::try_from(position)
+                    .ok()
+                    .and_then(|start| records.get(start..start.checked_add(buffer.len())?))
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+                buffer.copy_from_slice(bytes);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One piece of output read back from the log: all bytes of it come from one record.
@@ -270,6 +297,66 @@ impl Spool {
                 masking: Masking::default(),
             },
         ))
+    }
+
+    /// The attempt of `spec` when its spool cannot be written ([`create`](Self::create) failed
+    /// with `error`: a full disk, a read-only or missing directory). Nothing is kept on disk: its
+    /// log is one system line saying why, held in memory, and it already has its result, failed
+    /// with reason `spawn` (the script was not started). It is uploaded like any other attempt,
+    /// so the control plane settles the job at once instead of when its lease runs out. Fails
+    /// only for a job id that cannot name a directory (nothing may be deleted in its name).
+    pub fn unstored(
+        &self,
+        spec: &SpoolSpec,
+        error: &SpoolError,
+    ) -> Result<AttemptSpool, SpoolError> {
+        validate_job_id(&spec.job_id)?;
+        let attempt = AttemptRef {
+            job_id: spec.job_id.clone(),
+            attempt: spec.attempt,
+        };
+        let dir = self.root.join(attempt_dir_name(&attempt));
+        let message = format!(
+            "[cronium: the job was not started: the agent cannot write its spool: {error}]\n"
+        );
+        let mut records = Vec::new();
+        for piece in message.as_bytes().chunks(MAX_RECORD_DATA) {
+            records.push(stream_byte(LogStream::System));
+            // A piece is at most MAX_RECORD_DATA bytes, far below u32::MAX.
+            records.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+            records.extend_from_slice(piece);
+        }
+        let log_len = message.len() as u64;
+        let result = AttemptResult {
+            outcome: Outcome {
+                status: FinalStatus::Failed,
+                reason: Some(FailReason::Spawn),
+                exit_code: None,
+            },
+            log_len,
+        };
+        let journal = HelperJournal::new(&dir);
+        let mut spool = AttemptSpool::new(
+            attempt,
+            dir,
+            journal,
+            log_len,
+            SpoolState {
+                log: None,
+                file_len: records.len() as u64,
+                log_len,
+                truncated: false,
+                pid: None,
+                result: Some(result),
+                output: None,
+                condition: None,
+                masking: Masking::default(),
+            },
+        );
+        if let Some(inner) = Arc::get_mut(&mut spool.inner) {
+            inner.memory_log = Some(records.into());
+        }
+        Ok(spool)
     }
 
     /// Loads every attempt left in the spool by an earlier agent process.
@@ -428,6 +515,7 @@ impl AttemptSpool {
             inner: Arc::new(SpoolInner {
                 attempt,
                 dir,
+                memory_log: None,
                 max_log_bytes,
                 state: Mutex::new(state),
                 journal,
@@ -617,7 +705,12 @@ impl AttemptSpool {
                 available: progress.log_len,
             });
         }
-        LogReader::open(&self.inner.dir.join("log"), offset, progress.file_len)
+        let path = self.inner.dir.join("log");
+        let source = match &self.inner.memory_log {
+            Some(records) => LogSource::Memory(Arc::clone(records)),
+            None => LogSource::File(File::open(&path).map_err(|source| io_error(&path, source))?),
+        };
+        LogReader::open(source, path, offset, progress.file_len)
     }
 
     /// Deletes the spool directory.
@@ -668,11 +761,15 @@ impl AttemptSpool {
 }
 
 impl LogReader {
-    fn open(path: &Path, offset: u64, file_len: u64) -> Result<LogReader, SpoolError> {
-        let file = File::open(path).map_err(|source| io_error(path, source))?;
+    fn open(
+        source: LogSource,
+        path: PathBuf,
+        offset: u64,
+        file_len: u64,
+    ) -> Result<LogReader, SpoolError> {
         let mut reader = LogReader {
-            file,
-            path: path.to_path_buf(),
+            source,
+            path,
             position: 0,
             offset: 0,
             record_stream: LogStream::Stdout,
@@ -720,7 +817,7 @@ impl LogReader {
         }
         // `take` is at most `max`, a usize.
         let mut data = vec![0; take as usize];
-        self.file
+        self.source
             .read_exact_at(&mut data, self.position)
             .map_err(|source| io_error(&self.path, source))?;
         let piece = LogPiece {
@@ -739,7 +836,7 @@ impl LogReader {
             return Ok(None);
         }
         let mut header = [0u8; RECORD_HEADER_LEN as usize];
-        self.file
+        self.source
             .read_exact_at(&mut header, self.position)
             .map_err(|source| io_error(&self.path, source))?;
         let stream = parse_stream_byte(header[0])
@@ -982,6 +1079,46 @@ mod tests {
 
     fn concat(pieces: &[LogPiece]) -> Vec<u8> {
         pieces.iter().flat_map(|piece| piece.data.clone()).collect()
+    }
+
+    #[test]
+    fn an_unstored_attempt_is_failed_spawn_with_the_reason_in_its_log() {
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        let error = io_error(
+            &temp.path().join("spool/job-full-1/spec.json"),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let attempt = spool.unstored(&spec("job-full"), &error).unwrap();
+        let progress = attempt.progress();
+        let result = progress.result.unwrap();
+        assert_eq!(result.outcome.status, FinalStatus::Failed);
+        assert_eq!(result.outcome.reason, Some(FailReason::Spawn));
+        assert_eq!(result.outcome.exit_code, None);
+        let log = String::from_utf8(concat(&read_all(&attempt, 0, 1 << 20))).unwrap();
+        assert!(
+            log.starts_with("[cronium: the job was not started"),
+            "{log}"
+        );
+        assert!(log.contains("No space left on device"), "{log}");
+        assert_eq!(result.log_len, log.len() as u64);
+        assert!(
+            read_all(&attempt, 0, 1 << 20)
+                .iter()
+                .all(|piece| piece.stream == LogStream::System)
+        );
+        // A resumed upload reads from the middle, in pieces.
+        let tail = concat(&read_all(&attempt, 10, 7));
+        assert_eq!(tail, log.as_bytes()[10..]);
+        // Nothing is on disk, and nothing can be written.
+        assert!(!attempt.dir().exists());
+        assert!(attempt.append(LogStream::Stdout, b"late").is_err());
+        attempt.remove().unwrap();
+        // A job id that cannot name a directory is refused.
+        assert!(matches!(
+            spool.unstored(&spec("../x"), &error),
+            Err(SpoolError::UnsafeJobId(_))
+        ));
     }
 
     #[test]

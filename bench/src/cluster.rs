@@ -34,14 +34,33 @@ impl ControlPlane {
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
         let key = base64::engine::general_purpose::STANDARD.encode(key);
+        Ok(
+            ControlPlane::start_at(binaries, data_dir, &Listen::any(), &key, None)
+                .await?
+                .0,
+        )
+    }
+
+    /// Starts `cronium serve` on `data_dir` with the encryption key `key` (base64), listening
+    /// where `listen` says, and waits for its ready line; then creates an API token for the
+    /// admin, or uses `token` (a token of this data dir, after a restart). Also returns the
+    /// addresses it listens on, to start it again on the same ports.
+    pub async fn start_at(
+        binaries: &Binaries,
+        data_dir: &Path,
+        listen: &Listen,
+        key: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<(ControlPlane, Listen)> {
         let (sender, mut lines) = mpsc::unbounded_channel();
         let mut command = Command::new(&binaries.cronium);
         command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http", "127.0.0.1:0", "--quic", "127.0.0.1:0"])
-            .env("ENCRYPTION_KEY", &key)
+            .args(["--http", &listen.http, "--quic", &listen.quic])
+            .args(&listen.extra)
+            .env("ENCRYPTION_KEY", key)
             .env("RUST_LOG", "warn");
         let mut process = ChildGuard::spawn(
             "the control plane (cronium serve)",
@@ -87,29 +106,62 @@ impl ControlPlane {
             }
         }
 
-        let mut token_command = tokio::process::Command::new(&binaries.cronium);
-        token_command
-            .args(["token", "create", "--user", "admin", "--data-dir"])
-            .arg(data_dir)
-            .env("ENCRYPTION_KEY", &key)
-            .env("RUST_LOG", "warn");
-        let token = run_output(
-            "cronium token create",
-            token_command,
-            Duration::from_secs(30),
-        )
-        .await?;
-        let token = token.trim();
-        if token.is_empty() || token.contains(char::is_whitespace) {
-            bail!("cronium token create printed something unexpected");
-        }
-        let api = Api::new(&http, token)?;
-        Ok(ControlPlane { process, api, quic })
+        let token = match token {
+            Some(token) => token.to_owned(),
+            None => {
+                let mut token_command = tokio::process::Command::new(&binaries.cronium);
+                token_command
+                    .args(["token", "create", "--user", "admin", "--data-dir"])
+                    .arg(data_dir)
+                    .env("ENCRYPTION_KEY", key)
+                    .env("RUST_LOG", "warn");
+                let token = run_output(
+                    "cronium token create",
+                    token_command,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                let token = token.trim().to_owned();
+                if token.is_empty() || token.contains(char::is_whitespace) {
+                    bail!("cronium token create printed something unexpected");
+                }
+                token
+            }
+        };
+        let api = Api::new(&http, &token)?;
+        let bound = Listen {
+            http: http.trim_start_matches("http://").to_owned(),
+            quic: quic.clone(),
+            extra: listen.extra.clone(),
+        };
+        Ok((ControlPlane { process, api, quic }, bound))
     }
 
     /// The control plane's process id.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+}
+
+/// Where `cronium serve` listens, and extra `serve` arguments.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// `--http`, `host:port`.
+    pub http: String,
+    /// `--quic`, `host:port`.
+    pub quic: String,
+    /// More `cronium serve` arguments.
+    pub extra: Vec<String>,
+}
+
+impl Listen {
+    /// Free ports on 127.0.0.1, default settings.
+    pub fn any() -> Listen {
+        Listen {
+            http: "127.0.0.1:0".into(),
+            quic: "127.0.0.1:0".into(),
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -241,8 +293,8 @@ pub async fn wait_online(
     }
 }
 
-/// Enrolls `count` identities in-process under `root/NNNN` with `labels`, a few at a time, and
-/// returns their state dirs and names.
+/// Enrolls `count` identities in-process under `root/NNNN` with `labels`, a few at a time
+/// (`cronium_e2e::fleet::enroll`), and returns their state dirs and names.
 pub async fn enroll_in_process(
     api: &Api,
     root: &Path,
@@ -250,30 +302,19 @@ pub async fn enroll_in_process(
     count: usize,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<Vec<(PathBuf, String)>> {
-    use futures_util::{StreamExt, TryStreamExt};
     let enrollment = enrollment_token(api, count).await?;
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
-    futures_util::stream::iter(0..count)
-        .map(|index| {
-            let name = format!("{prefix}{index:04}");
-            let state_dir = root.join(&name);
-            let options = cronium_agent::EnrollOptions {
-                server_url: api.base().to_owned(),
-                token: enrollment.token.clone(),
-                ca_sha256: enrollment.ca_sha256.clone(),
-                name: Some(name.clone()),
-                labels: labels.clone(),
-                state_dir: state_dir.clone(),
-                force: false,
-            };
-            async move {
-                cronium_agent::enroll(options)
-                    .await
-                    .with_context(|| format!("cannot enroll {name}"))?;
-                anyhow::Ok((state_dir, name))
-            }
-        })
-        .buffer_unordered(8)
-        .try_collect()
-        .await
+    let identities = cronium_e2e::fleet::enroll(
+        api.base(),
+        &enrollment.token,
+        &enrollment.ca_sha256,
+        root,
+        prefix,
+        count,
+        labels,
+    )
+    .await?;
+    Ok(identities
+        .into_iter()
+        .map(|identity| (identity.state_dir, identity.name))
+        .collect())
 }

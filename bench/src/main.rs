@@ -26,6 +26,7 @@ mod docker;
 mod fanout;
 mod helpers;
 mod install;
+mod load;
 mod phases;
 mod procs;
 mod report;
@@ -162,6 +163,27 @@ struct Cli {
     /// others.
     #[arg(long)]
     fanout_only: bool,
+    /// Run only the load phase ([`load`]): `--load-agents` agent connections held by this
+    /// process for `--load-minutes` against a control plane of its own (none wrongly offline,
+    /// heartbeat handling, dispatch under load, memory per agent, restarts), none of the others.
+    #[arg(long)]
+    load_only: bool,
+    /// In-process agents of the load phase (the agent's own code; SIMULATED executor).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    load_agents: u64,
+    /// How long the load phase holds the agents, minutes.
+    #[arg(long, default_value_t = 3.0)]
+    load_minutes: f64,
+    /// Single-host runs on random agents timed during the hold (trigger → result).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    load_jobs: u64,
+    /// How the control plane is stopped before each restart of the load phase, in order.
+    #[arg(long, value_delimiter = ',', default_value = "sigterm,sigkill")]
+    load_restarts: Vec<LoadRestartArg>,
+    /// LIGHT simulated agents (real QUIC + mTLS + hello + heartbeats, no runner) connected at
+    /// the end of the load phase for the memory figure at that scale (0 skips it).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    load_light: u64,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -180,6 +202,15 @@ enum SimulatedExecutorArg {
     Simulated,
     /// The agent's real runner: a `bash` process per job.
     Bash,
+}
+
+/// `--load-restarts` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LoadRestartArg {
+    /// A graceful stop: every agent connection is closed at once.
+    Sigterm,
+    /// A crash.
+    Sigkill,
 }
 
 /// How long the agent under test gets to come online.
@@ -223,6 +254,42 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let root = temp.path();
+
+    if cli.load_only {
+        if !(cli.load_minutes > 0.0 && cli.load_minutes <= 24.0 * 60.0) {
+            anyhow::bail!("--load-minutes must be more than 0 and at most a day");
+        }
+        let options = load::LoadOptions {
+            agents: cli.load_agents as usize,
+            hold: Duration::from_secs_f64(cli.load_minutes * 60.0),
+            jobs: cli.load_jobs as usize,
+            restarts: cli
+                .load_restarts
+                .iter()
+                .map(|restart| match restart {
+                    LoadRestartArg::Sigterm => load::Restart::Sigterm,
+                    LoadRestartArg::Sigkill => load::Restart::Sigkill,
+                })
+                .collect(),
+            light: cli.load_light as usize,
+        };
+        let figures = load::measure(&binaries, &root.join("load"), &options).await?;
+        println!("{}", figures.markdown());
+        if let Some(path) = &cli.out {
+            let text = serde_json::to_string_pretty(&json!({"load": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        let failures = figures.wrongly_offline.len();
+        drop(temp);
+        if failures > 0 {
+            anyhow::bail!(
+                "{failures} agents were wrongly marked offline or reconnected during the hold"
+            );
+        }
+        return Ok(());
+    }
 
     // Before the agent starts: it connects to the engine once, at start.
     let docker_runs = cli.docker_runs as usize;

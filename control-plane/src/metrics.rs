@@ -43,6 +43,12 @@ const CLAIM_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0, 3600.0,
 ];
 
+/// Upper bounds (seconds) of the heartbeat-handling histogram's buckets.
+const HEARTBEAT_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 /// The job statuses the queue-depth gauge always reports (0 when none).
 const ACTIVE_STATUSES: [&str; 3] = ["queued", "claimed", "running"];
 
@@ -53,6 +59,9 @@ pub struct Metrics {
     claim_buckets: [AtomicU64; CLAIM_BUCKETS.len()],
     claim_count: AtomicU64,
     claim_sum_ms: AtomicU64,
+    heartbeat_buckets: [AtomicU64; HEARTBEAT_BUCKETS.len()],
+    heartbeat_count: AtomicU64,
+    heartbeat_sum_us: AtomicU64,
     /// Jobs that reached a final status, by (status, reason).
     outcomes: Mutex<BTreeMap<(String, String), u64>>,
     /// Answered HTTP requests, by (route template, method, status class).
@@ -75,6 +84,9 @@ impl Default for Metrics {
             claim_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             claim_count: AtomicU64::new(0),
             claim_sum_ms: AtomicU64::new(0),
+            heartbeat_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            heartbeat_count: AtomicU64::new(0),
+            heartbeat_sum_us: AtomicU64::new(0),
             outcomes: Mutex::new(BTreeMap::new()),
             requests: Mutex::new(BTreeMap::new()),
         }
@@ -121,6 +133,20 @@ impl Metrics {
         }
         self.claim_sum_ms.fetch_add(waited_ms, Ordering::Relaxed);
         self.claim_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observes the handling of one agent heartbeat (`agents::session`: from the decoded
+    /// message to the written acknowledgement).
+    pub fn observe_heartbeat(&self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        for (bound, bucket) in HEARTBEAT_BUCKETS.iter().zip(&self.heartbeat_buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.heartbeat_sum_us.fetch_add(micros, Ordering::Relaxed);
+        self.heartbeat_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one answered request.
@@ -224,6 +250,31 @@ impl Metrics {
             self.claim_sum_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         let _ = writeln!(out, "cronium_job_claim_wait_seconds_count {count}");
+
+        family(
+            &mut out,
+            "cronium_heartbeat_seconds",
+            "histogram",
+            "The control plane's handling of one agent heartbeat: from the decoded message to the written acknowledgement (the agent's leases renewed in between).",
+        );
+        for (bound, bucket) in HEARTBEAT_BUCKETS.iter().zip(&self.heartbeat_buckets) {
+            let _ = writeln!(
+                out,
+                "cronium_heartbeat_seconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.heartbeat_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "cronium_heartbeat_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "cronium_heartbeat_seconds_sum {}",
+            self.heartbeat_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "cronium_heartbeat_seconds_count {count}");
 
         family(
             &mut out,

@@ -320,6 +320,16 @@ impl TestCluster {
         TestCluster::start_configured(options, None, Vec::new(), serve_in).await
     }
 
+    /// [`TestCluster::start_in`] with more arguments for `cronium serve`, kept for restarts.
+    pub async fn start_in_with_args(
+        options: ClusterOptions,
+        serve_in: ServeIn,
+        args: &[&str],
+    ) -> Result<TestCluster> {
+        let args = args.iter().map(|arg| (*arg).to_owned()).collect();
+        TestCluster::start_configured(options, None, args, serve_in).await
+    }
+
     async fn start_inner(
         options: ClusterOptions,
         docker_images: Option<DefaultImages>,
@@ -574,6 +584,29 @@ impl TestCluster {
             control_plane.guard.kill()?;
         }
         Ok(())
+    }
+
+    /// Stops the control plane gracefully (SIGTERM) and reaps it; fails if it has not exited
+    /// within `timeout` (it is SIGKILLed then).
+    pub async fn stop_control_plane(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(mut control_plane) = self.control_plane.take() else {
+            bail!("the control plane is not running");
+        };
+        // SAFETY: plain syscall on a pid the guard owns and has not reaped yet.
+        unsafe {
+            libc::kill(control_plane.guard.pid() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = control_plane.guard.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                control_plane.guard.kill()?;
+                bail!("the control plane did not exit within {timeout:?} of SIGTERM");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 
     /// Starts the control plane again with the same data dir, key and ports.

@@ -13,6 +13,11 @@
 pub mod api;
 pub mod cluster;
 pub mod docker;
+pub mod fleet;
+pub mod lab;
+pub mod light;
+pub mod load;
+pub mod mount;
 pub mod netns;
 pub mod postgres;
 pub mod process;
@@ -20,6 +25,7 @@ pub mod quic;
 pub mod release;
 pub mod sse;
 pub mod sshd;
+pub mod terminal_client;
 pub mod webhook;
 
 use std::path::PathBuf;

@@ -11,167 +11,22 @@
 //! of the host's network is used. These tests need root, `ip` (iproute2) and `nft` (nftables)
 //! and fail, saying what to install, without them.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use cronium_e2e::cluster::json_str;
-use cronium_e2e::netns::{
-    CONTROL_PLANE_IP, NetLab, ProbeListener, TcpForwarder, tcp_probe, udp_probe,
+use cronium_e2e::lab::{
+    agent_status, control_plane_in, install_agent, installer_script, namespace_link,
 };
-use cronium_e2e::release::spawn_installer;
-use cronium_e2e::{ChildGuard, ClusterOptions, EventSpec, ServeIn, TestCluster};
-use futures_util::{SinkExt, StreamExt};
+use cronium_e2e::netns::{CONTROL_PLANE_IP, NetLab, ProbeListener, tcp_probe, udp_probe};
+use cronium_e2e::terminal_client::Terminal;
+use cronium_e2e::{ClusterOptions, EventSpec};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::{self, Message};
 
 /// Bound of every wait for something that should happen.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long a probe that should be dropped is given before it counts as refused (and how long
 /// one that should get through may take).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Starts a control plane inside the lab's control-plane namespace, bound to its service address,
-/// and routes the harness's API requests through a forwarder; checks that what the control plane
-/// tells agents (public URL, QUIC address) is the namespace address.
-async fn control_plane_in(
-    lab: &NetLab,
-    options: ClusterOptions,
-) -> Result<(TestCluster, TcpForwarder)> {
-    let mut cluster = TestCluster::start_in(
-        options,
-        ServeIn {
-            prefix: lab.control_plane().exec_prefix(),
-            ip: IpAddr::V4(CONTROL_PLANE_IP),
-        },
-    )
-    .await?;
-    ensure!(
-        cluster.quic_addr().ip() == IpAddr::V4(CONTROL_PLANE_IP),
-        "QUIC listens on {}",
-        cluster.quic_addr()
-    );
-    let http: SocketAddr = cluster
-        .http_url()
-        .trim_start_matches("http://")
-        .parse()
-        .context("the control plane's HTTP address")?;
-    ensure!(
-        http.ip() == IpAddr::V4(CONTROL_PLANE_IP),
-        "HTTP listens on {http}"
-    );
-    let forwarder = lab.control_plane().forward_tcp(http)?;
-    cluster.set_api_base(&forwarder.url())?;
-    Ok((cluster, forwarder))
-}
-
-/// Publishes the built agent as a signed release and downloads `/install.sh`; checks that the
-/// script points agents at the namespace address.
-async fn installer_script(cluster: &TestCluster) -> Result<PathBuf> {
-    cluster.publish_agent_release(None, None).await?;
-    let script = cluster.download_install_script().await?;
-    let text = std::fs::read_to_string(&script)?;
-    ensure!(
-        text.contains(&cluster.http_url()),
-        "/install.sh does not name the public URL {}",
-        cluster.http_url()
-    );
-    Ok(script)
-}
-
-/// An agent installed by `install.sh` inside its namespace (`--no-service`: the installer execs
-/// the agent, so the guard is the agent process).
-struct InstalledAgent {
-    id: String,
-    prefix: PathBuf,
-    process: ChildGuard,
-}
-
-/// Runs `sh install.sh --token … --name NAME --prefix … --no-service` inside agent `index`'s
-/// namespace and waits until the agent is online.
-async fn install_agent(
-    cluster: &TestCluster,
-    lab: &NetLab,
-    index: usize,
-    script: &Path,
-    name: &str,
-) -> Result<InstalledAgent> {
-    let created = cluster
-        .create_enrollment_token(&json!({"uses": 1, "ttl_seconds": 600}))
-        .await?;
-    let token = json_str(&created, "token")?;
-    let prefix = cluster.dir().join(format!("prefix-{name}"));
-    let command = cluster.installer_command(
-        "/bin/sh",
-        script,
-        &[
-            "--token",
-            &token,
-            "--name",
-            name,
-            "--prefix",
-            prefix.to_str().context("utf-8 path")?,
-            "--no-service",
-        ],
-        &[],
-    );
-    let log = cluster.dir().join(format!("install-{name}.log"));
-    let mut process = spawn_installer(name, lab.agent(index).wrap(&command), &log)?;
-    let waited = cluster
-        .wait_until(DEADLINE, &format!("agent {name} online"), || {
-            let exited = process.try_wait();
-            async move {
-                if let Some(status) = exited? {
-                    bail!("the installer exited ({status})");
-                }
-                let agents = cluster.api().get_ok("/api/v1/agents").await?;
-                Ok(agents
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|agent| agent["name"] == name && agent["status"] == "online")
-                    .and_then(|agent| agent["id"].as_str().map(str::to_owned)))
-            }
-        })
-        .await;
-    match waited {
-        Ok(id) => Ok(InstalledAgent {
-            id,
-            prefix,
-            process,
-        }),
-        Err(error) => bail!("{error:#}\ninstaller log:\n{}", process.log_tail(40)),
-    }
-}
-
-impl Drop for InstalledAgent {
-    fn drop(&mut self) {
-        // Captured by the test runner; shown only when the test fails.
-        eprintln!(
-            "---- agent {} ({}) ----\n{}",
-            self.id,
-            self.process.log_path().display(),
-            self.process.log_tail(40)
-        );
-    }
-}
-
-/// `GET /api/v1/agents/{id}`'s status.
-async fn agent_status(cluster: &TestCluster, agent_id: &str) -> Result<String> {
-    let agent = cluster
-        .api()
-        .get_ok(&format!("/api/v1/agents/{agent_id}"))
-        .await?;
-    json_str(&agent, "status")
-}
-
-/// What `readlink /proc/PID/ns/net` shows for a process inside `index`'s namespace.
-fn namespace_link(lab: &NetLab, index: usize) -> Result<String> {
-    Ok(format!("net:[{}]", lab.agent(index).inode()?))
-}
 
 /// From the control plane's namespace (its service address), TCP and UDP probes to listeners
 /// inside each agent's namespace are dropped and never reach the listener, which still answers
@@ -261,7 +116,7 @@ async fn agents_behind_an_outbound_only_firewall_install_run_jobs_and_serve_term
     }
     assert_inbound_refused(&lab, &probes).await?;
 
-    let (cluster, _forwarder) = control_plane_in(&lab, ClusterOptions::default()).await?;
+    let (cluster, _forwarder) = control_plane_in(&lab, ClusterOptions::default(), &[]).await?;
     let script = installer_script(&cluster).await?;
     let mut agents = Vec::new();
     for index in 0..AGENTS {
@@ -340,7 +195,7 @@ async fn output_spooled_during_a_network_partition_arrives_once_after_the_agent_
         lease_seconds: Some(60),
         heartbeat_seconds: Some(1),
     };
-    let (cluster, _forwarder) = control_plane_in(&lab, options).await?;
+    let (cluster, _forwarder) = control_plane_in(&lab, options, &[]).await?;
     let script = installer_script(&cluster).await?;
     let mut agent = install_agent(&cluster, &lab, 0, &script, "partitioned").await?;
 
@@ -447,115 +302,4 @@ async fn output_spooled_during_a_network_partition_arrives_once_after_the_agent_
         bail!("the log is not ticks 1..={last} once each (duplicated: {duplicated:?}):\n{log}");
     }
     Ok(())
-}
-
-/// One terminal viewer over the forwarded WebSocket, authenticated with the admin's token.
-struct Terminal {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    output: Vec<u8>,
-}
-
-impl Terminal {
-    /// Opens `GET /api/v1/agents/{id}/terminal` and waits for the session id.
-    async fn open(cluster: &TestCluster, agent_id: &str) -> Result<Terminal> {
-        let url = format!(
-            "{}/api/v1/agents/{agent_id}/terminal?cols=100&rows=30",
-            cluster.api().base_url().replace("http://", "ws://")
-        );
-        let mut request = url.into_client_request()?;
-        request.headers_mut().insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {}", cluster.admin_token()))?,
-        );
-        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
-            .await
-            .context("the WebSocket handshake timed out")?
-            .context("open the terminal WebSocket")?;
-        let mut terminal = Terminal {
-            ws,
-            output: Vec::new(),
-        };
-        let first = terminal.next_control().await?;
-        ensure!(
-            first["type"] == "session",
-            "the first control message is not the session: {first}"
-        );
-        Ok(terminal)
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.ws
-            .send(Message::binary(bytes.to_vec()))
-            .await
-            .context("send terminal input")
-    }
-
-    /// The next message before `deadline`; terminal bytes are collected. `None`: closed.
-    async fn next_message(&mut self, deadline: Instant) -> Result<Option<Message>> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.ws.next()).await {
-            Err(_) => bail!(
-                "nothing arrived in time; output so far: {:?}",
-                String::from_utf8_lossy(&self.output)
-            ),
-            Ok(None)
-            | Ok(Some(Err(tungstenite::Error::ConnectionClosed)))
-            | Ok(Some(Err(tungstenite::Error::AlreadyClosed))) => Ok(None),
-            Ok(Some(Err(error))) => Err(error).context("read the WebSocket"),
-            Ok(Some(Ok(message))) => {
-                if let Message::Binary(data) = &message {
-                    self.output.extend_from_slice(data);
-                }
-                Ok(Some(message))
-            }
-        }
-    }
-
-    async fn next_control(&mut self) -> Result<Value> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match self.next_message(deadline).await? {
-                None => bail!("the WebSocket closed before a control message"),
-                Some(Message::Text(text)) => {
-                    return serde_json::from_str(text.as_str())
-                        .with_context(|| format!("control message {text:?} is not JSON"));
-                }
-                Some(_) => {}
-            }
-        }
-    }
-
-    /// Reads until the output holds `needle`; returns the output up to it (lossy UTF-8).
-    async fn read_until(&mut self, needle: &str) -> Result<String> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let text = String::from_utf8_lossy(&self.output);
-            if let Some(position) = text.find(needle) {
-                return Ok(text[..position + needle.len()].to_owned());
-            }
-            match self.next_message(deadline).await? {
-                Some(Message::Text(text)) => bail!("control message {text} while reading"),
-                Some(_) => {}
-                None => bail!(
-                    "the WebSocket closed while waiting for {needle:?}; output: {:?}",
-                    String::from_utf8_lossy(&self.output)
-                ),
-            }
-        }
-    }
-
-    /// Ends the session and waits for its exit message.
-    async fn close(mut self) -> Result<()> {
-        self.ws
-            .send(Message::text(json!({"type": "close"}).to_string()))
-            .await?;
-        let control = self.next_control().await?;
-        ensure!(
-            control["type"] == "exit",
-            "expected the exit, got {control}"
-        );
-        Ok(())
-    }
 }

@@ -63,4 +63,29 @@ mod tests {
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_millis(100));
     }
+
+    /// Many agents losing the control plane at the same instant (a restart) each draw their
+    /// first delay: the draws cover the whole range up to the ceiling instead of clustering, so
+    /// their reconnects do not arrive as one herd.
+    #[test]
+    fn agents_dropped_together_draw_spread_first_delays() {
+        let ceiling = Duration::from_millis(100);
+        let delays: Vec<Duration> = (0..1000)
+            .map(|_| Backoff::new(ceiling, Duration::from_secs(30)).next_delay())
+            .collect();
+        assert!(delays.iter().all(|delay| *delay <= ceiling));
+        let distinct: std::collections::BTreeSet<Duration> = delays.iter().copied().collect();
+        // 1,000 uniform draws over 101 values: missing half of them has a negligible chance.
+        assert!(distinct.len() > 50, "{} distinct delays", distinct.len());
+        let quarter = ceiling / 4;
+        assert!(delays.iter().any(|delay| *delay < quarter));
+        assert!(delays.iter().any(|delay| *delay > ceiling - quarter));
+        // No value holds more than a tenth of the draws (each should hold about 1%).
+        let busiest = distinct
+            .iter()
+            .map(|value| delays.iter().filter(|delay| *delay == value).count())
+            .max()
+            .unwrap();
+        assert!(busiest < 100, "one delay drawn {busiest} times");
+    }
 }

@@ -13,7 +13,7 @@
 //! - **Simulated agents** (1,000 by default, [`simulated`]): one process (this one) holding that
 //!   many agent connections with the agent's own code (connection, claims, spool, uploads), each
 //!   claiming and running its job. Twice, with a fleet each: the jobs run by the SIMULATED
-//!   in-process executor ([`simulated::SimulatedEchoHi`]: no process, it writes `hi`), which
+//!   in-process executor (`cronium_e2e::fleet::SimulatedEchoHi`: no process, it writes `hi`), which
 //!   measures the control plane's fan-out, and by the agent's real runner (a `bash` process per
 //!   job) next to the floor of as many bare `bash` spawns from this process. A sample waits on
 //!   the run's own event stream (`GET /runs/{id}/events`, what `cronium run --wait` uses) for

@@ -30,6 +30,8 @@ struct Link {
     wake: Arc<Notify>,
     outbound: mpsc::UnboundedSender<Outbound>,
     last_seen_at: i64,
+    /// When this connection was established (its handshake completed).
+    connected_at: i64,
 }
 
 /// What a session task receives when it registers.
@@ -40,7 +42,8 @@ pub struct Registration {
 }
 
 impl AgentRegistry {
-    /// Registers a connected agent; an older connection of the same agent is closed.
+    /// Registers a connected agent whose connection was established at `now` (also its first
+    /// last-seen time); an older connection of the same agent is closed.
     pub fn register(
         &self,
         agent_id: &str,
@@ -56,6 +59,7 @@ impl AgentRegistry {
             wake: wake.clone(),
             outbound: sender,
             last_seen_at: now,
+            connected_at: now,
         };
         let previous = self.lock().insert(agent_id.to_string(), link);
         if let Some(previous) = previous {
@@ -139,6 +143,11 @@ impl AgentRegistry {
     /// When an online agent was last heard from; `None` if it is offline.
     pub fn last_seen(&self, agent_id: &str) -> Option<i64> {
         self.lock().get(agent_id).map(|link| link.last_seen_at)
+    }
+
+    /// When an online agent's current connection was established; `None` if it is offline.
+    pub fn connected_at(&self, agent_id: &str) -> Option<i64> {
+        self.lock().get(agent_id).map(|link| link.connected_at)
     }
 
     /// Last-seen times of every online agent.

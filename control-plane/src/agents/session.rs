@@ -113,6 +113,9 @@ pub(crate) fn runtime_spec(text: Option<&str>) -> serde_json::Result<RuntimeSpec
 }
 
 async fn serve_connection(connection: quinn::Connection, state: AppState) -> anyhow::Result<()> {
+    // The handshake has completed: the connection's time (`connected_at`), taken before the
+    // hello's database writes so that a burst of them committed together keeps its spread.
+    let established_at = now_ms();
     let certificate = connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -158,7 +161,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         // One stream per job the agent may run at once, plus the control stream and spares for
         // reconnecting uploads.
         connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
-        let mut registration = state.registry.register(&agent.id, connection.clone(), now_ms());
+        let mut registration = state.registry.register(&agent.id, connection.clone(), established_at);
         state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
         let welcome = Welcome {
@@ -323,6 +326,7 @@ async fn handle_control_message(
 ) -> anyhow::Result<()> {
     match message {
         Message::Heartbeat(heartbeat) => {
+            let handling = std::time::Instant::now();
             let now = now_ms();
             state.registry.touch(agent_id, now);
             let running: Vec<Attempt> = heartbeat.running.iter().map(to_attempt).collect();
@@ -339,6 +343,7 @@ async fn handle_control_message(
                 abandon: abandoned.iter().map(to_ref).collect(),
             };
             write_message(send, &Message::HeartbeatAck(ack)).await?;
+            state.store.metrics().observe_heartbeat(handling.elapsed());
             for attempt in cancel {
                 write_message(
                     send,

@@ -38,6 +38,7 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "version": agent.version,
         "hostname": agent.hostname,
         "last_seen_at": timestamp(live.or(agent.last_seen_at)),
+        "connected_at": timestamp(live.and(state.registry.connected_at(&agent.id))),
         "created_at": timestamp(Some(agent.created_at)),
         "revoked_at": timestamp(agent.revoked_at),
         "docker": agent.docker,

@@ -35,6 +35,8 @@ pub enum ApiError {
     TooManyRequests(String),
     /// 503: the database is unavailable; nothing was done.
     Unavailable,
+    /// 507: the database's disk is full; nothing was done.
+    InsufficientStorage,
     /// 500: a bug or an unexpected failure; logged, not shown.
     Internal(anyhow::Error),
 }
@@ -101,6 +103,13 @@ impl IntoResponse for ApiError {
                 "the database is unavailable; nothing was changed, retry later".into(),
                 None,
             ),
+            ApiError::InsufficientStorage => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                "the control plane's disk is full; nothing was changed, retry after space is freed"
+                    .into(),
+                None,
+            ),
             ApiError::Internal(error) => {
                 tracing::error!(error = %format!("{error:#}"), "internal error");
                 (
@@ -131,6 +140,10 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(error) => {
                 tracing::warn!(%error, "database unavailable");
                 ApiError::Unavailable
+            }
+            StoreError::Full(error) => {
+                tracing::error!(%error, "the database's disk is full");
+                ApiError::InsufficientStorage
             }
             other => ApiError::Internal(other.into()),
         }

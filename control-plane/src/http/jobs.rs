@@ -144,7 +144,7 @@ fn last_failure_json(job: &Job) -> Value {
 }
 
 /// Loads a job the caller may see.
-async fn visible_job(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Job> {
+pub(super) async fn visible_job(state: &AppState, user: &CurrentUser, id: &str) -> ApiResult<Job> {
     let owner = match state.store.job_owner(id).await {
         Ok(owner) => owner,
         Err(StoreError::NotFound) => return Err(ApiError::NotFound("job")),

@@ -13,6 +13,7 @@ pub mod enrollment;
 pub mod error;
 mod event_actions;
 pub mod events;
+pub mod job_audit;
 pub mod jobs;
 pub(crate) mod pool;
 pub mod run_events;
@@ -52,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(dispatch::router())
         .merge(jobs::router())
+        .merge(job_audit::router())
         .merge(run_events::router())
         .merge(servers::router())
         .merge(terminals::router())

@@ -672,3 +672,28 @@ async fn only_committed_operations_are_counted() {
     );
     store.close().await;
 }
+
+#[test]
+fn heartbeat_handling_is_a_histogram_in_seconds() {
+    let metrics = super::Metrics::default();
+    let empty = parse(&metrics.render(&super::Gauges::default())).unwrap();
+    assert_eq!(empty.types["cronium_heartbeat_seconds"], "histogram");
+    assert_eq!(empty.value("cronium_heartbeat_seconds_count", &[]), 0.0);
+    metrics.observe_heartbeat(Duration::from_micros(80));
+    metrics.observe_heartbeat(Duration::from_micros(700));
+    metrics.observe_heartbeat(Duration::from_millis(30));
+    let exposition = parse(&metrics.render(&super::Gauges::default())).unwrap();
+    let bucket = |le: &str| exposition.value("cronium_heartbeat_seconds_bucket", &[("le", le)]);
+    assert_eq!(bucket("0.0001"), 1.0);
+    assert_eq!(bucket("0.0005"), 1.0);
+    assert_eq!(bucket("0.001"), 2.0);
+    assert_eq!(bucket("0.025"), 2.0);
+    assert_eq!(bucket("0.05"), 3.0);
+    assert_eq!(bucket("+Inf"), 3.0);
+    assert_eq!(
+        exposition.value("cronium_heartbeat_seconds_count", &[]),
+        3.0
+    );
+    let sum = exposition.value("cronium_heartbeat_seconds_sum", &[]);
+    assert!((sum - 0.03078).abs() < 1e-9, "sum {sum}");
+}

@@ -835,11 +835,10 @@ impl Store {
         // that is followed by a wake-up of its runner (run creation, re-queue, the dispatcher for
         // due retries, batches and concurrency slots), which claims again.
         let claimable: Option<String> = sqlx::query_scalar(AssertSqlSafe(
-            super::dispatch::claimable_select(self.backend(), 1),
+            super::dispatch::claimable_select(self.backend(), 1, 1),
         ))
         .bind(agent_id)
         .bind(now.unwrap_or_else(now_ms))
-        .bind(1_i64)
         .fetch_optional(&self.reader)
         .await?;
         if claimable.is_none() {
@@ -857,14 +856,13 @@ impl Store {
              WHERE id IN ({})
              RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec, queued_at",
             super::pool::bind_claimer(3),
-            super::dispatch::claimable_select(backend, 4)
+            super::dispatch::claimable_select(backend, 4, limit)
         )))
         .bind(now)
         .bind(lease_until)
         .bind(&agent_id)
         .bind(&agent_id)
         .bind(now)
-        .bind(limit as i64)
         .fetch_all(&mut *conn)
         .await?;
         let mut claimed = rows
@@ -918,6 +916,7 @@ impl Store {
         if attempts.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        let backend = self.backend();
         write_op!(self, |conn| async {
             let mut abandoned = Vec::new();
             let mut cancel = Vec::new();
@@ -933,7 +932,11 @@ impl Store {
             .fetch_optional(&mut *conn)
             .await?;
                 match renewed {
-                    None => abandoned.push(attempt.clone()),
+                    None => {
+                        super::audit::audit_stale_holder_in(conn, backend, &agent_id, attempt)
+                            .await?;
+                        abandoned.push(attempt.clone())
+                    }
                     Some(row) if row.try_get::<i64, _>("cancel_requested")? != 0 => {
                         cancel.push(attempt.clone())
                     }

@@ -12,8 +12,11 @@
 pub mod actions;
 pub mod agent_updates;
 pub mod agents;
+pub mod audit;
 pub mod backup;
 pub mod changes;
+#[cfg(test)]
+mod connection_tests;
 pub mod dispatch;
 pub mod enrollment;
 pub mod events;
@@ -59,6 +62,10 @@ pub enum StoreError {
     /// The database could not be reached or is busy beyond the timeout.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// The database's disk is full (SQLITE_FULL, PostgreSQL's disk_full): the write was rolled
+    /// back, nothing changed.
+    #[error("the database's disk is full: {0}")]
+    Full(sqlx::Error),
     /// Anything else the database reported.
     #[error("database error: {0}")]
     Database(sqlx::Error),
@@ -87,9 +94,24 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(error)
             }
+            sqlx::Error::Database(db) if is_disk_full(db.as_ref()) => StoreError::Full(error),
             _ => StoreError::Database(error),
         }
     }
+}
+
+/// Whether a database error code says the disk is full: SQLite's (extended) result code
+/// SQLITE_FULL (13), or PostgreSQL's SQLSTATE `53100` (disk_full).
+fn is_disk_full(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let code = error.code();
+    if error
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return code.as_deref() == Some("53100");
+    }
+    code.and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| code & 0xff == 13)
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -119,6 +141,24 @@ impl Backend {
         match self {
             Backend::Sqlite => "CROSS JOIN",
             Backend::Postgres => "JOIN",
+        }
+    }
+
+    /// The text value of the top-level `key` of the JSON text in `column` (NULL when absent).
+    /// The spelling matches the expression of migration 0023's `audit_log_job` index on each
+    /// backend, so the index serves it.
+    pub(crate) fn json_text(self, column: &str, key: &str) -> String {
+        match self {
+            Backend::Sqlite => format!("json_extract({column}, '$.{key}')"),
+            Backend::Postgres => format!("(({column})::jsonb ->> '{key}')"),
+        }
+    }
+
+    /// The integer value of the top-level `key` of the JSON text in `column`.
+    pub(crate) fn json_integer(self, column: &str, key: &str) -> String {
+        match self {
+            Backend::Sqlite => format!("json_extract({column}, '$.{key}')"),
+            Backend::Postgres => format!("CAST(({column})::jsonb ->> '{key}' AS BIGINT)"),
         }
     }
 }
@@ -430,11 +470,16 @@ async fn commit_groups(
             }
             Err(error) => {
                 let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+                // In WAL mode the pages reach the disk at COMMIT: that is where a full disk shows.
+                let full = matches!(&error, sqlx::Error::Database(db) if is_disk_full(db.as_ref()));
                 let message = error.to_string();
                 for (reply, _) in answers {
-                    let _ = reply.send(Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                        message.clone(),
-                    ))));
+                    let error = sqlx::Error::Protocol(message.clone());
+                    let _ = reply.send(Err(if full {
+                        StoreError::Full(error)
+                    } else {
+                        StoreError::Unavailable(error)
+                    }));
                 }
             }
         }
