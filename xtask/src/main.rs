@@ -149,21 +149,16 @@ fn postgres_pass(
         .current_dir(root)
         .env("CRONIUM_TEST_DATABASE", "postgres")
         .env("CRONIUM_TEST_POSTGRES_URL", &url)
-        .args([
-            "nextest",
-            "run",
-            "-p",
-            "cronium-control-plane",
-            "-p",
-            "cronium-e2e",
-        ]);
+        // The whole workspace, as in the first pass, so nothing is compiled again with other
+        // features; the filter picks the packages that touch a database.
+        .args(["nextest", "run", "--workspace"]);
     if std::env::var_os("CI").is_some() {
         nextest.args(["--profile", "ci"]);
     }
     if nextest_args.is_empty() {
         nextest.args([
             "-E",
-            "not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers))",
+            "(package(cronium-control-plane) | package(cronium-e2e)) & not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers))",
         ]);
     }
     nextest.args(nextest_args);
