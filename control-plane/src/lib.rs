@@ -293,32 +293,58 @@ pub fn running_lock_path(database: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The "a control plane runs on this database" lock a running control plane holds (shared):
-/// a file lock next to a SQLite database, an advisory lock on PostgreSQL
-/// (`store::running`). Either is released when the process ends.
+/// The "a control plane runs on this database" lock: a file lock next to a SQLite database
+/// ([`running_lock_path`]), an advisory lock on PostgreSQL (`store::running`). Every running
+/// control plane holds it shared, `cronium keys rotate` exclusively; either kind is released
+/// when dropped or when the process ends.
 #[derive(Debug)]
-enum RunningLock {
+pub(crate) enum RunningLock {
     File(#[allow(dead_code)] std::fs::File),
     Postgres(#[allow(dead_code)] store::running::AdvisoryLock),
 }
 
-/// Takes the shared "a control plane runs on this database" lock.
-fn take_running_lock(database: &Path) -> anyhow::Result<std::fs::File> {
-    let path = running_lock_path(database);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock_shared() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{} is locked: `cronium keys rotate` is re-encrypting this database; start again when it is done",
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("locking {}", path.display()))
+impl RunningLock {
+    /// Takes the lock of the database `database_url` names (or the SQLite file in `data_dir`),
+    /// or says who holds it the other way.
+    pub(crate) async fn take(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        mode: store::running::LockMode,
+    ) -> anyhow::Result<RunningLock> {
+        use store::running::LockMode;
+        const ROTATING: &str =
+            "`cronium keys rotate` is re-encrypting this database; start again when it is done";
+        const RUNNING: &str = "a control plane is running on this database; stop it (every replica) first: it keeps the current key in memory";
+        let held_by = match mode {
+            LockMode::Shared => ROTATING,
+            LockMode::Exclusive => RUNNING,
+        };
+        if let Some(url) = database_url.filter(|url| is_postgres_url(url)) {
+            let lock = store::running::try_advisory_lock(url, mode)
+                .await
+                .context("taking the running lock on the PostgreSQL database")?
+                .context(held_by)?;
+            return Ok(RunningLock::Postgres(lock));
+        }
+        let path = running_lock_path(&database_path(data_dir, database_url)?);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let locked = match mode {
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match locked {
+            Ok(()) => Ok(RunningLock::File(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!("{held_by} (it holds {})", path.display())
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                Err(error).with_context(|| format!("locking {}", path.display()))
+            }
         }
     }
 }
@@ -371,17 +397,12 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// Starts the control plane: database, key check, CA, listeners and background tasks.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
-    let running_lock = match config.database_url.as_deref() {
-        Some(url) if is_postgres_url(url) => RunningLock::Postgres(
-            store::running::try_advisory_lock(url, store::running::LockMode::Shared)
-                .await
-                .context("taking the running lock on the PostgreSQL database")?
-                .context(
-                    "`cronium keys rotate` is re-encrypting this PostgreSQL database; start again when it is done",
-                )?,
-        ),
-        url => RunningLock::File(take_running_lock(&database_path(&config.data_dir, url)?)?),
-    };
+    let running_lock = RunningLock::take(
+        &config.data_dir,
+        config.database_url.as_deref(),
+        store::running::LockMode::Shared,
+    )
+    .await?;
     let store = open_store(&config.data_dir, config.database_url.as_deref()).await?;
     match store.key_check().await? {
         Some(sealed) => config.encryption_key.verify_key_check(&sealed)?,

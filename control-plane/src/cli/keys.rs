@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 
 use super::DataArgs;
 use crate::crypto::EncryptionKey;
-use crate::store::running::{LockMode, try_advisory_lock};
+use crate::store::running::LockMode;
 use crate::store::secrets::RotateError;
 
 /// Name of the key file in the data dir (`cronium dev` creates it; `serve` may use it through
@@ -103,34 +103,6 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The running lock `keys rotate` holds (exclusive) while it works.
-enum Lock {
-    File(#[allow(dead_code)] std::fs::File),
-    Postgres(#[allow(dead_code)] crate::store::running::AdvisoryLock),
-}
-
-/// Takes the exclusive lock on `<database>.running.lock`.
-fn lock_file(database: &Path) -> anyhow::Result<std::fs::File> {
-    let lock_path = crate::running_lock_path(database);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "a control plane is running on {} (it holds {}); stop it first: it keeps the current key in memory",
-            database.display(),
-            lock_path.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("locking {}", lock_path.display()))
-        }
-    }
-}
-
 /// `cronium keys rotate`.
 pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     let KeysCommand::Rotate(args) = command;
@@ -190,19 +162,12 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     }
 
     // Refuse while a control plane runs on this database (held until the end of this function).
-    let lock = match postgres {
-        None => Lock::File(lock_file(
-            database.as_deref().context("the SQLite database's path")?,
-        )?),
-        Some(url) => Lock::Postgres(
-            try_advisory_lock(url, LockMode::Exclusive)
-                .await
-                .context("taking the running lock on the PostgreSQL database")?
-                .context(
-                    "a control plane is running on the PostgreSQL database (it holds the running lock); stop every replica first: each keeps the current key in memory",
-                )?,
-        ),
-    };
+    let lock = crate::RunningLock::take(
+        data_dir,
+        args.data.database_url.as_deref(),
+        LockMode::Exclusive,
+    )
+    .await?;
 
     // Where the new key goes before the database changes.
     let staged = match (&source, &args.new_key_file) {
