@@ -60,6 +60,7 @@ impl ControlPlane {
             .arg(data_dir)
             .args(["--http", &listen.http, "--quic", &listen.quic])
             .args(&listen.extra)
+            .envs(listen.env.iter().map(|(name, value)| (name, value)))
             .env("ENCRYPTION_KEY", key)
             .env("RUST_LOG", "warn");
         let mut process = ChildGuard::spawn(
@@ -113,6 +114,7 @@ impl ControlPlane {
                 token_command
                     .args(["token", "create", "--user", "admin", "--data-dir"])
                     .arg(data_dir)
+                    .envs(listen.env.iter().map(|(name, value)| (name, value)))
                     .env("ENCRYPTION_KEY", key)
                     .env("RUST_LOG", "warn");
                 let token = run_output(
@@ -133,6 +135,7 @@ impl ControlPlane {
             http: http.trim_start_matches("http://").to_owned(),
             quic: quic.clone(),
             extra: listen.extra.clone(),
+            env: listen.env.clone(),
         };
         Ok((ControlPlane { process, api, quic }, bound))
     }
@@ -152,6 +155,8 @@ pub struct Listen {
     pub quic: String,
     /// More `cronium serve` arguments.
     pub extra: Vec<String>,
+    /// Environment of `cronium serve` and `cronium token create` (e.g. `CRONIUM_DATABASE_URL`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Listen {
@@ -161,6 +166,7 @@ impl Listen {
             http: "127.0.0.1:0".into(),
             quic: "127.0.0.1:0".into(),
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 }

@@ -15,7 +15,9 @@
 //! ([`ssh_fallback`]; `--ssh-fallback-only`), and `install.sh` start → agent online next to a
 //! download of the binary alone ([`install`]; `--install-only`), and the fan-out of `echo hi` to
 //! 3 and 10 agent processes next to a Salt master with as many minions, and to 1,000 agents
-//! held by this process ([`fanout`]; `--fanout-only`). It prints a markdown summary and optionally
+//! held by this process ([`fanout`]; `--fanout-only`); with `--postgres-only`, only the no-op
+//! job throughput of `cronium serve` on PostgreSQL next to the raw `FOR UPDATE SKIP LOCKED` claim
+//! rate of the same server ([`pg_claims`]). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -27,6 +29,7 @@ mod fanout;
 mod helpers;
 mod install;
 mod load;
+mod pg_claims;
 mod phases;
 mod procs;
 mod report;
@@ -184,6 +187,33 @@ struct Cli {
     /// the end of the load phase for the memory figure at that scale (0 skips it).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     load_light: u64,
+    /// Run only the PostgreSQL phase ([`pg_claims`]): no-op job throughput of `cronium serve` on
+    /// a throwaway PostgreSQL next to the raw `FOR UPDATE SKIP LOCKED` claim rate of the same
+    /// server, none of the others.
+    #[arg(long)]
+    postgres_only: bool,
+    /// Alternated rounds (raw, then Cronium) of the PostgreSQL phase.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pg_rounds: u64,
+    /// Queued rows per raw round of the PostgreSQL phase.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pg_raw_jobs: u64,
+    /// Connections claiming in the raw rounds (default: as many as one control plane's store
+    /// opens, its writer and four readers).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pg_connections: u64,
+    /// Runs (one no-op job each) per Cronium round of the PostgreSQL phase.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pg_jobs: u64,
+    /// API clients creating the runs of a Cronium round.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    pg_clients: u64,
+    /// In-process agents (the agent's own code; SIMULATED executor) of the PostgreSQL phase.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    pg_agents: u64,
+    /// Jobs each of those agents runs at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pg_capacity: u32,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -254,6 +284,28 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         .tempdir()
         .context("cannot create a temp dir")?;
     let root = temp.path();
+
+    if cli.postgres_only {
+        let options = pg_claims::PgOptions {
+            rounds: cli.pg_rounds as usize,
+            raw_jobs: cli.pg_raw_jobs as usize,
+            connections: cli.pg_connections as usize,
+            jobs: cli.pg_jobs as usize,
+            clients: cli.pg_clients as usize,
+            agents: cli.pg_agents as usize,
+            capacity: cli.pg_capacity,
+        };
+        let figures = pg_claims::measure(&binaries, &root.join("postgres"), &options).await?;
+        println!("{}", figures.markdown());
+        if let Some(path) = &cli.out {
+            let text = serde_json::to_string_pretty(&json!({"postgres": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        drop(temp);
+        return Ok(());
+    }
 
     if cli.load_only {
         if !(cli.load_minutes > 0.0 && cli.load_minutes <= 24.0 * 60.0) {

@@ -160,10 +160,21 @@ async fn skip_offline(state: &AppState, now: i64) {
             return;
         }
     };
+    // Agents connected to another replica (PostgreSQL) are online too.
+    let remote: Vec<String> = candidates
+        .iter()
+        .filter(|(_, agent_id)| state.registry.connection(agent_id).is_none())
+        .map(|(_, agent_id)| agent_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let elsewhere = crate::replicas::presence::connected_elsewhere(state, &remote).await;
     // A pool job has a pair per candidate: it waits while any of them is online.
     let online: BTreeSet<&str> = candidates
         .iter()
-        .filter(|(_, agent_id)| state.registry.connection(agent_id).is_some())
+        .filter(|(_, agent_id)| {
+            state.registry.connection(agent_id).is_some() || elsewhere.contains(agent_id)
+        })
         .map(|(job_id, _)| job_id.as_str())
         .collect();
     let offline: Vec<String> = candidates

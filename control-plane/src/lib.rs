@@ -15,6 +15,7 @@ pub mod http;
 pub mod metrics;
 pub mod queue;
 pub mod release;
+pub mod replicas;
 pub mod schedule;
 pub mod ssh;
 pub mod store;
@@ -178,6 +179,8 @@ pub struct AppState {
     pub job_events: JobEvents,
     /// Change notices for the console's lists (`GET /changes`).
     pub changes: changes::Changes,
+    /// Whether the database answered its last check (`store::health::watch`; `GET /healthz`).
+    pub database: Arc<store::health::DatabaseHealth>,
     /// Wakes the lease sweeper before its next tick.
     pub lease_reaper: Arc<Notify>,
     /// Wakes the notification dispatcher; `notify_one` after a notification was committed.
@@ -191,6 +194,9 @@ pub struct AppState {
     /// The control plane's own jobs (HTTP requests, tool actions): wakes their worker, cancels
     /// them.
     pub actions: actions::ActionRunner,
+    /// This replica among those sharing the database: its id, scheduler leadership, the
+    /// signals for the others (`replicas`).
+    pub replicas: replicas::Replicas,
     /// Cancelled when the control plane shuts down; every task watches it.
     pub shutdown: CancellationToken,
     /// Every spawned task, so shutdown can wait for them.
@@ -300,7 +306,7 @@ pub fn running_lock_path(database: &Path) -> PathBuf {
 #[derive(Debug)]
 pub(crate) enum RunningLock {
     File(#[allow(dead_code)] std::fs::File),
-    Postgres(#[allow(dead_code)] store::running::AdvisoryLock),
+    Postgres(store::running::AdvisoryLock),
 }
 
 impl RunningLock {
@@ -376,24 +382,6 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Reads a 32-byte secret from `path`, creating it (mode 0600) on first use.
-fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(secret) if secret.len() == 32 => Ok(secret),
-        Ok(_) => bail!(
-            "{} is not a 32-byte secret; delete it to have a new one generated",
-            path.display()
-        ),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let mut secret = vec![0u8; 32];
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
-            write_private_file(path, &secret)?;
-            Ok(secret)
-        }
-        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 /// Starts the control plane: database, key check, CA, listeners and background tasks.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<Running> {
     create_private_dir(&config.data_dir)?;
@@ -407,9 +395,14 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     match store.key_check().await? {
         Some(sealed) => config.encryption_key.verify_key_check(&sealed)?,
         None => {
-            store
+            if let Err(error) = store
                 .set_key_check(&config.encryption_key.key_check())
-                .await?
+                .await
+            {
+                // Another replica starting at the same time may have stored its check first.
+                let sealed = store.key_check().await?.ok_or(error)?;
+                config.encryption_key.verify_key_check(&sealed)?;
+            }
         }
     }
     let admin_password = if store.has_users().await? {
@@ -417,23 +410,33 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     } else {
         let password = crypto::random_token("");
         let hash = http::auth::hash_password(password.clone()).await?;
-        store
+        match store
             .create_user("admin", &hash, store::users::Role::Admin)
-            .await?;
-        Some(password)
+            .await
+        {
+            Ok(_) => Some(password),
+            // Another replica starting at the same time created it first.
+            Err(_) if store.has_users().await? => None,
+            Err(error) => return Err(error.into()),
+        }
     };
     let terminal_settings = TerminalSettings::new(
         &config.terminals,
         config.public_url.as_deref(),
         &config.data_dir,
     )?;
-    let ca = Arc::new(CertificateAuthority::load_or_create(&config.data_dir)?);
+    // Shared by every replica of this database (`replicas::material`).
+    let ca = Arc::new(
+        replicas::material::load_ca(&store, &config.encryption_key, &config.data_dir).await?,
+    );
     if let Some(path) = &config.releases.public_key_file {
         // Fail at start-up rather than on the first install.
         release::PublicKey::load(path).context("--release-key")?;
     }
 
-    let reset_key = load_or_create_secret(&config.data_dir.join("quic-reset.key"))?;
+    let reset_key =
+        replicas::material::load_reset_key(&store, &config.encryption_key, &config.data_dir)
+            .await?;
     let endpoint = agents::bind_endpoint(config.quic_addr, &ca, &reset_key)?;
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -463,6 +466,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         );
     }
 
+    let replicas = replicas::Replicas::new(config.database_url.as_deref());
     let state = AppState {
         config: Arc::new(Settings {
             public_url,
@@ -481,20 +485,37 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
             metrics_token_sha256: config.metrics_token_sha256.clone(),
         }),
         store,
-        registry: AgentRegistry::default(),
+        registry: AgentRegistry::with_outbox(replicas.outbox().clone()),
         ca,
         key: config.encryption_key.clone(),
-        job_events: JobEvents::default(),
+        job_events: JobEvents::with_outbox(replicas.outbox().clone()),
         changes: changes::Changes::default(),
+        database: Arc::default(),
         lease_reaper: Arc::new(Notify::new()),
         notifier: Arc::new(Notify::new()),
         terminals: TerminalHub::default(),
         schedules: Arc::new(Notify::new()),
         ssh: ssh::SshRunner::default(),
         actions: actions::ActionRunner::default(),
+        replicas,
         shutdown,
         tasks: TaskTracker::new(),
     };
+    // Before anything can wake or notify: the other replicas' signals (PostgreSQL only).
+    replicas::signals::start(&state);
+    state.tasks.spawn(replicas::presence::run(state.clone()));
+    state.tasks.spawn(store::health::watch(
+        state.store.clone(),
+        state.database.clone(),
+        state.shutdown.clone(),
+    ));
+    if let RunningLock::Postgres(lock) = &running_lock {
+        // The lock dies with its session when PostgreSQL restarts: take it again.
+        state.tasks.spawn(store::running::keep_shared(
+            lock.clone(),
+            state.shutdown.clone(),
+        ));
+    }
     state.tasks.spawn(agents::serve(endpoint, state.clone()));
     state.tasks.spawn(queue::sweep_leases(
         state.clone(),

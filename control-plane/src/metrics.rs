@@ -97,6 +97,8 @@ impl Default for Metrics {
 #[derive(Debug, Default)]
 pub struct Gauges {
     pub agents_connected: usize,
+    /// Whether this replica runs the scheduler (`replicas::leader`; always on SQLite).
+    pub scheduler_leader: bool,
     /// Unfinished jobs per status; missing statuses count 0.
     pub jobs: Vec<(String, i64)>,
 }
@@ -210,6 +212,18 @@ impl Metrics {
             "Agents connected to this control plane over QUIC now.",
         );
         let _ = writeln!(out, "cronium_agents_connected {}", gauges.agents_connected);
+
+        family(
+            &mut out,
+            "cronium_scheduler_leader",
+            "gauge",
+            "1 if this control plane (replica) runs the scheduler now, else 0.",
+        );
+        let _ = writeln!(
+            out,
+            "cronium_scheduler_leader {}",
+            u8::from(gauges.scheduler_leader)
+        );
 
         family(
             &mut out,
@@ -369,6 +383,7 @@ async fn scrape(State(state): State<AppState>, _caller: Scraper) -> ApiResult<Re
     let jobs = state.store.active_job_counts().await?;
     let gauges = Gauges {
         agents_connected: state.registry.len(),
+        scheduler_leader: state.replicas.is_leader(),
         jobs,
     };
     Ok((

@@ -308,6 +308,8 @@ async fn rotation_re_encrypts_every_secret_and_the_old_key_is_refused_afterwards
     .await;
     assert!(status.is_success(), "{status}");
     let agent_id = agent(&running).await;
+    // The CA (sealed in the database since migration 0024) survives the rotation.
+    let ca_before = running.ca_sha256();
     let (status, event) = send(
         &running,
         Method::POST,
@@ -403,6 +405,7 @@ async fn rotation_re_encrypts_every_secret_and_the_old_key_is_refused_afterwards
 
     // The new key opens everything.
     let running = start(dir.path(), &new).await.unwrap();
+    assert_eq!(running.ca_sha256(), ca_before);
     let key = running.state.key.clone();
     let store = &running.state.store;
     let server = store.server(server["id"].as_str().unwrap()).await.unwrap();

@@ -338,11 +338,67 @@ impl TestCluster {
         TestCluster::start_configured(options, docker_images, extra_args, ServeIn::default()).await
     }
 
+    /// Like [`TestCluster::start_with`], on the PostgreSQL database at `database_url` (on a
+    /// cluster the test owns, to stop or fill it) whichever database the suite runs on.
+    pub async fn start_on_database(
+        options: ClusterOptions,
+        database_url: &str,
+    ) -> Result<TestCluster> {
+        TestCluster::start_on(
+            options,
+            None,
+            Vec::new(),
+            ServeIn::default(),
+            Some(database_url.to_owned()),
+            None,
+        )
+        .await
+    }
+
+    /// Another replica of `primary`'s control plane: `cronium serve` with a data dir and ports of
+    /// its own on the same PostgreSQL database with the same `ENCRYPTION_KEY`, the same settings,
+    /// and `primary`'s admin token (tokens live in the database).
+    pub async fn start_replica_of(primary: &TestCluster) -> Result<TestCluster> {
+        let Some(database_url) = primary.database_url.clone() else {
+            bail!("replicas share a PostgreSQL database; this cluster runs on SQLite");
+        };
+        TestCluster::start_on(
+            primary.options.clone(),
+            primary.docker_images.clone(),
+            primary.extra_args.clone(),
+            primary.serve_in.clone(),
+            Some(database_url),
+            Some((primary.encryption_key.clone(), primary.admin_token.clone())),
+        )
+        .await
+    }
+
     async fn start_configured(
         options: ClusterOptions,
         docker_images: Option<DefaultImages>,
         extra_args: Vec<String>,
         serve_in: ServeIn,
+    ) -> Result<TestCluster> {
+        let database_url = crate::postgres::test_database_url()?;
+        TestCluster::start_on(
+            options,
+            docker_images,
+            extra_args,
+            serve_in,
+            database_url,
+            None,
+        )
+        .await
+    }
+
+    async fn start_on(
+        options: ClusterOptions,
+        docker_images: Option<DefaultImages>,
+        extra_args: Vec<String>,
+        serve_in: ServeIn,
+        database_url: Option<String>,
+        // The key and admin token of the control plane this one is a replica of.
+        replica_of: Option<(String, String)>,
     ) -> Result<TestCluster> {
         crate::init_crypto();
         let dir = tempfile::Builder::new()
@@ -352,10 +408,14 @@ impl TestCluster {
         let dir_path = dir.path().to_path_buf();
         std::fs::create_dir_all(dir_path.join("data"))?;
         std::fs::create_dir_all(dir_path.join("agents"))?;
-        let encryption_key =
-            base64::engine::general_purpose::STANDARD.encode(crate::random_bytes(32));
+        let (encryption_key, shared_token) = match replica_of {
+            Some((key, token)) => (key, Some(token)),
+            None => (
+                base64::engine::general_purpose::STANDARD.encode(crate::random_bytes(32)),
+                None,
+            ),
+        };
         let marker = crate::unique_marker("cluster");
-        let database_url = crate::postgres::test_database_url()?;
         let mut cluster = TestCluster {
             database_url,
             dir: Some(dir),
@@ -378,7 +438,10 @@ impl TestCluster {
         };
         let any_port = SocketAddr::new(cluster.serve_in.ip, 0).to_string();
         cluster.spawn_control_plane(&any_port, &any_port).await?;
-        let token = cluster.cli_token_create().await?;
+        let token = match shared_token {
+            Some(token) => token,
+            None => cluster.cli_token_create().await?,
+        };
         cluster.api = cluster.api.with_token(Some(&token));
         cluster.admin_token = token;
         Ok(cluster)
@@ -576,6 +639,13 @@ impl TestCluster {
             .trim()
             .to_owned();
         Ok((password, token))
+    }
+
+    /// The pid of the running control plane process, if one runs.
+    pub fn control_plane_pid(&self) -> Option<u32> {
+        self.control_plane
+            .as_ref()
+            .map(|control_plane| control_plane.guard.pid())
     }
 
     /// SIGKILLs the control plane and reaps it.

@@ -93,8 +93,15 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 const SUPERUSER: &str = "postgres";
 
 /// A running throwaway cluster; stopped (`pg_ctl stop -m immediate`) and deleted on drop.
+///
+/// The test that owns it may also stop it ([`PgCluster::stop`]) and start it again on the same
+/// data dir and port ([`PgCluster::start_again`]), and put its data dir on a small tmpfs
+/// ([`PgCluster::start_on_tmpfs`]) to run PostgreSQL out of space.
 pub struct PgCluster {
     bin: PathBuf,
+    /// The tmpfs under the data dir, if any; declared before `dir` so that it is unmounted
+    /// (after the server stopped, in `drop`) before the temp dir is removed.
+    tmpfs: Option<crate::mount::TmpfsMount>,
     dir: tempfile::TempDir,
     port: u16,
     /// The system user the server runs as, when it is not the caller.
@@ -105,6 +112,16 @@ pub struct PgCluster {
 impl PgCluster {
     /// Creates and starts a cluster. Fails with what to install when the binaries are missing.
     pub fn start() -> Result<PgCluster> {
+        PgCluster::start_configured(None)
+    }
+
+    /// Like [`PgCluster::start`], with the data dir (the tables and the WAL) on a tmpfs of
+    /// `size_bytes` ([`PgCluster::tmpfs`] fills and frees it). Needs root.
+    pub fn start_on_tmpfs(size_bytes: u64) -> Result<PgCluster> {
+        PgCluster::start_configured(Some(size_bytes))
+    }
+
+    fn start_configured(tmpfs_bytes: Option<u64>) -> Result<PgCluster> {
         let bin = pg_bin();
         ensure!(
             bin.join("initdb").exists() && bin.join("pg_ctl").exists(),
@@ -129,8 +146,26 @@ impl PgCluster {
                 dir.path().display()
             );
         }
+        let tmpfs = match tmpfs_bytes {
+            Some(size_bytes) => {
+                let data = dir.path().join("data");
+                std::fs::create_dir(&data).context("the cluster's data dir")?;
+                let mount = crate::mount::TmpfsMount::mount(&data, size_bytes)?;
+                if let Some(user) = &run_as {
+                    let status = Command::new("chown")
+                        .arg(user)
+                        .arg(&data)
+                        .status()
+                        .context("chown of the data dir's tmpfs")?;
+                    ensure!(status.success(), "chown {user} {} failed", data.display());
+                }
+                Some(mount)
+            }
+            None => None,
+        };
         let mut cluster = PgCluster {
             bin,
+            tmpfs,
             dir,
             port: 0,
             run_as,
@@ -230,6 +265,68 @@ impl PgCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: every session is ended with `admin_shutdown`,
+    /// as on an operator's restart) and waits until it is down.
+    pub fn stop(&self) -> Result<()> {
+        let mut command = self.command("pg_ctl");
+        command
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "-t"])
+            .arg(START_DEADLINE.as_secs().to_string())
+            .arg("stop");
+        self.run(command, "pg_ctl stop")
+    }
+
+    /// Starts the stopped server again on the same data dir and port; waits until it accepts
+    /// connections.
+    pub fn start_again(&self) -> Result<()> {
+        self.start_server()
+    }
+
+    /// Whether the server runs (`pg_ctl status`); false also after it shut itself down.
+    pub fn is_running(&self) -> Result<bool> {
+        let mut command = self.command("pg_ctl");
+        command.arg("-D").arg(self.data_dir()).arg("status");
+        let status = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("pg_ctl status: could not start")?;
+        // 0: running; 3: not running; 4: no accessible data dir.
+        match status.code() {
+            Some(0) => Ok(true),
+            Some(3) => Ok(false),
+            _ => bail!("pg_ctl status failed ({status})"),
+        }
+    }
+
+    /// The tmpfs under the data dir, for a cluster from [`PgCluster::start_on_tmpfs`].
+    pub fn tmpfs(&self) -> Option<&crate::mount::TmpfsMount> {
+        self.tmpfs.as_ref()
+    }
+
+    /// Runs `sql` as the superuser in database `database` with psql over TCP; returns what it
+    /// printed (unaligned, tuples only), or its error.
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.url(database))
+            .arg("-c")
+            .arg(sql)
+            .stdin(Stdio::null())
+            .output()
+            .context("running psql")?;
+        ensure!(
+            output.status.success(),
+            "psql failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
     /// The TCP port on 127.0.0.1.

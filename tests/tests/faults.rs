@@ -1,7 +1,8 @@
 //! The fault scenarios of `../shared/design/TESTING.md` that the other suites do not cover, with
 //! real processes: (the agent killed mid-job, stopped gracefully and the control plane killed
 //! mid-job are in `foundation.rs`, a Docker agent killed mid-job in `docker.rs`, a partition
-//! shorter than the lease in `netns.rs`).
+//! shorter than the lease in `netns.rs`, PostgreSQL restarted under load and PostgreSQL's disk
+//! full in `pg_faults.rs`).
 //!
 //! - A partition longer than the lease: the agent is marked offline, the job is settled (failed,
 //!   reason `lost`), and the result the agent still has when the link heals is refused and

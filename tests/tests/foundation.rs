@@ -928,7 +928,7 @@ async fn the_api_requires_credentials_and_refuses_bad_input() -> Result<()> {
     let anonymous = cluster.api().with_token(None);
     let health = anonymous.get("/healthz").await?;
     failures.check(
-        health.status == 200 && health.json == json!({"status": "ok"}),
+        health.status == 200 && health.json == json!({"status": "ok", "database": "ok"}),
         || format!("GET /healthz: {health:?}"),
     );
 

@@ -111,7 +111,8 @@ fn main() -> ExitCode {
 /// test's store, in-process control plane and `TestCluster` gets a database of its own on it.
 /// Left out: `cronium dev` (embedded SQLite by design), the SQLite-only `cronium backup`, and the
 /// control plane's full disk (its data dir on a small tmpfs: the SQLite file's disk; a
-/// PostgreSQL server's disk is not the control plane's).
+/// PostgreSQL server's disk is not the control plane's), and `pg_faults` (its tests start and
+/// stop a PostgreSQL cluster of their own in the first pass already; they would only repeat).
 /// Returns whether every test passed.
 fn postgres_pass(
     root: &Path,
@@ -158,7 +159,7 @@ fn postgres_pass(
     if nextest_args.is_empty() {
         nextest.args([
             "-E",
-            "(package(cronium-control-plane) | package(cronium-e2e)) & not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers))",
+            "(package(cronium-control-plane) | package(cronium-e2e)) & not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers) | binary(pg_faults))",
         ]);
     }
     nextest.args(nextest_args);

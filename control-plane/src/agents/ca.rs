@@ -1,6 +1,8 @@
 //! The control plane's own certificate authority.
 //!
-//! Generated on first start into the data dir (`ca.pem`, `ca-key.pem` with mode 0600). It signs
+//! Generated on first start and kept in the database, sealed with `ENCRYPTION_KEY`, so every
+//! replica has the same one (`crate::replicas::material`; data dirs of older versions hold it in
+//! `ca.pem` and `ca-key.pem`, which the first start of this version moves into the database). It signs
 //! the QUIC server certificate (for [`cronium_protocol::SERVER_NAME`], re-issued at every start)
 //! and one client certificate per enrolled agent, issued from the agent's certificate signing
 //! request so the agent's private key never leaves the agent.
@@ -26,6 +28,25 @@ pub struct CertificateAuthority {
     pub server_key: PrivateKeyDer<'static>,
 }
 
+/// The CA's certificate and private key in PEM (the private key never leaves the control
+/// plane: it is stored sealed in the database, `crate::replicas::material`).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct CaPems {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaPems {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("CaPems(..)")
+    }
+}
+
+/// The CA certificate file of data dirs from before the CA moved into the database.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA private key file of data dirs from before the CA moved into the database.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
 /// A client certificate issued to an agent.
 pub struct IssuedCertificate {
     pub pem: String,
@@ -33,40 +54,48 @@ pub struct IssuedCertificate {
 }
 
 impl CertificateAuthority {
-    /// Loads the CA from `dir`, generating it on first start.
-    pub fn load_or_create(dir: &Path) -> anyhow::Result<CertificateAuthority> {
-        let cert_path = dir.join("ca.pem");
-        let key_path = dir.join("ca-key.pem");
-        let (ca_pem, key_pem) = if cert_path.exists() {
-            (
-                std::fs::read_to_string(&cert_path)
-                    .with_context(|| format!("reading {}", cert_path.display()))?,
-                std::fs::read_to_string(&key_path)
-                    .with_context(|| format!("reading {}", key_path.display()))?,
-            )
-        } else {
-            let key = KeyPair::generate().context("generating the CA key")?;
-            let mut params =
-                CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-            let mut name = DistinguishedName::new();
-            name.push(DnType::CommonName, "Cronium control plane CA");
-            params.distinguished_name = name;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-            let cert = params.self_signed(&key).context("self-signing the CA")?;
-            let key_pem = key.serialize_pem();
-            crate::write_private_file(&key_path, key_pem.as_bytes())?;
-            std::fs::write(&cert_path, cert.pem())
-                .with_context(|| format!("writing {}", cert_path.display()))?;
-            (cert.pem(), key_pem)
-        };
-        let key = KeyPair::from_pem(&key_pem).context("parsing the CA key")?;
+    /// A new CA: its certificate and private key, both in PEM.
+    pub fn generate() -> anyhow::Result<CaPems> {
+        let key = KeyPair::generate().context("generating the CA key")?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Cronium control plane CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+        let cert = params.self_signed(&key).context("self-signing the CA")?;
+        Ok(CaPems {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The CA files of a data dir written by control planes before the CA moved into the
+    /// database (`ca.pem`, `ca-key.pem`), if they are there.
+    pub fn read_files(dir: &Path) -> anyhow::Result<Option<CaPems>> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        if !cert_path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(CaPems {
+            cert_pem: std::fs::read_to_string(&cert_path)
+                .with_context(|| format!("reading {}", cert_path.display()))?,
+            key_pem: std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading {}", key_path.display()))?,
+        }))
+    }
+
+    /// The CA of `pems`, with a server certificate issued by it for this start.
+    pub fn from_pems(pems: &CaPems) -> anyhow::Result<CertificateAuthority> {
+        let (ca_pem, key_pem) = (pems.cert_pem.clone(), &pems.key_pem);
+        let key = KeyPair::from_pem(key_pem).context("parsing the CA key")?;
         let issuer =
             Issuer::from_ca_cert_pem(&ca_pem, key).context("parsing the CA certificate")?;
         let ca_der =

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use cronium_protocol::{AttemptRef, CloseCode};
 use tokio::sync::{Notify, mpsc};
 
+use crate::replicas::{Outbox, Signal};
+
 /// A message for an agent's session task to send on the control stream.
 #[derive(Debug)]
 pub enum Outbound {
@@ -21,6 +23,9 @@ pub enum Outbound {
 pub struct AgentRegistry {
     inner: Arc<Mutex<HashMap<String, Link>>>,
     next_session: Arc<AtomicU64>,
+    /// Where wake-ups, cancels and update announcements for agents connected to another
+    /// replica go (`crate::replicas::signals`).
+    outbox: Outbox,
 }
 
 struct Link {
@@ -42,6 +47,14 @@ pub struct Registration {
 }
 
 impl AgentRegistry {
+    /// A registry that hands what concerns agents connected elsewhere to `outbox`.
+    pub fn with_outbox(outbox: Outbox) -> AgentRegistry {
+        AgentRegistry {
+            outbox,
+            ..AgentRegistry::default()
+        }
+    }
+
     /// Registers a connected agent whose connection was established at `now` (also its first
     /// last-seen time); an older connection of the same agent is closed.
     pub fn register(
@@ -86,15 +99,48 @@ impl AgentRegistry {
         }
     }
 
-    /// Tells an online agent that work is queued for it. Offline agents claim when they connect.
+    /// Tells an online agent that work is queued for it. Offline agents claim when they
+    /// connect. With several replicas the wake-up also goes to the others, even when the agent
+    /// is registered here: this link may be a dead connection not yet closed while the agent
+    /// already connected to another replica.
     pub fn wake(&self, agent_id: &str) {
-        if let Some(link) = self.lock().get(agent_id) {
+        self.wake_local(agent_id);
+        self.outbox.send(Signal::Wake(agent_id.to_owned()));
+    }
+
+    /// [`wake`](AgentRegistry::wake) for an agent connected to this replica only; returns
+    /// whether it is.
+    pub fn wake_local(&self, agent_id: &str) -> bool {
+        match self.lock().get(agent_id) {
+            Some(link) => {
+                link.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes every agent connected to this replica.
+    pub fn wake_all_local(&self) {
+        for link in self.lock().values() {
             link.wake.notify_one();
         }
     }
 
-    /// Asks an online agent to stop an attempt; returns whether the agent is online.
+    /// Asks an online agent to stop an attempt; returns whether the agent is connected to this
+    /// replica. With several replicas the others are asked too (see [`wake`](Self::wake)).
     pub fn cancel(&self, agent_id: &str, attempt: AttemptRef) -> bool {
+        let here = self.cancel_local(agent_id, attempt.clone());
+        self.outbox.send(Signal::Cancel {
+            agent_id: agent_id.to_owned(),
+            job_id: attempt.job_id,
+            attempt: attempt.attempt,
+        });
+        here
+    }
+
+    /// [`cancel`](AgentRegistry::cancel) for an agent connected to this replica only.
+    pub fn cancel_local(&self, agent_id: &str, attempt: AttemptRef) -> bool {
         match self.lock().get(agent_id) {
             Some(link) => link.outbound.send(Outbound::Cancel(attempt)).is_ok(),
             None => false,
@@ -102,10 +148,24 @@ impl AgentRegistry {
     }
 
     /// Tells an online agent which version it should run; offline agents hear it when they
-    /// connect.
+    /// connect. With several replicas the others are told too (see [`wake`](Self::wake)).
     pub fn announce_update(&self, agent_id: &str, version: Option<String>) {
-        if let Some(link) = self.lock().get(agent_id) {
-            let _ = link.outbound.send(Outbound::AgentUpdate(version));
+        self.announce_update_local(agent_id, version.clone());
+        self.outbox.send(Signal::Update {
+            agent_id: agent_id.to_owned(),
+            version,
+        });
+    }
+
+    /// [`announce_update`](AgentRegistry::announce_update) for an agent connected to this
+    /// replica only; returns whether it is.
+    pub fn announce_update_local(&self, agent_id: &str, version: Option<String>) -> bool {
+        match self.lock().get(agent_id) {
+            Some(link) => {
+                let _ = link.outbound.send(Outbound::AgentUpdate(version));
+                true
+            }
+            None => false,
         }
     }
 

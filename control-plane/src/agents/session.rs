@@ -162,6 +162,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         // reconnecting uploads.
         connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
         let mut registration = state.registry.register(&agent.id, connection.clone(), established_at);
+        crate::replicas::presence::connected(&state, &agent.id).await;
         state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
         let welcome = Welcome {
@@ -249,6 +250,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             if let Err(error) = state.store.record_last_seen(&[(agent.id.clone(), last_seen)]).await {
                 warn!(%error, "could not record last-seen time");
             }
+            crate::replicas::presence::disconnected(&state, &agent.id).await;
             state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         }
         info!("agent disconnected");

@@ -106,7 +106,7 @@ impl IntoResponse for ApiError {
             ApiError::InsufficientStorage => (
                 StatusCode::INSUFFICIENT_STORAGE,
                 "insufficient_storage",
-                "the control plane's disk is full; nothing was changed, retry after space is freed"
+                "the database's disk is full; nothing was changed, retry after space is freed"
                     .into(),
                 None,
             ),

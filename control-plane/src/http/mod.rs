@@ -67,10 +67,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("route") });
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { axum::Json(json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
         .merge(ui::router())
         .merge(downloads::router())
         .merge(crate::metrics::router())
@@ -88,6 +85,20 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// `GET /healthz`: the process is alive (always 200, `status` `ok`: restarting it would not
+/// bring a database back), and whether the database answered its last check, a second ago at
+/// most (`database`: `ok` or `unavailable`; `store::health`).
+async fn healthz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<serde_json::Value> {
+    let database = if state.database.reachable() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    axum::Json(json!({"status": "ok", "database": database}))
 }
 
 /// The name of a server or a tool: 1-64 letters, digits, `.`, `_` or `-` (field `name`).

@@ -5,28 +5,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::AppState;
 use crate::store::now_ms;
 
 /// Broadcasts the id of every job whose status or log changed. Followers filter by id and
 /// re-read the store, so a lagging receiver only needs to re-read.
+/// On PostgreSQL every change is also sent to the other replicas (`crate::replicas`), whose
+/// followers may watch the job.
 #[derive(Clone)]
 pub struct JobEvents {
     sender: broadcast::Sender<Arc<str>>,
+    outbox: crate::replicas::Outbox,
 }
 
 impl Default for JobEvents {
     fn default() -> Self {
-        JobEvents {
-            sender: broadcast::channel(4096).0,
-        }
+        JobEvents::with_outbox(crate::replicas::Outbox::default())
     }
 }
 
 impl JobEvents {
+    /// Job notifications that are also handed to `outbox` for the other replicas.
+    pub fn with_outbox(outbox: crate::replicas::Outbox) -> JobEvents {
+        JobEvents {
+            sender: broadcast::channel(4096).0,
+            outbox,
+        }
+    }
+
     pub fn notify(&self, job_id: &str) {
+        self.notify_local(job_id);
+        self.outbox
+            .send(crate::replicas::Signal::Job(job_id.to_owned()));
+    }
+
+    /// Announces a change to this replica's followers only (a change another replica made).
+    pub fn notify_local(&self, job_id: &str) {
         // No receiver is fine: nobody follows this job.
         let _ = self.sender.send(Arc::from(job_id));
     }
@@ -75,13 +91,52 @@ pub async fn next_change(
 pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set while the database is unreachable or stalled: no heartbeat could renew a lease
+    // meanwhile.
+    let mut outage = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = wake.notified() => {}
             _ = state.shutdown.cancelled() => return,
         }
-        match state.store.expire_leases(now_ms()).await {
+        if outage {
+            // The database is back (or this fails like the sweep did): as after a restart,
+            // running attempts get a full lease for their agents' heartbeats to reach the
+            // store again before any of them counts as lost.
+            let lease_ms = state.config.lease.as_millis() as i64;
+            let lease_until = now_ms() + lease_ms;
+            match state.store.extend_active_leases(lease_until).await {
+                // A write that waited for the database to come back may have used up much of
+                // the new lease: give it again from now.
+                Ok(_) if lease_until - now_ms() < lease_ms / 2 => continue,
+                Ok(extended) => {
+                    outage = false;
+                    info!(
+                        jobs = extended,
+                        "the database answers again: extended the leases of running jobs"
+                    );
+                }
+                Err(error) => {
+                    debug!(%error, "the database is still unavailable");
+                    continue;
+                }
+            }
+        }
+        let sweep_started = tokio::time::Instant::now();
+        let swept = state.store.expire_leases(now_ms()).await;
+        // A sweep that waited longer than a heartbeat period for the database (it was
+        // restarting: the write waited for a connection) means heartbeats could not renew
+        // leases meanwhile either. This sweep compared with the time it started, so it settled
+        // nothing that expired while it waited; the next one extends the leases first.
+        if sweep_started.elapsed() > state.config.heartbeat && !outage {
+            warn!(
+                waited = ?sweep_started.elapsed(),
+                "the lease sweep waited for the database; extending leases before the next one"
+            );
+            outage = true;
+        }
+        match swept {
             Ok(expired) => {
                 for job in expired {
                     info!(job_id = %job.job_id, agent_id = %job.agent_id, requeued = job.requeued, "lease expired");
@@ -98,6 +153,12 @@ pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
                     }
                     state.job_events.notify(&job.job_id);
                 }
+            }
+            Err(error @ crate::store::StoreError::Unavailable(_)) => {
+                if !outage {
+                    warn!(%error, "lease sweep failed: the database is unavailable");
+                }
+                outage = true;
             }
             Err(error) => warn!(%error, "lease sweep failed"),
         }

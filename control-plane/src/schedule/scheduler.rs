@@ -60,12 +60,20 @@ impl Scheduler {
         Scheduler { state, clock }
     }
 
-    /// Fires due slots until the control plane shuts down.
+    /// Fires due slots until the control plane shuts down, while this replica leads the
+    /// scheduler (`replicas::leader`: always on SQLite; on PostgreSQL while it holds the leader
+    /// lock, which another replica takes over when this one dies; `handle_slot` keeps every slot
+    /// at most once anyway).
     pub async fn run(self) {
+        while let Some(leadership) = crate::replicas::leader::acquire(&self.state).await {
+            self.run_while_leading(leadership.lost()).await;
+        }
+    }
+
+    /// Fires due slots until `lost` is cancelled.
+    async fn run_while_leading(&self, lost: &tokio_util::sync::CancellationToken) {
         let mut job_changes = self.state.job_events.subscribe();
         loop {
-            // Several replicas (issue 8): take the scheduler's advisory lock here and run a
-            // pass only while holding it; `handle_slot` keeps every slot at most once anyway.
             while job_changes.try_recv().is_ok() {}
             let pass = match self.run_due().await {
                 Ok(pass) => pass,
@@ -88,7 +96,7 @@ impl Scheduler {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.state.schedules.notified() => {}
                 _ = job_changes.recv(), if pass.held => {}
-                _ = self.state.shutdown.cancelled() => return,
+                _ = lost.cancelled() => return,
             }
         }
     }

@@ -829,6 +829,10 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        if self.backend() == super::Backend::Postgres {
+            // Several writers (replicas) may claim at once there: `store::claim_pg`.
+            return self.claim_jobs_pg(agent_id, limit, lease_until, now).await;
+        }
         // Most claims find nothing (an agent asks again each time a job of its ends); those are
         // answered from a read connection, so they take no place in the writer's group commits
         // next to results. A job that becomes claimable after this read does so in a commit
@@ -844,64 +848,8 @@ impl Store {
         if claimable.is_none() {
             return Ok(Vec::new());
         }
-        let agent_id = agent_id.to_string();
-        let backend = self.backend();
-        write_op!(self, |conn| async {
-        // The time is read when the claim runs, after every write queued before it: a claim
-        // that a settlement made possible is never recorded as earlier than that settlement.
-        let now = now.unwrap_or_else(now_ms);
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
-             not_before = NULL, {}
-             WHERE id IN ({})
-             RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec, queued_at",
-            super::pool::bind_claimer(3),
-            super::dispatch::claimable_select(backend, 4, limit)
-        )))
-        .bind(now)
-        .bind(lease_until)
-        .bind(&agent_id)
-        .bind(&agent_id)
-        .bind(now)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let env: String = row.try_get("env")?;
-                super::observe::claimed(now - row.try_get::<i64, _>("queued_at")?);
-                Ok(ClaimedJob {
-                    id: row.try_get("id")?,
-                    attempt: row.try_get::<i64, _>("attempt")? as u32,
-                    run_id: row.try_get("run_id")?,
-                    event_id: row.try_get("event_id")?,
-                    kind: row.try_get("kind")?,
-                    script: row.try_get("script")?,
-                    env: serde_json::from_str(&env)
-                        .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
-                    input: row.try_get("input")?,
-                    timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
-                    runtime_spec: row.try_get("runtime_spec")?,
-                    secret_env: Vec::new(),
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        for job in &mut claimed {
-            let rows = sqlx::query(
-                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = $1 ORDER BY name",
-            )
-            .bind(&job.id)
-            .fetch_all(&mut *conn)
-            .await?;
-            job.secret_env = rows
-                .iter()
-                .map(|row| Ok((row.try_get("name")?, row.try_get("sealed_value")?)))
-                .collect::<StoreResult<Vec<_>>>()?;
-        }
-        claimed.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(claimed)
-        })
-        .await
+        // Claims of many agents share one write operation (`claim_batch`).
+        self.claim_batched(agent_id, limit, lease_until, now).await
     }
 
     /// Renews the leases of an agent's attempts. Returns the attempts that are no longer
@@ -1486,4 +1434,23 @@ impl Store {
         })
         .await
     }
+}
+
+/// A row of the claim's `RETURNING` (without the secret environment, read afterwards).
+pub(super) fn claimed_job(row: &sqlx::any::AnyRow) -> StoreResult<ClaimedJob> {
+    let env: String = row.try_get("env")?;
+    Ok(ClaimedJob {
+        id: row.try_get("id")?,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        run_id: row.try_get("run_id")?,
+        event_id: row.try_get("event_id")?,
+        kind: row.try_get("kind")?,
+        script: row.try_get("script")?,
+        env: serde_json::from_str(&env)
+            .map_err(|error| StoreError::Corrupt(format!("env: {error}")))?,
+        input: row.try_get("input")?,
+        timeout_seconds: row.try_get::<i64, _>("timeout_seconds")? as u32,
+        runtime_spec: row.try_get("runtime_spec")?,
+        secret_env: Vec::new(),
+    })
 }

@@ -15,11 +15,15 @@ pub mod agents;
 pub mod audit;
 pub mod backup;
 pub mod changes;
+mod claim_batch;
+mod claim_pg;
+pub mod cluster;
 #[cfg(test)]
 mod connection_tests;
 pub mod dispatch;
 pub mod enrollment;
 pub mod events;
+pub mod health;
 pub mod jobs;
 pub mod observe;
 pub mod pool;
@@ -32,6 +36,8 @@ pub mod tools;
 pub mod users;
 pub mod variables;
 pub mod workflows;
+#[cfg(test)]
+mod writer_tests;
 
 use std::any::Any;
 use std::future::Future;
@@ -41,12 +47,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::AnyPool;
 use sqlx::Connection as _;
 use sqlx::any::AnyPoolOptions;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Any as AnyDb, AnyConnection, Executor as _};
+use sqlx::{AnyPool, AssertSqlSafe};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
@@ -91,10 +97,14 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.is_check_violation() => {
                 StoreError::Constraint(db.message().to_string())
             }
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error),
+            sqlx::Error::Database(db) if is_disk_full(db.as_ref()) => StoreError::Full(error),
+            sqlx::Error::Database(db) if is_server_unavailable(db.as_ref()) => {
                 StoreError::Unavailable(error)
             }
-            sqlx::Error::Database(db) if is_disk_full(db.as_ref()) => StoreError::Full(error),
             _ => StoreError::Database(error),
         }
     }
@@ -112,6 +122,39 @@ fn is_disk_full(error: &dyn sqlx::error::DatabaseError) -> bool {
     }
     code.and_then(|code| code.parse::<i32>().ok())
         .is_some_and(|code| code & 0xff == 13)
+}
+
+/// Whether a PostgreSQL error says the server is going away or not there yet rather than that
+/// the statement is wrong: SQLSTATE class 08 (connection exception), 57P01 `admin_shutdown`
+/// (`pg_ctl stop -m fast` ends every session with it), 57P02 `crash_shutdown` (another backend
+/// crashed, e.g. a PANIC on a full WAL disk), 57P03 `cannot_connect_now` (starting up or shutting
+/// down), 53300 `too_many_connections`. The caller may retry later: nothing was committed.
+fn is_server_unavailable(error: &dyn sqlx::error::DatabaseError) -> bool {
+    if error
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_none()
+    {
+        return false;
+    }
+    error.code().is_some_and(|code| {
+        code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+    })
+}
+
+impl StoreError {
+    /// The same error for another caller (one failure answering several requests: a group
+    /// commit, a claim batch). The kind is kept; a database error keeps its message.
+    pub(crate) fn duplicate(&self) -> StoreError {
+        let again = |error: &sqlx::Error| sqlx::Error::Protocol(error.to_string());
+        match self {
+            StoreError::NotFound => StoreError::NotFound,
+            StoreError::Constraint(message) => StoreError::Constraint(message.clone()),
+            StoreError::Unavailable(error) => StoreError::Unavailable(again(error)),
+            StoreError::Full(error) => StoreError::Full(again(error)),
+            StoreError::Database(error) => StoreError::Database(again(error)),
+            StoreError::Corrupt(message) => StoreError::Corrupt(message.clone()),
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -176,6 +219,8 @@ pub struct Store {
     reader: AnyPool,
     /// The process's metrics; the writer task adds what committed operations observed.
     metrics: Arc<crate::metrics::Metrics>,
+    /// Claims waiting to be made together (`claim_batch`).
+    claims: claim_batch::ClaimBatches,
 }
 
 /// The writing connection, owned while an operation runs.
@@ -205,6 +250,10 @@ impl std::fmt::Debug for WriteRequest {
 
 /// Most operations committed together.
 const MAX_GROUP: usize = 128;
+
+/// How long a PostgreSQL request waits for a connection (the server may be restarting) before it
+/// fails `Unavailable`.
+const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a write operation through the writer task: `write_op!(store, |conn| async { … })`
 /// where the block uses `conn: &mut AnyConnection` and evaluates to a `StoreResult`.
@@ -264,11 +313,16 @@ impl Store {
     }
 
     /// Connects to the PostgreSQL database at `url` and applies the migrations.
+    ///
+    /// Both pools check a connection before handing it out and replace a dead one, so they
+    /// recover by themselves when the server restarts. While the server is away, a request
+    /// waits at most [`POSTGRES_ACQUIRE_TIMEOUT`] for a connection and then fails
+    /// `Unavailable` (HTTP 503), instead of holding the caller for half a minute.
     pub async fn open_postgres(url: &str) -> StoreResult<Store> {
         sqlx::any::install_default_drivers();
         let writer = AnyPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
         sqlx::migrate!("../migrations/postgres")
@@ -277,7 +331,7 @@ impl Store {
             .map_err(|error| StoreError::Database(error.into()))?;
         let reader = AnyPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
         Ok(Store::with_pools(Backend::Postgres, writer, reader))
@@ -299,6 +353,7 @@ impl Store {
             writes,
             reader,
             metrics,
+            claims: claim_batch::ClaimBatches::default(),
         }
     }
 
@@ -427,41 +482,55 @@ async fn commit_groups(
                 }
             };
         if let Err(error) = sqlx::query(backend.begin()).execute(&mut *connection).await {
+            // Nothing of the group ran. A BEGIN fails when the connection or the server is
+            // gone (PostgreSQL restarted: the pool replaces the connection on the next
+            // acquire), or SQLite is busy beyond its timeout: the caller may retry.
+            let full = matches!(&error, sqlx::Error::Database(db) if is_disk_full(db.as_ref()));
+            tracing::warn!(%error, "the writer could not begin a transaction");
             let message = error.to_string();
             for request in group {
-                let _ = request
-                    .reply
-                    .send(Err(StoreError::from(sqlx::Error::Protocol(
-                        message.clone(),
-                    ))));
+                let error = sqlx::Error::Protocol(message.clone());
+                let _ = request.reply.send(Err(if full {
+                    StoreError::Full(error)
+                } else {
+                    StoreError::Unavailable(error)
+                }));
             }
             continue;
         }
         let mut answers = Vec::with_capacity(group.len());
         let mut observed = Vec::new();
+        // Each statement is a round trip to the connection (SQLite: its thread), and the
+        // writer's round trips are the control plane's sequence: an operation's savepoint is
+        // ended in the same call that opens the next one, the last one with the COMMIT.
+        let mut end = "";
         for request in group {
-            let savepoint = sqlx::query("SAVEPOINT operation")
+            let savepoint = sqlx::raw_sql(AssertSqlSafe(format!("{end}SAVEPOINT operation")))
                 .execute(&mut *connection)
                 .await;
             let ((returned, answer), observations) = match savepoint {
                 Ok(_) => observe::observing((request.operation)(connection)).await,
-                Err(error) => ((connection, Err(StoreError::from(error))), Vec::new()),
+                Err(error) => {
+                    // Neither the savepoint nor, possibly, the previous operation's end ran:
+                    // the commit below fails then, and every answer with it.
+                    ((connection, Err(StoreError::from(error))), Vec::new())
+                }
             };
             connection = returned;
             if answer.is_ok() {
                 observed.extend(observations);
             }
-            let end = if answer.is_ok() {
-                "RELEASE operation"
+            end = if answer.is_ok() {
+                "RELEASE operation; "
             } else {
-                "ROLLBACK TO operation; RELEASE operation"
+                "ROLLBACK TO operation; RELEASE operation; "
             };
-            if let Err(error) = sqlx::raw_sql(end).execute(&mut *connection).await {
-                tracing::warn!(%error, "ending a savepoint failed");
-            }
             answers.push((request.reply, answer));
         }
-        match sqlx::query("COMMIT").execute(&mut *connection).await {
+        match sqlx::raw_sql(AssertSqlSafe(format!("{end}COMMIT")))
+            .execute(&mut *connection)
+            .await
+        {
             Ok(_) => {
                 metrics.record(&observed);
                 for (reply, answer) in answers {

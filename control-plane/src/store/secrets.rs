@@ -65,6 +65,12 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
         keys: &["id"],
         column: "webhook_secret_sealed",
     },
+    SealedColumn {
+        kind: "control plane CA and keys",
+        table: "cluster_secrets",
+        keys: &["name"],
+        column: "sealed_value",
+    },
 ];
 
 /// Why a rotation was refused; nothing was changed.

@@ -51,3 +51,34 @@ pub(crate) async fn open_test_store() -> (TestDatabase, Store) {
         (TestDatabase::Sqlite(dir), store)
     }
 }
+
+/// Opens `count` stores on one new, empty database of the selected backend, as `count` control
+/// planes sharing it (each store has its own writer task and connections).
+pub(crate) async fn open_test_stores(count: usize) -> (TestDatabase, Vec<Store>) {
+    let mut stores = Vec::with_capacity(count);
+    if postgres_selected() {
+        let (cluster, url) = if let Ok(server) = std::env::var(SERVER_URL_VAR) {
+            (None, create_database_on(&server).expect("a test database"))
+        } else {
+            let cluster = tokio::task::spawn_blocking(shared_cluster)
+                .await
+                .expect("starting the cluster");
+            let url = cluster.create_database().expect("a test database");
+            (Some(cluster), url)
+        };
+        for _ in 0..count {
+            stores.push(Store::open_postgres(&url).await.unwrap());
+        }
+        (TestDatabase::Postgres(cluster), stores)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..count {
+            stores.push(
+                Store::open_sqlite(&dir.path().join("test.db"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        (TestDatabase::Sqlite(dir), stores)
+    }
+}

@@ -343,6 +343,11 @@ impl Store {
             if exists.is_none() {
                 return Ok(UserChange::NotFound);
             }
+            // A savepoint of its own: on PostgreSQL a failed statement spoils the transaction
+            // until it is rolled back, and the refusal is an answer here, not a failure.
+            sqlx::query("SAVEPOINT delete_user")
+                .execute(&mut *conn)
+                .await?;
             let deleted = sqlx::query(
                 "DELETE FROM users WHERE id = $1 AND (role != 'admin'
                  OR (SELECT COUNT(*) FROM users WHERE role = 'admin') > 1)",
@@ -350,6 +355,12 @@ impl Store {
             .bind(&id)
             .execute(&mut *conn)
             .await;
+            let end = if deleted.is_ok() {
+                "RELEASE delete_user"
+            } else {
+                "ROLLBACK TO delete_user; RELEASE delete_user"
+            };
+            sqlx::raw_sql(end).execute(&mut *conn).await?;
             let changed = match deleted {
                 Ok(done) => done.rows_affected(),
                 Err(sqlx::Error::Database(error)) if error.is_foreign_key_violation() => {

@@ -1,0 +1,493 @@
+//! The PostgreSQL phase (`--postgres-only`, issue 8): Cronium's throughput of no-op jobs on
+//! PostgreSQL next to the raw `FOR UPDATE SKIP LOCKED` claim rate of the same server, measured
+//! in the same run.
+//!
+//! A throwaway cluster (`cronium_e2e::postgres::PgCluster`: Debian's PostgreSQL 15, `initdb` in
+//! a temp dir, a free 127.0.0.1 port, `fsync=off` as for the tests; removed at the end) holds two
+//! databases:
+//! - **raw**: a plain table of `--pg-raw-jobs` queued rows; `--pg-connections` connections each
+//!   loop `UPDATE … SET state = 'claimed' WHERE id = (SELECT id … WHERE state = 'queued' ORDER BY
+//!   id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id`, then the completion `UPDATE … SET state =
+//!   'done'`, each statement its own transaction, until the table is drained. Jobs/s = rows /
+//!   wall time; per job (claim + completion) p50/p99.
+//! - **Cronium**: `cronium serve --database-url postgres://…` (the binary next to this one) and
+//!   `--pg-agents` agents in this process (the agent's own code: connection, claims, spool,
+//!   uploads; the SIMULATED in-process executor answers `echo hi` without a process), one pool
+//!   event (`targets.pool`) all of them may claim. `--pg-clients` tasks create `--pg-jobs` runs
+//!   through the API (`POST /events/{id}/runs`, one job each); the agents claim them
+//!   (`store::claim_pg`), run them and upload the results. The round ends when the database holds
+//!   every job completed (read every 20 ms). Jobs/s = jobs / (first `POST` → last completed);
+//!   per job `queued_at` → `finished_at` p50/p99 from the jobs table.
+//!
+//! The rounds alternate raw and Cronium; the figures are the medians over the rounds and the
+//! ratio of the median rates.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use cronium_e2e::fleet::{self, Executor, Fleet, FleetOptions};
+use cronium_e2e::postgres::PgCluster;
+use rand::RngCore;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::task::JoinSet;
+
+use crate::api::Api;
+use crate::cluster::{ControlPlane, Listen, enrollment_token, wait_online};
+use crate::procs::Binaries;
+use crate::stats::Summary;
+
+/// Names of the phase's agents.
+const PREFIX: &str = "pg-";
+/// Longest a round may take.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often the Cronium round reads its progress from the database.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What the phase does.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    pub rounds: usize,
+    pub raw_jobs: usize,
+    pub connections: usize,
+    pub jobs: usize,
+    pub clients: usize,
+    pub agents: usize,
+    pub capacity: u32,
+}
+
+/// One round of either side.
+#[derive(Debug, Clone)]
+pub struct Round {
+    pub jobs: usize,
+    pub elapsed: Duration,
+    /// Per job, milliseconds (raw: claim + completion; Cronium: queued → finished).
+    pub latency: Summary,
+    /// Cronium: jobs that needed more than one attempt (a claimed attempt that never reached
+    /// its agent comes back after its lease); raw: 0.
+    pub reattempted: usize,
+}
+
+impl Round {
+    fn per_second(&self) -> f64 {
+        self.jobs as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The phase's figures.
+#[derive(Debug, Clone)]
+pub struct PgFigures {
+    pub options: PgOptions,
+    pub server_version: String,
+    pub raw: Vec<Round>,
+    pub cronium: Vec<Round>,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+impl PgFigures {
+    fn median_rate(rounds: &[Round]) -> f64 {
+        median(&mut rounds.iter().map(Round::per_second).collect::<Vec<_>>())
+    }
+
+    fn median_of(rounds: &[Round], pick: impl Fn(&Summary) -> f64) -> f64 {
+        median(
+            &mut rounds
+                .iter()
+                .map(|round| pick(&round.latency))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Cronium's median rate over the raw median rate.
+    pub fn ratio(&self) -> f64 {
+        PgFigures::median_rate(&self.cronium) / PgFigures::median_rate(&self.raw)
+    }
+
+    pub fn markdown(&self) -> String {
+        let options = &self.options;
+        let mut out = String::new();
+        out.push_str(&format!(
+            "## PostgreSQL: no-op job throughput vs the raw SKIP LOCKED claim rate\n\n\
+             Same server, same run ({}; throwaway cluster, fsync off), {} alternated rounds.\n\n",
+            self.server_version, options.rounds
+        ));
+        out.push_str("| Side | Setup | Jobs per round | Jobs/s (median; rounds) | Per job p50 / p99 ms (median of rounds) |\n|---|---|---|---|---|\n");
+        let rates = |rounds: &[Round]| {
+            rounds
+                .iter()
+                .map(|round| format!("{:.0}", round.per_second()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| raw `FOR UPDATE SKIP LOCKED` | {} connections, claim + completion `UPDATE`s, autocommit | {} | {:.0} ({}) | {:.3} / {:.3} (claim + completion) |\n",
+            options.connections,
+            options.raw_jobs,
+            PgFigures::median_rate(&self.raw),
+            rates(&self.raw),
+            PgFigures::median_of(&self.raw, |summary| summary.p50),
+            PgFigures::median_of(&self.raw, |summary| summary.p99),
+        ));
+        out.push_str(&format!(
+            "| Cronium (`cronium serve` on PostgreSQL) | {} API clients, {} in-process agents × capacity {} (SIMULATED executor), one pool event | {} | {:.0} ({}) | {:.1} / {:.1} (queued → finished) |\n",
+            options.clients,
+            options.agents,
+            options.capacity,
+            options.jobs,
+            PgFigures::median_rate(&self.cronium),
+            rates(&self.cronium),
+            PgFigures::median_of(&self.cronium, |summary| summary.p50),
+            PgFigures::median_of(&self.cronium, |summary| summary.p99),
+        ));
+        let reattempted: usize = self.cronium.iter().map(|round| round.reattempted).sum();
+        out.push_str(&format!(
+            "\nCronium jobs that needed a second attempt (over all rounds): {reattempted}.\n"
+        ));
+        out.push_str(&format!(
+            "\nRatio Cronium / raw (median rates): **{:.3}×** (target ≥ 0.5×).\n",
+            self.ratio()
+        ));
+        out
+    }
+
+    pub fn json(&self) -> Value {
+        let rounds = |rounds: &[Round]| {
+            rounds
+                .iter()
+                .map(|round| {
+                    json!({
+                        "jobs": round.jobs,
+                        "elapsed_ms": round.elapsed.as_secs_f64() * 1e3,
+                        "jobs_per_second": round.per_second(),
+                        "latency_ms": round.latency.to_json(),
+                        "reattempted": round.reattempted,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        json!({
+            "server_version": self.server_version,
+            "options": {
+                "rounds": self.options.rounds,
+                "raw_jobs": self.options.raw_jobs,
+                "connections": self.options.connections,
+                "jobs": self.options.jobs,
+                "clients": self.options.clients,
+                "agents": self.options.agents,
+                "capacity": self.options.capacity,
+                "executor": Executor::SimulatedInProcess.key(),
+            },
+            "raw": rounds(&self.raw),
+            "cronium": rounds(&self.cronium),
+            "raw_median_jobs_per_second": PgFigures::median_rate(&self.raw),
+            "cronium_median_jobs_per_second": PgFigures::median_rate(&self.cronium),
+            "ratio": self.ratio(),
+        })
+    }
+}
+
+fn progress(message: &str) {
+    eprintln!("[cronium-bench] postgres: {message}");
+}
+
+/// Runs the phase under `root` (the control plane's data dir and the agents' state dirs).
+pub async fn measure(
+    binaries: &Binaries,
+    root: &Path,
+    options: &PgOptions,
+) -> anyhow::Result<PgFigures> {
+    progress("starting a throwaway PostgreSQL cluster");
+    let cluster = tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .context("starting the cluster")??;
+    let (raw_url, cronium_url) = (cluster.create_database()?, cluster.create_database()?);
+    let raw = PgPoolOptions::new()
+        .max_connections(options.connections as u32 + 1)
+        .connect(&raw_url)
+        .await
+        .context("connecting to the raw database")?;
+    let server_version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&raw)
+        .await?;
+    let server_version = server_version
+        .split(" on ")
+        .next()
+        .unwrap_or(&server_version)
+        .to_owned();
+    sqlx::raw_sql(
+        "CREATE TABLE raw_jobs (id BIGSERIAL PRIMARY KEY, state TEXT NOT NULL, payload TEXT NOT NULL,
+                                claimed_at TIMESTAMPTZ, done_at TIMESTAMPTZ);
+         CREATE INDEX raw_jobs_queued ON raw_jobs (id) WHERE state = 'queued';",
+    )
+    .execute(&raw)
+    .await?;
+
+    let data_dir = root.join("control-plane");
+    std::fs::create_dir_all(&data_dir)?;
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let listen = Listen {
+        env: vec![("CRONIUM_DATABASE_URL".into(), cronium_url.clone())],
+        ..Listen::any()
+    };
+    let (control_plane, _) = ControlPlane::start_at(binaries, &data_dir, &listen, &key, None)
+        .await
+        .context("starting cronium serve on PostgreSQL")?;
+    let api = control_plane.api.clone();
+    progress(&format!(
+        "control plane at {} on PostgreSQL, pid {}",
+        api.base(),
+        control_plane.pid()
+    ));
+    let labels: BTreeMap<String, String> = [("bench".to_owned(), "postgres".to_owned())].into();
+    let enrollment = enrollment_token(&api, options.agents).await?;
+    let identities = fleet::enroll(
+        api.base(),
+        &enrollment.token,
+        &enrollment.ca_sha256,
+        &root.join("agents"),
+        PREFIX,
+        options.agents,
+        &labels,
+    )
+    .await?;
+    let names: Vec<String> = identities
+        .iter()
+        .map(|identity| identity.name.clone())
+        .collect();
+    let mut agents = Fleet::spawn(
+        identities.into_iter().map(|identity| identity.state_dir),
+        FleetOptions {
+            executor: Executor::SimulatedInProcess,
+            capacity: options.capacity,
+            ..FleetOptions::default()
+        },
+    );
+    wait_online(&api, &names, Duration::from_secs(60)).await?;
+    let cronium = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&cronium_url)
+        .await
+        .context("connecting to Cronium's database")?;
+
+    let mut figures = PgFigures {
+        options: options.clone(),
+        server_version,
+        raw: Vec::new(),
+        cronium: Vec::new(),
+    };
+    // A short warm-up of both sides (connections, statement caches), not counted.
+    raw_round(&raw, 200.min(options.raw_jobs), options.connections).await?;
+    cronium_round(
+        &api,
+        &cronium,
+        "pg-warmup",
+        50.min(options.jobs),
+        options.clients,
+    )
+    .await?;
+    for round in 0..options.rounds {
+        let measured = raw_round(&raw, options.raw_jobs, options.connections).await?;
+        progress(&format!(
+            "round {}: raw {:.0} jobs/s",
+            round + 1,
+            measured.per_second()
+        ));
+        figures.raw.push(measured);
+        agents.ensure_running()?;
+        let measured = cronium_round(
+            &api,
+            &cronium,
+            &format!("pg-round-{round}"),
+            options.jobs,
+            options.clients,
+        )
+        .await?;
+        progress(&format!(
+            "round {}: Cronium {:.0} jobs/s, {} jobs needed a second attempt",
+            round + 1,
+            measured.per_second(),
+            measured.reattempted
+        ));
+        if measured.reattempted > 0 {
+            progress(&format!(
+                "the control plane's last output:\n{}",
+                control_plane.process.tail()
+            ));
+        }
+        figures.cronium.push(measured);
+    }
+    agents.stop().await;
+    drop(control_plane);
+    raw.close().await;
+    cronium.close().await;
+    drop(cluster);
+    Ok(figures)
+}
+
+/// One raw round: `jobs` queued rows drained by `connections` connections.
+async fn raw_round(pool: &PgPool, jobs: usize, connections: usize) -> anyhow::Result<Round> {
+    sqlx::query("TRUNCATE raw_jobs").execute(pool).await?;
+    sqlx::query(
+        "INSERT INTO raw_jobs (state, payload) SELECT 'queued', 'echo hi' FROM generate_series(1, $1)",
+    )
+    .bind(jobs as i64)
+    .execute(pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE raw_jobs").execute(pool).await?;
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..connections {
+        let mut connection = pool.acquire().await?;
+        tasks.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let begun = Instant::now();
+                let claimed: Option<i64> = sqlx::query_scalar(
+                    "UPDATE raw_jobs SET state = 'claimed', claimed_at = now()
+                     WHERE id = (SELECT id FROM raw_jobs WHERE state = 'queued' ORDER BY id LIMIT 1
+                                 FOR UPDATE SKIP LOCKED)
+                     RETURNING id",
+                )
+                .fetch_optional(&mut *connection)
+                .await?;
+                let Some(id) = claimed else {
+                    break;
+                };
+                sqlx::query("UPDATE raw_jobs SET state = 'done', done_at = now() WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *connection)
+                    .await?;
+                samples.push(begun.elapsed().as_secs_f64() * 1e3);
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut samples = Vec::with_capacity(jobs);
+    let collect = async {
+        while let Some(result) = tasks.join_next().await {
+            samples.extend(result.context("a raw claimer panicked")??);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(ROUND_TIMEOUT, collect)
+        .await
+        .context("the raw round took too long")??;
+    let elapsed = started.elapsed();
+    let done: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM raw_jobs WHERE state = 'done'")
+        .fetch_one(pool)
+        .await?;
+    if done as usize != jobs || samples.len() != jobs {
+        bail!(
+            "the raw round finished {done} rows and timed {} claims, not {jobs}",
+            samples.len()
+        );
+    }
+    Ok(Round {
+        jobs,
+        elapsed,
+        latency: Summary::of(&samples),
+        reattempted: 0,
+    })
+}
+
+/// One Cronium round: a new pool event, `jobs` runs of it created by `clients` API clients,
+/// until the database holds all of them completed.
+async fn cronium_round(
+    api: &Api,
+    database: &PgPool,
+    name: &str,
+    jobs: usize,
+    clients: usize,
+) -> anyhow::Result<Round> {
+    let event = api
+        .post(
+            "/events",
+            &json!({
+                "name": name,
+                "kind": "bash",
+                "script": fleet::SIMULATED_SCRIPT,
+                "targets": {"pool": {"bench": "postgres"}},
+                "timeout_seconds": 60,
+            }),
+        )
+        .await?;
+    let event_id = event["id"]
+        .as_str()
+        .context("POST /events: no id")?
+        .to_owned();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..clients {
+        let (api, event_id, next) = (api.clone(), event_id.clone(), next.clone());
+        tasks.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                api.post(&format!("/events/{event_id}/runs"), &json!({}))
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    let wait = async {
+        while let Some(result) = tasks.join_next().await {
+            result.context("an API client panicked")??;
+        }
+        loop {
+            let row = sqlx::query(
+                "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+                        COUNT(*) FILTER (WHERE status IN ('failed', 'cancelled')) AS failed
+                 FROM jobs WHERE event_id = $1",
+            )
+            .bind(&event_id)
+            .fetch_one(database)
+            .await?;
+            let (completed, failed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            if failed > 0 {
+                bail!("{failed} jobs of {name} failed or were cancelled");
+            }
+            if completed as usize == jobs {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    tokio::time::timeout(ROUND_TIMEOUT, wait)
+        .await
+        .with_context(|| format!("the Cronium round {name} took too long"))??;
+    let elapsed = started.elapsed();
+    let latencies: Vec<i64> = sqlx::query_scalar(
+        "SELECT finished_at - queued_at FROM jobs WHERE event_id = $1 AND status = 'completed'",
+    )
+    .bind(&event_id)
+    .fetch_all(database)
+    .await?;
+    let samples: Vec<f64> = latencies.into_iter().map(|ms| ms as f64).collect();
+    let reattempted: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND attempt > 1")
+            .bind(&event_id)
+            .fetch_one(database)
+            .await?;
+    Ok(Round {
+        jobs,
+        elapsed,
+        latency: Summary::of(&samples),
+        reattempted: reattempted as usize,
+    })
+}

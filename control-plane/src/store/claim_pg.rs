@@ -1,0 +1,207 @@
+//! The claim on PostgreSQL, correct with any number of writers: several control planes
+//! (replicas, issue 8) on one database each claim in their own transactions, at the same time.
+//!
+//! On SQLite every claim goes through the one writer (`write_op!`, `BEGIN IMMEDIATE`), so two
+//! claims never overlap and the claim statement may read `status = 'queued'` and count the
+//! event's active jobs without locking anything. On PostgreSQL two claims overlap, and that
+//! statement would hand one job to two claimers (both read it queued; the second `UPDATE` waits
+//! for the first's row lock and then takes the row again, because `id IN (…)` is not evaluated
+//! anew) and let two claimers each fill the same free concurrency slots. So a claim here is
+//! one short READ COMMITTED transaction of its own, on a connection of the store's pool (not in
+//! the writer's group commit, whose transaction holds its locks until the whole group commits):
+//!
+//! 1. **Events with a `max_concurrency` are claimed for one at a time.** The claim first takes
+//!    a transaction-level advisory lock per such event among its runner's claimable jobs
+//!    (`pg_advisory_xact_lock(EVENT_LOCK_CLASS, hashtext(event_id))`), in ascending key order.
+//!    Only claims change a job to `claimed`, so once the lock is held, the statements that
+//!    follow (each with a new snapshot, READ COMMITTED) count every committed claim of that
+//!    event; the lock is released by the commit that makes this claim's jobs visible. Jobs of a
+//!    limited event that appeared after the locks were taken are left for the next claim (their
+//!    run's creation wakes the runner). Claims wait for no lock but these, and take them in one
+//!    global order before any row lock, so claims never deadlock with each other; nothing else
+//!    takes these locks. Events without a limit take no lock and are claimed concurrently.
+//! 2. **The rows are taken with `FOR UPDATE SKIP LOCKED`.** The candidates (the rules of
+//!    `store::dispatch`: due, batch open, under the limit counting this claim's own, oldest
+//!    first; pool jobs of which the runner is a candidate) are read first, with the window
+//!    function that ranks them per event (PostgreSQL refuses `FOR UPDATE` in a query with a
+//!    window function). Then one `UPDATE` takes those that are still claimable and not locked
+//!    by another transaction, and re-checks `status = 'queued'` on the row it updates. A
+//!    candidate skipped because another claim holds it is not read again; the claim reads the
+//!    next candidates until it has `limit` jobs or there are none, so a claimer behind another
+//!    on the same pool still gets the jobs after the ones the other holds.
+//!
+//! Jobs skipped because another transaction held their row and then did not change it (a claim
+//! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
+//! them when it is next woken.
+
+use sqlx::{AssertSqlSafe, Row};
+
+use super::jobs::ClaimedJob;
+use super::observe::Observation;
+use super::{Backend, Store, StoreResult, now_ms};
+
+/// The advisory lock class of the per-event claim lock (the two-key form, whose key space is
+/// apart from the one-key form of the running lock, `store::running`): "cron" in ASCII.
+const EVENT_LOCK_CLASS: i64 = 0x6372_6f6e;
+
+/// The events with a concurrency limit among the claimable jobs of runner `$1` at time `$2`,
+/// with their lock keys, in lock order.
+fn limited_events() -> String {
+    format!(
+        "SELECT DISTINCT j.event_id, CAST(hashtext(j.event_id) AS BIGINT) AS lock_key
+         FROM {} JOIN jobs j ON j.id = m.id JOIN event_dispatch d ON d.event_id = j.event_id
+         WHERE d.max_concurrency IS NOT NULL AND {}
+         ORDER BY lock_key, j.event_id",
+        super::pool::claimable_ids(1),
+        super::dispatch::claimable(2)
+    )
+}
+
+/// The ids of up to `$5` claimable jobs of runner `$1` at time `$2`, oldest first, at most as
+/// many per event as its limit leaves free; jobs of limited events only for the events in `$3`
+/// (comma-separated ids, locked by this claim), never the ids in `$4` (comma-separated).
+/// `dispatch::claimable_select`'s rules, without a lock.
+fn candidates() -> String {
+    format!(
+        "SELECT id FROM (
+           SELECT j.id, j.queued_at, d.max_concurrency AS cap,
+                  ROW_NUMBER() OVER (PARTITION BY j.event_id ORDER BY j.queued_at, j.id) AS nth,
+                  CASE WHEN d.max_concurrency IS NULL THEN 0 ELSE
+                    (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running'))
+                  END AS active
+           FROM {} JOIN jobs j ON j.id = m.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+           WHERE {}
+             AND (d.max_concurrency IS NULL OR j.event_id = ANY (string_to_array($3, ',')))
+             AND NOT (j.id = ANY (string_to_array($4, ',')))) AS candidates
+         WHERE cap IS NULL OR active + nth <= cap
+         ORDER BY queued_at, id LIMIT $5",
+        super::pool::claimable_ids(1),
+        super::dispatch::claimable(2)
+    )
+}
+
+/// Claims the jobs among `$4` (comma-separated ids) that are still claimable at time `$5` and
+/// not locked by another transaction: a new attempt with a lease until `$2`, claimed at `$1`,
+/// a pool job bound to runner `$3`.
+fn take() -> String {
+    format!(
+        "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
+         not_before = NULL, {}
+         WHERE id IN (SELECT j.id FROM jobs j WHERE j.id = ANY (string_to_array($4, ',')) AND {}
+                      FOR UPDATE OF j SKIP LOCKED)
+           AND status = 'queued'
+         RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec, queued_at",
+        super::pool::bind_claimer(3),
+        super::dispatch::claimable(5)
+    )
+}
+
+impl Store {
+    /// `Store::claim_jobs_when` on PostgreSQL (see the module's documentation).
+    pub(super) async fn claim_jobs_pg(
+        &self,
+        runner: &str,
+        limit: u32,
+        lease_until: i64,
+        now: Option<i64>,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        debug_assert_eq!(self.backend(), Backend::Postgres);
+        // Most claims find nothing: one read, no transaction.
+        let any: Option<String> = sqlx::query_scalar(AssertSqlSafe(
+            super::dispatch::claimable_select(Backend::Postgres, 1, 1),
+        ))
+        .bind(runner)
+        .bind(now.unwrap_or_else(now_ms))
+        .fetch_optional(&self.reader)
+        .await?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        // Dropped before the commit (an error, or the caller gone), the transaction rolls back.
+        let mut tx = self.reader.begin().await?;
+        // The locks below only work if each statement sees what committed before it began.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await?;
+        let now = now.unwrap_or_else(now_ms);
+        let events = sqlx::query(AssertSqlSafe(limited_events()))
+            .bind(runner)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut locked = Vec::with_capacity(events.len());
+        let mut last_key = None;
+        for row in &events {
+            let key: i64 = row.try_get("lock_key")?;
+            if last_key != Some(key) {
+                sqlx::query(
+                    "SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock(CAST($1 AS INTEGER), CAST($2 AS INTEGER))) AS l",
+                )
+                .bind(EVENT_LOCK_CLASS)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+                last_key = Some(key);
+            }
+            locked.push(row.try_get::<String, _>("event_id")?);
+        }
+        let locked = locked.join(",");
+        let (candidates, take) = (candidates(), take());
+        let mut skipped: Vec<String> = Vec::new();
+        let mut claimed = Vec::new();
+        let mut observed = Vec::new();
+        while claimed.len() < limit as usize {
+            let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(candidates.as_str()))
+                .bind(runner)
+                .bind(now)
+                .bind(&locked)
+                .bind(skipped.join(","))
+                .bind((limit as usize - claimed.len()) as i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            let rows = sqlx::query(AssertSqlSafe(take.as_str()))
+                .bind(now)
+                .bind(lease_until)
+                .bind(runner)
+                .bind(ids.join(","))
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut taken = Vec::with_capacity(rows.len());
+            for row in &rows {
+                observed.push(Observation::Claimed {
+                    waited_ms: now - row.try_get::<i64, _>("queued_at")?,
+                });
+                taken.push(super::jobs::claimed_job(row)?);
+            }
+            skipped.extend(
+                ids.into_iter()
+                    .filter(|id| !taken.iter().any(|job: &ClaimedJob| &job.id == id)),
+            );
+            claimed.extend(taken);
+        }
+        for job in &mut claimed {
+            let rows = sqlx::query(
+                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = $1 ORDER BY name",
+            )
+            .bind(&job.id)
+            .fetch_all(&mut *tx)
+            .await?;
+            job.secret_env = rows
+                .iter()
+                .map(|row| Ok((row.try_get("name")?, row.try_get("sealed_value")?)))
+                .collect::<StoreResult<Vec<_>>>()?;
+        }
+        tx.commit().await?;
+        self.metrics.record(&observed);
+        claimed.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(claimed)
+    }
+}
+
+#[cfg(test)]
+#[path = "claim_pg_tests.rs"]
+mod tests;

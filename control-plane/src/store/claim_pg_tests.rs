@@ -1,0 +1,259 @@
+//! Claims from two stores on one database at the same time, as two control planes (replicas)
+//! sharing it: every job claimed exactly once, by a runner allowed to, and an event's
+//! `max_concurrency` never exceeded. On PostgreSQL this exercises `store::claim_pg`; on SQLite the
+//! two stores' writers take turns on the file's write lock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::super::dispatch::{DispatchPolicy, RetryPolicy};
+use super::super::events::{EventFields, EventKind, Runtime, Targets};
+use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, RunSpec};
+use super::super::users::Role;
+use super::super::{Store, now_ms};
+
+/// The limited event's `max_concurrency`.
+const LIMIT: u32 = 2;
+/// Claiming tasks per store and agent.
+const TASKS: usize = 2;
+
+async fn event(store: &Store, owner: &str, name: &str, max_concurrency: Option<u32>) -> String {
+    let fields = EventFields {
+        name: name.into(),
+        kind: EventKind::Bash,
+        script: "true".into(),
+        runtime: Runtime::Host,
+        targets: Targets::default(),
+        timeout_seconds: 60,
+        retries: 0,
+        env: BTreeMap::new(),
+        docker: Default::default(),
+        schedule: None,
+        next_run_at: None,
+        notify: Default::default(),
+        reschedule: false,
+        action: Default::default(),
+        dispatch: Some(DispatchPolicy {
+            retry: RetryPolicy::default(),
+            max_concurrency,
+            ..Default::default()
+        }),
+    };
+    store.create_event(owner, &fields).await.unwrap().id
+}
+
+/// Creates `runs` runs of `event_id` for `agents` (one pool job each with `pool`, else one job
+/// per agent); returns each job with the agents allowed to claim it.
+async fn runs(
+    store: &Store,
+    owner: &str,
+    event_id: &str,
+    agents: &[String],
+    pool: bool,
+    runs: usize,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut jobs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for _ in 0..runs {
+        let spec = RunSpec {
+            event_id: event_id.to_string(),
+            kind: "bash".into(),
+            script: "true".into(),
+            env: "{}".into(),
+            runtime_spec: None,
+            input: None,
+            timeout_seconds: 60,
+            max_attempts: 1,
+            created_by: owner.to_string(),
+            agent_ids: agents.to_vec(),
+            trigger: "manual",
+            slot_at: None,
+            missed_slots: 0,
+            pool,
+        };
+        let (_, pairs) = store.create_run_dispatched(spec, None, None).await.unwrap();
+        for (job_id, agent_id) in pairs {
+            jobs.entry(job_id).or_default().insert(agent_id);
+        }
+    }
+    jobs
+}
+
+/// The limited event's jobs claimed or running now, as the database says.
+async fn active_in_database(store: &Store, event_id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND status IN ('claimed', 'running')",
+    )
+    .bind(event_id)
+    .fetch_one(&store.reader)
+    .await
+    .unwrap()
+}
+
+/// One claim as a claimer saw it.
+#[derive(Debug, Clone)]
+struct Claim {
+    store: usize,
+    agent: String,
+    job: String,
+    attempt: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_from_two_stores_on_one_database_take_each_job_once_within_max_concurrency() {
+    let (_db, stores) = super::super::test_db::open_test_stores(2).await;
+    let first = &stores[0];
+    let owner = first
+        .create_user("owner", "hash", Role::User)
+        .await
+        .unwrap()
+        .id;
+    let free = event(first, &owner, "free", None).await;
+    let limited = event(first, &owner, "limited", Some(LIMIT)).await;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        agents.push(first.enroll_test_agent(name).await.id);
+    }
+    // Pool jobs with four candidates, jobs of one agent (its runner claims through both stores,
+    // as the SSH worker and the control plane's own worker of every replica do), and pool jobs
+    // of the limited event.
+    let mut allowed = runs(first, &owner, &free, &agents, true, 40).await;
+    allowed.extend(runs(first, &owner, &free, &agents[..1], false, 20).await);
+    let limited_jobs = runs(first, &owner, &limited, &agents, true, 40).await;
+    allowed.extend(limited_jobs.clone());
+    let total = allowed.len();
+    assert_eq!(total, 100);
+
+    let claims = Arc::new(Mutex::new(Vec::<Claim>::new()));
+    let finished = Arc::new(AtomicUsize::new(0));
+    // Limited jobs between their claim's answer and their result: never more than the database
+    // counts as active at that moment.
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most_held = Arc::new(AtomicUsize::new(0));
+    let most_active = Arc::new(AtomicI64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut tasks = Vec::new();
+    for (index, store) in stores.iter().enumerate() {
+        for agent in &agents {
+            for task in 0..TASKS {
+                let (store, agent, limited) = (store.clone(), agent.clone(), limited.clone());
+                let (claims, finished) = (claims.clone(), finished.clone());
+                let (holding, most_held, most_active) =
+                    (holding.clone(), most_held.clone(), most_active.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut round = task;
+                    while finished.load(Ordering::SeqCst) < total {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the jobs were not all claimed and finished"
+                        );
+                        round += 1;
+                        let limit = 1 + (round % 3) as u32;
+                        let batch = store
+                            .claim_jobs(&agent, limit, now_ms() + 600_000)
+                            .await
+                            .unwrap();
+                        if batch.is_empty() {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        let mut held = 0;
+                        for job in &batch {
+                            claims.lock().unwrap().push(Claim {
+                                store: index,
+                                agent: agent.clone(),
+                                job: job.id.clone(),
+                                attempt: job.attempt,
+                            });
+                            if job.event_id == limited {
+                                held += 1;
+                                let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                                most_held.fetch_max(now, Ordering::SeqCst);
+                            }
+                        }
+                        if held > 0 {
+                            let active = active_in_database(&store, &limited).await;
+                            most_active.fetch_max(active, Ordering::SeqCst);
+                        }
+                        // Hold the jobs a moment, so that claims through the other store overlap.
+                        for _ in 0..5 {
+                            tokio::task::yield_now().await;
+                        }
+                        holding.fetch_sub(held, Ordering::SeqCst);
+                        for job in &batch {
+                            let attempt = Attempt {
+                                job_id: job.id.clone(),
+                                attempt: job.attempt,
+                            };
+                            let result = AttemptResult {
+                                status: JobStatus::Completed,
+                                reason: None,
+                                exit_code: Some(0),
+                                log_len: 0,
+                                result: None,
+                                condition: None,
+                            };
+                            let outcome = store
+                                .finish_attempt(&agent, &attempt, &[], &result)
+                                .await
+                                .unwrap();
+                            assert!(
+                                matches!(outcome, FinishOutcome::Recorded { .. }),
+                                "{agent} finishing {attempt:?}: {outcome:?}"
+                            );
+                            finished.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let claims = claims.lock().unwrap().clone();
+    let mut by_job: HashMap<&str, Vec<&Claim>> = HashMap::new();
+    for claim in &claims {
+        by_job.entry(&claim.job).or_default().push(claim);
+    }
+    let twice: Vec<_> = by_job.values().filter(|claims| claims.len() > 1).collect();
+    assert!(twice.is_empty(), "jobs claimed more than once: {twice:?}");
+    assert_eq!(by_job.len(), total, "every job claimed");
+    for claim in &claims {
+        assert_eq!(claim.attempt, 1, "{claim:?}");
+        assert!(
+            allowed[&claim.job].contains(&claim.agent),
+            "claimed by an agent that is not its runner or a candidate: {claim:?}"
+        );
+    }
+    // On PostgreSQL both stores must have claimed, or the test did not exercise two writers.
+    // On SQLite the writers take turns on the file's lock, and one store's claim batches
+    // (`store::claim_batch`) may take every job before the other's first turn.
+    let postgres = stores[0].backend() == super::super::Backend::Postgres;
+    for store in (0..stores.len()).filter(|_| postgres) {
+        assert!(
+            claims.iter().any(|claim| claim.store == store),
+            "store {store} claimed nothing: the claims did not come from two writers"
+        );
+    }
+    assert!(
+        most_held.load(Ordering::SeqCst) <= LIMIT as usize,
+        "{} jobs of the limited event held at once (limit {LIMIT})",
+        most_held.load(Ordering::SeqCst)
+    );
+    assert!(
+        most_active.load(Ordering::SeqCst) <= i64::from(LIMIT),
+        "{} jobs of the limited event active at once (limit {LIMIT})",
+        most_active.load(Ordering::SeqCst)
+    );
+    for job_id in allowed.keys() {
+        let job = first.job(job_id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Completed, "{job_id}");
+        assert_eq!(job.attempt, 1, "{job_id}");
+    }
+    for store in &stores {
+        store.close().await;
+    }
+}
