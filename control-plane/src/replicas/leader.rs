@@ -56,6 +56,11 @@ pub async fn acquire(state: &AppState) -> Option<Leadership> {
     };
     let mut warned = false;
     loop {
+        // After shutdown a fresh lock would make a leadership that is lost at once (its token is
+        // a child of the cancelled shutdown): the scheduler would take it again and again.
+        if state.shutdown.is_cancelled() {
+            return None;
+        }
         match LeaderLock::try_take(&url).await {
             Ok(Some(lock)) => {
                 let lost = state.shutdown.child_token();
