@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::super::events::{EventFields, EventKind, Runtime, SecretEnvChange, Targets};
+use super::super::events::SecretEnvChange;
 use super::super::jobs::RunSpec;
 use super::super::now_ms;
 use super::super::tests::fixture_with;
@@ -38,23 +38,7 @@ async fn concurrent_claims_of_many_agents_each_get_their_own_jobs_and_secrets() 
         ("first", b"sealed-one".to_vec()),
         ("second", b"sealed-two".to_vec()),
     ] {
-        let fields = EventFields {
-            name: name.into(),
-            kind: EventKind::Bash,
-            script: "true".into(),
-            runtime: Runtime::Host,
-            targets: Targets::default(),
-            timeout_seconds: 60,
-            retries: 0,
-            env: BTreeMap::new(),
-            docker: Default::default(),
-            schedule: None,
-            next_run_at: None,
-            notify: Default::default(),
-            reschedule: false,
-            action: Default::default(),
-            dispatch: None,
-        };
+        let fields = super::super::tests::bash_fields(name, None);
         let secrets = SecretEnvChange {
             set: vec![(format!("{}_TOKEN", name.to_uppercase()), secret.clone())],
             remove: Vec::new(),

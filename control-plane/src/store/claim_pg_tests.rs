@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::super::dispatch::{DispatchPolicy, RetryPolicy};
-use super::super::events::{EventFields, EventKind, Runtime, Targets};
 use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, RunSpec};
 use super::super::users::Role;
 use super::super::{Store, now_ms};
@@ -20,27 +19,14 @@ const LIMIT: u32 = 2;
 const TASKS: usize = 2;
 
 async fn event(store: &Store, owner: &str, name: &str, max_concurrency: Option<u32>) -> String {
-    let fields = EventFields {
-        name: name.into(),
-        kind: EventKind::Bash,
-        script: "true".into(),
-        runtime: Runtime::Host,
-        targets: Targets::default(),
-        timeout_seconds: 60,
-        retries: 0,
-        env: BTreeMap::new(),
-        docker: Default::default(),
-        schedule: None,
-        next_run_at: None,
-        notify: Default::default(),
-        reschedule: false,
-        action: Default::default(),
-        dispatch: Some(DispatchPolicy {
+    let fields = super::super::tests::bash_fields(
+        name,
+        Some(DispatchPolicy {
             retry: RetryPolicy::default(),
             max_concurrency,
             ..Default::default()
         }),
-    };
+    );
     store.create_event(owner, &fields).await.unwrap().id
 }
 

@@ -35,15 +35,14 @@ async fn fixture() -> Fixture {
 }
 
 /// [`fixture`] with the event's dispatch policy.
-pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fixture {
-    let (db, store) = super::test_db::open_test_store().await;
-    let owner = store
-        .create_user("owner", "hash", Role::User)
-        .await
-        .unwrap()
-        .id;
-    let fields = EventFields {
-        name: "e".into(),
+/// A bash event running `true` on the host, no targets, named `name`; shared with the claim
+/// tests.
+pub(super) fn bash_fields(
+    name: &str,
+    dispatch: Option<super::dispatch::DispatchPolicy>,
+) -> EventFields {
+    EventFields {
+        name: name.into(),
         kind: EventKind::Bash,
         script: "true".into(),
         runtime: Runtime::Host,
@@ -57,8 +56,18 @@ pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fix
         notify: Default::default(),
         reschedule: false,
         action: Default::default(),
-        dispatch: Some(policy),
-    };
+        dispatch,
+    }
+}
+
+pub(super) async fn fixture_with(policy: super::dispatch::DispatchPolicy) -> Fixture {
+    let (db, store) = super::test_db::open_test_store().await;
+    let owner = store
+        .create_user("owner", "hash", Role::User)
+        .await
+        .unwrap()
+        .id;
+    let fields = bash_fields("e", Some(policy));
     let event = store.create_event(&owner, &fields).await.unwrap().id;
     Fixture {
         _db: db,
