@@ -253,6 +253,13 @@ pub async fn enroll(options: EnrollOptions) -> Result<Identity, EnrollError> {
         cert_pem: enrolled.certificate_pem,
         ca_pem: enrolled.ca_certificate_pem,
     })?;
+    // Replicas learned under an earlier identity are not this one's.
+    crate::conn::replicas::forget(&identity.state_dir).map_err(|source| IdentityError::Io {
+        path: identity
+            .state_dir
+            .join(crate::conn::replicas::REPLICAS_FILE),
+        source,
+    })?;
     tracing::info!(agent_id = %identity.agent_id, state_dir = %identity.state_dir.display(), "enrolled");
     Ok(identity)
 }

@@ -6,6 +6,8 @@
 //! - `ca.pem`: the control plane's CA certificate, the only trust root of the QUIC connection;
 //! - `agent.json`: `{agent_id, name, server_url, quic_addrs, server_name, ca_sha256}`, written
 //!   last, so its presence means the identity is complete.
+//! - `replicas.json` (optional): the control-plane replicas' addresses the agent learned
+//!   (`conn::replicas`).
 
 use std::fs;
 use std::io::{self, Write};
@@ -274,7 +276,7 @@ fn read_text(path: &Path) -> Result<String, IdentityError> {
 }
 
 /// Writes a 0600 file through a temporary sibling, fsyncs it and renames it into place.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), IdentityError> {
     let temporary = path.with_extension("tmp");
     let io_error = |source| IdentityError::Io {
         path: path.to_path_buf(),

@@ -318,7 +318,13 @@ pub async fn measure(
             options.jobs,
             options.clients,
         )
-        .await?;
+        .await
+        .with_context(|| {
+            format!(
+                "the control plane's last output:\n{}",
+                control_plane.process.tail()
+            )
+        })?;
         progress(&format!(
             "round {}: Cronium {:.0} jobs/s, {} jobs needed a second attempt",
             round + 1,
@@ -460,7 +466,16 @@ async fn cronium_round(
             .await?;
             let (completed, failed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             if failed > 0 {
-                bail!("{failed} jobs of {name} failed or were cancelled");
+                let reasons: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+                    "SELECT status, reason, attempt FROM jobs
+                     WHERE event_id = $1 AND status IN ('failed', 'cancelled') ORDER BY id LIMIT 5",
+                )
+                .bind(&event_id)
+                .fetch_all(database)
+                .await?;
+                bail!(
+                    "{failed} jobs of {name} failed or were cancelled (status, reason, attempt: {reasons:?})"
+                );
             }
             if completed as usize == jobs {
                 return anyhow::Ok(());

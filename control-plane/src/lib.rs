@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// The QUIC address(es) agents are told to dial; derived from the bind address when empty.
     pub quic_public_addrs: Vec<String>,
+    /// The base URL other replicas reach this replica's HTTP listener at (`--relay-url`);
+    /// `http://<bound HTTP address>` when `None`.
+    pub relay_url: Option<String>,
     pub encryption_key: EncryptionKey,
     /// How long an attempt's lease lasts without a heartbeat.
     pub lease: Duration,
@@ -89,6 +92,7 @@ impl ServerConfig {
             quic_addr: "127.0.0.1:0".parse().expect("loopback address"),
             public_url: None,
             quic_public_addrs: Vec::new(),
+            relay_url: None,
             encryption_key: EncryptionKey::from_base64(key).expect("a test key"),
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
@@ -155,6 +159,9 @@ impl Default for DockerImages {
 pub struct Settings {
     pub public_url: String,
     pub quic_public_addrs: Vec<String>,
+    /// The base URL other replicas reach this replica's HTTP listener at, without a trailing
+    /// `/` (`--relay-url`; in the replica registry, `store::replica_registry`).
+    pub relay_url: String,
     pub lease: Duration,
     pub heartbeat: Duration,
     pub docker_images: DockerImages,
@@ -437,6 +444,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     let reset_key =
         replicas::material::load_reset_key(&store, &config.encryption_key, &config.data_dir)
             .await?;
+    // The key of the terminal relay tokens between replicas (`terminals::relay_token`).
+    let relay_key = terminals::relay_token::load_key(&store, &config.encryption_key).await?;
     let endpoint = agents::bind_endpoint(config.quic_addr, &ca, &reset_key)?;
     let quic_addr = endpoint.local_addr().context("QUIC local address")?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -471,6 +480,12 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         config: Arc::new(Settings {
             public_url,
             quic_public_addrs,
+            relay_url: config
+                .relay_url
+                .clone()
+                .unwrap_or_else(|| local_url(http_addr))
+                .trim_end_matches('/')
+                .to_owned(),
             lease: config.lease,
             heartbeat: config.heartbeat,
             docker_images: config.docker_images.clone(),
@@ -493,7 +508,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
         database: Arc::default(),
         lease_reaper: Arc::new(Notify::new()),
         notifier: Arc::new(Notify::new()),
-        terminals: TerminalHub::default(),
+        terminals: TerminalHub::new(terminals::relay_token::RelayAuth::new(&relay_key)),
         schedules: Arc::new(Notify::new()),
         ssh: ssh::SshRunner::default(),
         actions: actions::ActionRunner::default(),
@@ -504,6 +519,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> anyhow:
     // Before anything can wake or notify: the other replicas' signals (PostgreSQL only).
     replicas::signals::start(&state);
     state.tasks.spawn(replicas::presence::run(state.clone()));
+    // In the replica registry before the first agent is accepted (PostgreSQL only).
+    replicas::membership::start(&state).await?;
     state.tasks.spawn(store::health::watch(
         state.store.clone(),
         state.database.clone(),

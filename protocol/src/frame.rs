@@ -330,6 +330,9 @@ mod tests {
                 state: crate::UpdateState::RolledBack,
                 reason: Some("did not connect".into()),
             }),
+            Message::ReplicaAddrs(crate::ReplicaAddrs {
+                quic_addrs: vec!["10.0.0.1:7443".into(), "[::1]:7443".into()],
+            }),
         ]
     }
 

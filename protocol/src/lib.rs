@@ -18,6 +18,7 @@ pub mod helper;
 pub mod http;
 pub mod job;
 pub mod mask;
+pub mod replicas;
 pub mod terminal;
 pub mod update;
 
@@ -34,6 +35,7 @@ pub use job::{
     JobSpec, JobStarted, LogAck, LogChunk, LogStream, RuntimeSpec, ScriptKind, SecretEnv,
 };
 pub use mask::{MASK, MIN_SECRET_LEN, Masker, StreamMasker};
+pub use replicas::{MAX_REPLICA_ADDRS, REPLICA_ADDRS_VERSION, ReplicaAddrs};
 pub use terminal::{
     MAX_TERMINAL_CHUNK, TerminalEnded, TerminalExit, TerminalInput, TerminalOpen, TerminalOpened,
     TerminalOutput, TerminalRefusal, TerminalResize,
@@ -48,8 +50,8 @@ pub const ALPN: &[u8] = b"cronium/1";
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks (2: [`Message::ReplicaAddrs`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard upper bound of one frame's payload, checked before any buffer is allocated.
 pub const MAX_FRAME_LEN: usize = 1024 * 1024;
@@ -123,6 +125,9 @@ pub enum Message {
     AgentUpdate(AgentUpdate),
     /// Agent → control plane, on the control stream: progress or outcome of a self-update.
     UpdateStatus(UpdateStatus),
+    /// Control plane → agent, on the control stream (version 2 and later): the QUIC addresses
+    /// of every live control-plane replica, after the welcome and when they change.
+    ReplicaAddrs(ReplicaAddrs),
 }
 
 impl Message {
@@ -158,6 +163,7 @@ impl Message {
             Message::TerminalEnded(_) => "terminal_ended",
             Message::AgentUpdate(_) => "agent_update",
             Message::UpdateStatus(_) => "update_status",
+            Message::ReplicaAddrs(_) => "replica_addrs",
         }
     }
 }

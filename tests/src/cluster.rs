@@ -355,6 +355,24 @@ impl TestCluster {
         .await
     }
 
+    /// [`TestCluster::start_on_database`] with more arguments for `cronium serve` (kept for
+    /// restarts and handed to [`TestCluster::start_replica_of`]'s replicas).
+    pub async fn start_on_database_with_args(
+        options: ClusterOptions,
+        database_url: &str,
+        args: &[&str],
+    ) -> Result<TestCluster> {
+        TestCluster::start_on(
+            options,
+            None,
+            args.iter().map(|arg| (*arg).to_owned()).collect(),
+            ServeIn::default(),
+            Some(database_url.to_owned()),
+            None,
+        )
+        .await
+    }
+
     /// Another replica of `primary`'s control plane: `cronium serve` with a data dir and ports of
     /// its own on the same PostgreSQL database with the same `ENCRYPTION_KEY`, the same settings,
     /// and `primary`'s admin token (tokens live in the database).
@@ -366,6 +384,26 @@ impl TestCluster {
             primary.options.clone(),
             primary.docker_images.clone(),
             primary.extra_args.clone(),
+            primary.serve_in.clone(),
+            Some(database_url),
+            Some((primary.encryption_key.clone(), primary.admin_token.clone())),
+        )
+        .await
+    }
+
+    /// [`TestCluster::start_replica_of`] with `args` for `cronium serve` instead of `primary`'s
+    /// own extra arguments (e.g. a `--quic-public-addrs` of its own), kept for restarts.
+    pub async fn start_replica_of_with_args(
+        primary: &TestCluster,
+        args: &[&str],
+    ) -> Result<TestCluster> {
+        let Some(database_url) = primary.database_url.clone() else {
+            bail!("replicas share a PostgreSQL database; this cluster runs on SQLite");
+        };
+        TestCluster::start_on(
+            primary.options.clone(),
+            primary.docker_images.clone(),
+            args.iter().map(|arg| (*arg).to_owned()).collect(),
             primary.serve_in.clone(),
             Some(database_url),
             Some((primary.encryption_key.clone(), primary.admin_token.clone())),

@@ -26,6 +26,7 @@ pub mod release;
 pub mod sse;
 pub mod sshd;
 pub mod terminal_client;
+pub mod udp_forward;
 pub mod webhook;
 
 use std::path::PathBuf;

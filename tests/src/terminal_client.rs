@@ -28,8 +28,18 @@ pub struct Terminal {
 impl Terminal {
     /// Opens `GET /api/v1/agents/{id}/terminal` and waits for the session id.
     pub async fn open(cluster: &TestCluster, agent_id: &str) -> Result<Terminal> {
+        Terminal::open_query(cluster, agent_id, "cols=100&rows=30").await
+    }
+
+    /// Opens `GET /api/v1/agents/{id}/terminal?{query}` (e.g. `cols=80&rows=24&session=S` to
+    /// re-attach) and waits for the session id.
+    pub async fn open_query(
+        cluster: &TestCluster,
+        agent_id: &str,
+        query: &str,
+    ) -> Result<Terminal> {
         let url = format!(
-            "{}/api/v1/agents/{agent_id}/terminal?cols=100&rows=30",
+            "{}/api/v1/agents/{agent_id}/terminal?{query}",
             cluster.api().base_url().replace("http://", "ws://")
         );
         let mut request = url.into_client_request()?;
@@ -125,6 +135,14 @@ impl Terminal {
                 ),
             }
         }
+    }
+
+    /// Sends a JSON control message (a text frame), e.g. a resize.
+    pub async fn control(&mut self, message: Value) -> Result<()> {
+        self.ws
+            .send(Message::text(message.to_string()))
+            .await
+            .context("send a control message")
     }
 
     /// Ends the session and waits for its exit message.

@@ -10,6 +10,11 @@
 //! through A; exactly one replica leads the scheduler (`cronium_scheduler_leader`), an
 //! every-second schedule fires each slot once with both running, and when the leader is
 //! SIGKILLed the other takes over and the slots go on, each still fired once.
+//!
+//! Failover: an agent enrolled through A (its `agent.json` names only A) is shown online with
+//! A's `connected_at` through B's `GET /agents`, learns B's address from A, and when A is
+//! SIGKILLed under a running job it connects to B by itself; the job's result and its whole log
+//! (the part A stored and the part B stored, nothing lost or doubled) are read through B.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -55,7 +60,8 @@ async fn ca_sha256(cluster: &TestCluster) -> Result<String> {
 }
 
 /// Stops `agent` under `from` and starts it again under `to`, its state dir pointing at `to`'s
-/// addresses (what an operator does today: agents do not fail over by themselves yet).
+/// addresses (an operator re-pointing an agent: the replicas it learned under other addresses
+/// are set aside, so it dials `to`).
 async fn move_agent(
     from: &mut TestCluster,
     to: &mut TestCluster,
@@ -277,5 +283,144 @@ async fn two_replicas_serve_one_fleet_and_one_scheduler_leads() -> Result<()> {
         .filter_map(|run| run["id"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(listed, run_ids, "runs of the event that no slot stands for");
+    Ok(())
+}
+
+/// The agent as `GET /api/v1/agents` lists it through `replica`.
+async fn listed_agent(replica: &TestCluster, agent_id: &str) -> Result<Value> {
+    let agents = replica.api().get_ok("/api/v1/agents").await?;
+    agents
+        .as_array()
+        .context("the agents list")?
+        .iter()
+        .find(|agent| agent["id"] == agent_id)
+        .cloned()
+        .with_context(|| format!("agent {agent_id} is not listed: {agents}"))
+}
+
+/// The replica addresses the agent learned (its state dir's `replicas.json`), if any.
+fn learned_replicas(agent: &EnrolledAgent) -> Result<Option<Vec<String>>> {
+    let path = agent.state_dir.join("replicas.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let file: Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            Ok(Some(serde_json::from_value(file["quic_addrs"].clone())?))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_to_another_replica_and_its_job_log_resumes() -> Result<()> {
+    // Declared first, dropped last: the control planes stop before their database.
+    let postgres = tokio::task::spawn_blocking(PgCluster::start).await??;
+    let url = postgres.create_database()?;
+    let options = ClusterOptions {
+        lease_seconds: None,
+        heartbeat_seconds: Some(1),
+    };
+    let mut a = TestCluster::start_on_database(options, &url).await?;
+    let b = TestCluster::start_replica_of(&a).await?;
+    let (a_addr, b_addr) = (a.quic_addr().to_string(), b.quic_addr().to_string());
+
+    // Enrolled through A, the agent knows A's address only.
+    let agent = a.enroll_agent("failover", &[]).await?;
+    let identity: Value =
+        serde_json::from_slice(&std::fs::read(agent.state_dir.join("agent.json"))?)?;
+    assert_eq!(identity["quic_addrs"], json!([a_addr]), "{identity}");
+    a.start_agent(&agent, &AgentOptions::default()).await?;
+
+    // With both up, B lists the agent connected to A as online, with A's connection time.
+    let on_a = listed_agent(&a, &agent.id).await?;
+    assert_eq!(on_a["status"], "online", "{on_a}");
+    assert!(on_a["connected_at"].is_string(), "{on_a}");
+    let through_b = b
+        .wait_until(SWITCH_TIMEOUT, "the agent online through B", || async {
+            let listed = listed_agent(&b, &agent.id).await?;
+            Ok((listed["status"] == "online").then_some(listed))
+        })
+        .await?;
+    assert_eq!(
+        through_b["connected_at"], on_a["connected_at"],
+        "{through_b}"
+    );
+    let shown = b
+        .api()
+        .get_ok(&format!("/api/v1/agents/{}", agent.id))
+        .await?;
+    assert_eq!(shown["status"], "online", "{shown}");
+    assert_eq!(shown["connected_at"], on_a["connected_at"], "{shown}");
+
+    // A tells the agent every live replica, itself first; the agent keeps them in its state dir.
+    let learned = a
+        .wait_until(SWITCH_TIMEOUT, "the agent to learn B's address", || async {
+            Ok(learned_replicas(&agent)?.filter(|learned| learned.contains(&b_addr)))
+        })
+        .await?;
+    assert_eq!(learned, [a_addr.clone(), b_addr.clone()]);
+
+    // A job that prints, waits for a release file, and prints again: its first line is stored
+    // through A.
+    let gate = a.dir().join("release");
+    let script = format!(
+        "echo before-failover; while [ ! -e '{}' ]; do sleep 0.05; done; echo after-failover",
+        gate.display()
+    );
+    let job_id = a
+        .run_single_job(&EventSpec::bash("long-job", &script).target(&agent.id))
+        .await?;
+    a.wait_until(JOB_TIMEOUT, "the first line stored through A", || async {
+        let logs = a.job_logs(&job_id).await?;
+        Ok((logs == b"before-failover\n").then_some(()))
+    })
+    .await?;
+
+    // A dies. Nobody tells the agent anything: it connects to B by itself (a new connection,
+    // so a new `connected_at`).
+    a.kill_control_plane()?;
+    b.wait_until(SWITCH_TIMEOUT, "the agent connected to B", || async {
+        let shown = b
+            .api()
+            .get_ok(&format!("/api/v1/agents/{}", agent.id))
+            .await?;
+        Ok(
+            (shown["status"] == "online" && shown["connected_at"] != on_a["connected_at"])
+                .then_some(()),
+        )
+    })
+    .await?;
+    let listed = listed_agent(&b, &agent.id).await?;
+    assert_eq!(listed["status"], "online", "{listed}");
+    assert_ne!(listed["connected_at"], on_a["connected_at"], "{listed}");
+    // B told it the replicas with B first.
+    b.wait_until(
+        SWITCH_TIMEOUT,
+        "B first in the learned replicas",
+        || async {
+            Ok(learned_replicas(&agent)?.filter(|learned| learned.first() == Some(&b_addr)))
+        },
+    )
+    .await?;
+
+    // The job kept running: released now, it ends through B with its whole log, each line once,
+    // in its first attempt.
+    std::fs::write(&gate, b"")?;
+    let job = b.wait_job_final(&job_id, JOB_TIMEOUT).await?;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    assert_eq!(job["agent_id"], json!(agent.id), "{job}");
+    assert_eq!(
+        String::from_utf8_lossy(&b.job_logs(&job_id).await?),
+        "before-failover\nafter-failover\n"
+    );
+
+    // And it takes new work through B.
+    let job_id = run_through(&b, &agent, "echo after-the-switch").await?;
+    assert_eq!(
+        String::from_utf8_lossy(&b.job_logs(&job_id).await?),
+        "after-the-switch\n"
+    );
     Ok(())
 }

@@ -111,8 +111,9 @@ fn main() -> ExitCode {
 /// test's store, in-process control plane and `TestCluster` gets a database of its own on it.
 /// Left out: `cronium dev` (embedded SQLite by design), the SQLite-only `cronium backup`, and the
 /// control plane's full disk (its data dir on a small tmpfs: the SQLite file's disk; a
-/// PostgreSQL server's disk is not the control plane's), and `pg_faults` (its tests start and
-/// stop a PostgreSQL cluster of their own in the first pass already; they would only repeat).
+/// PostgreSQL server's disk is not the control plane's), and `pg_faults` and `exactly_once` (their
+/// tests start a PostgreSQL cluster of their own in the first pass already; they would only
+/// repeat).
 /// Returns whether every test passed.
 fn postgres_pass(
     root: &Path,
@@ -159,7 +160,7 @@ fn postgres_pass(
     if nextest_args.is_empty() {
         nextest.args([
             "-E",
-            "(package(cronium-control-plane) | package(cronium-e2e)) & not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers) | binary(pg_faults))",
+            "(package(cronium-control-plane) | package(cronium-e2e)) & not (binary(dev) | test(/backup/) | test(a_full_control_plane_disk_answers_507_stores_nothing_partial_and_recovers) | binary(pg_faults) | binary(exactly_once))",
         ]);
     }
     nextest.args(nextest_args);

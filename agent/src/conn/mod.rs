@@ -11,8 +11,12 @@
 //! meanwhile.
 //! A `Reject` or a fatal close code (revoked, unknown agent, unsupported version) ends [`run`]
 //! with a [`FatalError`].
+//! With several control-plane replicas the agent is told every replica's address
+//! (`ReplicaAddrs`) and, when its connection is lost, dials the others first ([`replicas`]);
+//! its jobs keep running and their uploads resume on the new connection.
 
 pub(crate) mod backoff;
+pub(crate) mod replicas;
 pub(crate) mod upload;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -109,11 +113,13 @@ struct Claims {
 
 /// Keeps the agent connected until it exits or is refused for good.
 pub(crate) async fn run(options: ConnOptions, jobs: Jobs) -> Result<(), FatalError> {
+    let addresses = std::sync::Mutex::new(replicas::Addresses::load(&options.identity));
     let mut session = Session {
         options,
         jobs,
         ipv4: None,
         ipv6: None,
+        addresses,
     };
     let mut backoff = Backoff::new(RECONNECT_BASE, session.options.reconnect_max);
     let result = loop {
@@ -121,7 +127,13 @@ pub(crate) async fn run(options: ConnOptions, jobs: Jobs) -> Result<(), FatalErr
             break Ok(());
         }
         let end = match session.connect().await {
-            Ok(connection) => session.serve(&connection).await,
+            Ok((connection, address)) => {
+                let end = session.serve(&connection).await;
+                if matches!(end, SessionEnd::Lost { .. }) {
+                    session.addresses().lost(&address);
+                }
+                end
+            }
             Err(end) => end,
         };
         session.options.connection.send_replace(None);
@@ -158,13 +170,23 @@ struct Session {
     jobs: Jobs,
     ipv4: Option<Endpoint>,
     ipv6: Option<Endpoint>,
+    /// The configured and learned control-plane addresses, in dial order.
+    addresses: std::sync::Mutex<replicas::Addresses>,
 }
 
 impl Session {
-    /// Tries every address of every configured `host:port`, in order.
-    async fn connect(&mut self) -> Result<Connection, SessionEnd> {
+    fn addresses(&self) -> std::sync::MutexGuard<'_, replicas::Addresses> {
+        // Every method leaves the addresses consistent, so a poisoned lock is still usable.
+        self.addresses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Tries every address of every known `host:port` (learned replicas, then the configured
+    /// ones), in order; returns the connection and the `host:port` it was dialled at.
+    async fn connect(&mut self) -> Result<(Connection, String), SessionEnd> {
         let mut last_error = "no QUIC address configured".to_owned();
-        let addresses = self.options.identity.quic_addrs.clone();
+        let addresses = self.addresses().dial_order();
         for address in &addresses {
             let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(address.as_str()).await {
                 Ok(resolved) => resolved.collect(),
@@ -197,7 +219,7 @@ impl Session {
                     () = self.options.exit.cancelled() => return Err(SessionEnd::Exit),
                 };
                 match attempt {
-                    Ok(Ok(connection)) => return Ok(connection),
+                    Ok(Ok(connection)) => return Ok((connection, address.clone())),
                     Ok(Err(error)) => {
                         if let Some(fatal) = fatal_close(&error) {
                             return Err(SessionEnd::Fatal(fatal));
@@ -301,6 +323,7 @@ impl Session {
         for attempt in &welcome.abandon {
             self.jobs.abandon(attempt);
         }
+        self.addresses().connected();
         tracing::info!(
             agent_id = %welcome.agent_id,
             remote = %connection.remote_address(),
@@ -435,9 +458,30 @@ impl Session {
                 }
             }
             Message::AgentUpdate(update) => self.options.updater.announce(update.version),
+            Message::ReplicaAddrs(replicas) => self.learn_replicas(&replicas.quic_addrs),
             other => return Err(SessionError::Protocol(other.name())),
         }
         Ok(())
+    }
+
+    /// Keeps the replica addresses the control plane told (bounded and validated: network
+    /// input), stored in the state dir when they changed.
+    fn learn_replicas(&self, offered: &[String]) {
+        let mut addresses = self.addresses();
+        match addresses.learn(offered) {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    tracing::warn!(
+                        dropped,
+                        "ignored invalid or repeated replica addresses from the control plane"
+                    );
+                }
+                tracing::debug!(replicas = ?addresses.learned(), "control-plane replicas");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not store the control-plane replicas' addresses")
+            }
+        }
     }
 
     /// Sends a claim when slots are free, work may be waiting, none is in flight and the agent is

@@ -8,8 +8,8 @@ use anyhow::{Context, anyhow, bail};
 use cronium_protocol::hello::Hello;
 use cronium_protocol::{
     AttemptRef, ClaimDone, CloseCode, DockerSpec, FrameDecoder, HeartbeatAck, JobSpec,
-    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, Reject, RejectCode, RuntimeSpec, ScriptKind,
-    Welcome, negotiate,
+    MIN_PROTOCOL_VERSION, Message, PROTOCOL_VERSION, REPLICA_ADDRS_VERSION, Reject, RejectCode,
+    ReplicaAddrs, RuntimeSpec, ScriptKind, Welcome, negotiate,
 };
 use rustls_pki_types::CertificateDer;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -162,7 +162,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         // reconnecting uploads.
         connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
         let mut registration = state.registry.register(&agent.id, connection.clone(), established_at);
-        crate::replicas::presence::connected(&state, &agent.id).await;
+        crate::replicas::presence::connected(&state, &agent.id, established_at).await;
         state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
         info!(version = %hello.agent_version, running = hello.running.len(), "agent connected");
         let welcome = Welcome {
@@ -181,6 +181,13 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         let announcement = super::update::announcement_for(&state, &agent_now).await?;
         if announcement.version.is_some() {
             write_message(&mut send, &Message::AgentUpdate(announcement)).await?;
+        }
+        // The replicas it may fail over to (PostgreSQL; agents of protocol version 2 and later),
+        // now and whenever they change.
+        let tells_replicas = version >= REPLICA_ADDRS_VERSION;
+        let mut replica_addrs = state.replicas.agent_addrs();
+        if tells_replicas {
+            send_replica_addrs(&mut send, &mut replica_addrs).await?;
         }
 
         let streams = {
@@ -230,6 +237,9 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
                             return Ok(());
                         }
                     }
+                    Ok(()) = replica_addrs.changed(), if tells_replicas => {
+                        send_replica_addrs(&mut send, &mut replica_addrs).await?;
+                    }
                     _ = registration.wake.notified() => {
                         write_message(&mut send, &Message::WorkAvailable).await?;
                     }
@@ -258,6 +268,18 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
     }
     .instrument(span)
     .await
+}
+
+/// Sends the replicas' current QUIC addresses (`ReplicaAddrs`), if there are any.
+async fn send_replica_addrs(
+    send: &mut quinn::SendStream,
+    addresses: &mut tokio::sync::watch::Receiver<Vec<String>>,
+) -> anyhow::Result<()> {
+    let quic_addrs = addresses.borrow_and_update().clone();
+    if !quic_addrs.is_empty() {
+        write_message(send, &Message::ReplicaAddrs(ReplicaAddrs { quic_addrs })).await?;
+    }
+    Ok(())
 }
 
 /// What the hello changes: attempts the agent must drop, and attempts it must cancel.

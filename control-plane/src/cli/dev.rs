@@ -75,6 +75,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         quic_addr: args.quic_addr,
         public_url: None,
         quic_public_addrs: Vec::new(),
+        relay_url: None,
         encryption_key: EncryptionKey::from_base64(&key)?,
         lease: Duration::from_secs(30),
         heartbeat: Duration::from_secs(5),

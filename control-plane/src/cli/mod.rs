@@ -119,6 +119,13 @@ pub struct ServeArgs {
     /// QUIC address(es) agents are told to dial (comma-separated host:port); default: derived from --quic and --public-url.
     #[arg(long, env = "CRONIUM_QUIC_PUBLIC_ADDRS", value_delimiter = ',')]
     quic_public_addrs: Vec<String>,
+    /// With several replicas on one PostgreSQL database: the base URL (http://host:port) at which
+    /// the other replicas reach THIS replica's HTTP listener directly, not through a load
+    /// balancer (terminals are relayed to the replica an agent is connected to); plain HTTP, so a
+    /// private network address. Default: http://<the --http address> (127.0.0.1 for 0.0.0.0),
+    /// enough when every replica runs on one host.
+    #[arg(long, env = "CRONIUM_RELAY_URL", value_parser = parse_relay_url)]
+    relay_url: Option<reqwest::Url>,
     /// Base64 of 32 bytes that encrypts stored secrets. Required; never logged.
     #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
     encryption_key: Option<String>,
@@ -239,6 +246,30 @@ impl TerminalArgs {
             recording: self.terminal_recording,
         })
     }
+}
+
+/// Parses `--relay-url`: an `http` URL with a host and nothing after the port but an optional
+/// `/` (no credentials, path, query or fragment). Replicas relay to each other over plain HTTP
+/// (`terminals::remote`).
+fn parse_relay_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text.trim())
+        .map_err(|error| format!("{text:?} is not a URL ({error}); e.g. http://10.0.0.5:8080"))?;
+    if url.scheme() != "http" || url.host_str().is_none() {
+        return Err(format!(
+            "{text:?} must be an http:// URL with a host, e.g. http://10.0.0.5:8080 (replicas relay to each other over plain HTTP)"
+        ));
+    }
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(format!(
+            "{text:?} must be a base URL (scheme, host, port) without credentials, path or query"
+        ));
+    }
+    Ok(url)
 }
 
 /// Parses a duration: seconds (`90`) or a number with a unit (`500ms`, `90s`, `10m`, `1h`);
@@ -893,6 +924,7 @@ fn server_config(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         quic_addr: args.quic_addr,
         public_url: args.public_url,
         quic_public_addrs: args.quic_public_addrs,
+        relay_url: args.relay_url.map(|url| url.to_string()),
         encryption_key: EncryptionKey::from_base64(key)?,
         lease: Duration::from_secs(args.lease_seconds.max(1)),
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
@@ -1095,5 +1127,51 @@ mod runtime_args_tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("-1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod relay_url_tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut argv = vec!["cronium", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Serve(serve) => Ok(serve),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_relay_url_is_an_http_base_url() {
+        assert_eq!(serve(&[]).unwrap().relay_url, None);
+        for (given, stored) in [
+            ("http://10.0.0.5:8080", "http://10.0.0.5:8080/"),
+            ("http://a.internal:8080/", "http://a.internal:8080/"),
+            ("http://[fd00::5]:8080", "http://[fd00::5]:8080/"),
+        ] {
+            let parsed = serve(&["--relay-url", given]).unwrap().relay_url.unwrap();
+            assert_eq!(parsed.as_str(), stored);
+        }
+        for refused in [
+            "",
+            "10.0.0.5:8080",
+            "https://a.internal:8080",
+            "ftp://a.internal",
+            "http://user:secret@a.internal:8080",
+            "http://a.internal:8080/api",
+            "http://a.internal:8080/?x=1",
+            "http://a.internal:8080/#top",
+        ] {
+            let error = serve(&["--relay-url", refused]).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{refused:?}: {error}"
+            );
+        }
     }
 }

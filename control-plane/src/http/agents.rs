@@ -18,6 +18,7 @@ use crate::AppState;
 use crate::crypto::sha256_hex;
 use crate::store::agents::{Agent, NewAgent, TokenRefusal};
 use crate::store::now_ms;
+use crate::store::replica_registry::AgentPresence;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -27,9 +28,19 @@ pub fn router() -> Router<AppState> {
         .route("/agents/{id}", get(show).delete(revoke).patch(update))
 }
 
-/// The API view of an agent.
-pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
-    let live = state.registry.last_seen(&agent.id);
+/// The API view of an agent; `elsewhere` is its connection to another replica, if it has one
+/// (`replicas::presence`): an agent connected to this replica or to another one is online.
+pub fn agent_json(state: &AppState, agent: &Agent, elsewhere: Option<&AgentPresence>) -> Value {
+    let (live, connected_at) = match state.registry.last_seen(&agent.id) {
+        Some(seen) => (Some(seen), state.registry.connected_at(&agent.id)),
+        None => match elsewhere {
+            Some(presence) => (
+                Some(presence.seen_at.max(agent.last_seen_at.unwrap_or(0))),
+                presence.connected_at,
+            ),
+            None => (None, None),
+        },
+    };
     json!({
         "id": agent.id,
         "name": agent.name,
@@ -38,7 +49,7 @@ pub fn agent_json(state: &AppState, agent: &Agent) -> Value {
         "version": agent.version,
         "hostname": agent.hostname,
         "last_seen_at": timestamp(live.or(agent.last_seen_at)),
-        "connected_at": timestamp(live.and(state.registry.connected_at(&agent.id))),
+        "connected_at": timestamp(live.and(connected_at)),
         "created_at": timestamp(Some(agent.created_at)),
         "revoked_at": timestamp(agent.revoked_at),
         "docker": agent.docker,
@@ -63,10 +74,11 @@ async fn ca_certificate(State(state): State<AppState>) -> impl axum::response::I
 
 async fn list(State(state): State<AppState>, _user: CurrentUser) -> ApiResult<Json<Value>> {
     let agents = state.store.agents().await?;
+    let elsewhere = crate::replicas::presence::elsewhere(&state).await?;
     Ok(Json(Value::Array(
         agents
             .iter()
-            .map(|agent| agent_json(&state, agent))
+            .map(|agent| agent_json(&state, agent, elsewhere.get(&agent.id)))
             .collect(),
     )))
 }
@@ -81,7 +93,8 @@ async fn show(
         .agent(&id)
         .await
         .map_err(|_| ApiError::NotFound("agent"))?;
-    Ok(Json(agent_json(&state, &agent)))
+    let elsewhere = crate::replicas::presence::elsewhere_of(&state, &agent.id).await?;
+    Ok(Json(agent_json(&state, &agent, elsewhere.as_ref())))
 }
 
 async fn revoke(
@@ -145,7 +158,8 @@ async fn update(
         .agent(&id)
         .await
         .map_err(|_| ApiError::NotFound("agent"))?;
-    Ok(Json(agent_json(&state, &agent)))
+    let elsewhere = crate::replicas::presence::elsewhere_of(&state, &agent.id).await?;
+    Ok(Json(agent_json(&state, &agent, elsewhere.as_ref())))
 }
 
 #[derive(Deserialize)]

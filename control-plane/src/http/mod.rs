@@ -18,6 +18,7 @@ pub mod jobs;
 pub(crate) mod pool;
 pub mod run_events;
 pub mod servers;
+pub mod terminal_relay;
 pub mod terminals;
 pub mod tools;
 pub mod ui;
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .merge(run_events::router())
         .merge(servers::router())
         .merge(terminals::router())
+        .merge(terminal_relay::router())
         .merge(tools::router())
         .merge(users::router())
         .merge(variables::router())

@@ -12,6 +12,10 @@
 //! tests) may omit it. The missing-`Origin` refusal comes last so that the console, whose plain
 //! same-origin GET of this URL carries no `Origin`, learns why a socket was refused (no grant,
 //! limit, …); such a GET never upgrades, so it opens nothing either way.
+//!
+//! With several replicas, an agent connected to another replica is online too: after the same
+//! checks the viewer is relayed to that replica (`terminals::remote`), and a recording that
+//! replica wrote is read through it.
 
 use std::collections::HashMap;
 
@@ -32,10 +36,13 @@ use crate::AppState;
 use crate::store::terminals::TerminalSession;
 use crate::store::users::Role;
 use crate::terminals::relay::Relay;
+use crate::terminals::relay_token::Grant;
+use crate::terminals::remote::{self, RemoteRelay};
 use crate::terminals::{TerminalSettings, normalize_origin, valid_session_id};
 
-/// Largest WebSocket message (and frame) accepted from a browser.
-const MAX_WS_MESSAGE: usize = 64 * 1024;
+/// Largest WebSocket message (and frame) accepted from a browser (and from a replica relaying
+/// one, `http::terminal_relay`).
+pub(super) const MAX_WS_MESSAGE: usize = 64 * 1024;
 
 /// Sessions listed at most by `GET /terminal-sessions`.
 const MAX_LISTED: u32 = 500;
@@ -197,11 +204,18 @@ async fn open(
         };
         recording = found.recording.map(Into::into);
     }
-    let Some(connection) = state.registry.connection(&agent_id) else {
-        return Err(ApiError::Conflict(format!(
-            "agent {} is offline: a terminal needs its connection to the control plane",
-            agent.name
-        )));
+    // Connected here, or to another replica (then relayed there), or offline.
+    let link = match state.registry.connection(&agent_id) {
+        Some(connection) => Link::Local(connection),
+        None => match remote::locate(&state, &agent_id).await? {
+            Some(target) => Link::Remote(target),
+            None => {
+                return Err(ApiError::Conflict(format!(
+                    "agent {} is offline: a terminal needs its connection to the control plane",
+                    agent.name
+                )));
+            }
+        },
     };
     let reservation = if session.is_none() {
         let (reservation, pending_user, pending_agent) =
@@ -211,10 +225,19 @@ async fn open(
             .store
             .open_terminal_sessions_by_agent(Some(&user.0.id))
             .await?;
-        // Sessions on offline agents cannot be used now and do not count.
+        // Sessions on offline agents cannot be used now and do not count; agents connected
+        // to another replica are online.
+        let not_here: Vec<String> = open_by_user
+            .iter()
+            .filter(|(agent, _)| state.registry.last_seen(agent).is_none())
+            .map(|(agent, _)| agent.clone())
+            .collect();
+        let elsewhere = crate::replicas::presence::connected_elsewhere(&state, &not_here).await;
         let user_open: u32 = open_by_user
             .iter()
-            .filter(|(agent, _)| state.registry.last_seen(agent).is_some())
+            .filter(|(agent, _)| {
+                state.registry.last_seen(agent).is_some() || elsewhere.contains(agent)
+            })
             .map(|(_, count)| count)
             .sum();
         let agent_open: u32 = open_by_agent
@@ -243,6 +266,29 @@ async fn open(
         Ok(upgrade) => upgrade,
         Err(rejection) => return Ok(rejection.into_response()),
     };
+    let tasks = state.tasks.clone();
+    let upgrade = upgrade
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE);
+    let connection = match link {
+        Link::Local(connection) => connection,
+        Link::Remote(target) => {
+            // The other replica opens the stream, records and writes the session row.
+            let relay = RemoteRelay {
+                state: state.clone(),
+                target,
+                grant: Grant::Terminal {
+                    agent: agent_id,
+                    user: user.0.id,
+                    session,
+                    cols,
+                    rows,
+                },
+                reservation,
+            };
+            return Ok(upgrade.on_upgrade(move |socket| tasks.track_future(relay.run(socket))));
+        }
+    };
     let relay = Relay {
         state: state.clone(),
         connection,
@@ -255,11 +301,15 @@ async fn open(
         record: settings.recording && agent.record_terminals,
         reservation,
     };
-    let tasks = state.tasks.clone();
-    Ok(upgrade
-        .max_message_size(MAX_WS_MESSAGE)
-        .max_frame_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| tasks.track_future(relay.run(socket))))
+    Ok(upgrade.on_upgrade(move |socket| tasks.track_future(relay.run(socket))))
+}
+
+/// Where an online agent's terminal stream is opened.
+enum Link {
+    /// On its connection to this replica.
+    Local(quinn::Connection),
+    /// By the replica it is connected to.
+    Remote(remote::Target),
 }
 
 /// `GET /agents/{id}/grants` (admins): who may use this agent's terminal.
@@ -393,17 +443,30 @@ async fn recording(
     if session.recording.is_none() || !valid_session_id(&session.id) {
         return Err(ApiError::NotFound("recording"));
     }
+    if let Some(response) = recording_file(&state, &session.id).await? {
+        return Ok(response);
+    }
+    // Written by another replica (the one that held the agent's stream)?
+    remote::fetch_recording(&state, &session.id, &user.0.id)
+        .await?
+        .ok_or(ApiError::NotFound("recording"))
+}
+
+/// The recording file of session `id` in this replica's data dir, streamed; `None` if it is
+/// not here.
+pub(super) async fn recording_file(state: &AppState, id: &str) -> ApiResult<Option<Response>> {
+    if !valid_session_id(id) {
+        return Ok(None);
+    }
     // The path is derived from the (validated) id, never taken from elsewhere.
     let path = state
         .config
         .terminals
         .recordings_dir
-        .join(format!("{}.cast", session.id));
+        .join(format!("{id}.cast"));
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::NotFound("recording"));
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(anyhow::Error::new(error).into()),
     };
     let chunks = futures_util::stream::unfold(file, |mut file| async move {
@@ -418,17 +481,19 @@ async fn recording(
             Err(error) => Some((Err(error), file)),
         }
     });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-asciicast".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{}.cast\"", session.id),
-            ),
-        ],
-        Body::from_stream(chunks),
-    )
-        .into_response())
+    Ok(Some(
+        (
+            [
+                (header::CONTENT_TYPE, "application/x-asciicast".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{id}.cast\""),
+                ),
+            ],
+            Body::from_stream(chunks),
+        )
+            .into_response(),
+    ))
 }
 
 #[cfg(test)]

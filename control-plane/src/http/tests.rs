@@ -1455,4 +1455,5 @@ mod dispatch;
 mod pool;
 mod run_events;
 mod security;
+mod terminal_relay;
 mod users;

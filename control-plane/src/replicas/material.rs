@@ -21,8 +21,9 @@ pub const RESET_KEY_SECRET: &str = "quic_reset_key";
 /// The reset key file of data dirs from before the key moved into the database.
 pub const RESET_KEY_FILE: &str = "quic-reset.key";
 
-/// The shared secret `name`: the stored one, else `candidate()`'s, inserted if still absent.
-async fn shared_secret(
+/// The shared secret `name`: the stored one, else `candidate()`'s, inserted if still absent
+/// (also the terminal relay key, `terminals::relay_token`).
+pub(crate) async fn shared_secret(
     store: &Store,
     key: &EncryptionKey,
     name: &str,

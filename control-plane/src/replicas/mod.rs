@@ -10,19 +10,23 @@
 //!   `pg_notify` and replayed by one `PgListener` task on every replica;
 //! - [`leader`]: the scheduler runs only on the replica holding the leader advisory lock;
 //! - [`presence`]: which replica each agent is connected to, so that an agent connected to
-//!   another replica does not count as offline (the dispatcher's offline skip).
+//!   another replica does not count as offline (the dispatcher's offline skip, `GET /agents`);
+//! - [`membership`]: the replica registry (`replicas`, migration 0025): each replica's QUIC
+//!   addresses and relay URL, announced at start, refreshed, retired on a graceful stop; the
+//!   QUIC addresses of every live replica are what agents are told to fail over to.
 //!
 //! On SQLite there is one control plane: nothing is sent, and it is always the leader.
 
 pub mod leader;
 pub mod material;
+pub mod membership;
 pub mod presence;
 pub mod signals;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Something another replica may have to act on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +91,9 @@ struct Inner {
     postgres_url: Option<String>,
     leader: AtomicBool,
     outbox: Outbox,
+    /// The QUIC addresses of every live replica, this one's first (`membership`); empty on
+    /// SQLite and until the first announce.
+    agent_addrs: watch::Sender<Vec<String>>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -112,6 +119,7 @@ impl Replicas {
                 leader: AtomicBool::new(postgres_url.is_none()),
                 postgres_url,
                 outbox: Outbox::default(),
+                agent_addrs: watch::Sender::new(Vec::new()),
             }),
         }
     }
@@ -138,6 +146,23 @@ impl Replicas {
     /// The outbox the registry and the job notifications hand other replicas' signals to.
     pub fn outbox(&self) -> &Outbox {
         &self.inner.outbox
+    }
+
+    /// The QUIC addresses of every live replica, this one's first, as agents are told them
+    /// (`Message::ReplicaAddrs`); empty when there is nothing to tell (SQLite).
+    pub fn agent_addrs(&self) -> watch::Receiver<Vec<String>> {
+        self.inner.agent_addrs.subscribe()
+    }
+
+    /// Replaces the addresses agents are told; connected agents hear of a change.
+    fn set_agent_addrs(&self, addresses: Vec<String>) {
+        self.inner.agent_addrs.send_if_modified(|current| {
+            let changed = *current != addresses;
+            if changed {
+                *current = addresses;
+            }
+            changed
+        });
     }
 
     fn postgres_url(&self) -> Option<&str> {

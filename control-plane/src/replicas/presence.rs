@@ -1,18 +1,20 @@
 //! Which replica each agent is connected to, so a replica can tell an agent connected to another
 //! one from an offline agent (PostgreSQL only; on SQLite the registry is the whole truth).
 //!
-//! A replica records an agent in `agent_presence` (migration 0024) when it connects, refreshes
+//! A replica records an agent in `agent_presence` (migrations 0024, 0025: with the time its
+//! connection was established) when it connects, refreshes
 //! the rows of its agents every [`REFRESH`], and deletes the row when the agent disconnects (only
 //! its own row: the agent may already be connected to another replica). A row not refreshed for
 //! [`STALE_AFTER`] belongs to a replica that died and counts for nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tracing::warn;
 
 use crate::AppState;
-use crate::store::now_ms;
+use crate::store::replica_registry::AgentPresence;
+use crate::store::{StoreResult, now_ms};
 
 /// How often a replica refreshes the presence of its agents.
 pub const REFRESH: Duration = Duration::from_secs(10);
@@ -20,14 +22,15 @@ pub const REFRESH: Duration = Duration::from_secs(10);
 /// How old a presence row may be and still count.
 pub const STALE_AFTER: Duration = Duration::from_secs(35);
 
-/// Records that `agent_id` just connected to this replica.
-pub async fn connected(state: &AppState, agent_id: &str) {
+/// Records that `agent_id` just connected to this replica, its connection established at
+/// `connected_at`.
+pub async fn connected(state: &AppState, agent_id: &str, connected_at: i64) {
     if !state.replicas.is_shared() {
         return;
     }
     if let Err(error) = state
         .store
-        .record_presence(state.replicas.id(), &[agent_id.to_owned()], now_ms())
+        .record_connection(state.replicas.id(), agent_id, connected_at, now_ms())
         .await
     {
         warn!(%error, "could not record the agent's presence");
@@ -74,6 +77,33 @@ pub async fn run(state: AppState) {
             warn!(%error, "could not refresh the agents' presence");
         }
     }
+}
+
+/// The agents connected to another replica, by id, with their connections (none on SQLite).
+pub async fn elsewhere(state: &AppState) -> StoreResult<HashMap<String, AgentPresence>> {
+    if !state.replicas.is_shared() {
+        return Ok(HashMap::new());
+    }
+    state
+        .store
+        .presence_elsewhere(state.replicas.id(), fresh_since())
+        .await
+}
+
+/// The connection of `agent_id` to another replica, if it has one (none on SQLite).
+pub async fn elsewhere_of(state: &AppState, agent_id: &str) -> StoreResult<Option<AgentPresence>> {
+    if !state.replicas.is_shared() {
+        return Ok(None);
+    }
+    state
+        .store
+        .presence_of_elsewhere(state.replicas.id(), agent_id, fresh_since())
+        .await
+}
+
+/// The oldest `seen_at` of a presence row that still counts.
+fn fresh_since() -> i64 {
+    now_ms() - STALE_AFTER.as_millis() as i64
 }
 
 /// Those of `agent_ids` connected to another replica (none on SQLite).

@@ -2,7 +2,8 @@
 //! database on the suite's server in the PostgreSQL pass), so these run in both passes: job
 //! changes cross to the other replica, the scheduler has one leader and another replica takes
 //! over when it stops, and a listener that lost its connection wakes its agents after it
-//! reconnected (a job whose notification nobody heard is not stranded).
+//! reconnected (a job whose notification nobody heard is not stranded); replicas register in the
+//! replica registry, tell their agents each other's addresses and retire when stopped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -137,6 +138,68 @@ async fn job_changes_cross_replicas_and_a_stopped_leader_is_replaced() {
     .await;
     follower.state.shutdown.cancel();
     follower.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_register_tell_agents_of_each_other_and_retire_when_stopped() {
+    let (_cluster, url) = database().await;
+    let key = EncryptionKey::generate_base64();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = replica(dirs[0].path(), &url, &key).await;
+    let b = replica(dirs[1].path(), &url, &key).await;
+    let (a_quic, b_quic) = (a.quic_addr.to_string(), b.quic_addr.to_string());
+
+    // Each announced itself at start, with its QUIC addresses and its HTTP listener as relay URL.
+    let live = a
+        .state
+        .store
+        .live_replicas(crate::store::now_ms(), 60_000)
+        .await
+        .unwrap();
+    let mut seen: Vec<(String, Vec<String>, String)> = live
+        .into_iter()
+        .map(|replica| (replica.id, replica.quic_addrs, replica.relay_url))
+        .collect();
+    seen.sort();
+    let mut expected = vec![
+        (
+            a.state.replicas.id().to_owned(),
+            vec![a_quic.clone()],
+            a.local_url(),
+        ),
+        (
+            b.state.replicas.id().to_owned(),
+            vec![b_quic.clone()],
+            b.local_url(),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert_eq!(a.state.config.relay_url, a.local_url());
+
+    // B, started second, tells its agents both (itself first) from the start; A learns of B
+    // at its next refresh.
+    assert_eq!(
+        *b.state.replicas.agent_addrs().borrow(),
+        [b_quic.clone(), a_quic.clone()]
+    );
+    let on_a = a.state.replicas.agent_addrs();
+    wait_for("A to learn B's address", async || {
+        *on_a.borrow() == [a_quic.clone(), b_quic.clone()]
+    })
+    .await;
+
+    // A graceful stop retires B's row at once; A stops telling its agents about B.
+    let b_id = b.state.replicas.id().to_owned();
+    b.state.shutdown.cancel();
+    b.wait().await;
+    assert_eq!(a.state.store.replica(&b_id).await.unwrap(), None);
+    wait_for("A to forget B's address", async || {
+        *on_a.borrow() == [a_quic.clone()]
+    })
+    .await;
+    a.state.shutdown.cancel();
+    a.wait().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,66 +1,27 @@
-//! Claims of many agents in one write operation (SQLite).
+//! Claims of many agents in one write operation (SQLite; `batch` says how requests are batched).
 //!
-//! When a fan-out wakes a thousand agents at once, each asks to claim. One write operation per
-//! claim costs a savepoint, the claim, a read of the job's secret environment and a release:
-//! four statements, each a round trip to the writing connection's thread, all in the single
-//! writer's sequence. Here a claim joins the batch that is waiting for the writer: the first
-//! claim of a batch submits one operation, later claims only join it, and the operation takes
-//! every claim waiting when the writer runs it. It then claims for each agent in arrival order
-//! (one `UPDATE … RETURNING` each, so `max_concurrency`, batches and pool jobs behave exactly as
-//! before: the claims still run one after another inside the one writer) and reads the secret
+//! The operation claims for each waiting agent in arrival order (one `UPDATE … RETURNING` each,
+//! so `max_concurrency`, rollout batches and pool jobs behave exactly as for single claims: the
+//! claims still run one after another inside the one writer) and then reads the secret
 //! environment of every claimed job in one query.
-//!
-//! Answers are given only after the group commit that holds the batch: the claims of a batch
-//! are committed, or fail, together. A failure answers every claim of the batch with the error.
-
-use std::sync::{Arc, Mutex};
 
 use sqlx::{AssertSqlSafe, Row as _};
-use tokio::sync::oneshot;
 
 use super::jobs::ClaimedJob;
-use super::{Backend, StoreError, StoreResult, now_ms, write_op};
+use super::{Backend, StoreResult, now_ms};
 
 /// Most jobs whose secret environment one query reads (bound parameters).
 const SECRETS_PER_QUERY: usize = 500;
 
-/// A claim waiting for its batch.
-struct ClaimRequest {
-    agent_id: String,
-    limit: u32,
-    lease_until: i64,
-    /// The claim's time, if the caller fixes it (tests); the writer's clock otherwise.
-    now: Option<i64>,
-    reply: oneshot::Sender<StoreResult<Vec<ClaimedJob>>>,
-}
+/// A claim waiting for its batch: `(agent, limit, lease_until, now)`; `now` is the claim's time
+/// if the caller fixes it (tests), the writer's clock otherwise.
+pub(crate) type ClaimRequest = (String, u32, i64, Option<i64>);
 
-#[derive(Default)]
-struct Waiting {
-    requests: Vec<ClaimRequest>,
-    /// A submitted operation has not taken the waiting claims yet.
-    submitted: bool,
-}
-
-/// The claims waiting for the writer; shared by every clone of a store.
-#[derive(Default, Clone)]
-pub(crate) struct ClaimBatches {
-    waiting: Arc<Mutex<Waiting>>,
-}
-
-impl std::fmt::Debug for ClaimBatches {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("ClaimBatches")
-    }
-}
-
-fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
-    waiting
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// The claims waiting for the writer.
+pub(crate) type ClaimBatches = super::batch::Batches<ClaimRequest, Vec<ClaimedJob>>;
 
 impl super::Store {
-    /// Claims through the current batch (see the module). `limit` is at least 1.
+    /// Claims through the current batch. `limit` is at least 1.
     pub(super) async fn claim_batched(
         &self,
         agent_id: &str,
@@ -68,76 +29,17 @@ impl super::Store {
         lease_until: i64,
         now: Option<i64>,
     ) -> StoreResult<Vec<ClaimedJob>> {
-        let (reply, answer) = oneshot::channel();
-        let submit = {
-            let mut waiting = lock(&self.claims.waiting);
-            waiting.requests.push(ClaimRequest {
-                agent_id: agent_id.to_string(),
-                limit,
-                lease_until,
-                now,
-                reply,
-            });
-            !std::mem::replace(&mut waiting.submitted, true)
-        };
-        if submit {
-            // Its own task: the answers of every claim in the batch must be given even if this
-            // caller stops waiting (its agent disconnected). It ends with the write.
-            tokio::spawn(self.clone().submit_claim_batch());
-        }
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
-    }
-
-    /// Submits the operation that takes the waiting claims, waits for its commit and answers
-    /// each claim it took.
-    async fn submit_claim_batch(self) {
-        let batches = self.claims.clone();
-        let taken: Arc<Mutex<Vec<ClaimRequest>>> = Arc::default();
         let backend = self.backend();
-        let taken_by_operation = taken.clone();
-        let result = write_op!(self, |conn| async {
-            let requests = {
-                let mut waiting = lock(&batches.waiting);
-                waiting.submitted = false;
-                std::mem::take(&mut waiting.requests)
-            };
-            let mut claims = Vec::with_capacity(requests.len());
-            for request in &requests {
-                claims.push((
-                    request.agent_id.clone(),
-                    request.limit,
-                    request.lease_until,
-                    request.now,
-                ));
-            }
-            *taken_by_operation
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = requests;
-            claim_all_in(conn, backend, &claims).await
-        })
-        .await;
-        let mut requests = std::mem::take(&mut *taken.lock().unwrap_or_else(|p| p.into_inner()));
-        if result.is_err() && requests.is_empty() {
-            // The operation never ran (the writer could not begin, or is gone): the claims are
-            // still waiting, and no other operation was submitted for them.
-            let mut waiting = lock(&self.claims.waiting);
-            waiting.submitted = false;
-            requests = std::mem::take(&mut waiting.requests);
-        }
-        match result {
-            Ok(answers) => {
-                for (request, claimed) in requests.into_iter().zip(answers) {
-                    let _ = request.reply.send(Ok(claimed));
-                }
-            }
-            Err(error) => {
-                for request in requests {
-                    let _ = request.reply.send(Err(error.duplicate()));
-                }
-            }
-        }
+        let request = (agent_id.to_string(), limit, lease_until, now);
+        self.batched(
+            &self.claims,
+            request,
+            move |mut connection, claims| async move {
+                let answers = claim_all_in(&mut connection, backend, &claims).await;
+                (connection, answers)
+            },
+        )
+        .await
     }
 }
 

@@ -30,6 +30,15 @@
 //!    next candidates until it has `limit` jobs or there are none, so a claimer behind another
 //!    on the same pool still gets the jobs after the ones the other holds.
 //!
+//! 3. **Reading stays cheap with a backlog.** A pool job wakes every candidate, so with a pool
+//!    backlog every claim used to rank the runner's whole backlog three times (the look before
+//!    the transaction, the limited events, the candidates). Now the look takes one claimable
+//!    id, the limited events are found from `event_dispatch` (few rows), and when the claim
+//!    locked no event its candidates are read without the per-event ranking, oldest first.
+//!    The runner's claimable ids are read first (`MATERIALIZED`): with a `LIMIT` and no ranking
+//!    in the way, the planner would otherwise walk every job in `queued_at` order looking for
+//!    the runner's, which grows with the table rather than with the backlog.
+//!
 //! Jobs skipped because another transaction held their row and then did not change it (a claim
 //! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
 //! them when it is next woken.
@@ -44,14 +53,29 @@ use super::{Backend, Store, StoreResult, now_ms};
 /// apart from the one-key form of the running lock, `store::running`): "cron" in ASCII.
 const EVENT_LOCK_CLASS: i64 = 0x6372_6f6e;
 
+/// Whether runner `$1` has a claimable job at time `$2` (one id, or none), the concurrency
+/// limits not counted: a cheap look before the claim's transaction, which a job of a full event
+/// only costs that transaction.
+fn any_claimable() -> String {
+    format!(
+        "WITH mine AS MATERIALIZED (SELECT m.id FROM {} )
+         SELECT j.id FROM mine JOIN jobs j ON j.id = mine.id WHERE {} LIMIT 1",
+        super::pool::claimable_ids(1),
+        super::dispatch::claimable(2)
+    )
+}
+
 /// The events with a concurrency limit among the claimable jobs of runner `$1` at time `$2`,
-/// with their lock keys, in lock order.
+/// with their lock keys, in lock order. It starts from the limited events (few) and looks for a
+/// claimable job of each, rather than going through all of the runner's claimable jobs (a pool's
+/// whole backlog).
 fn limited_events() -> String {
     format!(
-        "SELECT DISTINCT j.event_id, CAST(hashtext(j.event_id) AS BIGINT) AS lock_key
-         FROM {} JOIN jobs j ON j.id = m.id JOIN event_dispatch d ON d.event_id = j.event_id
-         WHERE d.max_concurrency IS NOT NULL AND {}
-         ORDER BY lock_key, j.event_id",
+        "SELECT d.event_id, CAST(hashtext(d.event_id) AS BIGINT) AS lock_key
+         FROM event_dispatch d
+         WHERE d.max_concurrency IS NOT NULL
+           AND EXISTS (SELECT 1 FROM {} JOIN jobs j ON j.id = m.id WHERE j.event_id = d.event_id AND {})
+         ORDER BY lock_key, d.event_id",
         super::pool::claimable_ids(1),
         super::dispatch::claimable(2)
     )
@@ -75,6 +99,19 @@ fn candidates() -> String {
              AND NOT (j.id = ANY (string_to_array($4, ',')))) AS candidates
          WHERE cap IS NULL OR active + nth <= cap
          ORDER BY queued_at, id LIMIT $5",
+        super::pool::claimable_ids(1),
+        super::dispatch::claimable(2)
+    )
+}
+
+/// [`candidates`] when the claim locked no event (`$3` would be empty): only jobs of events
+/// without a limit, so no ranking per event; `$3` is the ids never to take, `$4` the limit.
+fn unlimited_candidates() -> String {
+    format!(
+        "WITH mine AS MATERIALIZED (SELECT m.id FROM {} )
+         SELECT j.id FROM mine JOIN jobs j ON j.id = mine.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+         WHERE {} AND d.max_concurrency IS NULL AND NOT (j.id = ANY (string_to_array($3, ',')))
+         ORDER BY j.queued_at, j.id LIMIT $4",
         super::pool::claimable_ids(1),
         super::dispatch::claimable(2)
     )
@@ -107,13 +144,11 @@ impl Store {
     ) -> StoreResult<Vec<ClaimedJob>> {
         debug_assert_eq!(self.backend(), Backend::Postgres);
         // Most claims find nothing: one read, no transaction.
-        let any: Option<String> = sqlx::query_scalar(AssertSqlSafe(
-            super::dispatch::claimable_select(Backend::Postgres, 1, 1),
-        ))
-        .bind(runner)
-        .bind(now.unwrap_or_else(now_ms))
-        .fetch_optional(&self.reader)
-        .await?;
+        let any: Option<String> = sqlx::query_scalar(AssertSqlSafe(any_claimable()))
+            .bind(runner)
+            .bind(now.unwrap_or_else(now_ms))
+            .fetch_optional(&self.reader)
+            .await?;
         if any.is_none() {
             return Ok(Vec::new());
         }
@@ -146,19 +181,30 @@ impl Store {
             locked.push(row.try_get::<String, _>("event_id")?);
         }
         let locked = locked.join(",");
-        let (candidates, take) = (candidates(), take());
+        let (candidates, unlimited, take) = (candidates(), unlimited_candidates(), take());
         let mut skipped: Vec<String> = Vec::new();
         let mut claimed = Vec::new();
         let mut observed = Vec::new();
         while claimed.len() < limit as usize {
-            let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(candidates.as_str()))
-                .bind(runner)
-                .bind(now)
-                .bind(&locked)
-                .bind(skipped.join(","))
-                .bind((limit as usize - claimed.len()) as i64)
-                .fetch_all(&mut *tx)
-                .await?;
+            let wanted = (limit as usize - claimed.len()) as i64;
+            let ids: Vec<String> = if locked.is_empty() {
+                sqlx::query_scalar(AssertSqlSafe(unlimited.as_str()))
+                    .bind(runner)
+                    .bind(now)
+                    .bind(skipped.join(","))
+                    .bind(wanted)
+                    .fetch_all(&mut *tx)
+                    .await?
+            } else {
+                sqlx::query_scalar(AssertSqlSafe(candidates.as_str()))
+                    .bind(runner)
+                    .bind(now)
+                    .bind(&locked)
+                    .bind(skipped.join(","))
+                    .bind(wanted)
+                    .fetch_all(&mut *tx)
+                    .await?
+            };
             if ids.is_empty() {
                 break;
             }

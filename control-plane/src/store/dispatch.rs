@@ -422,6 +422,13 @@ pub(crate) async fn retry_at_in(
 /// Checks the stop conditions of the run of `job_id`, which was just settled, in the caller's
 /// transaction; when one trips, the run's jobs that have not started are cancelled
 /// (`skip_reason = 'rollout_stopped'`) and the run records why. Returns whether it stopped.
+///
+/// With several writers (replicas on PostgreSQL) two transactions may settle jobs of one run
+/// at once, and each would count the run's jobs without the other's settlement: the stop would
+/// come a batch late or never. So a run with stop conditions is locked (its `runs` row, `FOR
+/// NO KEY UPDATE`) before it is counted: the settlements of one run check in turn, and each counts,
+/// in a snapshot taken after the lock was granted (READ COMMITTED), every settlement committed
+/// before it; the last one sees them all. On SQLite the single writer serializes them already.
 pub(crate) async fn settled_in(conn: &mut sqlx::AnyConnection, job_id: &str) -> StoreResult<bool> {
     let row = sqlx::query(
         "SELECT j.run_id, j.batch, r.rollout, r.stopped_at FROM jobs j JOIN runs r ON r.id = j.run_id WHERE j.id = $1",
@@ -445,6 +452,17 @@ pub(crate) async fn settled_in(conn: &mut sqlx::AnyConnection, job_id: &str) -> 
     }
     let run_id: String = row.try_get("run_id")?;
     let batch: i64 = row.try_get("batch")?;
+    let stopped: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT stopped_at FROM runs r WHERE id = $1{}",
+        super::Backend::of(conn).lock_for_update_of("r", false)
+    )))
+    .bind(&run_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if stopped.is_some() {
+        // Another writer stopped it while this one waited for the lock.
+        return Ok(false);
+    }
     let (failed, completed, open_up_to_batch, queued): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*) FILTER (WHERE status = 'failed'), COUNT(*) FILTER (WHERE status = 'completed'),
                 COUNT(*) FILTER (WHERE batch <= $1 AND status IN ('queued', 'claimed', 'running')),
@@ -821,3 +839,7 @@ impl Store {
 #[cfg(test)]
 #[path = "dispatch_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "rollout_writers_tests.rs"]
+mod writers_tests;

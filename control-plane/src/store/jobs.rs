@@ -589,7 +589,7 @@ fn job_from_row(row: &sqlx::any::AnyRow) -> StoreResult<Job> {
 
 /// Inserts log chunks that continue a log of `log_len` bytes; returns the new length.
 /// Chunks must be contiguous; the caller checked that.
-async fn insert_chunks(
+pub(super) async fn insert_chunks(
     tx: &mut sqlx::AnyConnection,
     job_id: &str,
     mut log_len: u64,
@@ -635,6 +635,109 @@ fn clip_bytes(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Records the end of one attempt with its last log chunks, in the caller's transaction: the
+/// general path of [`Store::finish_attempt`], right for every case (`result_batch` takes a
+/// shorter one for the common case and comes here for the others).
+pub(super) async fn finish_one_in(
+    conn: &mut sqlx::AnyConnection,
+    agent_id: &str,
+    attempt: &Attempt,
+    chunks: &[LogChunk],
+    result: &AttemptResult,
+) -> StoreResult<FinishOutcome> {
+    let now = now_ms();
+    let row = sqlx::query(
+            "SELECT runner AS agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = $1",
+        )
+        .bind(&attempt.job_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(FinishOutcome::Stale);
+    };
+    let status =
+        JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
+    let same_attempt = row.try_get::<i64, _>("attempt")? as u32 == attempt.attempt
+        && row.try_get::<String, _>("agent_id")? == agent_id;
+    if !(same_attempt && matches!(status, JobStatus::Claimed | JobStatus::Running)) {
+        if same_attempt
+            && status.is_final()
+            && row.try_get::<Option<String>, _>("settled_by")?.as_deref() == Some("agent")
+        {
+            return Ok(FinishOutcome::Duplicate);
+        }
+        audit_in(
+                conn,
+                "stale_result",
+                Some(agent_id),
+                serde_json::json!({"job_id": attempt.job_id, "attempt": attempt.attempt, "status": result.status.as_str()}),
+            )
+            .await?;
+        return Ok(FinishOutcome::Stale);
+    }
+    // Check before writing anything: a refused result must leave no trace.
+    let stored_len = row.try_get::<i64, _>("log_len")? as u64;
+    let complete_len = stored_len
+        + chunks
+            .iter()
+            .map(|chunk| chunk.data.len() as u64)
+            .sum::<u64>();
+    if complete_len != result.log_len {
+        return Ok(FinishOutcome::LengthMismatch {
+            stored: complete_len,
+        });
+    }
+    let log_len = insert_chunks(conn, &attempt.job_id, stored_len, chunks).await?;
+    let attempts_left = (attempt.attempt as i64) < row.try_get::<i64, _>("max_attempts")?;
+    let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
+    if result.status == JobStatus::Failed && attempts_left && !cancel_requested {
+        // The next attempt's log replaces this one's: keep what failed and how it ended.
+        let last_failure = serde_json::json!({
+            "attempt": attempt.attempt,
+            "reason": result.reason.map(Reason::as_str),
+            "exit_code": result.exit_code,
+            "finished_at": now,
+            "output_tail": output_tail(conn, &attempt.job_id, log_len).await?,
+        });
+        let not_before =
+            super::dispatch::retry_at_in(conn, &attempt.job_id, attempt.attempt, now).await?;
+        sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
+            .bind(&attempt.job_id)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+                "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
+                 queued_at = $1, not_before = $2, last_failure = $3, {} WHERE id = $4",
+                super::pool::UNBIND
+            )))
+            .bind(now)
+            .bind(not_before)
+            .bind(last_failure.to_string())
+            .bind(&attempt.job_id)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(FinishOutcome::Requeued);
+    }
+    sqlx::query(
+            "UPDATE jobs SET status = $1, reason = $2, exit_code = $3, result = $4, condition = $5, log_len = $6, settled_by = 'agent',
+             lease_expires_at = NULL, started_at = COALESCE(started_at, $7), finished_at = $8 WHERE id = $9",
+        )
+        .bind(result.status.as_str())
+        .bind(result.reason.map(Reason::as_str))
+        .bind(result.exit_code)
+        .bind(&result.result)
+        .bind(result.condition.map(i64::from))
+        .bind(log_len as i64)
+        .bind(now)
+        .bind(now)
+        .bind(&attempt.job_id)
+        .execute(&mut *conn)
+        .await?;
+    let notified = notify_settled_in(conn, &attempt.job_id).await?;
+    super::dispatch::settled_in(conn, &attempt.job_id).await?;
+    Ok(FinishOutcome::Recorded { notified })
 }
 
 /// The end of a job's stored log: at most [`NOTIFY_OUTPUT_BYTES`] bytes and
@@ -930,93 +1033,7 @@ impl Store {
         .await
     }
 
-    /// Settles jobs whose lease ran out before `now`: queued again while attempts remain (and
-    /// no cancel was asked), else failed with reason `lost` (or cancelled).
-    pub async fn expire_leases(&self, now: i64) -> StoreResult<Vec<ExpiredJob>> {
-        write_op!(self, |conn| async {
-                let rows = sqlx::query(
-            "SELECT id, runner AS agent_id, attempt, max_attempts, cancel_requested, log_len, pool FROM jobs
-             WHERE status IN ('claimed', 'running') AND lease_expires_at < $1",
-        )
-        .bind(now)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut expired = Vec::with_capacity(rows.len());
-        for row in rows {
-            let job_id: String = row.try_get("id")?;
-            let agent_id: String = row.try_get("agent_id")?;
-            let attempt = row.try_get::<i64, _>("attempt")?;
-            let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
-            let requeued = !cancel_requested && attempt < row.try_get::<i64, _>("max_attempts")?;
-            let mut notified = false;
-            let mut candidates = Vec::new();
-            if requeued && row.try_get::<i64, _>("pool")? != 0 {
-                candidates = super::pool::candidates_in(conn, &job_id).await?;
-            }
-            if requeued {
-                sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
-                    .bind(&job_id)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL,
-                     started_at = NULL, queued_at = $1, {} WHERE id = $2",
-                    super::pool::UNBIND
-                )))
-                .bind(now)
-                .bind(&job_id)
-                .execute(&mut *conn)
-                .await?;
-            } else {
-                let log_len = row.try_get::<i64, _>("log_len")? as u64;
-                let note = format!(
-                    "\n[cronium: attempt {attempt} lost: the agent stopped renewing its lease]\n"
-                );
-                let chunk = LogChunk {
-                    offset: log_len,
-                    stream: Stream::System,
-                    data: note.into_bytes(),
-                };
-                let log_len =
-                    insert_chunks(conn, &job_id, log_len, std::slice::from_ref(&chunk)).await?;
-                let (status, reason) = if cancel_requested {
-                    ("cancelled", "cancelled")
-                } else {
-                    ("failed", "lost")
-                };
-                sqlx::query(
-                    "UPDATE jobs SET status = $1, reason = $2, settled_by = 'lease', log_len = $3, lease_expires_at = NULL,
-                     finished_at = $4 WHERE id = $5",
-                )
-                .bind(status)
-                .bind(reason)
-                .bind(log_len as i64)
-                .bind(now)
-                .bind(&job_id)
-                .execute(&mut *conn)
-                .await?;
-                notified = notify_settled_in(conn, &job_id).await?;
-                super::dispatch::settled_in(conn, &job_id).await?;
-            }
-            audit_in(
-                conn,
-                "lease_expired",
-                None,
-                serde_json::json!({"job_id": job_id, "attempt": attempt, "requeued": requeued}),
-            )
-            .await?;
-            expired.push(ExpiredJob {
-                job_id,
-                agent_id,
-                requeued,
-                notified,
-                candidates,
-            });
-        }
-        Ok(expired)
-        })
-        .await
-    }
+    // `expire_leases` (the lease sweep) is in `store::lease_expiry`.
 
     /// Looks up an attempt an agent opens a job stream for.
     pub async fn open_attempt(
@@ -1095,7 +1112,8 @@ impl Store {
         .await
     }
 
-    /// Records the end of an attempt together with its last log chunks, in one transaction.
+    /// Records the end of an attempt together with its last log chunks, in one transaction
+    /// (with the other results waiting for the writer: `result_batch`).
     pub async fn finish_attempt(
         &self,
         agent_id: &str,
@@ -1103,98 +1121,11 @@ impl Store {
         chunks: &[LogChunk],
         result: &AttemptResult,
     ) -> StoreResult<FinishOutcome> {
-        let (agent_id, attempt, chunks, result) = (
-            agent_id.to_string(),
-            attempt.clone(),
-            chunks.to_vec(),
-            result.clone(),
-        );
-        write_op!(self, |conn| async {
-        let now = now_ms();
-                let row = sqlx::query(
-            "SELECT runner AS agent_id, status, attempt, max_attempts, cancel_requested, settled_by, log_len FROM jobs WHERE id = $1",
-        )
-        .bind(&attempt.job_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        let Some(row) = row else {
-            return Ok(FinishOutcome::Stale);
-        };
-        let status =
-            JobStatus::parse(&row.try_get::<String, _>("status")?).unwrap_or(JobStatus::Failed);
-        let same_attempt = row.try_get::<i64, _>("attempt")? as u32 == attempt.attempt
-            && row.try_get::<String, _>("agent_id")? == agent_id.as_str();
-        if !(same_attempt && matches!(status, JobStatus::Claimed | JobStatus::Running)) {
-            if same_attempt
-                && status.is_final()
-                && row.try_get::<Option<String>, _>("settled_by")?.as_deref() == Some("agent")
-            {
-                return Ok(FinishOutcome::Duplicate);
-            }
-            audit_in(
-                conn,
-                "stale_result",
-                Some(&agent_id),
-                serde_json::json!({"job_id": attempt.job_id, "attempt": attempt.attempt, "status": result.status.as_str()}),
-            )
-            .await?;
-            return Ok(FinishOutcome::Stale);
-        }
-        // Check before writing anything: a refused result must leave no trace.
-        let stored_len = row.try_get::<i64, _>("log_len")? as u64;
-        let complete_len = stored_len + chunks.iter().map(|chunk| chunk.data.len() as u64).sum::<u64>();
-        if complete_len != result.log_len {
-            return Ok(FinishOutcome::LengthMismatch { stored: complete_len });
-        }
-        let log_len = insert_chunks(conn, &attempt.job_id, stored_len, &chunks).await?;
-        let attempts_left = (attempt.attempt as i64) < row.try_get::<i64, _>("max_attempts")?;
-        let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
-        if result.status == JobStatus::Failed && attempts_left && !cancel_requested {
-            // The next attempt's log replaces this one's: keep what failed and how it ended.
-            let last_failure = serde_json::json!({
-                "attempt": attempt.attempt,
-                "reason": result.reason.map(Reason::as_str),
-                "exit_code": result.exit_code,
-                "finished_at": now,
-                "output_tail": output_tail(conn, &attempt.job_id, log_len).await?,
-            });
-            let not_before =
-                super::dispatch::retry_at_in(conn, &attempt.job_id, attempt.attempt, now).await?;
-            sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
-                .bind(&attempt.job_id)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(AssertSqlSafe(format!(
-                "UPDATE jobs SET status = 'queued', log_len = 0, lease_expires_at = NULL, claimed_at = NULL, started_at = NULL,
-                 queued_at = $1, not_before = $2, last_failure = $3, {} WHERE id = $4",
-                super::pool::UNBIND
-            )))
-            .bind(now)
-            .bind(not_before)
-            .bind(last_failure.to_string())
-            .bind(&attempt.job_id)
-            .execute(&mut *conn)
-            .await?;
-            return Ok(FinishOutcome::Requeued);
-        }
-        sqlx::query(
-            "UPDATE jobs SET status = $1, reason = $2, exit_code = $3, result = $4, condition = $5, log_len = $6, settled_by = 'agent',
-             lease_expires_at = NULL, started_at = COALESCE(started_at, $7), finished_at = $8 WHERE id = $9",
-        )
-        .bind(result.status.as_str())
-        .bind(result.reason.map(Reason::as_str))
-        .bind(result.exit_code)
-        .bind(&result.result)
-        .bind(result.condition.map(i64::from))
-        .bind(log_len as i64)
-        .bind(now)
-        .bind(now)
-        .bind(&attempt.job_id)
-        .execute(&mut *conn)
-        .await?;
-        let notified = notify_settled_in(conn, &attempt.job_id).await?;
-        super::dispatch::settled_in(conn, &attempt.job_id).await?;
-        Ok(FinishOutcome::Recorded { notified })
+        self.finish_batched(super::result_batch::ResultRequest {
+            agent_id: agent_id.to_string(),
+            attempt: attempt.clone(),
+            chunks: chunks.to_vec(),
+            result: result.clone(),
         })
         .await
     }

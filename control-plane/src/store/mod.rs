@@ -14,6 +14,7 @@ pub mod agent_updates;
 pub mod agents;
 pub mod audit;
 pub mod backup;
+mod batch;
 pub mod changes;
 mod claim_batch;
 mod claim_pg;
@@ -25,8 +26,11 @@ pub mod enrollment;
 pub mod events;
 pub mod health;
 pub mod jobs;
+mod lease_expiry;
 pub mod observe;
 pub mod pool;
+pub mod replica_registry;
+mod result_batch;
 pub mod running;
 pub mod schedules;
 pub mod secrets;
@@ -169,6 +173,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The engine behind a connection (for code that gets a connection, not the `Store`).
+    pub(crate) fn of(conn: &AnyConnection) -> Backend {
+        if conn.backend_name() == "PostgreSQL" {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
     /// The statement that opens the writer's transaction: SQLite takes the write lock at once.
     fn begin(self) -> &'static str {
         match self {
@@ -197,6 +210,19 @@ impl Backend {
         }
     }
 
+    /// What ends a `SELECT` that locks the rows of `table` it returns until the transaction
+    /// ends, as an `UPDATE` of them would (`FOR NO KEY UPDATE`: rows referencing them, log chunks
+    /// and audit entries, can still be inserted), and with `skip_locked` leaves out the rows
+    /// another transaction holds: on PostgreSQL, where other replicas write too; nothing on
+    /// SQLite, where the single writer serializes every write.
+    pub(crate) fn lock_for_update_of(self, table: &str, skip_locked: bool) -> String {
+        match (self, skip_locked) {
+            (Backend::Sqlite, _) => String::new(),
+            (Backend::Postgres, false) => format!(" FOR NO KEY UPDATE OF {table}"),
+            (Backend::Postgres, true) => format!(" FOR NO KEY UPDATE OF {table} SKIP LOCKED"),
+        }
+    }
+
     /// The integer value of the top-level `key` of the JSON text in `column`.
     pub(crate) fn json_integer(self, column: &str, key: &str) -> String {
         match self {
@@ -221,6 +247,8 @@ pub struct Store {
     metrics: Arc<crate::metrics::Metrics>,
     /// Claims waiting to be made together (`claim_batch`).
     claims: claim_batch::ClaimBatches,
+    /// Results waiting to be recorded together (`result_batch`).
+    results: result_batch::ResultBatches,
 }
 
 /// The writing connection, owned while an operation runs.
@@ -354,6 +382,7 @@ impl Store {
             reader,
             metrics,
             claims: claim_batch::ClaimBatches::default(),
+            results: result_batch::ResultBatches::default(),
         }
     }
 

@@ -7,12 +7,18 @@
 //! browser ⇄ WebSocket ⇄ control plane ⇄ QUIC stream ⇄ agent ⇄ PTY.
 //!
 //! [`TerminalHub`] holds what only this process needs to know: sessions being opened (they count
-//! against the limits before the agent answered), and which relay writes a session's recording
+//! against the limits before the agent answered), which relay writes a session's recording
 //! (exactly one at a time: the first attached relay, then whichever relay takes over when it
-//! leaves).
+//! leaves), and the key and seen nonces of the relay tokens between replicas (`relay_token`).
+//!
+//! With several replicas (issue 8), a viewer may reach a replica the agent is not connected to;
+//! that replica checks everything and relays the viewer's WebSocket to the one that serves the
+//! agent (`remote`), which runs the usual relay for it.
 
 pub mod recording;
 pub mod relay;
+pub mod relay_token;
+pub mod remote;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -127,9 +133,17 @@ pub fn valid_session_id(id: &str) -> bool {
 }
 
 /// What only this process knows about terminals. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct TerminalHub {
     inner: Arc<Mutex<HubInner>>,
+    relay: Arc<relay_token::RelayAuth>,
+}
+
+impl Default for TerminalHub {
+    /// A hub whose relay tokens only this process can verify (nothing shared).
+    fn default() -> TerminalHub {
+        TerminalHub::new(relay_token::RelayAuth::random())
+    }
 }
 
 #[derive(Default)]
@@ -142,6 +156,19 @@ struct HubInner {
 }
 
 impl TerminalHub {
+    /// A hub minting and verifying relay tokens with `relay` (the replicas' shared key).
+    pub fn new(relay: relay_token::RelayAuth) -> TerminalHub {
+        TerminalHub {
+            inner: Arc::default(),
+            relay: Arc::new(relay),
+        }
+    }
+
+    /// The relay tokens between replicas.
+    pub fn relay_auth(&self) -> &relay_token::RelayAuth {
+        &self.relay
+    }
+
     fn lock(&self) -> MutexGuard<'_, HubInner> {
         // Every critical section is a few map operations; a poisoned lock is still consistent.
         self.inner

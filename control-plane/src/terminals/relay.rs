@@ -42,18 +42,18 @@ use crate::store::now_ms;
 use crate::store::users::User;
 
 /// How long opening the stream and the agent's answer may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Interval of WebSocket pings.
-const PING_INTERVAL: Duration = Duration::from_secs(20);
+pub(super) const PING_INTERVAL: Duration = Duration::from_secs(20);
 
 /// A client that sends nothing (not even a pong) for this long is gone.
-const CLIENT_SILENCE: Duration = Duration::from_secs(60);
+pub(super) const CLIENT_SILENCE: Duration = Duration::from_secs(60);
 
 /// WebSocket close codes.
-const CLOSE_NORMAL: u16 = 1000;
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_ERROR: u16 = 1011;
+pub(super) const CLOSE_NORMAL: u16 = 1000;
+pub(super) const CLOSE_GOING_AWAY: u16 = 1001;
+pub(super) const CLOSE_ERROR: u16 = 1011;
 
 type Sink = SplitSink<WebSocket, WsMessage>;
 type Source = SplitStream<WebSocket>;
@@ -517,13 +517,13 @@ fn lock(
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn send_json(sink: &mut Sink, value: serde_json::Value) {
+pub(super) async fn send_json(sink: &mut Sink, value: serde_json::Value) {
     let _ = sink
         .send(WsMessage::Text(Utf8Bytes::from(value.to_string())))
         .await;
 }
 
-async fn close(sink: &mut Sink, code: u16, reason: &str) {
+pub(super) async fn close(sink: &mut Sink, code: u16, reason: &str) {
     let _ = sink
         .send(WsMessage::Close(Some(CloseFrame {
             code,

@@ -71,6 +71,16 @@ const PUBLIC: &[(&str, &str, Public)] = &[
     // Webhook triggers carry their own credential: an HMAC of the body with the workflow's
     // webhook secret, so without it the answer is 401 too.
     ("POST", "/hooks/workflows/{id}", Public::OwnCredential),
+    // Internal, replica to replica (`http::terminal_relay`): a terminal relayed from the replica
+    // a viewer reached, and a recording read from the replica that wrote it. The API's
+    // credentials are no use there; the credential is a relay token in `X-Cronium-Relay-Token`
+    // (HMAC with the replicas' shared key, seconds long, used once), so without one: 401.
+    ("GET", "/internal/terminals/relay", Public::OwnCredential),
+    (
+        "GET",
+        "/internal/terminals/recording",
+        Public::OwnCredential,
+    ),
 ];
 
 /// Served but, by design, not part of the API's description.
