@@ -21,7 +21,8 @@ impl Fixture {
     }
 
     /// One run over `agents`; returns the run id and the job of each agent, in `agents`' order.
-    async fn run(
+    /// (Also used by `result_batch_tests.rs`.)
+    pub(in crate::store) async fn run(
         &self,
         agents: &[String],
         max_attempts: u32,

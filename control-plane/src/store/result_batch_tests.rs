@@ -3,42 +3,12 @@
 //! (a length mismatch, a stale attempt, a retry, the same result twice) answers and stores each
 //! exactly as one result at a time would.
 
-use std::collections::BTreeMap;
-
-use tokio::sync::oneshot;
-
 use super::super::dispatch::{DispatchPolicy, Rollout};
 use super::super::jobs::{
-    Attempt, AttemptResult, FinishOutcome, JobStatus, LogChunk, NewRun, Reason, RunSpec, Stream,
+    Attempt, AttemptResult, FinishOutcome, JobStatus, LogChunk, Reason, Stream,
 };
+use super::super::now_ms;
 use super::super::tests::{Fixture, fixture_with};
-use super::super::{StoreResult, now_ms, write_op};
-
-/// A run of the fixture's event over `agents`; the job of each agent, in `agents`' order.
-async fn run(fixture: &Fixture, agents: &[String], max_attempts: u32) -> (String, Vec<String>) {
-    let spec = RunSpec::manual(&NewRun {
-        event_id: &fixture.event,
-        kind: "bash",
-        script: "true",
-        env: &BTreeMap::new(),
-        runtime_spec: None,
-        input: None,
-        timeout_seconds: 60,
-        max_attempts,
-        created_by: &fixture.owner,
-        agent_ids: agents,
-    })
-    .unwrap();
-    let (run_id, jobs) = fixture
-        .store
-        .create_run_dispatched(spec, None, None)
-        .await
-        .unwrap();
-    let by_agent: BTreeMap<String, String> =
-        jobs.into_iter().map(|(job, agent)| (agent, job)).collect();
-    let jobs = agents.iter().map(|agent| by_agent[agent].clone()).collect();
-    (run_id, jobs)
-}
 
 /// The result of an attempt that printed `output` and exited with `exit_code`.
 fn ended(exit_code: i32, output: &str) -> (Vec<LogChunk>, AttemptResult) {
@@ -95,8 +65,8 @@ async fn one_batch_records_every_kind_of_result_as_one_at_a_time_would() {
     // cancelled by the stop). host-10 runs a job with two attempts.
     let mut stopping: Vec<String> = agents[..10].to_vec();
     stopping.push(agents[11].clone());
-    let (run_id, jobs) = run(&fixture, &stopping, 1).await;
-    let (_, retried) = run(&fixture, &agents[10..11], 2).await;
+    let (run_id, jobs) = fixture.run(&stopping, 1, None).await;
+    let (_, retried) = fixture.run(&agents[10..11], 2, None).await;
     let now = now_ms();
     for agent in &agents[..11] {
         store
@@ -137,20 +107,7 @@ async fn one_batch_records_every_kind_of_result_as_one_at_a_time_would() {
     reports.push(first);
 
     // Hold the writer so that every result joins one batch.
-    let (held, hold) = oneshot::channel::<()>();
-    let (release, released) = oneshot::channel::<()>();
-    let holder = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            write_op!(store, |_conn| async {
-                let _ = held.send(());
-                let _ = released.await;
-                StoreResult::Ok(())
-            })
-            .await
-        })
-    };
-    hold.await.unwrap();
+    let (holder, release) = super::super::writer_tests::hold_writer(store).await;
     let mut finishing = Vec::new();
     for (agent, attempt, chunks, result) in &reports {
         let mut future = Box::pin(store.finish_attempt(agent, attempt, chunks, result));

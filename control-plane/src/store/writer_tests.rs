@@ -4,13 +4,16 @@
 use tokio::sync::oneshot;
 
 use super::test_db::open_test_store;
-use super::{StoreResult, audit_in, write_op};
+use super::{Store, StoreResult, audit_in, write_op};
 
-#[tokio::test]
-async fn an_operation_that_swallows_a_failed_statement_never_costs_another_its_acknowledged_write()
-{
-    let (_db, store) = open_test_store().await;
-    // Hold the writer so that the next two operations are taken as one group.
+/// Holds the writer with an operation that waits: whatever is written until `release` is sent
+/// waits behind it, and is taken in the writer's next group. The task ends with the holder.
+pub(super) async fn hold_writer(
+    store: &Store,
+) -> (
+    tokio::task::JoinHandle<StoreResult<()>>,
+    oneshot::Sender<()>,
+) {
     let (held, hold) = oneshot::channel::<()>();
     let (release, released) = oneshot::channel::<()>();
     let holder = {
@@ -25,6 +28,15 @@ async fn an_operation_that_swallows_a_failed_statement_never_costs_another_its_a
         })
     };
     hold.await.unwrap();
+    (holder, release)
+}
+
+#[tokio::test]
+async fn an_operation_that_swallows_a_failed_statement_never_costs_another_its_acknowledged_write()
+{
+    let (_db, store) = open_test_store().await;
+    // Hold the writer so that the next two operations are taken as one group.
+    let (holder, release) = hold_writer(&store).await;
     let first = write_op!(store, |conn| async {
         audit_in(conn, "writer_test_kept", None, serde_json::json!({})).await
     });
