@@ -838,7 +838,7 @@ impl Store {
 
 #[cfg(test)]
 #[path = "dispatch_tests.rs"]
-mod tests;
+pub(super) mod tests;
 
 #[cfg(test)]
 #[path = "rollout_writers_tests.rs"]

@@ -66,23 +66,7 @@ impl Fixture {
 
     async fn finish(&self, agent: &str, job: &str, exit_code: i32, output: &str) -> FinishOutcome {
         let attempt = self.store.job(job).await.unwrap().attempt;
-        let chunks = [LogChunk {
-            offset: 0,
-            stream: Stream::Stdout,
-            data: output.as_bytes().to_vec(),
-        }];
-        let result = AttemptResult {
-            status: if exit_code == 0 {
-                JobStatus::Completed
-            } else {
-                JobStatus::Failed
-            },
-            reason: (exit_code != 0).then_some(Reason::ExitCode),
-            exit_code: Some(exit_code),
-            log_len: output.len() as u64,
-            result: None,
-            condition: None,
-        };
+        let (chunks, result) = ended(exit_code, output);
         self.store
             .finish_attempt(
                 agent,
@@ -101,6 +85,29 @@ impl Fixture {
         let job = self.store.job(job).await.unwrap();
         (job.status, job.reason)
     }
+}
+
+/// The last chunk and the result of an attempt that printed `output` and exited with
+/// `exit_code` (also used by `result_batch_tests.rs`).
+pub(in crate::store) fn ended(exit_code: i32, output: &str) -> (Vec<LogChunk>, AttemptResult) {
+    let chunks = vec![LogChunk {
+        offset: 0,
+        stream: Stream::Stdout,
+        data: output.as_bytes().to_vec(),
+    }];
+    let result = AttemptResult {
+        status: if exit_code == 0 {
+            JobStatus::Completed
+        } else {
+            JobStatus::Failed
+        },
+        reason: (exit_code != 0).then_some(Reason::ExitCode),
+        exit_code: Some(exit_code),
+        log_len: output.len() as u64,
+        result: None,
+        condition: None,
+    };
+    (chunks, result)
 }
 
 fn rollout(rollout: Rollout) -> DispatchPolicy {

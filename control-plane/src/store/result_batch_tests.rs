@@ -4,31 +4,15 @@
 //! exactly as one result at a time would.
 
 use super::super::dispatch::{DispatchPolicy, Rollout};
-use super::super::jobs::{
-    Attempt, AttemptResult, FinishOutcome, JobStatus, LogChunk, Reason, Stream,
-};
+use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, LogChunk};
 use super::super::now_ms;
 use super::super::tests::{Fixture, fixture_with};
 
-/// The result of an attempt that printed `output` and exited with `exit_code`.
+/// The result of an attempt that printed `output` and exited with `exit_code`, with a
+/// `result` of its own.
 fn ended(exit_code: i32, output: &str) -> (Vec<LogChunk>, AttemptResult) {
-    let chunks = vec![LogChunk {
-        offset: 0,
-        stream: Stream::Stdout,
-        data: output.as_bytes().to_vec(),
-    }];
-    let result = AttemptResult {
-        status: if exit_code == 0 {
-            JobStatus::Completed
-        } else {
-            JobStatus::Failed
-        },
-        reason: (exit_code != 0).then_some(Reason::ExitCode),
-        exit_code: Some(exit_code),
-        log_len: output.len() as u64,
-        result: Some(format!("result of {output}")),
-        condition: None,
-    };
+    let (chunks, mut result) = super::super::dispatch::tests::ended(exit_code, output);
+    result.result = Some(format!("result of {output}"));
     (chunks, result)
 }
 
