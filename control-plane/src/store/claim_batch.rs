@@ -1,9 +1,17 @@
 //! Claims of many agents in one write operation (SQLite; `batch` says how requests are batched).
 //!
-//! The operation claims for each waiting agent in arrival order (one `UPDATE … RETURNING` each,
-//! so `max_concurrency`, rollout batches and pool jobs behave exactly as for single claims: the
-//! claims still run one after another inside the one writer) and then reads the secret
-//! environment of every claimed job in one query.
+//! The operation first asks, in one query, which of the waiting runners have anything queued
+//! beyond their own jobs of events without a concurrency limit (a pool job they are a candidate
+//! for, or a job of an event with `max_concurrency`). The others, "plain" runners (a fan-out's
+//! agents, typically all of them), claim together in one `UPDATE … RETURNING` per
+//! [`PLAIN_PER_STATEMENT`] runners: each its oldest claimable own jobs up to its limit, at its own
+//! time and lease. The plain runners' jobs are theirs alone and unlimited, so claiming them
+//! together gives exactly what claiming them one after another would. The rest claim one after
+//! another in arrival order (one `UPDATE … RETURNING` each, so `max_concurrency` and pool jobs
+//! behave exactly as for single claims); a runner that appears twice in a batch does too. Last,
+//! the secret environment of every claimed job is read in one query.
+
+use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, Row as _};
 
@@ -12,6 +20,9 @@ use super::{Backend, StoreResult, now_ms};
 
 /// Most jobs whose secret environment one query reads (bound parameters).
 const SECRETS_PER_QUERY: usize = 500;
+
+/// Most plain runners one claim statement serves (four bound parameters each).
+const PLAIN_PER_STATEMENT: usize = 500;
 
 /// A claim waiting for its batch: `(agent, limit, lease_until, now)`; `now` is the claim's time
 /// if the caller fixes it (tests), the writer's clock otherwise.
@@ -50,12 +61,18 @@ async fn claim_all_in(
     backend: Backend,
     claims: &[(String, u32, i64, Option<i64>)],
 ) -> StoreResult<Vec<Vec<ClaimedJob>>> {
-    let mut answers = Vec::with_capacity(claims.len());
-    for (agent_id, limit, lease_until, now) in claims {
-        // The time is read when the claim runs, after every write queued before it: a claim
-        // that a settlement made possible is never recorded as earlier than that settlement.
-        let now = now.unwrap_or_else(now_ms);
-        answers.push(claim_in(conn, backend, agent_id, *limit, *lease_until, now).await?);
+    // The time is read when the claims run, after every write queued before them: a claim that
+    // a settlement made possible is never recorded as earlier than that settlement.
+    let plain = plain_claims(conn, claims).await?;
+    let mut answers: Vec<Vec<ClaimedJob>> = vec![Vec::new(); claims.len()];
+    for group in plain.chunks(PLAIN_PER_STATEMENT) {
+        claim_plain_in(conn, claims, group, &mut answers).await?;
+    }
+    for (index, (agent_id, limit, lease_until, now)) in claims.iter().enumerate() {
+        if plain.binary_search(&index).is_err() {
+            let now = now.unwrap_or_else(now_ms);
+            answers[index] = claim_in(conn, backend, agent_id, *limit, *lease_until, now).await?;
+        }
     }
     let ids: Vec<&str> = answers
         .iter()
@@ -84,6 +101,105 @@ async fn claim_all_in(
         job.secret_env = secrets.remove(&job.id).unwrap_or_default();
     }
     Ok(answers)
+}
+
+/// The indices (ascending) of the claims whose runner is plain: it appears once in `claims` and
+/// has nothing queued but its own jobs of events without a concurrency limit.
+async fn plain_claims(
+    conn: &mut sqlx::AnyConnection,
+    claims: &[ClaimRequest],
+) -> StoreResult<Vec<usize>> {
+    let mut seen = HashMap::with_capacity(claims.len());
+    for (index, (runner, ..)) in claims.iter().enumerate() {
+        // A runner claiming twice in one batch: both claims take the one-by-one path.
+        seen.entry(runner.as_str())
+            .and_modify(|first: &mut Option<usize>| *first = None)
+            .or_insert(Some(index));
+    }
+    let runners: Vec<&str> = seen.keys().copied().collect();
+    for chunk in runners.chunks(SECRETS_PER_QUERY) {
+        let list = super::dispatch::placeholders(1, chunk.len());
+        let sql = format!(
+            "SELECT q.runner AS runner FROM jobs q JOIN event_dispatch d ON d.event_id = q.event_id
+             WHERE q.runner IN ({list}) AND q.status = 'queued' AND d.max_concurrency IS NOT NULL
+             UNION
+             SELECT c.agent_id FROM job_candidates c JOIN jobs q ON q.id = c.job_id
+             WHERE c.agent_id IN ({list}) AND q.status = 'queued' AND q.pool = 1 AND q.runner IS NULL"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for runner in chunk {
+            query = query.bind(*runner);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let runner: String = row.try_get("runner")?;
+            if let Some(first) = seen.get_mut(runner.as_str()) {
+                *first = None;
+            }
+        }
+    }
+    let mut plain: Vec<usize> = seen.into_values().flatten().collect();
+    plain.sort_unstable();
+    Ok(plain)
+}
+
+/// Claims for the plain runners of `claims[group]` in one statement: each its oldest claimable
+/// own jobs, up to its limit, at its time (the writer's clock unless the claim fixes it) and
+/// with its lease. Their answers go to `answers`, each sorted by job id.
+async fn claim_plain_in(
+    conn: &mut sqlx::AnyConnection,
+    claims: &[ClaimRequest],
+    group: &[usize],
+    answers: &mut [Vec<ClaimedJob>],
+) -> StoreResult<()> {
+    let now = now_ms();
+    let values = (0..group.len())
+        .map(|row| format!("({})", super::dispatch::placeholders(row * 4 + 1, 4)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // `w` is the waiting claims; `j` a queued job (the alias `claimable_at` expects).
+    let sql = format!(
+        "WITH w (runner, lim, lease, now) AS (VALUES {values}),
+         picked AS (
+           SELECT id FROM (
+             SELECT j.id, w.lim,
+                    ROW_NUMBER() OVER (PARTITION BY j.runner ORDER BY j.queued_at, j.id) AS nth
+             FROM w CROSS JOIN jobs j ON j.runner = w.runner
+             WHERE {})
+           WHERE nth <= lim)
+         UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = w.now,
+                lease_expires_at = w.lease, not_before = NULL
+         FROM w
+         WHERE jobs.runner = w.runner AND jobs.id IN (SELECT id FROM picked)
+         RETURNING jobs.runner AS runner, id, attempt, run_id, event_id, kind, script, env, input,
+                   timeout_seconds, runtime_spec, queued_at, claimed_at",
+        super::dispatch::claimable_at("w.now")
+    );
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    let mut by_runner = HashMap::with_capacity(group.len());
+    for &index in group {
+        let (runner, limit, lease_until, at) = &claims[index];
+        by_runner.insert(runner.as_str(), index);
+        query = query
+            .bind(runner.as_str())
+            .bind(i64::from(*limit))
+            .bind(*lease_until)
+            .bind(at.unwrap_or(now));
+    }
+    for row in query.fetch_all(&mut *conn).await? {
+        let runner: String = row.try_get("runner")?;
+        let Some(&index) = by_runner.get(runner.as_str()) else {
+            return Err(super::StoreError::Corrupt(format!(
+                "a plain claim returned a job of runner {runner}, which did not claim"
+            )));
+        };
+        let claimed_at: i64 = row.try_get("claimed_at")?;
+        super::observe::claimed(claimed_at - row.try_get::<i64, _>("queued_at")?);
+        answers[index].push(super::jobs::claimed_job(&row)?);
+    }
+    for &index in group {
+        answers[index].sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    Ok(())
 }
 
 /// Claims up to `limit` claimable jobs for one agent at `now` (one statement), in the caller's

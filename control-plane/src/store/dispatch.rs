@@ -22,8 +22,13 @@ use super::{Store, StoreError, StoreResult, audit_in, now_ms, write_op};
 /// of `event_dispatch`), that it may be claimed at the time bound to placeholder `$first`.
 /// `active` and `nth` are computed by [`claimable_select`].
 pub(crate) fn claimable(first: usize) -> String {
+    claimable_at(&format!("${first}"))
+}
+
+/// [`claimable`] at the time given by the SQL expression `now` (a placeholder or a column).
+pub(crate) fn claimable_at(now: &str) -> String {
     format!(
-        "j.status = 'queued' AND (j.not_before IS NULL OR j.not_before <= ${first})
+        "j.status = 'queued' AND (j.not_before IS NULL OR j.not_before <= {now})
      AND (j.batch = 0 OR NOT EXISTS (SELECT 1 FROM jobs b WHERE b.run_id = j.run_id AND b.batch < j.batch
                                      AND b.status IN ('queued', 'claimed', 'running')))"
     )

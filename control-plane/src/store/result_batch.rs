@@ -5,7 +5,8 @@
 //! complete, for good (not a failure with attempts left). For a whole batch of those it takes one
 //! read of every job (with its event's notification settings and its run's rollout; on
 //! PostgreSQL the rows are locked, as the single writer serializes them on SQLite), one
-//! multi-row `INSERT` of every last log chunk and one `UPDATE` per job. The notification and
+//! multi-row `INSERT` of every last log chunk and one multi-row `UPDATE` (a `VALUES` list joined
+//! to `jobs`) of every final state. The notification and
 //! rollout-stop lookups run only for the jobs whose event notifies or whose run has stop
 //! conditions. Everything else (a stale or duplicate result, a length mismatch, a retry, a second
 //! result for the same job in one batch) takes the general path, `jobs::finish_one_in`, after
@@ -23,6 +24,9 @@ const JOBS_PER_READ: usize = 500;
 
 /// Most log chunks one `INSERT` writes (four bound parameters each).
 const CHUNKS_PER_INSERT: usize = 200;
+
+/// Most jobs one `UPDATE` settles (seven bound parameters each).
+const JOBS_PER_UPDATE: usize = 200;
 
 /// A result waiting for its batch.
 pub(crate) struct ResultRequest {
@@ -135,25 +139,7 @@ async fn finish_all_in(
 
     let mut outcomes: Vec<Option<FinishOutcome>> = vec![None; requests.len()];
     insert_chunks(conn, common.iter().map(|&index| &requests[index])).await?;
-    let now = now_ms();
-    for &index in &common {
-        let (request, result) = (&requests[index], &requests[index].result);
-        sqlx::query(
-            "UPDATE jobs SET status = $1, reason = $2, exit_code = $3, result = $4, condition = $5, log_len = $6, settled_by = 'agent',
-             lease_expires_at = NULL, started_at = COALESCE(started_at, $7), finished_at = $8 WHERE id = $9",
-        )
-        .bind(result.status.as_str())
-        .bind(result.reason.map(Reason::as_str))
-        .bind(result.exit_code)
-        .bind(&result.result)
-        .bind(result.condition.map(i64::from))
-        .bind(result.log_len as i64)
-        .bind(now)
-        .bind(now)
-        .bind(&request.attempt.job_id)
-        .execute(&mut *conn)
-        .await?;
-    }
+    update_common(conn, requests, &common, now_ms()).await?;
     // After every final state is written, as after each one on the general path: what these
     // lookups count includes the whole batch.
     for &index in &common {
@@ -236,6 +222,49 @@ async fn read_current(
         }
     }
     Ok(current)
+}
+
+/// Writes the final state of every job of `requests[common]` (at most one result per job),
+/// [`JOBS_PER_UPDATE`] jobs per statement.
+async fn update_common(
+    conn: &mut sqlx::AnyConnection,
+    requests: &[ResultRequest],
+    common: &[usize],
+    now: i64,
+) -> StoreResult<()> {
+    for group in common.chunks(JOBS_PER_UPDATE) {
+        let values = (0..group.len())
+            .map(|row| format!("({})", super::dispatch::placeholders(row * 7 + 2, 7)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "WITH v (id, status, reason, exit_code, result, condition, log_len) AS (VALUES {values})
+             UPDATE jobs SET status = v.status, reason = v.reason, exit_code = v.exit_code, result = v.result,
+                    condition = v.condition, log_len = v.log_len, settled_by = 'agent', lease_expires_at = NULL,
+                    started_at = COALESCE(jobs.started_at, $1), finished_at = $1
+             FROM v WHERE jobs.id = v.id"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        for &index in group {
+            let (request, result) = (&requests[index], &requests[index].result);
+            query = query
+                .bind(request.attempt.job_id.as_str())
+                .bind(result.status.as_str())
+                .bind(result.reason.map(Reason::as_str))
+                .bind(result.exit_code)
+                .bind(result.result.as_deref())
+                .bind(result.condition.map(i64::from))
+                .bind(result.log_len as i64);
+        }
+        let updated = query.execute(&mut *conn).await?.rows_affected();
+        if updated != group.len() as u64 {
+            return Err(super::StoreError::Corrupt(format!(
+                "{updated} of {} results written: a job read moments ago is missing",
+                group.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Writes the non-empty log chunks of `requests` (already checked to continue their logs),
