@@ -24,12 +24,14 @@
 //! restarted control plane for its memory per connection at that scale.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
 use cronium_e2e::fleet::{self, Executor, Fleet, FleetOptions};
+use cronium_e2e::light::{LightFleet, LightServer};
 use cronium_e2e::load::{AgentState, Histogram, Spread, fleet_states};
 use rand::{Rng, RngCore};
 use serde_json::{Value, json};
@@ -181,6 +183,50 @@ async fn scrape(api: &Api) -> anyhow::Result<String> {
         bail!("GET /metrics: HTTP {}", response.status());
     }
     response.text().await.context("GET /metrics: the body")
+}
+
+/// `cronium_agents_connected` of `GET /metrics`: the agents connected to this control plane.
+pub async fn agents_connected(api: &Api) -> anyhow::Result<usize> {
+    scrape(api)
+        .await?
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("cronium_agents_connected ")?
+                .parse::<usize>()
+                .ok()
+        })
+        .context("no cronium_agents_connected in GET /metrics")
+}
+
+/// The memory per connection of the server process `pid` (a control plane, or the bare quinn
+/// peer with [`LightServer::Echo`]) with one LIGHT simulated agent per state dir connected to
+/// `server`: its RSS after [`SETTLE`] with none connected, then every agent connected (64
+/// handshakes at a time) and two heartbeat periods later. Returns the still-connected fleet too:
+/// the caller checks the server's own count and stops it.
+pub async fn light_memory(
+    pid: u32,
+    state_dirs: Vec<PathBuf>,
+    server: SocketAddr,
+    kind: LightServer,
+) -> anyhow::Result<(LightFigures, LightFleet)> {
+    let agents = state_dirs.len();
+    tokio::time::sleep(SETTLE).await;
+    let before_kib = rss_kib(pid)?;
+    progress(&format!("connecting {agents} light agents to {server}"));
+    let started = Instant::now();
+    let light = LightFleet::connect_to(state_dirs, server, 64, kind).await?;
+    let connect = started.elapsed();
+    // Two heartbeat periods (5 s each by default), so every connection has sent some.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let connected_kib = rss_kib(pid)?;
+    let figures = LightFigures {
+        agents,
+        before_kib,
+        connected_kib,
+        connect,
+        lost: light.lost(),
+    };
+    Ok((figures, light))
 }
 
 /// Waits until `count` agents are online on a connection registered after `after_ms`.
@@ -455,51 +501,29 @@ pub async fn measure(
             &BTreeMap::new(),
         )
         .await?;
-        tokio::time::sleep(SETTLE).await;
-        let before_kib = rss_kib(control_plane.pid())?;
         let server: std::net::SocketAddr = control_plane
             .quic
             .parse()
             .with_context(|| format!("the QUIC address {}", control_plane.quic))?;
-        progress("connecting them");
-        let started = Instant::now();
-        let light = cronium_e2e::light::LightFleet::connect(
+        let (figures, light) = light_memory(
+            control_plane.pid(),
             identities
                 .into_iter()
                 .map(|identity| identity.state_dir)
                 .collect(),
             server,
-            64,
+            LightServer::Cronium,
         )
         .await?;
-        let connect = started.elapsed();
-        // Two heartbeat periods (5 s each by default), so every connection has sent some.
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        let connected_kib = rss_kib(control_plane.pid())?;
-        let connected_now = scrape(&api)
-            .await?
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix("cronium_agents_connected ")?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        let lost = light.lost();
+        let connected_now = agents_connected(&api).await?;
         light.stop().await;
-        let figures = LightFigures {
-            agents: options.light,
-            before_kib,
-            connected_kib,
-            connect,
-            lost,
-        };
         progress(&format!(
-            "{} light agents welcomed in {:.1} s, {connected_now} connected by the control plane's count, {lost} lost; RSS {} → {} KiB: {:.1} KiB per connection",
+            "{} light agents welcomed in {:.1} s, {connected_now} connected by the control plane's count, {} lost; RSS {} → {} KiB: {:.1} KiB per connection",
             options.light,
-            connect.as_secs_f64(),
-            before_kib,
-            connected_kib,
+            figures.connect.as_secs_f64(),
+            figures.lost,
+            figures.before_kib,
+            figures.connected_kib,
             figures.per_connection_kib()
         ));
         if connected_now != options.light {

@@ -17,7 +17,10 @@
 //! 3 and 10 agent processes next to a Salt master with as many minions, and to 1,000 agents
 //! held by this process ([`fanout`]; `--fanout-only`); with `--postgres-only`, only the no-op
 //! job throughput of `cronium serve` on PostgreSQL next to the raw `FOR UPDATE SKIP LOCKED` claim
-//! rate of the same server ([`pg_claims`]). It prints a markdown summary and optionally
+//! rate of the same server ([`pg_claims`]); with `--replicas-only`, only trigger → result of
+//! jobs created on one replica for agents connected to another, next to the same on their own
+//! replica ([`replica_dispatch`]); with `--memory-peer-only`, only the control plane's memory per
+//! agent connection next to a bare quinn server's ([`quinn_peer`]). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
 //! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
@@ -32,6 +35,8 @@ mod load;
 mod pg_claims;
 mod phases;
 mod procs;
+mod quinn_peer;
+mod replica_dispatch;
 mod report;
 mod ssh;
 mod ssh_fallback;
@@ -214,6 +219,38 @@ struct Cli {
     /// Jobs each of those agents runs at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pg_capacity: u32,
+    /// Run only the cross-replica phase ([`replica_dispatch`]): two `cronium serve` replicas
+    /// on a throwaway PostgreSQL, every agent connected to A, runs created and followed through
+    /// B next to the same through A, none of the others.
+    #[arg(long)]
+    replicas_only: bool,
+    /// In-process agents (the agent's own code; SIMULATED executor) of the replica phase.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=2_000))]
+    replica_agents: u64,
+    /// `cronium-agent run` processes (a real `bash` per job) of the replica phase (0: none).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=20))]
+    replica_real_agents: u64,
+    /// Timed runs per side (through B, through A) and kind of agent in the replica phase.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    replica_samples: u64,
+    /// Untimed pairs before them.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    replica_warmup: u64,
+    /// Run only the memory comparison ([`quinn_peer`]): the control plane's memory per LIGHT
+    /// agent connection next to a bare quinn server's, none of the others.
+    #[arg(long)]
+    memory_peer_only: bool,
+    /// Counts of LIGHT agents of the memory comparison, each on a fresh control plane and a
+    /// fresh bare quinn server.
+    #[arg(long, value_delimiter = ',', default_value = "500,10000")]
+    memory_peer_agents: Vec<usize>,
+    /// Where the memory comparison keeps its agents' identities (default: /dev/shm when it
+    /// exists).
+    #[arg(long)]
+    memory_peer_dir: Option<PathBuf>,
+    /// Internal: serve as the memory comparison's bare quinn peer with the files in this dir.
+    #[arg(long, hide = true)]
+    quinn_peer_serve: Option<PathBuf>,
     /// Write every number to this file as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -257,6 +294,9 @@ async fn main() -> anyhow::Result<()> {
         cli.fanout_runs = 0;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(dir) = &cli.quinn_peer_serve {
+        return quinn_peer::serve(dir).await;
+    }
     // Dropping the benchmark future (Ctrl-C) or unwinding out of it (panic) drops every guard:
     // the child processes are stopped and the temp dir removed.
     tokio::select! {
@@ -303,6 +343,57 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             progress(&format!("wrote {}", path.display()));
         }
+        drop(temp);
+        return Ok(());
+    }
+
+    if cli.replicas_only {
+        let options = replica_dispatch::ReplicaOptions {
+            agents: cli.replica_agents as usize,
+            real_agents: cli.replica_real_agents as usize,
+            samples: cli.replica_samples as usize,
+            warmup: cli.replica_warmup as usize,
+        };
+        let figures =
+            replica_dispatch::measure(&binaries, &root.join("replicas"), &options).await?;
+        println!("{}", figures.markdown());
+        if let Some(path) = &cli.out {
+            let text = serde_json::to_string_pretty(&json!({"replicas": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        drop(temp);
+        return Ok(());
+    }
+
+    if cli.memory_peer_only {
+        let counts = &cli.memory_peer_agents;
+        if counts.is_empty() || counts.iter().any(|&count| count == 0 || count > 10_000) {
+            anyhow::bail!("--memory-peer-agents must be numbers 1-10000, e.g. 500,10000");
+        }
+        let base = cli.memory_peer_dir.clone().unwrap_or_else(|| {
+            let shm = PathBuf::from("/dev/shm");
+            if shm.is_dir() {
+                shm
+            } else {
+                root.to_path_buf()
+            }
+        });
+        let identities = tempfile::Builder::new()
+            .prefix("cronium-bench-memory-")
+            .tempdir_in(&base)
+            .with_context(|| format!("cannot create a temp dir in {}", base.display()))?;
+        let figures =
+            quinn_peer::measure(&binaries, &root.join("memory"), identities.path(), counts).await?;
+        println!("{}", figures.markdown());
+        if let Some(path) = &cli.out {
+            let text = serde_json::to_string_pretty(&json!({"memory_peer": figures.json()}))?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            progress(&format!("wrote {}", path.display()));
+        }
+        drop(identities);
         drop(temp);
         return Ok(());
     }

@@ -12,6 +12,15 @@
 //! Memory is bounded: at most [`MAX_PENDING`] notices wait for a window (more become one
 //! resync), the broadcast keeps [`BUFFER`] notices, the job states remembered to filter log
 //! appends are capped at [`MAX_REMEMBERED`].
+//!
+//! With several replicas (PostgreSQL), a console may be connected to another replica than the
+//! one where a change happened (an agent connects to replica A, a console follows replica B).
+//! At the end of each window the task hands what this replica's own sources announced (not job
+//! notices from [`crate::queue::JobEvents`], which cross on their own as `Signal::Job`) to the
+//! replicas' outbox as `Signal::Change` (kind, id, and the audience when the source knew it),
+//! and a dropped local announcement as `Signal::ChangesResync`; the other replicas add them to
+//! their own window ([`Changes::receive`]) and never send them on, so nothing loops and each
+//! kind and id still crosses at most once per window.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +31,7 @@ use tokio::sync::{Notify, broadcast::Receiver};
 use tracing::{debug, warn};
 
 use crate::AppState;
+use crate::replicas::Signal;
 use crate::store::changes::Owned;
 
 /// How long announcements are gathered before they are sent: a kind and id is sent at most
@@ -62,6 +72,21 @@ impl Kind {
         }
     }
 
+    /// The kind [`as_str`](Kind::as_str) names (`None` for anything else).
+    pub fn parse(text: &str) -> Option<Kind> {
+        [
+            Kind::Job,
+            Kind::Run,
+            Kind::Agent,
+            Kind::Server,
+            Kind::Event,
+            Kind::Workflow,
+            Kind::WorkflowRun,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == text)
+    }
+
     /// How the owner of an object of this kind is looked up; `None`: everyone sees it (agents,
     /// like `GET /agents`) or it is looked up otherwise (jobs).
     fn owned(self) -> Option<Owned> {
@@ -77,7 +102,7 @@ impl Kind {
 }
 
 /// Who may learn of a notice.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Audience {
     /// Every signed-in user (the fleet's agents).
     Everyone,
@@ -99,11 +124,22 @@ pub enum Notice {
     Resync,
 }
 
-/// What waits for the next window: per kind and id, the audience if the source knew it.
+/// What waits for the next window: per kind and id, the audience if the source knew it and
+/// whether the other replicas are to hear of it.
 #[derive(Default)]
 struct Pending {
-    items: HashMap<(Kind, Arc<str>), Option<Audience>>,
+    items: HashMap<(Kind, Arc<str>), Slot>,
     overflowed: bool,
+    /// An announcement of this replica's own sources was dropped: the other replicas' consoles
+    /// must resync too.
+    dropped_own: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    audience: Option<Audience>,
+    /// Announced by a source of this replica (not a job notice, not another replica's).
+    publish: bool,
 }
 
 /// The change hub. Cheap to clone.
@@ -139,29 +175,44 @@ impl Changes {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn add(&self, kind: Kind, id: &str, audience: Option<Audience>) {
-        self.insert(kind, id, audience);
+    fn add(&self, kind: Kind, id: &str, audience: Option<Audience>, publish: bool) {
+        self.insert(kind, id, audience, publish);
         self.inner.wake.notify_one();
     }
 
     /// Adds to the window without waking the task (the task itself, during a window).
-    fn insert(&self, kind: Kind, id: &str, audience: Option<Audience>) {
+    fn insert(&self, kind: Kind, id: &str, audience: Option<Audience>, publish: bool) {
         let mut pending = self.pending();
         let key = (kind, Arc::from(id));
         if pending.items.len() >= MAX_PENDING && !pending.items.contains_key(&key) {
             pending.overflowed = true;
+            pending.dropped_own |= publish;
         } else {
-            let slot = pending.items.entry(key).or_insert(None);
+            let slot = pending.items.entry(key).or_default();
             // A known audience wins over a lookup (a deleted object has nothing to look up).
             if audience.is_some() {
-                *slot = audience;
+                slot.audience = audience;
             }
+            slot.publish |= publish;
         }
     }
 
     /// Announces a change whose audience the caller knows.
     pub fn notify(&self, kind: Kind, id: &str, audience: Audience) {
-        self.add(kind, id, Some(audience));
+        self.add(kind, id, Some(audience), true);
+    }
+
+    /// A change another replica announced (`Signal::Change`): added to this window like a
+    /// local one, but never sent on to the other replicas.
+    pub fn receive(&self, kind: Kind, id: &str, audience: Option<Audience>) {
+        self.add(kind, id, audience, false);
+    }
+
+    /// Another replica dropped announcements (`Signal::ChangesResync`): this replica's streams
+    /// get a `resync` at the end of the window (not sent on).
+    pub fn receive_resync(&self) {
+        self.pending().overflowed = true;
+        self.inner.wake.notify_one();
     }
 
     /// Announces a change to an object owned by `owner_id`.
@@ -171,7 +222,7 @@ impl Changes {
 
     /// Announces a change whose audience is looked up (by the object's owner).
     pub fn touch(&self, kind: Kind, id: &str) {
-        self.add(kind, id, None);
+        self.add(kind, id, None, true);
     }
 
     /// The notices from now on.
@@ -205,7 +256,7 @@ pub async fn run(state: AppState) {
             _ = state.shutdown.cancelled() => return,
             _ = changes.inner.wake.notified() => {}
             job = jobs.recv() => match job {
-                Ok(id) => changes.insert(Kind::Job, &id, None),
+                Ok(id) => changes.insert(Kind::Job, &id, None, false),
                 Err(RecvError::Lagged(_)) => changes.pending().overflowed = true,
                 Err(RecvError::Closed) => return,
             },
@@ -218,13 +269,14 @@ pub async fn run(state: AppState) {
                 _ = state.shutdown.cancelled() => return,
                 _ = &mut deadline => break,
                 job = jobs.recv() => match job {
-                    Ok(id) => changes.insert(Kind::Job, &id, None),
+                    Ok(id) => changes.insert(Kind::Job, &id, None, false),
                     Err(RecvError::Lagged(_)) => changes.pending().overflowed = true,
                     Err(RecvError::Closed) => return,
                 },
             }
         }
         let pending = changes.take();
+        publish(&state, &pending);
         if pending.overflowed {
             debug!("too many changes at once; asking clients to resync");
             remembered.clear();
@@ -245,17 +297,48 @@ pub async fn run(state: AppState) {
     }
 }
 
+/// Hands this window's own announcements to the other replicas (nothing on SQLite).
+fn publish(state: &AppState, pending: &Pending) {
+    let outbox = state.replicas.outbox();
+    if outbox.is_connected() {
+        for signal in outgoing(pending) {
+            outbox.send(signal);
+        }
+    }
+}
+
+/// What the other replicas hear of a window: this replica's own announcements (not job notices
+/// of `JobEvents`, which cross as `Signal::Job`, and not what other replicas announced), and a
+/// resync if any of them was dropped.
+fn outgoing(pending: &Pending) -> Vec<Signal> {
+    let resync = pending.dropped_own.then_some(Signal::ChangesResync);
+    resync
+        .into_iter()
+        .chain(
+            pending
+                .items
+                .iter()
+                .filter(|(_, slot)| slot.publish)
+                .map(|((kind, id), slot)| Signal::Change {
+                    kind: *kind,
+                    id: id.to_string(),
+                    audience: slot.audience.clone(),
+                }),
+        )
+        .collect()
+}
+
 /// The notices of one window: audiences looked up, unchanged jobs dropped, runs of changed jobs
 /// added. Sorted by kind and id (a stable order for clients and tests).
 async fn resolve(
     state: &AppState,
-    items: HashMap<(Kind, Arc<str>), Option<Audience>>,
+    items: HashMap<(Kind, Arc<str>), Slot>,
     remembered: &mut HashMap<Arc<str>, (String, i64, bool)>,
 ) -> crate::store::StoreResult<Vec<Notice>> {
     let mut known: HashMap<(Kind, Arc<str>), Audience> = HashMap::with_capacity(items.len());
     let mut lookups: HashMap<Kind, Vec<Arc<str>>> = HashMap::new();
-    for ((kind, id), audience) in items {
-        match (audience, kind) {
+    for ((kind, id), slot) in items {
+        match (slot.audience, kind) {
             (Some(audience), _) => {
                 known.insert((kind, id), audience);
             }
@@ -317,4 +400,82 @@ async fn resolve(
         .into_iter()
         .map(|((kind, id), audience)| Notice::Change { kind, id, audience })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(mut signals: Vec<Signal>) -> Vec<Signal> {
+        signals.sort_by_key(|signal| format!("{signal:?}"));
+        signals
+    }
+
+    #[test]
+    fn only_this_replicas_own_announcements_go_to_the_other_replicas() {
+        let changes = Changes::default();
+        changes.notify(Kind::Agent, "agent-1", Audience::Everyone);
+        changes.touch(Kind::Event, "event-1");
+        changes.notify_owned(Kind::Server, "server-1", "user-1");
+        // Job notices of `JobEvents` cross on their own; another replica's notices are not sent
+        // back (no loop), also when they name what a local source announced too.
+        changes.insert(Kind::Job, "job-1", None, false);
+        changes.receive(Kind::Agent, "agent-2", Some(Audience::Everyone));
+        changes.receive(Kind::Workflow, "workflow-1", None);
+        changes.receive(Kind::Event, "event-1", Some(Audience::Admins));
+        changes.touch(Kind::Job, "job-2");
+        let pending = changes.take();
+        assert!(!pending.overflowed);
+        assert_eq!(pending.items.len(), 7);
+        assert_eq!(
+            sorted(outgoing(&pending)),
+            sorted(vec![
+                Signal::Change {
+                    kind: Kind::Agent,
+                    id: "agent-1".into(),
+                    audience: Some(Audience::Everyone),
+                },
+                // The received audience is carried with the local announcement.
+                Signal::Change {
+                    kind: Kind::Event,
+                    id: "event-1".into(),
+                    audience: Some(Audience::Admins),
+                },
+                Signal::Change {
+                    kind: Kind::Server,
+                    id: "server-1".into(),
+                    audience: Some(Audience::Owner(Arc::from("user-1"))),
+                },
+                Signal::Change {
+                    kind: Kind::Job,
+                    id: "job-2".into(),
+                    audience: None,
+                },
+            ])
+        );
+        // The next window starts empty.
+        assert!(outgoing(&changes.take()).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_own_announcement_makes_the_other_replicas_resync_a_received_one_does_not() {
+        let changes = Changes::default();
+        for index in 0..MAX_PENDING {
+            changes.receive(Kind::Server, &format!("server-{index}"), None);
+        }
+        // Full: another replica's notice is dropped (a local resync only).
+        changes.receive(Kind::Server, "one-more", None);
+        changes.receive_resync();
+        let pending = changes.take();
+        assert!(pending.overflowed);
+        assert!(outgoing(&pending).is_empty());
+
+        for index in 0..MAX_PENDING {
+            changes.receive(Kind::Server, &format!("server-{index}"), None);
+        }
+        changes.notify(Kind::Agent, "dropped", Audience::Everyone);
+        let pending = changes.take();
+        assert!(pending.overflowed);
+        assert_eq!(outgoing(&pending), [Signal::ChangesResync]);
+    }
 }

@@ -10,8 +10,9 @@
 //! - counters and the claim histogram live in [`Metrics`], held by the store: the store's
 //!   writer task adds the jobs settled and claimed after each commit (`store::observe`), the
 //!   HTTP middleware [`count_requests`] the answered requests;
-//! - gauges are read at scrape time: connected agents from the registry, unfinished jobs per
-//!   status with one indexed query.
+//! - gauges are read at scrape time: the agents connected to this replica from the registry,
+//!   the agents online on any replica from the registry and the other replicas' presence rows
+//!   (`replicas::presence::online_count`), unfinished jobs per status with one indexed query.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -96,7 +97,10 @@ impl Default for Metrics {
 /// What the scrape reads from the running control plane.
 #[derive(Debug, Default)]
 pub struct Gauges {
+    /// Agents connected to this control plane (replica).
     pub agents_connected: usize,
+    /// Agents online on any replica (on SQLite, `agents_connected`).
+    pub agents_online: usize,
     /// Whether this replica runs the scheduler (`replicas::leader`; always on SQLite).
     pub scheduler_leader: bool,
     /// Unfinished jobs per status; missing statuses count 0.
@@ -209,9 +213,17 @@ impl Metrics {
             &mut out,
             "cronium_agents_connected",
             "gauge",
-            "Agents connected to this control plane over QUIC now.",
+            "Agents connected to this control plane (this replica) over QUIC now.",
         );
         let _ = writeln!(out, "cronium_agents_connected {}", gauges.agents_connected);
+
+        family(
+            &mut out,
+            "cronium_agents_online",
+            "gauge",
+            "Agents online now, not revoked, connected to any replica of this control plane (read from the database at each scrape; with one control plane, the same as cronium_agents_connected).",
+        );
+        let _ = writeln!(out, "cronium_agents_online {}", gauges.agents_online);
 
         family(
             &mut out,
@@ -381,8 +393,10 @@ pub async fn count_requests(
 /// `GET /metrics`: for the metrics token (`--metrics-token-file`) or an admin's credentials.
 async fn scrape(State(state): State<AppState>, _caller: Scraper) -> ApiResult<Response> {
     let jobs = state.store.active_job_counts().await?;
+    let agents_online = crate::replicas::presence::online_count(&state).await?;
     let gauges = Gauges {
         agents_connected: state.registry.len(),
+        agents_online,
         scheduler_leader: state.replicas.is_leader(),
         jobs,
     };

@@ -9,6 +9,10 @@
 //! the control plane sends (`HeartbeatAck` and anything else is read and dropped). It claims
 //! nothing, runs nothing, has no spool and does not reconnect: a lost connection ends it and is
 //! counted. All of them share one UDP socket (one quinn endpoint), unlike real agents.
+//!
+//! They can also be pointed at the benchmark's bare quinn peer ([`LightServer::Echo`]: same TLS
+//! and transport configuration, a server that echoes every stream), which sends the hello back
+//! instead of a welcome; the heartbeat interval is then the caller's.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +34,15 @@ use tokio_util::sync::CancellationToken;
 /// How long one light agent may take from the handshake to the welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What the light agents are connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LightServer {
+    /// A control plane: it answers the hello with a welcome that names the heartbeat interval.
+    Cronium,
+    /// A bare echo server: the hello comes back as sent; heartbeats every `heartbeat`.
+    Echo { heartbeat: Duration },
+}
+
 /// Light agents connected over one endpoint; dropping it closes them.
 pub struct LightFleet {
     endpoint: quinn::Endpoint,
@@ -48,6 +61,16 @@ impl LightFleet {
         state_dirs: Vec<PathBuf>,
         server: SocketAddr,
         parallel: usize,
+    ) -> Result<LightFleet> {
+        LightFleet::connect_to(state_dirs, server, parallel, LightServer::Cronium).await
+    }
+
+    /// [`LightFleet::connect`] to a server of the kind `kind`.
+    pub async fn connect_to(
+        state_dirs: Vec<PathBuf>,
+        server: SocketAddr,
+        parallel: usize,
+        kind: LightServer,
     ) -> Result<LightFleet> {
         crate::init_crypto();
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -95,11 +118,17 @@ impl LightFleet {
                     )
                     .await
                     .context("no welcome in time")??;
-                    let interval = match welcome {
-                        Some(Message::Welcome(welcome)) => {
+                    let interval = match (kind, welcome) {
+                        (LightServer::Cronium, Some(Message::Welcome(welcome))) => {
                             Duration::from_millis(welcome.heartbeat_interval_ms.into())
                         }
-                        other => bail!("expected a welcome, got {other:?}"),
+                        (LightServer::Echo { heartbeat }, Some(Message::Hello(_))) => heartbeat,
+                        (LightServer::Cronium, other) => {
+                            bail!("expected a welcome, got {other:?}")
+                        }
+                        (LightServer::Echo { .. }, other) => {
+                            bail!("expected the hello echoed, got {other:?}")
+                        }
                     };
                     anyhow::Ok((connection, send, recv, decoder, interval))
                 }

@@ -2,6 +2,7 @@
 //!
 //! It reads the response body as it streams, splits it into events at blank lines, and keeps the
 //! `log` events and the final `end` event. Anything else (comments, keep-alives) is ignored.
+//! [`EventStream`] reads any other event stream (e.g. `GET /api/v1/changes`) event by event.
 
 use std::time::Duration;
 
@@ -110,6 +111,71 @@ async fn follow(api: &Api, job_id: &str) -> Result<FollowedLog> {
         "the event stream closed without an `end` event after {} log events",
         followed.logs.len()
     )
+}
+
+/// Any server-sent event stream, read one event (name, data) at a time; comments and
+/// keep-alives are skipped.
+pub struct EventStream {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    /// Opens `path` on `api` as an event stream (an error unless it answers 2xx with
+    /// `text/event-stream`).
+    pub async fn open(api: &Api, path: &str) -> Result<EventStream> {
+        let response = api
+            .request(reqwest::Method::GET, path)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!(
+                "GET {path}: HTTP {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        if !content_type.starts_with("text/event-stream") {
+            bail!("GET {path}: expected content type text/event-stream, got {content_type:?}");
+        }
+        Ok(EventStream {
+            body: response
+                .bytes_stream()
+                .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
+                .boxed(),
+            buffer: Vec::new(),
+        })
+    }
+
+    /// The next event as `(name, data)`, waiting at most `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<(String, String)> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                while let Some((block, rest)) = split_event(&self.buffer) {
+                    self.buffer = rest;
+                    if let Some(event) = parse_event(&block)? {
+                        return Ok(event);
+                    }
+                }
+                match self.body.next().await {
+                    Some(chunk) => self
+                        .buffer
+                        .extend_from_slice(&chunk.context("read the event stream")?),
+                    None => bail!("the event stream closed"),
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("no event within {timeout:?}"))?
+    }
 }
 
 /// Splits the first complete event block (terminated by a blank line) off `buffer`.

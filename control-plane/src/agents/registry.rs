@@ -169,11 +169,30 @@ impl AgentRegistry {
         }
     }
 
-    /// Closes an agent's connection with `code`.
+    /// Closes an agent's connection with `code`, wherever it is connected: with several
+    /// replicas the others are told too (`Signal::Disconnect`), so a revocation on one replica
+    /// cuts the agent off on the replica that holds its connection.
     pub fn disconnect(&self, agent_id: &str, code: CloseCode, reason: &str) {
-        if let Some(link) = self.lock().remove(agent_id) {
-            link.connection
-                .close(code.to_u32().into(), reason.as_bytes());
+        self.disconnect_local(agent_id, code, reason);
+        self.outbox.send(Signal::Disconnect {
+            agent_id: agent_id.to_owned(),
+            code: code.to_u32(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// [`disconnect`](AgentRegistry::disconnect) for an agent connected to this replica only;
+    /// returns whether it is. The link stays registered until its session task, which sees the
+    /// connection closed at once, unregisters it (and records the last-seen time, clears the
+    /// agent's presence and announces it offline, as for any disconnect).
+    pub fn disconnect_local(&self, agent_id: &str, code: CloseCode, reason: &str) -> bool {
+        match self.lock().get(agent_id) {
+            Some(link) => {
+                link.connection
+                    .close(code.to_u32().into(), reason.as_bytes());
+                true
+            }
+            None => false,
         }
     }
 

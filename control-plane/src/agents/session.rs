@@ -178,6 +178,9 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         }
         // The version this agent should run (the agent checks and refuses what it must).
         let agent_now = state.store.agent(&agent.id).await.unwrap_or_else(|_| agent.clone());
+        // Read after the registration: a revocation committed since the check above either shows
+        // here or its `Signal::Disconnect` finds this connection registered.
+        let revoked_meanwhile = agent_now.revoked_at.is_some();
         let announcement = super::update::announcement_for(&state, &agent_now).await?;
         if announcement.version.is_some() {
             write_message(&mut send, &Message::AgentUpdate(announcement)).await?;
@@ -213,6 +216,11 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
         let mut watchdog = tokio::time::interval(state.config.heartbeat);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = async {
+            if revoked_meanwhile {
+                info!("revoked while connecting; closing the connection");
+                connection.close(CloseCode::Revoked.to_u32().into(), b"agent revoked");
+                return Ok(());
+            }
             loop {
                 tokio::select! {
                     message = read_message(&mut recv, &mut decoder) => {

@@ -108,9 +108,16 @@ async fn revoke(
     }
     // The failed jobs' `notify.on_failure` notifications were enqueued with the revocation.
     state.notifier.notify_one();
+    // Closed wherever it is connected (other replicas hear `Signal::Disconnect`).
     state
         .registry
         .disconnect(&id, CloseCode::Revoked, "agent revoked");
+    // Consoles drop it from their lists, also when it was offline.
+    state.changes.notify(
+        crate::changes::Kind::Agent,
+        &id,
+        crate::changes::Audience::Everyone,
+    );
     // Its terminal sessions cannot be reached any more (and die with the agent).
     state.store.close_terminal_sessions_except(&id, &[]).await?;
     state

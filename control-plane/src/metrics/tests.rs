@@ -434,6 +434,8 @@ async fn metrics_follow_jobs_through_the_queue() {
     assert_eq!(before.types["cronium_jobs_finished_total"], "counter");
     assert_eq!(before.types["cronium_http_requests_total"], "counter");
     assert_eq!(before.value("cronium_agents_connected", &[]), 0.0);
+    assert_eq!(before.types["cronium_agents_online"], "gauge");
+    assert_eq!(before.value("cronium_agents_online", &[]), 0.0);
     for status in ["queued", "claimed", "running"] {
         assert_eq!(before.value("cronium_jobs", &[("status", status)]), 0.0);
     }
@@ -537,6 +539,7 @@ async fn metrics_follow_jobs_through_the_queue() {
 
     let after = harness.scrape().await;
     assert_eq!(after.value("cronium_agents_connected", &[]), 1.0);
+    assert_eq!(after.value("cronium_agents_online", &[]), 1.0);
     for status in ["queued", "claimed", "running"] {
         assert_eq!(after.value("cronium_jobs", &[("status", status)]), 0.0);
     }

@@ -6,7 +6,8 @@
 //! - [`material`]: what a replica needs to serve any agent (the CA, the QUIC stateless-reset
 //!   key) lives in the database, sealed, inserted only when absent, so all replicas agree;
 //! - [`signals`]: the in-process wake-ups that may concern another replica (an agent connected
-//!   there, a job a follower there watches, a schedule change for the leader) are sent with
+//!   there, a job a follower there watches, a schedule change for the leader, an agent to
+//!   disconnect, a change notice for a console there) are sent with
 //!   `pg_notify` and replayed by one `PgListener` task on every replica;
 //! - [`leader`]: the scheduler runs only on the replica holding the leader advisory lock;
 //! - [`presence`]: which replica each agent is connected to, so that an agent connected to
@@ -48,6 +49,23 @@ pub enum Signal {
     Job(String),
     /// An event's schedule changed: the scheduler leader re-reads the schedules.
     Schedules,
+    /// Close this agent's connection (`AgentRegistry::disconnect`), e.g. it was revoked on
+    /// another replica. `code` is a `cronium_protocol::CloseCode` as on the wire; `reason` is
+    /// short text for the agent's log.
+    Disconnect {
+        agent_id: String,
+        code: u32,
+        reason: String,
+    },
+    /// A change notice for the consoles (`changes::Changes::receive`); `audience` is `None`
+    /// when the receiving replica looks the owner up itself.
+    Change {
+        kind: crate::changes::Kind,
+        id: String,
+        audience: Option<crate::changes::Audience>,
+    },
+    /// Change notices were dropped on another replica: this replica's consoles resync.
+    ChangesResync,
 }
 
 /// Where the local wake-ups hand what concerns other replicas. Unconnected (SQLite, tests) it

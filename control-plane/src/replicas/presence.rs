@@ -101,6 +101,34 @@ pub async fn elsewhere_of(state: &AppState, agent_id: &str) -> StoreResult<Optio
         .await
 }
 
+/// Whether `agent_id` is connected to this replica or (PostgreSQL) to another live one, by the
+/// rule of `GET /agents` (`cronium server install-agent` waits for this: the installed agent
+/// may connect to any replica).
+pub async fn is_online(state: &AppState, agent_id: &str) -> StoreResult<bool> {
+    if state.registry.connection(agent_id).is_some() {
+        return Ok(true);
+    }
+    Ok(elsewhere_of(state, agent_id).await?.is_some())
+}
+
+/// How many agents not revoked are connected to any replica (`cronium_agents_online`): this
+/// replica's agents and those with a fresh presence row of another replica, each once. On
+/// SQLite, this control plane's agents.
+pub async fn online_count(state: &AppState) -> StoreResult<usize> {
+    let here = state.registry.snapshot();
+    if !state.replicas.is_shared() {
+        return Ok(here.len());
+    }
+    let mut online: HashSet<String> = state
+        .store
+        .agents_online_elsewhere(state.replicas.id(), fresh_since())
+        .await?
+        .into_iter()
+        .collect();
+    online.extend(here.into_iter().map(|(agent_id, _)| agent_id));
+    Ok(online.len())
+}
+
 /// The oldest `seen_at` of a presence row that still counts.
 fn fresh_since() -> i64 {
     now_ms() - STALE_AFTER.as_millis() as i64

@@ -2,7 +2,7 @@
 //!
 //! The local wake-ups stay what they were (`AgentRegistry::wake`, `JobEvents::notify`, …) and
 //! also hand what may concern another replica to the [`Outbox`](super::Outbox): every agent
-//! wake-up, cancel and update announcement (the agent may be connected elsewhere, also while a
+//! wake-up, cancel, update announcement and disconnect (the agent may be connected elsewhere, also while a
 //! dead connection of it is still registered here), every job change (a follower may watch it on
 //! another replica), a schedule change on a follower (the leader is elsewhere). The [`publish`] task gathers what is waiting, drops
 //! repeats, and sends it with `pg_notify` on [`CHANNEL`] after the commit that caused it (the
@@ -14,24 +14,36 @@
 //!
 //! A notification's payload is text: the sending replica's id on the first line, then one signal
 //! per line (`w<TAB>agent`, `c<TAB>agent<TAB>job<TAB>attempt`, `u<TAB>agent<TAB>version`,
-//! `j<TAB>job`, `s`), at most [`MAX_PAYLOAD`] bytes (PostgreSQL allows 8000). Lines that do not
-//! parse are ignored.
+//! `j<TAB>job`, `s`, `d<TAB>agent<TAB>close code<TAB>reason`, `n<TAB>kind<TAB>id<TAB>audience`
+//! with the audience `-` (look the owner up), `*` (everyone), `!` (admins) or `=owner`, and `r`
+//! for a change resync), at most [`MAX_PAYLOAD`] bytes (PostgreSQL allows 8000). Lines that do not
+//! parse (unknown close codes and kinds, a reason over [`MAX_REASON`] bytes) are ignored.
+//!
+//! Received change notices (`n`, `r`) go into the local change hub's window without being sent
+//! on ([`crate::changes::Changes::receive`]): a replica publishes only what its own sources
+//! announced, so nothing loops between replicas.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use cronium_protocol::CloseCode;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::Signal;
 use crate::AppState;
+use crate::changes::{Audience, Kind};
 
 /// The notification channel of the replicas.
 pub const CHANNEL: &str = "cronium_replicas";
 
 /// Most bytes of one payload.
 pub const MAX_PAYLOAD: usize = 7_000;
+
+/// Most bytes of a disconnect's reason (QUIC close reasons are short text for a log).
+pub const MAX_REASON: usize = 200;
 
 /// Most signals gathered into one round of notifications.
 const MAX_BATCH: usize = 10_000;
@@ -55,6 +67,28 @@ fn encode_line(signal: &Signal) -> Option<String> {
         }
         Signal::Job(job) if clean(job) => format!("j\t{job}"),
         Signal::Schedules => "s".to_owned(),
+        Signal::Disconnect {
+            agent_id,
+            code,
+            reason,
+        } if clean(agent_id)
+            && CloseCode::from_u32((*code).into()).is_some()
+            && reason.len() <= MAX_REASON
+            && !reason.contains(['\t', '\n']) =>
+        {
+            format!("d\t{agent_id}\t{code}\t{reason}")
+        }
+        Signal::Change { kind, id, audience } if clean(id) => {
+            let audience = match audience {
+                None => "-".to_owned(),
+                Some(Audience::Everyone) => "*".to_owned(),
+                Some(Audience::Admins) => "!".to_owned(),
+                Some(Audience::Owner(owner)) if clean(owner) => format!("={owner}"),
+                Some(Audience::Owner(_)) => return None,
+            };
+            format!("n\t{}\t{id}\t{audience}", kind.as_str())
+        }
+        Signal::ChangesResync => "r".to_owned(),
         _ => return None,
     };
     // A line that alone would not fit is not sent (ids are far shorter).
@@ -107,6 +141,28 @@ pub fn decode(payload: &str) -> Option<(&str, Vec<Signal>)> {
                 }),
                 ["j", job] if nonempty(job) => Some(Signal::Job((*job).to_owned())),
                 ["s"] => Some(Signal::Schedules),
+                ["d", agent, code, reason] if nonempty(agent) && reason.len() <= MAX_REASON => {
+                    let code: u32 = code.parse().ok()?;
+                    CloseCode::from_u32(code.into())?;
+                    Some(Signal::Disconnect {
+                        agent_id: (*agent).to_owned(),
+                        code,
+                        reason: (*reason).to_owned(),
+                    })
+                }
+                ["n", kind, id, audience] if nonempty(id) => Some(Signal::Change {
+                    kind: Kind::parse(kind)?,
+                    id: (*id).to_owned(),
+                    audience: match *audience {
+                        "-" => None,
+                        "*" => Some(Audience::Everyone),
+                        "!" => Some(Audience::Admins),
+                        owner => Some(Audience::Owner(Arc::from(
+                            owner.strip_prefix('=').filter(|owner| !owner.is_empty())?,
+                        ))),
+                    },
+                }),
+                ["r"] => Some(Signal::ChangesResync),
                 _ => None,
             }
         })
@@ -243,6 +299,17 @@ fn apply(state: &AppState, payload: &str) {
                 state.registry.announce_update_local(&agent_id, version);
             }
             Signal::Job(job_id) => state.job_events.notify_local(&job_id),
+            Signal::Disconnect {
+                agent_id,
+                code,
+                reason,
+            } => {
+                if let Some(code) = CloseCode::from_u32(code.into()) {
+                    state.registry.disconnect_local(&agent_id, code, &reason);
+                }
+            }
+            Signal::Change { kind, id, audience } => state.changes.receive(kind, &id, audience),
+            Signal::ChangesResync => state.changes.receive_resync(),
             // Only the leader's scheduler reads them (a follower would only send it on).
             Signal::Schedules if state.replicas.is_leader() => state.schedules.notify_one(),
             Signal::Schedules => {}
@@ -278,6 +345,37 @@ mod tests {
                     version: None,
                 },
                 Signal::Schedules,
+                Signal::Disconnect {
+                    agent_id: "a".into(),
+                    code: CloseCode::Revoked.to_u32(),
+                    reason: "agent revoked".into(),
+                },
+                Signal::Disconnect {
+                    agent_id: "b".into(),
+                    code: CloseCode::Normal.to_u32(),
+                    reason: String::new(),
+                },
+                Signal::Change {
+                    kind: Kind::Agent,
+                    id: "a".into(),
+                    audience: Some(Audience::Everyone),
+                },
+                Signal::Change {
+                    kind: Kind::WorkflowRun,
+                    id: "wr".into(),
+                    audience: Some(Audience::Owner(Arc::from("user-1"))),
+                },
+                Signal::Change {
+                    kind: Kind::Server,
+                    id: "s".into(),
+                    audience: Some(Audience::Admins),
+                },
+                Signal::Change {
+                    kind: Kind::Event,
+                    id: "e".into(),
+                    audience: None,
+                },
+                Signal::ChangesResync,
             ])
             .collect();
         let payloads = encode("replica-x", &signals);
@@ -301,5 +399,66 @@ mod tests {
         assert_eq!(signals, [Signal::Wake("ok".into())]);
         // Ids with separators are never sent.
         assert!(encode("r", &[Signal::Wake("a\nb".into())]).is_empty());
+
+        // Disconnects: unknown codes, missing or extra fields and long reasons are dropped.
+        let long = "x".repeat(MAX_REASON + 1);
+        let payload = format!(
+            "r\nd\ta\t99\tx\nd\ta\t-1\tx\nd\t\t2\tx\nd\ta\t2\nd\ta\t2\tx\ty\nd\ta\t2\t{long}\nd\tok\t2\tagent revoked"
+        );
+        let (_, signals) = decode(&payload).unwrap();
+        assert_eq!(
+            signals,
+            [Signal::Disconnect {
+                agent_id: "ok".into(),
+                code: CloseCode::Revoked.to_u32(),
+                reason: "agent revoked".into(),
+            }]
+        );
+        for unsendable in [
+            Signal::Disconnect {
+                agent_id: "a".into(),
+                code: 99,
+                reason: String::new(),
+            },
+            Signal::Disconnect {
+                agent_id: "a".into(),
+                code: 2,
+                reason: long.clone(),
+            },
+            Signal::Disconnect {
+                agent_id: "a".into(),
+                code: 2,
+                reason: "two\nlines".into(),
+            },
+            Signal::Change {
+                kind: Kind::Server,
+                id: "s".into(),
+                audience: Some(Audience::Owner(Arc::from(""))),
+            },
+            Signal::Change {
+                kind: Kind::Server,
+                id: "a\tb".into(),
+                audience: None,
+            },
+        ] {
+            assert!(encode("r", &[unsendable]).is_empty());
+        }
+
+        // Change notices: unknown kinds and audiences, empty ids and owners are dropped.
+        let (_, signals) = decode(
+            "r\nn\tplanet\tx\t*\nn\tagent\t\t*\nn\tagent\tx\t?\nn\tevent\tx\t=\nn\tagent\tx\nr\tx\nn\tagent\tok\t*\nr",
+        )
+        .unwrap();
+        assert_eq!(
+            signals,
+            [
+                Signal::Change {
+                    kind: Kind::Agent,
+                    id: "ok".into(),
+                    audience: Some(Audience::Everyone),
+                },
+                Signal::ChangesResync,
+            ]
+        );
     }
 }

@@ -8,8 +8,8 @@
 //! private temp dir over SFTP (through `cat` on stdin when the server has no SFTP subsystem);
 //! run the installer with `--from-dir`, which verifies the signatures and the sha256 on the host
 //! before anything is moved into place, with a fresh single-use enrollment token; remove the temp
-//! dir; wait until the agent is online; switch the server. Every step reports progress to the
-//! caller, and the install goes on to its end when the caller goes away.
+//! dir; wait until the agent is online (connected to any replica); switch the server. Every step
+//! reports progress to the caller, and the install goes on to its end when the caller goes away.
 //!
 //! As for fallback jobs, nothing from the server or the request is interpolated into a remote
 //! command line: the commands are fixed strings around the checked temp dir path, and the values
@@ -622,7 +622,8 @@ impl LineSplitter {
     }
 }
 
-/// Waits until the active agent called `name` is connected; returns its id.
+/// Waits until the active agent called `name` is connected, to this replica or (PostgreSQL) to
+/// another one (`replicas::presence::is_online`); returns its id.
 async fn wait_online(state: &AppState, name: &str) -> anyhow::Result<String> {
     let deadline = tokio::time::Instant::now() + ONLINE_TIMEOUT;
     loop {
@@ -633,7 +634,7 @@ async fn wait_online(state: &AppState, name: &str) -> anyhow::Result<String> {
             .into_iter()
             .find(|agent| agent.revoked_at.is_none() && agent.name == name);
         if let Some(agent) = agent
-            && state.registry.connection(&agent.id).is_some()
+            && crate::replicas::presence::is_online(state, &agent.id).await?
         {
             return Ok(agent.id);
         }

@@ -239,6 +239,24 @@ impl Store {
         .transpose()
     }
 
+    /// The ids of the agents not revoked whose connection to a replica other than `replica`
+    /// was refreshed at `since` or later (with those connected to `replica` itself: the agents
+    /// online anywhere, as `GET /agents` counts them; `cronium_agents_online`).
+    pub async fn agents_online_elsewhere(
+        &self,
+        replica: &str,
+        since: i64,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT p.agent_id FROM agent_presence p JOIN agents a ON a.id = p.agent_id
+             WHERE p.replica_id <> $1 AND p.seen_at >= $2 AND a.revoked_at IS NULL",
+        )
+        .bind(replica)
+        .bind(since)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// The agents connected to a replica other than `replica`, by agent id, whose rows were
     /// refreshed at `since` or later.
     pub async fn presence_elsewhere(
@@ -397,6 +415,73 @@ mod tests {
             0
         );
         assert!(store.replica("replica-new").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn agents_online_elsewhere_are_fresh_on_another_replica_and_not_revoked() {
+        let (_db, store) = open_test_store().await;
+        let mut ids = Vec::new();
+        for name in ["on-a", "on-b", "stale", "revoked", "nowhere"] {
+            ids.push(store.enroll_test_agent(name).await.id);
+        }
+        let [on_a, on_b, stale, revoked, _nowhere] = &ids[..] else {
+            unreachable!()
+        };
+        store
+            .record_connection("replica-a", on_a, 900, 1_000)
+            .await
+            .unwrap();
+        store
+            .record_connection("replica-b", on_b, 900, 1_000)
+            .await
+            .unwrap();
+        store
+            .record_connection("replica-a", stale, 100, 200)
+            .await
+            .unwrap();
+        store
+            .record_connection("replica-a", revoked, 900, 1_000)
+            .await
+            .unwrap();
+        assert!(store.revoke_agent(revoked).await.unwrap());
+        let sorted = |mut ids: Vec<String>| {
+            ids.sort();
+            ids
+        };
+        // For a third replica: both live agents, not the stale or the revoked one.
+        assert_eq!(
+            sorted(
+                store
+                    .agents_online_elsewhere("replica-c", 500)
+                    .await
+                    .unwrap()
+            ),
+            sorted(vec![on_a.clone(), on_b.clone()])
+        );
+        // For A, its own agents are not "elsewhere" (its registry counts them).
+        assert_eq!(
+            store
+                .agents_online_elsewhere("replica-a", 500)
+                .await
+                .unwrap(),
+            [on_b.as_str()]
+        );
+        assert!(
+            store
+                .agents_online_elsewhere("replica-c", 1_001)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A disconnect on B clears it.
+        store.clear_presence("replica-b", on_b).await.unwrap();
+        assert_eq!(
+            store
+                .agents_online_elsewhere("replica-c", 500)
+                .await
+                .unwrap(),
+            [on_a.as_str()]
+        );
     }
 
     #[tokio::test]
