@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::jobs::{RunSpec, create_run_in};
+use super::jobs::{RunSpec, create_run_over_in};
 use super::{Store, StoreError, StoreResult, audit_in, now_ms, write_op};
 
 /// The condition, on a queued job aliased `j` with its event's policy aliased `d` (a LEFT JOIN
@@ -341,21 +341,58 @@ fn rollout_json(rollout: &Rollout) -> StoreResult<Option<String>> {
         .map_err(|error| StoreError::Corrupt(error.to_string()))
 }
 
-/// Applies the event's dispatch policy to a run just created in the caller's transaction: the
-/// backoff copied into every job, the rollout (the event's, with `over` merged in) recorded on
-/// the run, batches numbered in the order of the hosts' names, the offline wait set.
-/// `create_run_in` calls it with no override; calling it again with one replaces the result.
-pub(crate) async fn apply_in(
+/// What the event's dispatch policy (with a rollout override merged in) gives a run about to be
+/// created: read before anything is inserted, so the run and its jobs are inserted with it.
+#[derive(Debug, Clone)]
+pub(crate) struct RunPlan {
+    /// `jobs.backoff_ms`, `backoff_factor`, `max_backoff_ms` of every job.
+    pub backoff: (i64, f64, i64),
+    /// `jobs.offline_wait_ms` of every agent or pool job (SSH and control-plane jobs: NULL).
+    pub offline_wait_ms: Option<i64>,
+    /// `runs.rollout` (JSON; `None` for the default rollout).
+    pub rollout: Option<String>,
+    /// `runs.batch_size`: jobs per rollout batch, `None` for one batch.
+    pub batch_size: Option<usize>,
+}
+
+/// The [`RunPlan`] of a run of `event_id` over `hosts` jobs (one query), in the caller's
+/// transaction.
+pub(crate) async fn plan_in(
     conn: &mut sqlx::AnyConnection,
-    run_id: &str,
     event_id: &str,
     over: Option<&(Rollout, RolloutFields)>,
-) -> StoreResult<()> {
+    hosts: usize,
+) -> StoreResult<RunPlan> {
     let policy = policy_in(conn, event_id).await?;
     let rollout = match over {
         Some((over, given)) => policy.rollout.merged(over, given),
         None => policy.rollout.clone(),
     };
+    let offline_wait_ms: Option<i64> = match rollout.offline {
+        OfflinePolicy::Skip => Some(0),
+        OfflinePolicy::Wait => rollout
+            .deadline_seconds
+            .map(|seconds| i64::from(seconds) * 1000),
+    };
+    Ok(RunPlan {
+        backoff: (
+            seconds_to_ms(policy.retry.backoff_seconds),
+            policy.retry.factor,
+            seconds_to_ms(policy.retry.max_backoff_seconds),
+        ),
+        offline_wait_ms,
+        rollout: rollout_json(&rollout)?,
+        batch_size: rollout.batch_size_for(hosts),
+    })
+}
+
+/// Numbers the rollout batches of a run just inserted with batches of `size` jobs, in the order
+/// of the hosts' names (the first batch is 0, the jobs' default), in the caller's transaction.
+pub(crate) async fn number_batches_in(
+    conn: &mut sqlx::AnyConnection,
+    run_id: &str,
+    size: usize,
+) -> StoreResult<()> {
     let runners: Vec<String> = sqlx::query_scalar(
         "SELECT j.id FROM jobs j LEFT JOIN agents a ON a.id = j.agent_id LEFT JOIN servers s ON s.id = j.server_id
          WHERE j.run_id = $1 ORDER BY COALESCE(a.name, s.name, j.runner), j.runner, j.id",
@@ -363,42 +400,16 @@ pub(crate) async fn apply_in(
     .bind(run_id)
     .fetch_all(&mut *conn)
     .await?;
-    let batch_size = rollout.batch_size_for(runners.len());
-    let offline_wait_ms: Option<i64> = match rollout.offline {
-        OfflinePolicy::Skip => Some(0),
-        OfflinePolicy::Wait => rollout
-            .deadline_seconds
-            .map(|seconds| i64::from(seconds) * 1000),
-    };
-    sqlx::query(
-        "UPDATE jobs SET backoff_ms = $1, backoff_factor = $2, max_backoff_ms = $3, batch = 0,
-         offline_wait_ms = CASE WHEN agent_id IS NULL AND pool = 0 THEN NULL ELSE CAST($4 AS BIGINT) END WHERE run_id = $5",
-    )
-    .bind(seconds_to_ms(policy.retry.backoff_seconds))
-    .bind(policy.retry.factor)
-    .bind(seconds_to_ms(policy.retry.max_backoff_seconds))
-    .bind(offline_wait_ms)
-    .bind(run_id)
-    .execute(&mut *conn)
-    .await?;
-    if let Some(size) = batch_size {
-        for (index, job_id) in runners.iter().enumerate() {
-            let batch = index / size;
-            if batch > 0 {
-                sqlx::query("UPDATE jobs SET batch = $1 WHERE id = $2")
-                    .bind(batch as i64)
-                    .bind(job_id)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+    for (index, job_id) in runners.iter().enumerate() {
+        let batch = index / size.max(1);
+        if batch > 0 {
+            sqlx::query("UPDATE jobs SET batch = $1 WHERE id = $2")
+                .bind(batch as i64)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await?;
         }
     }
-    sqlx::query("UPDATE runs SET rollout = $1, batch_size = $2 WHERE id = $3")
-        .bind(rollout_json(&rollout)?)
-        .bind(batch_size.map(|size| size as i64))
-        .bind(run_id)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
@@ -609,10 +620,7 @@ impl Store {
         retry_of: Option<String>,
     ) -> StoreResult<(String, Vec<(String, String)>)> {
         write_op!(self, |conn| async {
-            let (run_id, jobs) = create_run_in(conn, &spec).await?;
-            if over.is_some() {
-                apply_in(conn, &run_id, &spec.event_id, over.as_ref()).await?;
-            }
+            let (run_id, jobs) = create_run_over_in(conn, &spec, over.as_ref()).await?;
             if let Some(retry_of) = &retry_of {
                 sqlx::query("UPDATE runs SET retry_of = $1 WHERE id = $2")
                     .bind(retry_of)

@@ -364,25 +364,40 @@ pub const SSH_RUNNER_PREFIX: &str = "ssh:";
 /// `control_plane`, tool actions; `actions/`). Such a job has neither an agent nor a server.
 pub const CONTROL_PLANE_RUNNER: &str = "control-plane";
 
-/// Jobs inserted per statement by [`create_run_in`] ([`JOB_INSERT_BINDS`] values each, far below
-/// the limits of bound parameters).
+/// Jobs inserted per statement by [`create_run_over_in`] ([`JOB_INSERT_BINDS`] values each,
+/// far below the limits of bound parameters).
 const JOB_INSERT_ROWS: usize = 50;
 
-/// Values bound per job row by [`create_run_in`].
-const JOB_INSERT_BINDS: usize = 14;
+/// Values bound per job row by [`create_run_over_in`].
+const JOB_INSERT_BINDS: usize = 18;
 
 /// Writes a run and one queued job per runner (agent id, or `ssh:<server id>`) in the caller's
 /// transaction; returns the run id and `(job id, runner)` pairs. A pool run (`spec.pool`) gets
-/// one job and a pair per candidate agent (the runners to wake; `store::pool`).
+/// one job and a pair per candidate agent (the runners to wake; `store::pool`). The event's
+/// dispatch policy applies (`store::dispatch`).
 pub(crate) async fn create_run_in(
     conn: &mut sqlx::AnyConnection,
     spec: &RunSpec,
 ) -> StoreResult<(String, Vec<(String, String)>)> {
+    create_run_over_in(conn, spec, None).await
+}
+
+/// [`create_run_in`] with a rollout override merged over the event's. The policy is read first
+/// and written with the run and its jobs, so a run over many hosts is a handful of statements:
+/// the policy, the run, its jobs ([`JOB_INSERT_ROWS`] per statement), their secret environment,
+/// and the batch numbers only when the rollout has batches.
+pub(crate) async fn create_run_over_in(
+    conn: &mut sqlx::AnyConnection,
+    spec: &RunSpec,
+    over: Option<&(super::dispatch::Rollout, super::dispatch::RolloutFields)>,
+) -> StoreResult<(String, Vec<(String, String)>)> {
     let run_id = new_id();
     let now = now_ms();
+    let hosts = if spec.pool { 1 } else { spec.agent_ids.len() };
+    let plan = super::dispatch::plan_in(conn, &spec.event_id, over, hosts).await?;
     sqlx::query(
-        "INSERT INTO runs (id, event_id, input, created_by, created_at, trigger, slot_at, missed_slots)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO runs (id, event_id, input, created_by, created_at, trigger, slot_at, missed_slots, rollout, batch_size)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&run_id)
     .bind(&spec.event_id)
@@ -392,12 +407,13 @@ pub(crate) async fn create_run_in(
     .bind(spec.trigger)
     .bind(spec.slot_at)
     .bind(spec.missed_slots)
+    .bind(&plan.rollout)
+    .bind(plan.batch_size.map(|size| size as i64))
     .execute(&mut *conn)
     .await?;
     if spec.pool {
-        let jobs = super::pool::insert_job_in(conn, &run_id, spec, now).await?;
+        let jobs = super::pool::insert_job_in(conn, &run_id, spec, &plan, now).await?;
         super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
-        super::dispatch::apply_in(conn, &run_id, &spec.event_id, None).await?;
         return Ok((run_id, jobs));
     }
     let jobs: Vec<(String, String)> = spec
@@ -419,7 +435,8 @@ pub(crate) async fn create_run_in(
             .collect::<Vec<_>>()
             .join(", ");
         let statement = format!(
-            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec, status)
+            "INSERT INTO jobs (id, run_id, event_id, agent_id, server_id, on_control_plane, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec,
+                               backoff_ms, backoff_factor, max_backoff_ms, offline_wait_ms, status)
              VALUES {rows}"
         );
         let mut query = sqlx::query(AssertSqlSafe(statement));
@@ -432,6 +449,8 @@ pub(crate) async fn create_run_in(
                 Some(server_id) => (None, Some(server_id)),
                 None => (Some(agent_id.as_str()), None),
             };
+            // Only agents go offline: an SSH or control-plane job never waits for one.
+            let offline_wait_ms = agent.and(plan.offline_wait_ms);
             query = query
                 .bind(job_id)
                 .bind(&run_id)
@@ -446,12 +465,18 @@ pub(crate) async fn create_run_in(
                 .bind(&spec.input)
                 .bind(spec.timeout_seconds as i64)
                 .bind(now)
-                .bind(&spec.runtime_spec);
+                .bind(&spec.runtime_spec)
+                .bind(plan.backoff.0)
+                .bind(plan.backoff.1)
+                .bind(plan.backoff.2)
+                .bind(offline_wait_ms);
         }
         query.execute(&mut *conn).await?;
     }
     super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
-    super::dispatch::apply_in(conn, &run_id, &spec.event_id, None).await?;
+    if let Some(size) = plan.batch_size {
+        super::dispatch::number_batches_in(conn, &run_id, size).await?;
+    }
     Ok((run_id, jobs))
 }
 

@@ -27,6 +27,9 @@ pub(crate) fn claimable_ids(runner: usize) -> String {
     )
 }
 
+/// Candidates inserted per statement by [`insert_job_in`].
+const CANDIDATES_PER_INSERT: usize = 500;
+
 /// `SET` clause fragment of a claim: binds a pool job to the claiming agent (placeholder
 /// `$agent`).
 pub(crate) fn bind_claimer(agent: usize) -> String {
@@ -36,18 +39,21 @@ pub(crate) fn bind_claimer(agent: usize) -> String {
 /// `SET` clause fragment of a re-queue: a pool job goes back to the pool.
 pub(crate) const UNBIND: &str = "agent_id = CASE WHEN pool = 1 THEN NULL ELSE agent_id END";
 
-/// Inserts the one queued job of a pool run (`spec.agent_ids` are its candidates) in the
-/// caller's transaction. Returns `(job id, candidate)` pairs: the runners to wake.
+/// Inserts the one queued job of a pool run (`spec.agent_ids` are its candidates) with the
+/// run's `plan`, in the caller's transaction. Returns `(job id, candidate)` pairs: the runners
+/// to wake.
 pub(crate) async fn insert_job_in(
     conn: &mut sqlx::AnyConnection,
     run_id: &str,
     spec: &RunSpec,
+    plan: &super::dispatch::RunPlan,
     now: i64,
 ) -> StoreResult<Vec<(String, String)>> {
     let job_id = super::new_id();
     sqlx::query(
-        "INSERT INTO jobs (id, run_id, event_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec, pool)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, 1)",
+        "INSERT INTO jobs (id, run_id, event_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec,
+                           backoff_ms, backoff_factor, max_backoff_ms, offline_wait_ms, pool)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1)",
     )
     .bind(&job_id)
     .bind(run_id)
@@ -60,17 +66,28 @@ pub(crate) async fn insert_job_in(
     .bind(spec.timeout_seconds as i64)
     .bind(now)
     .bind(&spec.runtime_spec)
+    .bind(plan.backoff.0)
+    .bind(plan.backoff.1)
+    .bind(plan.backoff.2)
+    .bind(plan.offline_wait_ms)
     .execute(&mut *conn)
     .await?;
     let mut candidates = spec.agent_ids.clone();
     candidates.sort();
     candidates.dedup();
-    for agent_id in &candidates {
-        sqlx::query("INSERT INTO job_candidates (job_id, agent_id) VALUES ($1, $2)")
-            .bind(&job_id)
-            .bind(agent_id)
-            .execute(&mut *conn)
-            .await?;
+    // Many candidates per statement (two bound parameters each).
+    for chunk in candidates.chunks(CANDIDATES_PER_INSERT) {
+        let values = (0..chunk.len())
+            .map(|row| format!("({})", super::dispatch::placeholders(row * 2 + 1, 2)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO job_candidates (job_id, agent_id) VALUES {values}"
+        )));
+        for agent_id in chunk {
+            query = query.bind(&job_id).bind(agent_id);
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(candidates
         .into_iter()
