@@ -162,6 +162,7 @@ impl Store {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             .execute(&mut *tx)
             .await?;
+        let fixed_now = now;
         let now = now.unwrap_or_else(now_ms);
         let events = sqlx::query(AssertSqlSafe(limited_events()))
             .bind(runner)
@@ -212,18 +213,22 @@ impl Store {
             if ids.is_empty() {
                 break;
             }
+            // The claim's time is read now, after the candidates were read: a job whose end
+            // freed the slot this claim takes was committed before that read, so it is never
+            // recorded as claimed before that end (its `finished_at` is read before its commit).
+            let claimed_at = fixed_now.unwrap_or_else(now_ms).max(now);
             let rows = sqlx::query(AssertSqlSafe(take.as_str()))
-                .bind(now)
+                .bind(claimed_at)
                 .bind(lease_until)
                 .bind(runner)
                 .bind(ids.join(","))
-                .bind(now)
+                .bind(claimed_at)
                 .fetch_all(&mut *tx)
                 .await?;
             let mut taken = Vec::with_capacity(rows.len());
             for row in &rows {
                 observed.push(Observation::Claimed {
-                    waited_ms: now - row.try_get::<i64, _>("queued_at")?,
+                    waited_ms: claimed_at - row.try_get::<i64, _>("queued_at")?,
                 });
                 taken.push(super::jobs::claimed_job(row)?);
             }
