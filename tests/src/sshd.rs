@@ -269,3 +269,74 @@ impl Sshd {
         std::fs::read_to_string(self.file("sshd.log")).unwrap_or_default()
     }
 }
+
+/// The agent that `cronium server install-agent --service detached --prefix PREFIX` started in
+/// the background on this host: killed when dropped (the installer's pid file names it).
+pub struct DetachedAgent(PathBuf);
+
+impl DetachedAgent {
+    /// The agent installed under `prefix` (whether or not it was installed yet).
+    pub fn under(prefix: &Path) -> DetachedAgent {
+        DetachedAgent(prefix.join("var/lib/cronium-agent/agent.pid"))
+    }
+}
+
+impl Drop for DetachedAgent {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) on the pid the installer recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl crate::TestCluster {
+    /// Creates the SSH server `name` with `labels` for `sshd` (key auth, pinned host key) through
+    /// the API; returns its JSON.
+    pub async fn add_ssh_server(
+        &self,
+        name: &str,
+        labels: serde_json::Value,
+        sshd: &Sshd,
+    ) -> Result<serde_json::Value> {
+        self.api()
+            .post(
+                "/api/v1/servers",
+                &serde_json::json!({"name": name, "connection": "ssh", "labels": labels, "ssh": {
+                    "host": "127.0.0.1", "port": sshd.port, "username": sshd.user,
+                    "auth": "key", "private_key": sshd.private_key(), "host_key": sshd.host_key(),
+                }}),
+            )
+            .await?
+            .expect_status(201, "create the server")
+    }
+
+    /// Runs `cronium server install-agent SERVER --service detached --prefix PREFIX` (PREFIX in
+    /// the cluster's dir) and returns its output with the guard of the agent it starts.
+    pub async fn install_agent_detached(
+        &self,
+        server: &str,
+    ) -> Result<(std::process::Output, DetachedAgent)> {
+        let prefix = self.dir().join("remote-prefix");
+        let agent = DetachedAgent::under(&prefix);
+        let prefix_arg = prefix.to_str().context("prefix")?.to_owned();
+        let output = self
+            .cli(
+                &[
+                    "server",
+                    "install-agent",
+                    server,
+                    "--service",
+                    "detached",
+                    "--prefix",
+                    &prefix_arg,
+                ],
+                Duration::from_secs(300),
+            )
+            .await?;
+        Ok((output, agent))
+    }
+}

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use cronium_e2e::TestCluster;
 use cronium_e2e::cluster::CLUSTER_MARKER_VAR;
 use cronium_e2e::cluster::ClusterOptions;
-use cronium_e2e::sshd::Sshd;
+use cronium_e2e::sshd::{DetachedAgent, Sshd};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// The whole terminal script: launching the browser, logging in, two page loads, a command, a
@@ -29,21 +29,6 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(150);
 /// The whole console script: two logins, every page, an agent installed over SSH, an event
 /// created, two runs.
 const CONSOLE_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Kills the agent the console's SSH install started in the background (its pid file names it).
-struct DetachedAgent(PathBuf);
-
-impl Drop for DetachedAgent {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|text| text.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) on the pid the installer recorded.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -236,7 +221,7 @@ async fn the_console_creates_runs_and_streams_an_event_and_a_viewer_changes_noth
     cluster.publish_agent_release(None, None).await?;
     let sshd = Sshd::start()?;
     let prefix = cluster.dir().join("remote-prefix");
-    let _installed = DetachedAgent(prefix.join("var/lib/cronium-agent/agent.pid"));
+    let _installed = DetachedAgent::under(&prefix);
     let ssh_port = sshd.port.to_string();
     let private_key = sshd.private_key();
     let prefix_arg = prefix.to_str().context("prefix")?.to_owned();

@@ -10,7 +10,6 @@
 //! agents are told to dial A, returns once the installed agent is connected to A (a real sshd,
 //! `tests/src/sshd.rs`). Every wait polls or reads with a deadline.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -218,21 +217,6 @@ async fn an_agent_on_a_is_announced_counted_and_revoked_through_b() -> Result<()
     Ok(())
 }
 
-/// Kills the agent the install started in the background (its pid file names it).
-struct DetachedAgent(PathBuf);
-
-impl Drop for DetachedAgent {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|text| text.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) on the pid the installer recorded.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_agent_through_b_returns_once_the_agent_is_online_on_a() -> Result<()> {
     let postgres = tokio::task::spawn_blocking(PgCluster::start).await??;
@@ -244,35 +228,10 @@ async fn install_agent_through_b_returns_once_the_agent_is_online_on_a() -> Resu
     b.publish_agent_release(None, None).await?;
     let sshd = Sshd::start()?;
     let server = b
-        .api()
-        .post(
-            "/api/v1/servers",
-            &json!({"name": "installed-via-b", "connection": "ssh", "ssh": {
-                "host": "127.0.0.1", "port": sshd.port, "username": sshd.user,
-                "auth": "key", "private_key": sshd.private_key(), "host_key": sshd.host_key(),
-            }}),
-        )
-        .await?
-        .expect_status(201, "create the server")?;
-    let server_id = json_str(&server, "id")?;
-    let prefix = b.dir().join("remote-prefix");
-    let _agent = DetachedAgent(prefix.join("var/lib/cronium-agent/agent.pid"));
-
-    let prefix_arg = prefix.to_str().context("prefix")?.to_owned();
-    let output = b
-        .cli(
-            &[
-                "server",
-                "install-agent",
-                "installed-via-b",
-                "--service",
-                "detached",
-                "--prefix",
-                &prefix_arg,
-            ],
-            Duration::from_secs(300),
-        )
+        .add_ssh_server("installed-via-b", json!({}), &sshd)
         .await?;
+    let server_id = json_str(&server, "id")?;
+    let (output, _agent) = b.install_agent_detached("installed-via-b").await?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(
         output.status.success(),

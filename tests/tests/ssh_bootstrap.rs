@@ -4,29 +4,13 @@
 //! "host", enrolls with a single-use token, comes online, and the server's jobs then run through
 //! it. The detached agent is killed when the test ends.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use cronium_e2e::TestCluster;
 use cronium_e2e::cluster::json_str;
 use cronium_e2e::sshd::Sshd;
 use serde_json::json;
-
-/// Kills the agent the install started in the background (its pid file names it).
-struct DetachedAgent(PathBuf);
-
-impl Drop for DetachedAgent {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0)
-            .ok()
-            .and_then(|text| text.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) on the pid the installer recorded.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cronium_server_install_agent_bootstraps_a_server_over_ssh() -> Result<()> {
@@ -34,35 +18,10 @@ async fn cronium_server_install_agent_bootstraps_a_server_over_ssh() -> Result<(
     cluster.publish_agent_release(None, None).await?;
     let sshd = Sshd::start()?;
     let server = cluster
-        .api()
-        .post(
-            "/api/v1/servers",
-            &json!({"name": "bootstrapped", "connection": "ssh", "labels": {"site": "lab"}, "ssh": {
-                "host": "127.0.0.1", "port": sshd.port, "username": sshd.user,
-                "auth": "key", "private_key": sshd.private_key(), "host_key": sshd.host_key(),
-            }}),
-        )
-        .await?
-        .expect_status(201, "create the server")?;
-    let server_id = json_str(&server, "id")?;
-    let prefix = cluster.dir().join("remote-prefix");
-    let _agent = DetachedAgent(prefix.join("var/lib/cronium-agent/agent.pid"));
-
-    let prefix_arg = prefix.to_str().context("prefix")?.to_owned();
-    let output = cluster
-        .cli(
-            &[
-                "server",
-                "install-agent",
-                "bootstrapped",
-                "--service",
-                "detached",
-                "--prefix",
-                &prefix_arg,
-            ],
-            Duration::from_secs(300),
-        )
+        .add_ssh_server("bootstrapped", json!({"site": "lab"}), &sshd)
         .await?;
+    let server_id = json_str(&server, "id")?;
+    let (output, _agent) = cluster.install_agent_detached("bootstrapped").await?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(output.status.success(), "install-agent failed: {stderr}");
