@@ -55,8 +55,39 @@ pub(super) const CLOSE_NORMAL: u16 = 1000;
 pub(super) const CLOSE_GOING_AWAY: u16 = 1001;
 pub(super) const CLOSE_ERROR: u16 = 1011;
 
-type Sink = SplitSink<WebSocket, WsMessage>;
-type Source = SplitStream<WebSocket>;
+/// The two halves of a viewer's WebSocket.
+pub(super) type Sink = SplitSink<WebSocket, WsMessage>;
+pub(super) type Source = SplitStream<WebSocket>;
+
+/// A viewer of a terminal session: [`Relay`] (the agent's stream is held here) or
+/// [`super::remote::RemoteRelay`] (relayed to the replica that holds it).
+pub(super) trait Viewer: Sized + Send {
+    /// Serves the viewer until it detaches or the session ends. Dropped unfinished, it detaches
+    /// the session (the agent's stream, or the other replica's socket, goes with it).
+    fn serve<'a>(
+        self,
+        sink: &'a mut Sink,
+        source: &'a mut Source,
+    ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// Runs `viewer` on `socket` until it detaches or the session ends. When the control plane
+/// stops first, the viewer's serving is dropped (so the session is detached) and the browser is
+/// told `detached` before its socket is closed.
+pub(super) async fn run_viewer(
+    viewer: impl Viewer,
+    shutdown: tokio_util::sync::CancellationToken,
+    socket: WebSocket,
+) {
+    let (mut sink, mut source) = socket.split();
+    tokio::select! {
+        () = viewer.serve(&mut sink, &mut source) => {}
+        () = shutdown.cancelled() => {
+            send_json(&mut sink, json!({"type": "detached", "reason": "control_plane_stopping"})).await;
+            close(&mut sink, CLOSE_GOING_AWAY, "control plane stopping").await;
+        }
+    }
+}
 
 /// What the checks before the upgrade established.
 pub struct Relay {
@@ -107,6 +138,16 @@ enum UpEnd {
     AgentGone,
 }
 
+impl Viewer for Relay {
+    fn serve<'a>(
+        self,
+        sink: &'a mut Sink,
+        source: &'a mut Source,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        self.serve_viewer(sink, source)
+    }
+}
+
 /// A recording as one relay sees it.
 struct RelayRecording {
     recorder: Recorder,
@@ -117,18 +158,11 @@ struct RelayRecording {
 impl Relay {
     /// Runs the viewer until it detaches or the session ends.
     pub async fn run(self, socket: WebSocket) {
-        let (mut sink, mut source) = socket.split();
         let shutdown = self.state.shutdown.clone();
-        tokio::select! {
-            () = self.serve(&mut sink, &mut source) => {}
-            () = shutdown.cancelled() => {
-                send_json(&mut sink, json!({"type": "detached", "reason": "control_plane_stopping"})).await;
-                close(&mut sink, CLOSE_GOING_AWAY, "control plane stopping").await;
-            }
-        }
+        run_viewer(self, shutdown, socket).await;
     }
 
-    async fn serve(mut self, sink: &mut Sink, source: &mut Source) {
+    async fn serve_viewer(mut self, sink: &mut Sink, source: &mut Source) {
         let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open()).await;
         let (mut send, mut recv, mut decoder, session, started) = match opened {
             Ok(Ok(opened)) => opened,

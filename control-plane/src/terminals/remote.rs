@@ -49,7 +49,8 @@ use tracing::{debug, info, warn};
 
 use super::Reservation;
 use super::relay::{
-    CLIENT_SILENCE, CLOSE_ERROR, CLOSE_GOING_AWAY, OPEN_TIMEOUT, PING_INTERVAL, close, send_json,
+    CLIENT_SILENCE, CLOSE_ERROR, CLOSE_GOING_AWAY, OPEN_TIMEOUT, PING_INTERVAL, Sink, Source,
+    close, send_json,
 };
 use super::relay_token::{Grant, HEADER};
 use crate::AppState;
@@ -72,9 +73,6 @@ const RECORDING_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The system's CA bundle, trusted for `https://` relay URLs (as for email tools).
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-type Sink = SplitSink<WebSocket, WsMessage>;
-type Source = SplitStream<WebSocket>;
 
 /// A connection to another replica: plain TCP, or TLS over it.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -227,6 +225,16 @@ enum End {
     ClientGone,
 }
 
+impl super::relay::Viewer for RemoteRelay {
+    fn serve<'a>(
+        self,
+        sink: &'a mut Sink,
+        source: &'a mut Source,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        self.serve_viewer(sink, source)
+    }
+}
+
 /// The `type` of a control message.
 #[derive(Deserialize)]
 struct ControlType {
@@ -237,19 +245,11 @@ struct ControlType {
 impl RemoteRelay {
     /// Runs the relayed viewer until it detaches or the session ends.
     pub async fn run(self, socket: WebSocket) {
-        let (mut sink, mut source) = socket.split();
         let shutdown = self.state.shutdown.clone();
-        tokio::select! {
-            () = self.serve(&mut sink, &mut source) => {}
-            () = shutdown.cancelled() => {
-                // The other replica's socket is dropped with `serve`: the session is detached.
-                send_json(&mut sink, json!({"type": "detached", "reason": "control_plane_stopping"})).await;
-                close(&mut sink, CLOSE_GOING_AWAY, "control plane stopping").await;
-            }
-        }
+        super::relay::run_viewer(self, shutdown, socket).await;
     }
 
-    async fn serve(mut self, sink: &mut Sink, source: &mut Source) {
+    async fn serve_viewer(mut self, sink: &mut Sink, source: &mut Source) {
         let upstream = match tokio::time::timeout(OPEN_TIMEOUT, self.connect()).await {
             Ok(Ok(upstream)) => upstream,
             Ok(Err((code, message))) => {
