@@ -21,7 +21,8 @@ use super::{Backend, StoreResult, now_ms};
 /// Most jobs whose secret environment one query reads (bound parameters).
 const SECRETS_PER_QUERY: usize = 500;
 
-/// Most plain runners one claim statement serves (four bound parameters each).
+/// Most runners one claim statement serves (four bound parameters each), and one look for
+/// plain runners asks about.
 const PLAIN_PER_STATEMENT: usize = 500;
 
 /// A claim waiting for its batch: `(agent, limit, lease_until, now)`; `now` is the claim's time
@@ -117,7 +118,7 @@ async fn plain_claims(
             .or_insert(Some(index));
     }
     let runners: Vec<&str> = seen.keys().copied().collect();
-    for chunk in runners.chunks(SECRETS_PER_QUERY) {
+    for chunk in runners.chunks(PLAIN_PER_STATEMENT) {
         let list = super::dispatch::placeholders(1, chunk.len());
         let sql = format!(
             "SELECT q.runner AS runner FROM jobs q JOIN event_dispatch d ON d.event_id = q.event_id
