@@ -4,29 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::super::events::SecretEnvChange;
-use super::super::jobs::RunSpec;
 use super::super::now_ms;
-use super::super::tests::fixture_with;
-
-/// A run of `event` with one job per agent.
-fn spec(event: &str, owner: &str, agents: &[String]) -> RunSpec {
-    RunSpec {
-        event_id: event.to_string(),
-        kind: "bash".into(),
-        script: "true".into(),
-        env: "{}".into(),
-        runtime_spec: None,
-        input: None,
-        timeout_seconds: 60,
-        max_attempts: 1,
-        created_by: owner.to_string(),
-        agent_ids: agents.to_vec(),
-        trigger: "manual",
-        slot_at: None,
-        missed_slots: 0,
-        pool: false,
-    }
-}
+use super::super::tests::{bash_run, fixture_with};
 
 #[tokio::test]
 async fn concurrent_claims_of_many_agents_each_get_their_own_jobs_and_secrets() {
@@ -57,7 +36,7 @@ async fn concurrent_claims_of_many_agents_each_get_their_own_jobs_and_secrets() 
     let mut expected: BTreeMap<String, (String, String, Vec<u8>)> = BTreeMap::new();
     for ((event, name, secret), half) in events.iter().zip(agents.chunks(20)) {
         let (run_id, _) = store
-            .create_run_dispatched(spec(event, &fixture.owner, half), None, None)
+            .create_run_dispatched(bash_run(event, &fixture.owner, half), None, None)
             .await
             .unwrap();
         for job in store.run(&run_id).await.unwrap().jobs {
@@ -105,7 +84,7 @@ async fn run_of(
     agents: &[String],
     pool: bool,
 ) -> Vec<String> {
-    let mut spec = spec(event, owner, agents);
+    let mut spec = bash_run(event, owner, agents);
     spec.pool = pool;
     let (_, jobs) = store.create_run_dispatched(spec, None, None).await.unwrap();
     let by_agent: BTreeMap<String, String> =

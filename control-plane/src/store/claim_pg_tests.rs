@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::super::dispatch::{DispatchPolicy, RetryPolicy};
-use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, RunSpec};
+use super::super::jobs::{Attempt, FinishOutcome, JobStatus, RunSpec};
 use super::super::users::Role;
 use super::super::{Store, now_ms};
 
@@ -43,20 +43,8 @@ async fn runs(
     let mut jobs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for _ in 0..runs {
         let spec = RunSpec {
-            event_id: event_id.to_string(),
-            kind: "bash".into(),
-            script: "true".into(),
-            env: "{}".into(),
-            runtime_spec: None,
-            input: None,
-            timeout_seconds: 60,
-            max_attempts: 1,
-            created_by: owner.to_string(),
-            agent_ids: agents.to_vec(),
-            trigger: "manual",
-            slot_at: None,
-            missed_slots: 0,
             pool,
+            ..super::super::tests::bash_run(event_id, owner, agents)
         };
         let (_, pairs) = store.create_run_dispatched(spec, None, None).await.unwrap();
         for (job_id, agent_id) in pairs {
@@ -172,14 +160,7 @@ async fn claims_from_two_stores_on_one_database_take_each_job_once_within_max_co
                                 job_id: job.id.clone(),
                                 attempt: job.attempt,
                             };
-                            let result = AttemptResult {
-                                status: JobStatus::Completed,
-                                reason: None,
-                                exit_code: Some(0),
-                                log_len: 0,
-                                result: None,
-                                condition: None,
-                            };
+                            let (_, result) = super::super::dispatch::tests::ended(0, "");
                             let outcome = store
                                 .finish_attempt(&agent, &attempt, &[], &result)
                                 .await

@@ -6,9 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::super::jobs::{
-    Attempt, AttemptResult, ExpiredJob, FinishOutcome, JobStatus, Reason, RunSpec,
-};
+use super::super::jobs::{Attempt, ExpiredJob, FinishOutcome, Reason, RunSpec};
 use super::super::users::Role;
 use super::super::{Store, now_ms};
 
@@ -27,20 +25,8 @@ async fn expired_jobs(store: &Store, count: usize, max_attempts: &[u32]) -> (Str
     let mut jobs = Vec::new();
     for index in 0..count {
         let spec = RunSpec {
-            event_id: event.clone(),
-            kind: "bash".into(),
-            script: "true".into(),
-            env: "{}".into(),
-            runtime_spec: None,
-            input: None,
-            timeout_seconds: 60,
             max_attempts: max_attempts[index % max_attempts.len()],
-            created_by: owner.clone(),
-            agent_ids: vec![agent.clone()],
-            trigger: "manual",
-            slot_at: None,
-            missed_slots: 0,
-            pool: false,
+            ..super::super::tests::bash_run(&event, &owner, std::slice::from_ref(&agent))
         };
         let (_, pairs) = store.create_run_dispatched(spec, None, None).await.unwrap();
         jobs.extend(pairs.into_iter().map(|(job, _)| job));
@@ -171,14 +157,7 @@ async fn results_racing_sweeps_of_two_stores_are_either_recorded_or_stale_never_
                 job_id: job.clone(),
                 attempt: 1,
             };
-            let result = AttemptResult {
-                status: JobStatus::Completed,
-                reason: None,
-                exit_code: Some(0),
-                log_len: 0,
-                result: None,
-                condition: None,
-            };
+            let (_, result) = super::super::dispatch::tests::ended(0, "");
             let outcome = store
                 .finish_attempt(&agent, &attempt, &[], &result)
                 .await

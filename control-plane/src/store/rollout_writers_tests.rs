@@ -5,7 +5,7 @@
 //! stores' writers take turns on the file's write lock.
 
 use super::super::dispatch::{DispatchPolicy, Rollout};
-use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, Reason, RunSpec};
+use super::super::jobs::{Attempt, AttemptResult, FinishOutcome, JobStatus, Reason};
 use super::super::users::Role;
 use super::super::{Store, now_ms};
 
@@ -83,22 +83,7 @@ async fn failures_settled_at_once_through_two_stores_stop_the_rollout_exactly_at
         agents.push(first.enroll_test_agent(&format!("h{index}")).await.id);
     }
     for round in 0..ROUNDS {
-        let spec = RunSpec {
-            event_id: event.clone(),
-            kind: "bash".into(),
-            script: "true".into(),
-            env: "{}".into(),
-            runtime_spec: None,
-            input: None,
-            timeout_seconds: 60,
-            max_attempts: 1,
-            created_by: owner.clone(),
-            agent_ids: agents.clone(),
-            trigger: "manual",
-            slot_at: None,
-            missed_slots: 0,
-            pool: false,
-        };
+        let spec = super::super::tests::bash_run(&event, &owner, &agents);
         let (run_id, pairs) = first.create_run_dispatched(spec, None, None).await.unwrap();
         let job_of = |agent: &String| {
             pairs

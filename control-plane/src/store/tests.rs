@@ -34,6 +34,26 @@ async fn fixture() -> Fixture {
     .await
 }
 
+/// A manual run of `event` by `owner`, one `true` bash job per agent, one attempt each (also
+/// used by the claim, lease and rollout tests).
+pub(super) fn bash_run(event: &str, owner: &str, agents: &[String]) -> super::jobs::RunSpec {
+    super::jobs::RunSpec {
+        event_id: event.to_string(),
+        kind: "bash".into(),
+        script: "true".into(),
+        env: "{}".into(),
+        runtime_spec: None,
+        input: None,
+        timeout_seconds: 60,
+        max_attempts: 1,
+        created_by: owner.to_string(),
+        agent_ids: agents.to_vec(),
+        trigger: "manual",
+        slot_at: None,
+        missed_slots: 0,
+        pool: false,
+    }
+}
 /// [`fixture`] with the event's dispatch policy.
 /// A bash event running `true` on the host, no targets, named `name`; shared with the claim
 /// tests.
