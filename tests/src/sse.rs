@@ -45,72 +45,41 @@ pub async fn follow_job_logs(api: &Api, job_id: &str, timeout: Duration) -> Resu
 }
 
 async fn follow(api: &Api, job_id: &str) -> Result<FollowedLog> {
-    let path = format!("/api/v1/jobs/{job_id}/logs?follow=true");
-    // The follow stream lives longer than the client's default request timeout.
-    let response = api
-        .request(reqwest::Method::GET, &path)
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .timeout(Duration::from_secs(3600))
-        .send()
-        .await
-        .with_context(|| format!("GET {path}"))?;
-    if !response.status().is_success() {
-        let status = response.status();
-        bail!(
-            "GET {path}: HTTP {status}: {}",
-            response.text().await.unwrap_or_default()
-        );
-    }
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    if !content_type.starts_with("text/event-stream") {
-        bail!("GET {path}: expected content type text/event-stream, got {content_type:?}");
-    }
-    let mut body = response.bytes_stream();
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut stream =
+        EventStream::open(api, &format!("/api/v1/jobs/{job_id}/logs?follow=true")).await?;
     let mut followed = FollowedLog {
         logs: Vec::new(),
         end: Value::Null,
         other_events: Vec::new(),
     };
-    while let Some(chunk) = body.next().await {
-        buffer.extend_from_slice(&chunk.context("read the event stream")?);
-        while let Some((block, rest)) = split_event(&buffer) {
-            let event = parse_event(&block)?;
-            buffer = rest;
-            match event {
-                Some((name, data)) if name == "log" => {
-                    let value: Value = serde_json::from_str(&data)
-                        .with_context(|| format!("log event data is not JSON: {data:?}"))?;
-                    followed.logs.push(LogEvent {
-                        offset: value["offset"]
-                            .as_u64()
-                            .with_context(|| format!("log event without offset: {data}"))?,
-                        stream: value["stream"].as_str().unwrap_or_default().to_owned(),
-                        data: value["data"]
-                            .as_str()
-                            .with_context(|| format!("log event without data: {data}"))?
-                            .to_owned(),
-                    });
-                }
-                Some((name, data)) if name == "end" => {
-                    followed.end = serde_json::from_str(&data)
-                        .with_context(|| format!("end event data is not JSON: {data:?}"))?;
-                    return Ok(followed);
-                }
-                Some((name, _)) => followed.other_events.push(name),
-                None => {}
+    loop {
+        let (name, data) = stream
+            .next_event()
+            .await
+            .with_context(|| format!("no `end` event after {} log events", followed.logs.len()))?;
+        match name.as_str() {
+            "log" => {
+                let value: Value = serde_json::from_str(&data)
+                    .with_context(|| format!("log event data is not JSON: {data:?}"))?;
+                followed.logs.push(LogEvent {
+                    offset: value["offset"]
+                        .as_u64()
+                        .with_context(|| format!("log event without offset: {data}"))?,
+                    stream: value["stream"].as_str().unwrap_or_default().to_owned(),
+                    data: value["data"]
+                        .as_str()
+                        .with_context(|| format!("log event without data: {data}"))?
+                        .to_owned(),
+                });
             }
+            "end" => {
+                followed.end = serde_json::from_str(&data)
+                    .with_context(|| format!("end event data is not JSON: {data:?}"))?;
+                return Ok(followed);
+            }
+            _ => followed.other_events.push(name),
         }
     }
-    bail!(
-        "the event stream closed without an `end` event after {} log events",
-        followed.logs.len()
-    )
 }
 
 /// Any server-sent event stream, read one event (name, data) at a time; comments and
@@ -157,24 +126,27 @@ impl EventStream {
 
     /// The next event as `(name, data)`, waiting at most `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Result<(String, String)> {
-        tokio::time::timeout(timeout, async {
-            loop {
-                while let Some((block, rest)) = split_event(&self.buffer) {
-                    self.buffer = rest;
-                    if let Some(event) = parse_event(&block)? {
-                        return Ok(event);
-                    }
-                }
-                match self.body.next().await {
-                    Some(chunk) => self
-                        .buffer
-                        .extend_from_slice(&chunk.context("read the event stream")?),
-                    None => bail!("the event stream closed"),
+        tokio::time::timeout(timeout, self.next_event())
+            .await
+            .with_context(|| format!("no event within {timeout:?}"))?
+    }
+
+    /// The next event as `(name, data)`; an error when the stream closes first.
+    pub async fn next_event(&mut self) -> Result<(String, String)> {
+        loop {
+            while let Some((block, rest)) = split_event(&self.buffer) {
+                self.buffer = rest;
+                if let Some(event) = parse_event(&block)? {
+                    return Ok(event);
                 }
             }
-        })
-        .await
-        .with_context(|| format!("no event within {timeout:?}"))?
+            match self.body.next().await {
+                Some(chunk) => self
+                    .buffer
+                    .extend_from_slice(&chunk.context("read the event stream")?),
+                None => bail!("the event stream closed"),
+            }
+        }
     }
 }
 
