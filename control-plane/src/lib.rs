@@ -235,7 +235,10 @@ impl Running {
             warn!("some tasks did not stop within 10 s");
         }
         self.state.store.close().await;
-        drop(self._running_lock);
+        if let Err(error) = self._running_lock.release().await {
+            // The server releases it anyway once it notices the session is gone.
+            warn!("{error:#}");
+        }
         info!("control plane stopped");
     }
 
@@ -317,6 +320,19 @@ pub(crate) enum RunningLock {
 }
 
 impl RunningLock {
+    /// Releases the lock before returning (on PostgreSQL unlocked on its session, not left to
+    /// the server noticing a closed socket).
+    pub(crate) async fn release(self) -> anyhow::Result<()> {
+        match self {
+            RunningLock::File(file) => drop(file),
+            RunningLock::Postgres(lock) => lock
+                .release()
+                .await
+                .context("releasing the running lock on the PostgreSQL database")?,
+        }
+        Ok(())
+    }
+
     /// Takes the lock of the database `database_url` names (or the SQLite file in `data_dir`),
     /// or says who holds it the other way.
     pub(crate) async fn take(

@@ -235,6 +235,5 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
             );
         }
     }
-    drop(lock);
-    Ok(())
+    lock.release().await
 }

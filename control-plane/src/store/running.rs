@@ -79,6 +79,27 @@ async fn lock_session(url: &str, mode: LockMode) -> StoreResult<Option<sqlx::Any
 }
 
 impl AdvisoryLock {
+    /// Releases the lock before returning: unlocked on its session, then the session closed.
+    /// (Dropping the last clone only closes the socket; the server releases the lock when it
+    /// notices, which may be after the next command already tried to take it.)
+    pub async fn release(self) -> StoreResult<()> {
+        let connection = self.connection.lock().await.take();
+        if let Some(mut connection) = connection {
+            let unlock = match self.mode {
+                LockMode::Shared => {
+                    "SELECT CASE WHEN pg_advisory_unlock_shared($1) THEN 1 ELSE 0 END"
+                }
+                LockMode::Exclusive => "SELECT CASE WHEN pg_advisory_unlock($1) THEN 1 ELSE 0 END",
+            };
+            let _: i64 = sqlx::query_scalar(unlock)
+                .bind(KEY)
+                .fetch_one(&mut connection)
+                .await?;
+            connection.close().await?;
+        }
+        Ok(())
+    }
+
     /// Whether a live session holds the lock right now (a query on it answered).
     pub async fn is_held(&self) -> bool {
         let mut connection = self.connection.lock().await;
