@@ -25,7 +25,8 @@
 //!    first; pool jobs of which the runner is a candidate) are read first, with the window
 //!    function that ranks them per event (PostgreSQL refuses `FOR UPDATE` in a query with a
 //!    window function). Then one `UPDATE` takes those that are still claimable and not locked
-//!    by another transaction, and re-checks `status = 'queued'` on the row it updates. A
+//!    by another transaction (the rules are checked again on each row's latest version once its
+//!    lock is held). A
 //!    candidate skipped because another claim holds it is not read again; the claim reads the
 //!    next candidates until it has `limit` jobs or there are none, so a claimer behind another
 //!    on the same pool still gets the jobs after the ones the other holds.
@@ -35,9 +36,12 @@
 //!    the transaction, the limited events, the candidates). Now the look takes one claimable
 //!    id, the limited events are found from `event_dispatch` (few rows), and when the claim
 //!    locked no event its candidates are read without the per-event ranking, oldest first.
-//!    The runner's claimable ids are read first (`MATERIALIZED`): with a `LIMIT` and no ranking
-//!    in the way, the planner would otherwise walk every job in `queued_at` order looking for
-//!    the runner's, which grows with the table rather than with the backlog.
+//!    Those reads ([`oldest_claimable`]) walk the runner's own queued jobs and the queued pool
+//!    jobs in the `jobs_claim` index's order and stop at the limit, so they cost the same with
+//!    5,000 jobs queued as with 5; id lists are unnested once and the `UPDATE` starts from them,
+//!    so a plan made with stale statistics (a burst of jobs right after a quiet time) cannot
+//!    turn a claim quadratic. Only a claim that locked a limited event still ranks the runner's
+//!    whole backlog.
 //!
 //! Jobs skipped because another transaction held their row and then did not change it (a claim
 //! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
@@ -53,16 +57,36 @@ use super::{Backend, Store, StoreResult, now_ms};
 /// apart from the one-key form of the running lock, `store::running`): "cron" in ASCII.
 const EVENT_LOCK_CLASS: i64 = 0x6372_6f6e;
 
+/// Up to `limit` (an SQL expression) ids of claimable jobs of runner `$1` at time `$2` that
+/// also pass `filter` (on `j`), oldest first, with their `queued_at`: the runner's own jobs and
+/// the pool jobs it is a candidate for, each read in the order of the `jobs_claim` index
+/// (`runner, status, queued_at`) and stopped at `limit`, then merged. The work grows with
+/// `limit` (and the jobs passed over), not with the queue: a pool backlog of thousands of jobs
+/// costs a claim no more than a short one. Every id list of a claim statement is unnested once
+/// (a `MATERIALIZED` CTE), never evaluated per row: with statistics taken while the table was
+/// small, PostgreSQL chose nested loops that rebuilt `string_to_array($n)` for every pair of
+/// rows, and four claims burnt a minute of CPU each on a backlog of 5,000 pool jobs.
+fn oldest_claimable(filter: &str, limit: &str) -> String {
+    let claimable = super::dispatch::claimable(2);
+    format!(
+        "SELECT id, queued_at FROM (
+           (SELECT j.id, j.queued_at FROM jobs j
+            WHERE j.runner = $1 AND {claimable} AND {filter}
+            ORDER BY j.queued_at, j.id LIMIT {limit})
+           UNION ALL
+           (SELECT j.id, j.queued_at FROM jobs j
+            WHERE j.runner IS NULL AND j.pool = 1 AND {claimable} AND {filter}
+              AND EXISTS (SELECT 1 FROM job_candidates c WHERE c.job_id = j.id AND c.agent_id = $1)
+            ORDER BY j.queued_at, j.id LIMIT {limit})
+         ) AS oldest ORDER BY queued_at, id LIMIT {limit}"
+    )
+}
+
 /// Whether runner `$1` has a claimable job at time `$2` (one id, or none), the concurrency
 /// limits not counted: a cheap look before the claim's transaction, which a job of a full event
 /// only costs that transaction.
 fn any_claimable() -> String {
-    format!(
-        "WITH mine AS MATERIALIZED (SELECT m.id FROM {} )
-         SELECT j.id FROM mine JOIN jobs j ON j.id = mine.id WHERE {} LIMIT 1",
-        super::pool::claimable_ids(1),
-        super::dispatch::claimable(2)
-    )
+    format!("SELECT id FROM ({}) AS one", oldest_claimable("TRUE", "1"))
 }
 
 /// The events with a concurrency limit among the claimable jobs of runner `$1` at time `$2`,
@@ -76,12 +100,10 @@ fn limited_events() -> String {
     format!(
         "SELECT d.event_id, CAST(hashtext(d.event_id) AS BIGINT) AS lock_key
          FROM event_dispatch d
-         CROSS JOIN LATERAL (SELECT 1 AS found FROM {} JOIN jobs j ON j.id = m.id
-                             WHERE j.event_id = d.event_id AND {} LIMIT 1) AS one
+         CROSS JOIN LATERAL ({}) AS one
          WHERE d.max_concurrency IS NOT NULL
          ORDER BY lock_key, d.event_id",
-        super::pool::claimable_ids(1),
-        super::dispatch::claimable(2)
+        oldest_claimable("j.event_id = d.event_id", "1")
     )
 }
 
@@ -91,7 +113,9 @@ fn limited_events() -> String {
 /// `dispatch::claimable_select`'s rules, without a lock.
 fn candidates() -> String {
     format!(
-        "SELECT id FROM (
+        "WITH locked_events AS MATERIALIZED (SELECT unnest(string_to_array($3, ',')) AS id),
+              skipped AS MATERIALIZED (SELECT unnest(string_to_array($4, ',')) AS id)
+         SELECT id FROM (
            SELECT j.id, j.queued_at, d.max_concurrency AS cap,
                   ROW_NUMBER() OVER (PARTITION BY j.event_id ORDER BY j.queued_at, j.id) AS nth,
                   CASE WHEN d.max_concurrency IS NULL THEN 0 ELSE
@@ -99,8 +123,8 @@ fn candidates() -> String {
                   END AS active
            FROM {} JOIN jobs j ON j.id = m.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
            WHERE {}
-             AND (d.max_concurrency IS NULL OR j.event_id = ANY (string_to_array($3, ',')))
-             AND NOT (j.id = ANY (string_to_array($4, ',')))) AS candidates
+             AND (d.max_concurrency IS NULL OR j.event_id IN (SELECT id FROM locked_events))
+             AND j.id NOT IN (SELECT id FROM skipped)) AS candidates
          WHERE cap IS NULL OR active + nth <= cap
          ORDER BY queued_at, id LIMIT $5",
         super::pool::claimable_ids(1),
@@ -108,32 +132,45 @@ fn candidates() -> String {
     )
 }
 
-/// [`candidates`] when the claim locked no event (`$3` would be empty): only jobs of events
-/// without a limit, so no ranking per event; `$3` is the ids never to take, `$4` the limit.
+/// [`candidates`] when the claim locked no event (`$3` would be empty): the oldest `$4`
+/// claimable jobs never in `$3` (the ids never to take), read as [`oldest_claimable`] (O(limit),
+/// whatever the backlog), each with `limited`: whether its event has a concurrency limit (such
+/// a job appeared after the claim looked for limited events, and is left to the next claim).
+/// The limit is looked up for those few rows only, after the `LIMIT`: as a filter inside the
+/// walk, PostgreSQL estimated from `event_dispatch`'s guessed statistics that hardly any job
+/// would pass it, and sorted the whole backlog instead of stopping at the limit.
 fn unlimited_candidates() -> String {
     format!(
-        "WITH mine AS MATERIALIZED (SELECT m.id FROM {} )
-         SELECT j.id FROM mine JOIN jobs j ON j.id = mine.id LEFT JOIN event_dispatch d ON d.event_id = j.event_id
-         WHERE {} AND d.max_concurrency IS NULL AND NOT (j.id = ANY (string_to_array($3, ',')))
-         ORDER BY j.queued_at, j.id LIMIT $4",
-        super::pool::claimable_ids(1),
-        super::dispatch::claimable(2)
+        "WITH skipped AS MATERIALIZED (SELECT unnest(string_to_array($3, ',')) AS id)
+         SELECT o.id, CASE WHEN EXISTS (SELECT 1 FROM jobs e JOIN event_dispatch d ON d.event_id = e.event_id
+                                        WHERE e.id = o.id AND d.max_concurrency IS NOT NULL)
+                           THEN 1 ELSE 0 END AS limited
+         FROM ({}) AS o",
+        oldest_claimable("j.id NOT IN (SELECT id FROM skipped)", "$4")
     )
 }
 
 /// Claims the jobs among `$4` (comma-separated ids) that are still claimable at time `$5` and
 /// not locked by another transaction: a new attempt with a lease until `$2`, claimed at `$1`,
-/// a pool job bound to runner `$3`.
+/// a pool job bound to runner `$3`. The rows are found by their ids (unnested once) and locked
+/// in the subquery, whose conditions PostgreSQL checks again on the row's latest version once
+/// it holds the lock; the `UPDATE` itself joins on the id only. The status is tested as
+/// `(…) IS TRUE`, which no index can answer: the plan has to find the rows by their ids and
+/// cannot read the queue through an index on `status` instead, let alone run the locking
+/// subquery once per queued job (both seen with stale statistics).
 fn take() -> String {
     format!(
-        "UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
+        "WITH wanted AS MATERIALIZED (SELECT unnest(string_to_array($4, ',')) AS id)
+         UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $1, lease_expires_at = $2,
          not_before = NULL, {}
-         WHERE id IN (SELECT j.id FROM jobs j WHERE j.id = ANY (string_to_array($4, ',')) AND {}
-                      FOR UPDATE OF j SKIP LOCKED)
-           AND status = 'queued'
-         RETURNING id, attempt, run_id, event_id, kind, script, env, input, timeout_seconds, runtime_spec, queued_at",
+         FROM (SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM wanted)
+                 AND (j.status = 'queued') IS TRUE AND {}
+               FOR UPDATE OF j SKIP LOCKED) AS locked
+         WHERE jobs.id = locked.id
+         RETURNING jobs.id, jobs.attempt, jobs.run_id, jobs.event_id, jobs.kind, jobs.script, jobs.env, jobs.input,
+                   jobs.timeout_seconds, jobs.runtime_spec, jobs.queued_at",
         super::pool::bind_claimer(3),
-        super::dispatch::claimable(5)
+        super::dispatch::due_and_open("$5")
     )
 }
 
@@ -193,13 +230,29 @@ impl Store {
         while claimed.len() < limit as usize {
             let wanted = (limit as usize - claimed.len()) as i64;
             let ids: Vec<String> = if locked.is_empty() {
-                sqlx::query_scalar(AssertSqlSafe(unlimited.as_str()))
+                let rows = sqlx::query(AssertSqlSafe(unlimited.as_str()))
                     .bind(runner)
                     .bind(now)
                     .bind(skipped.join(","))
                     .bind(wanted)
                     .fetch_all(&mut *tx)
-                    .await?
+                    .await?;
+                if rows.is_empty() {
+                    break;
+                }
+                let mut free = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let id: String = row.try_get("id")?;
+                    if row.try_get::<i64, _>("limited")? == 1 {
+                        skipped.push(id);
+                    } else {
+                        free.push(id);
+                    }
+                }
+                if free.is_empty() {
+                    continue;
+                }
+                free
             } else {
                 sqlx::query_scalar(AssertSqlSafe(candidates.as_str()))
                     .bind(runner)

@@ -224,3 +224,221 @@ async fn claims_from_two_stores_on_one_database_take_each_job_once_within_max_co
         store.close().await;
     }
 }
+
+/// Rows an `EXPLAIN ANALYZE` (text format) says its plan's nodes produced or read and threw
+/// away (`Rows Removed by …`), each node's figures times its loops, summed: the work of a
+/// statement, independent of the machine's speed.
+fn rows_processed(plan: &[String]) -> u64 {
+    let number = |text: &str, key: &str| -> Option<u64> {
+        let start = text.find(key)? + key.len();
+        let digits: String = text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    let mut total = 0;
+    let mut loops = 1;
+    for line in plan {
+        if let Some(at) = line.find("(actual ") {
+            let actual = &line[at..];
+            loops = number(actual, " loops=").unwrap_or(1);
+            total += number(actual, " rows=").unwrap_or(0) * loops;
+        } else if line.contains("Rows Removed by ") {
+            // Belongs to the node above it: its rows read and not returned, per loop.
+            total += number(line, ": ").unwrap_or(0) * loops;
+        }
+    }
+    total
+}
+
+/// `EXPLAIN ANALYZE` of the GENERIC plan of `sql` (placeholders `$1…`, of `types`) run with
+/// `arguments` (SQL literals), on `conn`; the plan's lines.
+async fn explain_generic(
+    conn: &mut sqlx::AnyConnection,
+    name: &str,
+    types: &str,
+    sql: &str,
+    arguments: &str,
+) -> Vec<String> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "PREPARE {name} ({types}) AS {sql}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE {name} ({arguments})"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap()
+}
+
+/// A burst of pool jobs right after a quiet time: the table's statistics (taken when every job
+/// had ended) say no job is queued, and PostgreSQL plans a statement used often enough once,
+/// generically, with them. The claim's reads and its `UPDATE` must still only touch about as
+/// many rows as the claim takes, not the backlog: with its earlier statements, claims of 8 jobs
+/// from 5,000 queued ones each ran for a minute (nested loops over the backlog, evaluating the
+/// id list for every pair of rows). Counted with `EXPLAIN ANALYZE` of the generic plans; on
+/// SQLite there is nothing to check (its claims are `store::claim_batch`'s).
+#[tokio::test]
+async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_on_stale_statistics()
+ {
+    let (_db, store) = super::super::test_db::open_test_store().await;
+    if store.backend() != super::super::Backend::Postgres {
+        return;
+    }
+    const BACKLOG: usize = 600;
+    const LIMIT: u32 = 8;
+    let owner = store
+        .create_user("owner", "hash", Role::User)
+        .await
+        .unwrap()
+        .id;
+    let free = event(&store, &owner, "free", None).await;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        agents.push(store.enroll_test_agent(name).await.id);
+    }
+    let claimer = agents[0].clone();
+    // A quiet past: jobs that all ended, and statistics that say so, kept while the burst comes.
+    runs(&store, &owner, &free, &agents, true, 30).await;
+    loop {
+        let batch = store
+            .claim_jobs(&claimer, 10, now_ms() + 600_000)
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for job in batch {
+            let attempt = Attempt {
+                job_id: job.id,
+                attempt: job.attempt,
+            };
+            let (_, result) = super::super::dispatch::tests::ended(0, "");
+            store
+                .finish_attempt(&claimer, &attempt, &[], &result)
+                .await
+                .unwrap();
+        }
+    }
+    let mut conn = store.reader.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE jobs SET (autovacuum_enabled = false);
+         ALTER TABLE job_candidates SET (autovacuum_enabled = false);
+         ANALYZE jobs; ANALYZE job_candidates;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // The burst: pool jobs for all four agents, and a few of the claimer's own.
+    runs(&store, &owner, &free, &agents, true, BACKLOG).await;
+    runs(&store, &owner, &free, &agents[..1], false, 20).await;
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let runner = format!("'{claimer}'");
+    let now = now_ms();
+
+    let any = explain_generic(
+        &mut conn,
+        "any_claimable",
+        "text, bigint",
+        &super::any_claimable(),
+        &format!("{runner}, {now}"),
+    )
+    .await;
+    let candidates = explain_generic(
+        &mut conn,
+        "unlimited_candidates",
+        "text, bigint, text, bigint",
+        &super::unlimited_candidates(),
+        &format!("{runner}, {now}, '', {LIMIT}"),
+    )
+    .await;
+    let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXECUTE unlimited_candidates ({runner}, {now}, '', {LIMIT})"
+    )))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), LIMIT as usize, "the candidates: {ids:?}");
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+    let take = explain_generic(
+        &mut conn,
+        "take",
+        "bigint, bigint, text, text, bigint",
+        &super::take(),
+        &format!(
+            "{now}, {}, {runner}, '{}', {now}",
+            now + 600_000,
+            ids.join(",")
+        ),
+    )
+    .await;
+    let taken: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM jobs WHERE status = 'claimed' AND agent_id = {runner}"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(taken, i64::from(LIMIT), "the take claimed the candidates");
+    // The runners to wake after a batch of results: here of 8 jobs of the burst's event,
+    // which has no limit and no batches, so nothing is held back and nobody is woken; the
+    // look must not read the event's queue to find that out.
+    const CHANGED: usize = 8;
+    let changed: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE status = 'queued' AND pool = 1 ORDER BY queued_at DESC LIMIT 8",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(changed.len(), CHANGED);
+    let wake = explain_generic(
+        &mut conn,
+        "wake",
+        &format!("bigint{}", ", text".repeat(CHANGED)),
+        &super::super::dispatch::wake_query(super::super::Backend::Postgres, CHANGED),
+        &format!(
+            "{now}, {}",
+            changed
+                .iter()
+                .map(|id| format!("'{id}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .await;
+    sqlx::raw_sql("DEALLOCATE ALL; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    // A primary-key look-up per changed job, one per changed run, and the joins above them.
+    let rows = rows_processed(&wake);
+    let wake_bound = 16 * CHANGED as u64;
+    assert!(
+        rows > 0 && rows <= wake_bound,
+        "runners_to_wake processed {rows} rows for {CHANGED} changed jobs with {BACKLOG}+ queued (at most {wake_bound}):\n{}",
+        wake.join("\n")
+    );
+
+    // Each statement may pass over a few rows more than it returns (the own and the pool jobs'
+    // branches each read up to the limit, the candidates' look-ups), never the backlog.
+    let bound = 16 * u64::from(LIMIT);
+    for (statement, plan) in [
+        ("any_claimable", &any),
+        ("unlimited_candidates", &candidates),
+        ("take", &take),
+    ] {
+        let rows = rows_processed(plan);
+        assert!(
+            rows > 0 && rows <= bound,
+            "{statement} processed {rows} rows for a claim of {LIMIT} out of {BACKLOG}+ queued jobs (at most {bound}):\n{}",
+            plan.join("\n")
+        );
+    }
+}
