@@ -219,6 +219,10 @@ struct Cli {
     /// Jobs each of those agents runs at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pg_capacity: u32,
+    /// Runs per "draining" round of the PostgreSQL phase: created with the agents stopped, then
+    /// drained by them, as the raw side drains its table (0 skips these rounds).
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pg_drain_jobs: u64,
     /// Run only the cross-replica phase ([`replica_dispatch`]): two `cronium serve` replicas
     /// on a throwaway PostgreSQL, every agent connected to A, runs created and followed through
     /// B next to the same through A, none of the others.
@@ -334,6 +338,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             clients: cli.pg_clients as usize,
             agents: cli.pg_agents as usize,
             capacity: cli.pg_capacity,
+            drain_jobs: cli.pg_drain_jobs as usize,
         };
         let figures = pg_claims::measure(&binaries, &root.join("postgres"), &options).await?;
         println!("{}", figures.markdown());

@@ -19,8 +19,15 @@
 //!   every job completed (read every 20 ms). Jobs/s = jobs / (first `POST` → last completed);
 //!   per job `queued_at` → `finished_at` p50/p99 from the jobs table.
 //!
-//! The rounds alternate raw and Cronium; the figures are the medians over the rounds and the
-//! ratio of the median rates.
+//! - **Cronium, draining a queue** (`--pg-drain-jobs`, the raw side's shape): the agents are
+//!   stopped, the same clients create that many runs of a new pool event (timed apart: the API's
+//!   rate of run creation with nothing claiming), then the agents start again and drain the
+//!   queue. Jobs/s = jobs / (first `claimed_at` → last `finished_at`, the server's timestamps,
+//!   so the agents' reconnects are not counted; the wall time from their start to the last
+//!   completion read is shown next to it); per job `claimed_at` → `finished_at` p50/p99.
+//!
+//! The rounds alternate raw, Cronium and Cronium draining; the figures are the medians over the
+//! rounds and the ratios of the median rates.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -60,6 +67,8 @@ pub struct PgOptions {
     pub clients: usize,
     pub agents: usize,
     pub capacity: u32,
+    /// Runs per draining round (0: none).
+    pub drain_jobs: usize,
 }
 
 /// One round of either side.
@@ -72,6 +81,17 @@ pub struct Round {
     /// Cronium: jobs that needed more than one attempt (a claimed attempt that never reached
     /// its agent comes back after its lease); raw: 0.
     pub reattempted: usize,
+}
+
+/// One round of Cronium draining a queue.
+#[derive(Debug, Clone)]
+pub struct DrainRound {
+    /// Jobs / (first claim → last result), per job claimed → finished.
+    pub round: Round,
+    /// From the agents' start to the last completion read (reconnects and polling included).
+    pub wall: Duration,
+    /// How long the API clients took to create the runs, nothing claiming them.
+    pub created_in: Duration,
 }
 
 impl Round {
@@ -87,6 +107,7 @@ pub struct PgFigures {
     pub server_version: String,
     pub raw: Vec<Round>,
     pub cronium: Vec<Round>,
+    pub drain: Vec<DrainRound>,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -116,6 +137,16 @@ impl PgFigures {
     /// Cronium's median rate over the raw median rate.
     pub fn ratio(&self) -> f64 {
         PgFigures::median_rate(&self.cronium) / PgFigures::median_rate(&self.raw)
+    }
+
+    fn drained(&self) -> Vec<Round> {
+        self.drain.iter().map(|drain| drain.round.clone()).collect()
+    }
+
+    /// Cronium's median draining rate over the raw median rate (None without draining rounds).
+    pub fn drain_ratio(&self) -> Option<f64> {
+        (!self.drain.is_empty())
+            .then(|| PgFigures::median_rate(&self.drained()) / PgFigures::median_rate(&self.raw))
     }
 
     pub fn markdown(&self) -> String {
@@ -154,14 +185,52 @@ impl PgFigures {
             PgFigures::median_of(&self.cronium, |summary| summary.p50),
             PgFigures::median_of(&self.cronium, |summary| summary.p99),
         ));
-        let reattempted: usize = self.cronium.iter().map(|round| round.reattempted).sum();
+        let drained = self.drained();
+        if !drained.is_empty() {
+            let walls: Vec<String> = self
+                .drain
+                .iter()
+                .map(|drain| format!("{:.0}", drain.wall.as_secs_f64() * 1e3))
+                .collect();
+            let creation: Vec<String> = self
+                .drain
+                .iter()
+                .map(|drain| {
+                    format!(
+                        "{:.0}",
+                        drain.round.jobs as f64 / drain.created_in.as_secs_f64()
+                    )
+                })
+                .collect();
+            out.push_str(&format!(
+                "| Cronium draining a queue | {} runs created first by the same clients with the agents stopped (creation: {} runs/s), then the agents started; timed first claim → last result (wall from the agents' start, ms: {}) | {} | {:.0} ({}) | {:.1} / {:.1} (claimed → finished) |\n",
+                options.drain_jobs,
+                creation.join(", "),
+                walls.join(", "),
+                options.drain_jobs,
+                PgFigures::median_rate(&drained),
+                rates(&drained),
+                PgFigures::median_of(&drained, |summary| summary.p50),
+                PgFigures::median_of(&drained, |summary| summary.p99),
+            ));
+        }
+        let reattempted: usize = self
+            .cronium
+            .iter()
+            .chain(&drained)
+            .map(|round| round.reattempted)
+            .sum();
         out.push_str(&format!(
             "\nCronium jobs that needed a second attempt (over all rounds): {reattempted}.\n"
         ));
         out.push_str(&format!(
-            "\nRatio Cronium / raw (median rates): **{:.3}×** (target ≥ 0.5×).\n",
+            "\nRatio Cronium / raw (median rates): **{:.3}×** end to end (runs created through the API while the agents claim)",
             self.ratio()
         ));
+        if let Some(ratio) = self.drain_ratio() {
+            out.push_str(&format!(", **{ratio:.3}×** draining a queue"));
+        }
+        out.push_str(" (target ≥ 0.5×).\n");
         out
     }
 
@@ -190,13 +259,19 @@ impl PgFigures {
                 "clients": self.options.clients,
                 "agents": self.options.agents,
                 "capacity": self.options.capacity,
+                "drain_jobs": self.options.drain_jobs,
                 "executor": Executor::SimulatedInProcess.key(),
             },
             "raw": rounds(&self.raw),
             "cronium": rounds(&self.cronium),
+            "drain": rounds(&self.drained()),
+            "drain_wall_ms": self.drain.iter().map(|drain| drain.wall.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+            "drain_created_in_ms": self.drain.iter().map(|drain| drain.created_in.as_secs_f64() * 1e3).collect::<Vec<_>>(),
             "raw_median_jobs_per_second": PgFigures::median_rate(&self.raw),
             "cronium_median_jobs_per_second": PgFigures::median_rate(&self.cronium),
+            "drain_median_jobs_per_second": (!self.drain.is_empty()).then(|| PgFigures::median_rate(&self.drained())),
             "ratio": self.ratio(),
+            "drain_ratio": self.drain_ratio(),
         })
     }
 }
@@ -271,14 +346,16 @@ pub async fn measure(
         .iter()
         .map(|identity| identity.name.clone())
         .collect();
-    let mut agents = Fleet::spawn(
-        identities.into_iter().map(|identity| identity.state_dir),
-        FleetOptions {
-            executor: Executor::SimulatedInProcess,
-            capacity: options.capacity,
-            ..FleetOptions::default()
-        },
-    );
+    let state_dirs: Vec<_> = identities
+        .into_iter()
+        .map(|identity| identity.state_dir)
+        .collect();
+    let fleet_options = FleetOptions {
+        executor: Executor::SimulatedInProcess,
+        capacity: options.capacity,
+        ..FleetOptions::default()
+    };
+    let mut agents = Fleet::spawn(state_dirs.clone(), fleet_options);
     wait_online(&api, &names, Duration::from_secs(60)).await?;
     let cronium = PgPoolOptions::new()
         .max_connections(1)
@@ -291,6 +368,7 @@ pub async fn measure(
         server_version,
         raw: Vec::new(),
         cronium: Vec::new(),
+        drain: Vec::new(),
     };
     // A short warm-up of both sides (connections, statement caches), not counted.
     raw_round(&raw, 200.min(options.raw_jobs), options.connections).await?;
@@ -338,6 +416,67 @@ pub async fn measure(
             ));
         }
         figures.cronium.push(measured);
+        if options.drain_jobs == 0 {
+            continue;
+        }
+        let stopped_with_errors = agents.stop().await;
+        if stopped_with_errors > 0 {
+            bail!("{stopped_with_errors} agents stopped with an error before a draining round");
+        }
+        let name = format!("pg-drain-{round}");
+        let event_id = create_event(&api, &name).await?;
+        let created_in = create_runs(&api, &event_id, options.drain_jobs, options.clients).await?;
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND status <> 'queued'",
+        )
+        .bind(&event_id)
+        .fetch_one(&cronium)
+        .await?;
+        if claimed > 0 {
+            bail!("{claimed} jobs of {name} left the queue while every agent was stopped");
+        }
+        let started = Instant::now();
+        agents = Fleet::spawn(state_dirs.clone(), fleet_options);
+        tokio::time::timeout(
+            ROUND_TIMEOUT,
+            wait_completed(&cronium, &event_id, options.drain_jobs, &name),
+        )
+        .await
+        .with_context(|| format!("the draining round {name} took too long"))?
+        .with_context(|| {
+            format!(
+                "the control plane's last output:\n{}",
+                control_plane.process.tail()
+            )
+        })?;
+        let wall = started.elapsed();
+        let (first_claim, last_result): (i64, i64) = sqlx::query_as(
+            "SELECT MIN(claimed_at), MAX(finished_at) FROM jobs WHERE event_id = $1",
+        )
+        .bind(&event_id)
+        .fetch_one(&cronium)
+        .await?;
+        let span = Duration::from_millis(u64::try_from(last_result - first_claim)?.max(1));
+        let measured = DrainRound {
+            round: job_figures(
+                &cronium,
+                &event_id,
+                options.drain_jobs,
+                span,
+                Since::Claimed,
+            )
+            .await?,
+            wall,
+            created_in,
+        };
+        progress(&format!(
+            "round {}: Cronium draining {:.0} jobs/s (created at {:.0} runs/s), {} jobs needed a second attempt",
+            round + 1,
+            measured.round.per_second(),
+            options.drain_jobs as f64 / created_in.as_secs_f64(),
+            measured.round.reattempted
+        ));
+        figures.drain.push(measured);
     }
     agents.stop().await;
     drop(control_plane);
@@ -413,15 +552,8 @@ async fn raw_round(pool: &PgPool, jobs: usize, connections: usize) -> anyhow::Re
     })
 }
 
-/// One Cronium round: a new pool event, `jobs` runs of it created by `clients` API clients,
-/// until the database holds all of them completed.
-async fn cronium_round(
-    api: &Api,
-    database: &PgPool,
-    name: &str,
-    jobs: usize,
-    clients: usize,
-) -> anyhow::Result<Round> {
+/// A new pool event of the phase's agents named `name`; its id.
+async fn create_event(api: &Api, name: &str) -> anyhow::Result<String> {
     let event = api
         .post(
             "/events",
@@ -434,15 +566,25 @@ async fn cronium_round(
             }),
         )
         .await?;
-    let event_id = event["id"]
+    Ok(event["id"]
         .as_str()
         .context("POST /events: no id")?
-        .to_owned();
+        .to_owned())
+}
+
+/// `jobs` runs of `event_id` created by `clients` API clients, each sending its next `POST`
+/// once the last one was answered; how long that took.
+async fn create_runs(
+    api: &Api,
+    event_id: &str,
+    jobs: usize,
+    clients: usize,
+) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     let started = Instant::now();
     for _ in 0..clients {
-        let (api, event_id, next) = (api.clone(), event_id.clone(), next.clone());
+        let (api, event_id, next) = (api.clone(), event_id.to_owned(), next.clone());
         tasks.spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
                 api.post(&format!("/events/{event_id}/runs"), &json!({}))
@@ -451,52 +593,79 @@ async fn cronium_round(
             anyhow::Ok(())
         });
     }
-    let wait = async {
-        while let Some(result) = tasks.join_next().await {
-            result.context("an API client panicked")??;
-        }
-        loop {
-            let row = sqlx::query(
-                "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
-                        COUNT(*) FILTER (WHERE status IN ('failed', 'cancelled')) AS failed
-                 FROM jobs WHERE event_id = $1",
+    while let Some(result) = tasks.join_next().await {
+        result.context("an API client panicked")??;
+    }
+    Ok(started.elapsed())
+}
+
+/// Waits until the database holds the `jobs` jobs of `event_id` completed (read every
+/// [`POLL`]); fails at the first failed or cancelled one.
+async fn wait_completed(
+    database: &PgPool,
+    event_id: &str,
+    jobs: usize,
+    name: &str,
+) -> anyhow::Result<()> {
+    loop {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+                    COUNT(*) FILTER (WHERE status IN ('failed', 'cancelled')) AS failed
+             FROM jobs WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_one(database)
+        .await?;
+        let (completed, failed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if failed > 0 {
+            let reasons: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+                "SELECT status, reason, attempt FROM jobs
+                 WHERE event_id = $1 AND status IN ('failed', 'cancelled') ORDER BY id LIMIT 5",
             )
-            .bind(&event_id)
-            .fetch_one(database)
+            .bind(event_id)
+            .fetch_all(database)
             .await?;
-            let (completed, failed): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-            if failed > 0 {
-                let reasons: Vec<(String, Option<String>, i64)> = sqlx::query_as(
-                    "SELECT status, reason, attempt FROM jobs
-                     WHERE event_id = $1 AND status IN ('failed', 'cancelled') ORDER BY id LIMIT 5",
-                )
-                .bind(&event_id)
-                .fetch_all(database)
-                .await?;
-                bail!(
-                    "{failed} jobs of {name} failed or were cancelled (status, reason, attempt: {reasons:?})"
-                );
-            }
-            if completed as usize == jobs {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(POLL).await;
+            bail!(
+                "{failed} jobs of {name} failed or were cancelled (status, reason, attempt: {reasons:?})"
+            );
         }
+        if completed as usize == jobs {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Where a job's time in [`job_figures`] starts.
+#[derive(Debug, Clone, Copy)]
+enum Since {
+    Queued,
+    Claimed,
+}
+
+/// A round's figures from the jobs table: per job `since` → `finished_at`, and the jobs that
+/// needed another attempt.
+async fn job_figures(
+    database: &PgPool,
+    event_id: &str,
+    jobs: usize,
+    elapsed: Duration,
+    since: Since,
+) -> anyhow::Result<Round> {
+    let since = match since {
+        Since::Queued => "queued_at",
+        Since::Claimed => "claimed_at",
     };
-    tokio::time::timeout(ROUND_TIMEOUT, wait)
-        .await
-        .with_context(|| format!("the Cronium round {name} took too long"))??;
-    let elapsed = started.elapsed();
-    let latencies: Vec<i64> = sqlx::query_scalar(
-        "SELECT finished_at - queued_at FROM jobs WHERE event_id = $1 AND status = 'completed'",
-    )
-    .bind(&event_id)
+    let latencies: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT finished_at - {since} FROM jobs WHERE event_id = $1 AND status = 'completed'"
+    )))
+    .bind(event_id)
     .fetch_all(database)
     .await?;
     let samples: Vec<f64> = latencies.into_iter().map(|ms| ms as f64).collect();
     let reattempted: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE event_id = $1 AND attempt > 1")
-            .bind(&event_id)
+            .bind(event_id)
             .fetch_one(database)
             .await?;
     Ok(Round {
@@ -505,4 +674,25 @@ async fn cronium_round(
         latency: Summary::of(&samples),
         reattempted: reattempted as usize,
     })
+}
+
+/// One Cronium round: a new pool event, `jobs` runs of it created by `clients` API clients
+/// while the agents claim them, until the database holds all of them completed.
+async fn cronium_round(
+    api: &Api,
+    database: &PgPool,
+    name: &str,
+    jobs: usize,
+    clients: usize,
+) -> anyhow::Result<Round> {
+    let event_id = create_event(api, name).await?;
+    let started = Instant::now();
+    let run = async {
+        create_runs(api, &event_id, jobs, clients).await?;
+        wait_completed(database, &event_id, jobs, name).await
+    };
+    tokio::time::timeout(ROUND_TIMEOUT, run)
+        .await
+        .with_context(|| format!("the Cronium round {name} took too long"))??;
+    job_figures(database, &event_id, jobs, started.elapsed(), Since::Queued).await
 }
