@@ -37,7 +37,8 @@
 //!    id, the limited events are found from `event_dispatch` (few rows), and when the claim
 //!    locked no event its candidates are read without the per-event ranking, oldest first.
 //!    Those reads ([`oldest_claimable`]) walk the runner's own queued jobs and the queued pool
-//!    jobs in the `jobs_claim` index's order and stop at the limit, so they cost the same with
+//!    jobs in the order of migration 0026's partial indexes (`jobs_queued_own`,
+//!    `jobs_queued_pool`) and stop at the limit, so they cost the same with
 //!    5,000 jobs queued as with 5; id lists are unnested once and the `UPDATE` starts from them,
 //!    so a plan made with stale statistics (a burst of jobs right after a quiet time) cannot
 //!    turn a claim quadratic. Only a claim that locked a limited event still ranks the runner's
@@ -59,8 +60,9 @@ const EVENT_LOCK_CLASS: i64 = 0x6372_6f6e;
 
 /// Up to `limit` (an SQL expression) ids of claimable jobs of runner `$1` at time `$2` that
 /// also pass `filter` (on `j`), oldest first, with their `queued_at`: the runner's own jobs and
-/// the pool jobs it is a candidate for, each read in the order of the `jobs_claim` index
-/// (`runner, status, queued_at`) and stopped at `limit`, then merged. The work grows with
+/// the pool jobs it is a candidate for, each read in the order of its partial index of queued
+/// jobs (migration 0026: `jobs_queued_own`, `jobs_queued_pool`) and stopped at `limit`, then
+/// merged. The work grows with
 /// `limit` (and the jobs passed over), not with the queue: a pool backlog of thousands of jobs
 /// costs a claim no more than a short one. Every id list of a claim statement is unnested once
 /// (a `MATERIALIZED` CTE), never evaluated per row: with statistics taken while the table was
