@@ -30,20 +30,9 @@ async fn pool_run(
     max_attempts: u32,
 ) -> (String, Vec<(String, String)>) {
     let spec = RunSpec {
-        event_id: fixture.event.clone(),
-        kind: "bash".into(),
-        script: "true".into(),
-        env: "{}".into(),
-        runtime_spec: None,
-        input: None,
-        timeout_seconds: 60,
         max_attempts,
-        created_by: fixture.owner.clone(),
-        agent_ids: candidates.to_vec(),
-        trigger: "manual",
-        slot_at: None,
-        missed_slots: 0,
         pool: true,
+        ..super::super::tests::bash_run(&fixture.event, &fixture.owner, candidates)
     };
     let (run_id, pairs) = fixture
         .store
