@@ -62,7 +62,7 @@ impl Store {
         let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
             let sql = format!("{}{})", owned.select(), placeholders(1, chunk.len()));
-            let mut query = sqlx::query(AssertSqlSafe(sql));
+            let mut query = sqlx::query(AssertSqlSafe(self.backend().positional(sql)));
             for id in chunk {
                 query = query.bind(*id);
             }
@@ -82,7 +82,7 @@ impl Store {
                  FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id IN ({})",
                 placeholders(1, chunk.len())
             );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
+            let mut query = sqlx::query(AssertSqlSafe(self.backend().positional(sql)));
             for id in chunk {
                 query = query.bind(*id);
             }

@@ -64,10 +64,10 @@ async fn claim_all_in(
 ) -> StoreResult<Vec<Vec<ClaimedJob>>> {
     // The time is read when the claims run, after every write queued before them: a claim that
     // a settlement made possible is never recorded as earlier than that settlement.
-    let plain = plain_claims(conn, claims).await?;
+    let plain = plain_claims(conn, backend, claims).await?;
     let mut answers: Vec<Vec<ClaimedJob>> = vec![Vec::new(); claims.len()];
     for group in plain.chunks(PLAIN_PER_STATEMENT) {
-        claim_plain_in(conn, claims, group, &mut answers).await?;
+        claim_plain_in(conn, backend, claims, group, &mut answers).await?;
     }
     for (index, (agent_id, limit, lease_until, now)) in claims.iter().enumerate() {
         if plain.binary_search(&index).is_err() {
@@ -87,7 +87,7 @@ async fn claim_all_in(
             "SELECT job_id, name, sealed_value FROM job_secret_env WHERE job_id IN ({}) ORDER BY job_id, name",
             super::dispatch::placeholders(1, chunk.len())
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(backend.positional(sql)));
         for id in chunk {
             query = query.bind(*id);
         }
@@ -108,6 +108,7 @@ async fn claim_all_in(
 /// has nothing queued but its own jobs of events without a concurrency limit.
 async fn plain_claims(
     conn: &mut sqlx::AnyConnection,
+    backend: Backend,
     claims: &[ClaimRequest],
 ) -> StoreResult<Vec<usize>> {
     let mut seen = HashMap::with_capacity(claims.len());
@@ -119,16 +120,18 @@ async fn plain_claims(
     }
     let runners: Vec<&str> = seen.keys().copied().collect();
     for chunk in runners.chunks(PLAIN_PER_STATEMENT) {
-        let list = super::dispatch::placeholders(1, chunk.len());
+        // The runners are bound twice, once per list, so that the placeholders stay in order.
         let sql = format!(
             "SELECT q.runner AS runner FROM jobs q JOIN event_dispatch d ON d.event_id = q.event_id
-             WHERE q.runner IN ({list}) AND q.status = 'queued' AND d.max_concurrency IS NOT NULL
+             WHERE q.runner IN ({}) AND q.status = 'queued' AND d.max_concurrency IS NOT NULL
              UNION
              SELECT c.agent_id FROM job_candidates c JOIN jobs q ON q.id = c.job_id
-             WHERE c.agent_id IN ({list}) AND q.status = 'queued' AND q.pool = 1 AND q.runner IS NULL"
+             WHERE c.agent_id IN ({}) AND q.status = 'queued' AND q.pool = 1 AND q.runner IS NULL",
+            super::dispatch::placeholders(1, chunk.len()),
+            super::dispatch::placeholders(chunk.len() + 1, chunk.len()),
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for runner in chunk {
+        let mut query = sqlx::query(AssertSqlSafe(backend.positional(sql)));
+        for runner in chunk.iter().chain(chunk) {
             query = query.bind(*runner);
         }
         for row in query.fetch_all(&mut *conn).await? {
@@ -148,6 +151,7 @@ async fn plain_claims(
 /// with its lease. Their answers go to `answers`, each sorted by job id.
 async fn claim_plain_in(
     conn: &mut sqlx::AnyConnection,
+    backend: Backend,
     claims: &[ClaimRequest],
     group: &[usize],
     answers: &mut [Vec<ClaimedJob>],
@@ -175,7 +179,7 @@ async fn claim_plain_in(
                    timeout_seconds, runtime_spec, queued_at, claimed_at",
         super::dispatch::claimable_at("w.now")
     );
-    let mut query = sqlx::query(AssertSqlSafe(sql));
+    let mut query = sqlx::query(AssertSqlSafe(backend.positional(sql)));
     let mut by_runner = HashMap::with_capacity(group.len());
     for &index in group {
         let (runner, limit, lease_until, at) = &claims[index];

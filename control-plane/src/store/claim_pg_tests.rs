@@ -401,10 +401,10 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     let wake = explain_generic(
         &mut conn,
         "wake",
-        &format!("bigint{}", ", text".repeat(CHANGED)),
+        &format!("{}, bigint", ["text"; CHANGED].join(", ")),
         &super::super::dispatch::wake_query(super::super::Backend::Postgres, CHANGED),
         &format!(
-            "{now}, {}",
+            "{}, {now}",
             changed
                 .iter()
                 .map(|id| format!("'{id}'"))

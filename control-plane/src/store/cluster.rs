@@ -116,6 +116,7 @@ impl Store {
                  WHERE replica_id <> $1 AND seen_at >= $2 AND agent_id IN ({})",
                 super::dispatch::placeholders(3, chunk.len())
             );
+            let sql = self.backend.positional(sql);
             let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
                 .bind(replica)
                 .bind(since);

@@ -704,12 +704,14 @@ impl Store {
         if job_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut query =
-            sqlx::query_scalar(AssertSqlSafe(wake_query(self.backend(), job_ids.len()))).bind(now);
+        let sql = self
+            .backend()
+            .positional(wake_query(self.backend(), job_ids.len()));
+        let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
         for id in job_ids {
             query = query.bind(id);
         }
-        Ok(query.fetch_all(&self.reader).await?)
+        Ok(query.bind(now).fetch_all(&self.reader).await?)
     }
 
     /// Every runner with a claimable job held back by a batch or a concurrency limit (after
@@ -852,7 +854,8 @@ impl Store {
     }
 }
 
-/// The query of [`Store::runners_to_wake`] for `ids` changed jobs: `$1` the time, `$2…` the ids.
+/// The query of [`Store::runners_to_wake`] for `ids` changed jobs: `$1…$ids` the ids, then the
+/// time.
 ///
 /// On PostgreSQL the changed jobs are looked up one by one, and the queued jobs per changed run
 /// and per limited event, in `LATERAL` subqueries kept apart from the joins (`OFFSET 0`), so
@@ -866,7 +869,7 @@ pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
             format!(
                 "SELECT DISTINCT j.run_id, j.event_id FROM (VALUES {}) AS w (id)
                  CROSS JOIN LATERAL (SELECT run_id, event_id FROM jobs WHERE id = w.id AND {SETTLED} OFFSET 0) AS j",
-                (2..2 + ids)
+                (1..=ids)
                     .map(|n| format!("(${n})"))
                     .collect::<Vec<_>>()
                     .join(", ")
@@ -881,12 +884,13 @@ pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
         super::Backend::Sqlite => (
             format!(
                 "SELECT DISTINCT run_id, event_id FROM jobs WHERE id IN ({}) AND {SETTLED}",
-                placeholders(2, ids)
+                placeholders(1, ids)
             ),
             "changed s JOIN jobs q ON q.run_id = s.run_id AND q.status = 'queued' AND q.batch > 0",
             "limited l JOIN jobs q ON q.event_id = l.event_id AND q.status = 'queued'",
         ),
     };
+    let now = ids + 1;
     format!(
         "WITH changed AS MATERIALIZED ({changed}),
          limited AS MATERIALIZED (
@@ -895,7 +899,7 @@ pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
          held AS (SELECT q.id FROM {per_run} UNION SELECT q.id FROM {per_limited_event})
          SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM held h JOIN jobs q ON q.id = h.id
            LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
-         WHERE (q.not_before IS NULL OR q.not_before <= $1) AND COALESCE(q.runner, c.agent_id) IS NOT NULL"
+         WHERE (q.not_before IS NULL OR q.not_before <= ${now}) AND COALESCE(q.runner, c.agent_id) IS NOT NULL"
     )
 }
 

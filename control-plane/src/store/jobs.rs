@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, StoreResult, audit_in, new_id, now_ms, write_op};
+use super::{Backend, Store, StoreError, StoreResult, audit_in, new_id, now_ms, write_op};
 
 /// Where a job is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,7 +439,7 @@ pub(crate) async fn create_run_over_in(
                                backoff_ms, backoff_factor, max_backoff_ms, offline_wait_ms, status)
              VALUES {rows}"
         );
-        let mut query = sqlx::query(AssertSqlSafe(statement));
+        let mut query = sqlx::query(AssertSqlSafe(Backend::of(conn).positional(statement)));
         for (job_id, agent_id) in chunk {
             // A runner key `ssh:<server id>` is a job the control plane runs over SSH.
             // The runner key `control-plane` is a job the control plane runs itself.
@@ -1221,7 +1221,7 @@ impl Store {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE run_id = $1 AND id IN ({placeholders}) ORDER BY id"
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(run_id);
+        let mut query = sqlx::query(AssertSqlSafe(self.backend().positional(sql))).bind(run_id);
         for id in ids {
             query = query.bind(*id);
         }
@@ -1309,7 +1309,7 @@ impl Store {
         let placeholders = super::dispatch::placeholders(1, rows.len());
         let query =
             format!("SELECT {JOB_COLUMNS} FROM jobs WHERE run_id IN ({placeholders}) ORDER BY id");
-        let mut jobs_query = sqlx::query(AssertSqlSafe(query));
+        let mut jobs_query = sqlx::query(AssertSqlSafe(self.backend().positional(query)));
         for row in &rows {
             jobs_query = jobs_query.bind(row.try_get::<String, _>("id")?);
         }

@@ -230,6 +230,70 @@ impl Backend {
             Backend::Postgres => format!("CAST(({column})::jsonb ->> '{key}' AS BIGINT)"),
         }
     }
+
+    /// `sql`, a statement whose placeholders are `$1, $2, …` each used once and in that order
+    /// in the text, written for this engine: unchanged on PostgreSQL; with anonymous `?`s on
+    /// SQLite. SQLite keeps the names of `$N` parameters in a list it searches from the start
+    /// for each one, when it parses the statement and again when sqlx asks each parameter's
+    /// name to bind it, so a batch statement of n parameters costs O(n²) there; anonymous
+    /// parameters have no names. The batch statements (claims, results, run creation) use this.
+    ///
+    /// Placeholders inside quoted literals or identifiers are left alone. A statement whose
+    /// placeholders are not in order is returned unchanged (still correct, only slower), and
+    /// fails a debug assertion so that tests catch it.
+    pub(crate) fn positional(self, sql: String) -> String {
+        if self == Backend::Postgres {
+            return sql;
+        }
+        match anonymous_placeholders(&sql) {
+            Some(anonymous) => anonymous,
+            None => {
+                debug_assert!(false, "placeholders out of order in {sql}");
+                sql
+            }
+        }
+    }
+}
+
+/// `sql` with its `$N` placeholders (outside quotes) replaced by `?`, if they are `$1, $2, …`
+/// in text order with none repeated; `None` otherwise.
+fn anonymous_placeholders(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut quote: Option<u8> = None;
+    let mut next = 1u64;
+    let mut copied = 0;
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        match quote {
+            Some(open) if byte == open => quote = None,
+            Some(_) => {}
+            None if byte == b'\'' || byte == b'"' => quote = Some(byte),
+            None if byte == b'$' => {
+                let digits = bytes[index + 1..]
+                    .iter()
+                    .take_while(|digit| digit.is_ascii_digit())
+                    .count();
+                if digits > 0 {
+                    let number: u64 = sql[index + 1..index + 1 + digits].parse().ok()?;
+                    if number != next {
+                        return None;
+                    }
+                    next += 1;
+                    out.push_str(&sql[copied..index]);
+                    out.push('?');
+                    index += 1 + digits;
+                    copied = index;
+                    continue;
+                }
+            }
+            None => {}
+        }
+        index += 1;
+    }
+    out.push_str(&sql[copied..]);
+    Some(out)
 }
 
 /// Handle to the database. Cheap to clone.

@@ -81,9 +81,10 @@ pub(crate) async fn insert_job_in(
             .map(|row| format!("({})", super::dispatch::placeholders(row * 2 + 1, 2)))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO job_candidates (job_id, agent_id) VALUES {values}"
-        )));
+        let sql = format!("INSERT INTO job_candidates (job_id, agent_id) VALUES {values}");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(
+            super::Backend::of(conn).positional(sql),
+        ));
         for agent_id in chunk {
             query = query.bind(&job_id).bind(agent_id);
         }

@@ -197,7 +197,7 @@ async fn read_current(
             super::dispatch::placeholders(1, chunk.len()),
             backend.lock_for_update_of("j", false),
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(backend.positional(sql)));
         for id in chunk {
             query = query.bind(*id);
         }
@@ -232,19 +232,22 @@ async fn update_common(
     common: &[usize],
     now: i64,
 ) -> StoreResult<()> {
+    let backend = Backend::of(conn);
     for group in common.chunks(JOBS_PER_UPDATE) {
         let values = (0..group.len())
             .map(|row| format!("({})", super::dispatch::placeholders(row * 7 + 2, 7)))
             .collect::<Vec<_>>()
             .join(", ");
+        // `t` holds the time once, so that every placeholder is used once, in order.
         let sql = format!(
-            "WITH v (id, status, reason, exit_code, result, condition, log_len) AS (VALUES {values})
+            "WITH t (now) AS (VALUES ($1)),
+             v (id, status, reason, exit_code, result, condition, log_len) AS (VALUES {values})
              UPDATE jobs SET status = v.status, reason = v.reason, exit_code = v.exit_code, result = v.result,
                     condition = v.condition, log_len = v.log_len, settled_by = 'agent', lease_expires_at = NULL,
-                    started_at = COALESCE(jobs.started_at, $1), finished_at = $1
-             FROM v WHERE jobs.id = v.id"
+                    started_at = COALESCE(jobs.started_at, t.now), finished_at = t.now
+             FROM v, t WHERE jobs.id = v.id"
         );
-        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(now);
+        let mut query = sqlx::query(AssertSqlSafe(backend.positional(sql))).bind(now);
         for &index in group {
             let (request, result) = (&requests[index], &requests[index].result);
             query = query
@@ -289,7 +292,7 @@ async fn insert_chunks<'a>(
             .join(", ");
         let sql =
             format!("INSERT INTO job_logs (job_id, \"offset\", stream, data) VALUES {values}");
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(AssertSqlSafe(Backend::of(conn).positional(sql)));
         for (job_id, chunk) in group {
             query = query
                 .bind(*job_id)

@@ -1220,3 +1220,23 @@ async fn a_jobs_audit_trail_lists_its_expired_lease_and_the_refused_stale_result
         "{plan:?}"
     );
 }
+
+#[test]
+fn sqlite_batch_statements_get_anonymous_placeholders_in_text_order() {
+    use super::Backend;
+    let sql = "SELECT '$1', \"a$2\" FROM t WHERE a = $1 AND b IN ($2, $3) AND c = $4".to_string();
+    assert_eq!(
+        Backend::Sqlite.positional(sql.clone()),
+        "SELECT '$1', \"a$2\" FROM t WHERE a = ? AND b IN (?, ?) AND c = ?"
+    );
+    assert_eq!(Backend::Postgres.positional(sql.clone()), sql);
+    // A lone `$` and a quote doubled inside a literal are text, not placeholders.
+    assert_eq!(
+        super::anonymous_placeholders("SELECT '$', 'it''s $9' || $1 FROM t WHERE x = $2"),
+        Some("SELECT '$', 'it''s $9' || ? FROM t WHERE x = ?".to_string())
+    );
+    // Out of order or repeated: no rewrite (binding in order would put values in wrong places).
+    assert_eq!(super::anonymous_placeholders("SELECT $2, $1"), None);
+    assert_eq!(super::anonymous_placeholders("SELECT $1, $1"), None);
+    assert_eq!(super::anonymous_placeholders("SELECT $1, $3"), None);
+}

@@ -602,7 +602,7 @@ impl Store {
              WHERE n.state = 'running' AND j.id IN ({}) AND j.status IN ('completed', 'failed', 'cancelled')",
             super::dispatch::placeholders(1, job_ids.len())
         );
-        let mut query = sqlx::query_scalar(AssertSqlSafe(query));
+        let mut query = sqlx::query_scalar(AssertSqlSafe(self.backend().positional(query)));
         for id in job_ids {
             query = query.bind(*id);
         }
