@@ -397,19 +397,20 @@ impl Api {
 }
 
 /// The length up to and including the blank line that ends the first complete event in `buffer`.
+/// One pass that stops at the first blank line: a burst of events in one read costs time in
+/// proportion to its size (searching the whole buffer for each event would be quadratic, and
+/// would show up in the fan-out's measured times).
 fn find_event_end(buffer: &[u8]) -> Option<usize> {
-    let lf = buffer
-        .windows(2)
-        .position(|pair| pair == b"\n\n")
-        .map(|at| at + 2);
-    let crlf = buffer
-        .windows(4)
-        .position(|quad| quad == b"\r\n\r\n")
-        .map(|at| at + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    (0..buffer.len()).find_map(|at| {
+        let rest = &buffer[at..];
+        if rest.starts_with(b"\n\n") {
+            Some(at + 2)
+        } else if rest.starts_with(b"\r\n\r\n") {
+            Some(at + 4)
+        } else {
+            None
+        }
+    })
 }
 
 /// The event name and the (joined) data of one SSE event block.
