@@ -14,13 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::AppState;
 use ca::CertificateAuthority;
 
 /// Concurrent streams an agent may open before its hello raises the limit.
 const INITIAL_STREAMS: u32 = 16;
+
+/// The receive buffer asked for the QUIC socket. Every agent's packets arrive on this one
+/// socket, and a fan-out makes them arrive together: 1,000 claims at once overflowed Linux's
+/// default (208 KiB), and each dropped packet cost its agent a retransmission after QUIC's loss
+/// timer. The kernel grants at most `net.core.rmem_max` (see [`grow_receive_buffer`]).
+const RECEIVE_BUFFER: usize = 8 << 20;
 
 /// Binds the QUIC endpoint: server certificate from the CA, client certificates required and
 /// verified against the same CA, ALPN `cronium/1`.
@@ -79,6 +85,7 @@ pub fn bind_endpoint(
     });
     let socket =
         std::net::UdpSocket::bind(address).with_context(|| format!("binding QUIC on {address}"))?;
+    grow_receive_buffer(&socket, RECEIVE_BUFFER);
     quinn::Endpoint::new(
         endpoint_config,
         Some(config),
@@ -86,6 +93,35 @@ pub fn bind_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .context("starting the QUIC endpoint")
+}
+
+/// Asks for a receive buffer of `wanted` bytes on the QUIC socket and returns what the kernel
+/// granted (Linux reports twice the size it accounts for), saying so when it is less: the
+/// kernel caps the request at `net.core.rmem_max`, which a large fleet should raise.
+fn grow_receive_buffer(socket: &std::net::UdpSocket, wanted: usize) -> Option<usize> {
+    let socket = socket2::SockRef::from(socket);
+    if let Err(error) = socket.set_recv_buffer_size(wanted) {
+        warn!(%error, wanted, "could not set the QUIC socket's receive buffer");
+    }
+    let granted = match socket.recv_buffer_size() {
+        Ok(granted) => granted,
+        Err(error) => {
+            warn!(%error, "could not read the QUIC socket's receive buffer size");
+            return None;
+        }
+    };
+    if granted < wanted {
+        info!(
+            granted,
+            wanted,
+            "the QUIC socket's receive buffer is smaller than asked: the kernel caps it at \
+             net.core.rmem_max; with many agents raise it (sysctl -w net.core.rmem_max={wanted}), \
+             or bursts of their packets may be dropped and resent"
+        );
+    } else {
+        debug!(granted, "QUIC socket receive buffer");
+    }
+    Some(granted)
 }
 
 /// Accepts connections until shutdown; each agent gets its own task.
@@ -114,4 +150,26 @@ pub async fn serve(endpoint: quinn::Endpoint, state: AppState) {
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    /// Linux grants `min(asked, net.core.rmem_max)` and reports twice that.
+    #[test]
+    fn the_quic_socket_gets_the_receive_buffer_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let wanted = super::RECEIVE_BUFFER;
+        let granted = super::grow_receive_buffer(&socket, wanted).unwrap();
+        assert_eq!(granted, 2 * wanted.min(cap));
+        assert!(
+            cap <= default / 2 || granted > default,
+            "{granted} bytes granted, {default} by default, rmem_max {cap}"
+        );
+    }
 }
