@@ -961,22 +961,10 @@ impl Store {
             // Several writers (replicas) may claim at once there: `store::claim_pg`.
             return self.claim_jobs_pg(agent_id, limit, lease_until, now).await;
         }
-        // Most claims find nothing (an agent asks again each time a job of its ends); those are
-        // answered from a read connection, so they take no place in the writer's group commits
-        // next to results. A job that becomes claimable after this read does so in a commit
-        // that is followed by a wake-up of its runner (run creation, re-queue, the dispatcher for
-        // due retries, batches and concurrency slots), which claims again.
-        let claimable: Option<String> = sqlx::query_scalar(AssertSqlSafe(
-            super::dispatch::claimable_select(self.backend(), 1, 1),
-        ))
-        .bind(agent_id)
-        .bind(now.unwrap_or_else(now_ms))
-        .fetch_optional(&self.reader)
-        .await?;
-        if claimable.is_none() {
-            return Ok(Vec::new());
-        }
-        // Claims of many agents share one write operation (`claim_batch`).
+        // Claims of many agents share one write operation (`claim_batch`). An agent claims when
+        // it was woken for a job, when its last claim was full, and once when it connects, so
+        // most claims find something; one that finds nothing costs a row in its batch's
+        // statements, not a read of its own ahead of the batch.
         self.claim_batched(agent_id, limit, lease_until, now).await
     }
 
