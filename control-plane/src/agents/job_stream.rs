@@ -5,6 +5,8 @@
 //! costs one commit here. A `LogAck` is sent only after a commit, so the agent keeps its
 //! on-disk copy of anything not yet durable.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -27,6 +29,37 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Output committed as soon as this much is pending.
 const FLUSH_BYTES: usize = 256 * 1024;
 
+/// Most attempts one connection remembers as assigned and not yet opened.
+const MAX_FRESH: usize = 4096;
+
+/// The attempts assigned on one agent connection whose stream has not opened yet. Their rows
+/// were claimed by this agent moments ago (status `claimed`, log empty: a claim takes only queued
+/// jobs, and every re-queue empties the log), so the first stream of each is answered "resume at
+/// 0" without reading the row. If the job was settled elsewhere in between (its lease ran out),
+/// the writes that follow refuse it: `append_logs` and `finish_attempt` check the agent and the
+/// attempt in their own transaction, and the late result is audited as `stale_result`.
+#[derive(Clone, Default)]
+pub struct FreshAttempts(Arc<Mutex<HashSet<(String, u32)>>>);
+
+impl FreshAttempts {
+    /// Remembers an attempt just assigned on this connection (forgotten when full: its stream
+    /// then reads the row).
+    pub fn assigned(&self, job_id: &str, attempt: u32) {
+        let mut fresh = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if fresh.len() < MAX_FRESH {
+            fresh.insert((job_id.to_owned(), attempt));
+        }
+    }
+
+    /// Whether this is the first stream of an attempt assigned on this connection (once).
+    fn take(&self, attempt: &Attempt) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(attempt.job_id.clone(), attempt.attempt))
+    }
+}
+
 /// Serves one stream opened by an agent. The first message says what it is: `JobOpen` (a job
 /// attempt's stream, served here) or `HelperCall` (one runtime-helper call, see
 /// [`helper_stream`](super::helper_stream)).
@@ -35,6 +68,7 @@ pub async fn serve(
     mut recv: quinn::RecvStream,
     agent_id: String,
     state: AppState,
+    fresh: FreshAttempts,
 ) {
     let mut decoder = FrameDecoder::new();
     let open = match read_message(&mut recv, &mut decoder).await {
@@ -69,6 +103,7 @@ pub async fn serve(
     };
     let span = info_span!("job", id = %attempt.job_id, attempt = attempt.attempt);
     async {
+        let fresh = fresh.take(&attempt);
         let mut stream = JobStream {
             state: &state,
             agent_id: &agent_id,
@@ -80,7 +115,7 @@ pub async fn serve(
             started: false,
             started_stored: false,
         };
-        if let Err(error) = stream.run(&mut recv, &mut decoder).await {
+        if let Err(error) = stream.run(&mut recv, &mut decoder, fresh).await {
             warn!(error = %format!("{error:#}"), "job stream failed");
             let _ = stream.send.reset(CloseCode::ProtocolError.to_u32().into());
             let _ = recv.stop(CloseCode::ProtocolError.to_u32().into());
@@ -108,13 +143,17 @@ impl JobStream<'_> {
         &mut self,
         recv: &mut quinn::RecvStream,
         decoder: &mut FrameDecoder,
+        fresh: bool,
     ) -> anyhow::Result<()> {
-        match self
-            .state
-            .store
-            .open_attempt(self.agent_id, self.attempt)
-            .await?
-        {
+        let opened = if fresh {
+            OpenedAttempt::Current { log_len: 0 }
+        } else {
+            self.state
+                .store
+                .open_attempt(self.agent_id, self.attempt)
+                .await?
+        };
+        match opened {
             OpenedAttempt::Stale => {
                 self.state
                     .store

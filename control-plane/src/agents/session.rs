@@ -193,16 +193,18 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             send_replica_addrs(&mut send, &mut replica_addrs).await?;
         }
 
+        let fresh = job_stream::FreshAttempts::default();
         let streams = {
             let connection = connection.clone();
             let state = state.clone();
             let agent_id = agent.id.clone();
+            let fresh = fresh.clone();
             state.tasks.clone().spawn(
                 async move {
                     while let Ok((send, recv)) = connection.accept_bi().await {
                         let state = state.clone();
                         let agent_id = agent_id.clone();
-                        state.tasks.clone().spawn(job_stream::serve(send, recv, agent_id, state).in_current_span());
+                        state.tasks.clone().spawn(job_stream::serve(send, recv, agent_id, state, fresh.clone()).in_current_span());
                     }
                 }
                 .in_current_span(),
@@ -236,7 +238,7 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
                             },
                         };
                         last_heard = tokio::time::Instant::now();
-                        handle_control_message(&state, &agent.id, &mut send, message).await?;
+                        handle_control_message(&state, &agent.id, &mut send, &fresh, message).await?;
                     }
                     _ = watchdog.tick() => {
                         if last_heard.elapsed() > silence_limit {
@@ -354,6 +356,7 @@ async fn handle_control_message(
     state: &AppState,
     agent_id: &str,
     send: &mut quinn::SendStream,
+    fresh: &job_stream::FreshAttempts,
     message: Message,
 ) -> anyhow::Result<()> {
     match message {
@@ -396,7 +399,10 @@ async fn handle_control_message(
             for job in claimed {
                 let job_id = job.id.clone();
                 match job_spec(job, &state.key) {
-                    Ok(spec) => write_message(send, &Message::Assign(spec)).await?,
+                    Ok(spec) => {
+                        fresh.assigned(&spec.job_id, spec.attempt);
+                        write_message(send, &Message::Assign(spec)).await?
+                    }
                     Err(error) => warn!(%job_id, %error, "claimed a job the agent cannot run"),
                 }
                 state.job_events.notify(&job_id);

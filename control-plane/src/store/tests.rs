@@ -436,6 +436,65 @@ async fn a_failed_attempt_is_retried_while_attempts_remain() {
     );
 }
 
+/// The agents' job streams answer the first open of an attempt assigned on the same connection
+/// with "resume at 0" without reading the row (`agents::job_stream::FreshAttempts`). That holds
+/// only if every claimed attempt starts with an empty log, also after an earlier attempt of the
+/// same job wrote output and was retried or lost its lease.
+#[tokio::test]
+async fn every_claimed_attempt_starts_with_an_empty_log() {
+    let fixture = fixture().await;
+    let agent = fixture.agent("a").await;
+    let job = fixture.jobs(&agent, 1, 3).await.remove(0);
+    let chunk = LogChunk {
+        offset: 0,
+        stream: Stream::Stdout,
+        data: b"partial output".to_vec(),
+    };
+    // Claims attempt `number`, checks that it opens at 0 and writes output to it.
+    let claim_and_write = async |number: u32, lease_until: i64| {
+        let claimed = fixture
+            .store
+            .claim_jobs(&agent, 1, lease_until)
+            .await
+            .unwrap();
+        assert_eq!(claimed[0].attempt, number);
+        let attempt = Attempt {
+            job_id: job.clone(),
+            attempt: number,
+        };
+        assert_eq!(
+            fixture.store.open_attempt(&agent, &attempt).await.unwrap(),
+            OpenedAttempt::Current { log_len: 0 },
+            "attempt {number} opens at 0"
+        );
+        assert_eq!(
+            fixture
+                .store
+                .append_logs(&agent, &attempt, true, std::slice::from_ref(&chunk))
+                .await
+                .unwrap(),
+            Some(14)
+        );
+        attempt
+    };
+
+    // Attempt 1 fails after its output: retried.
+    let attempt = claim_and_write(1, now_ms() + 60_000).await;
+    assert_eq!(
+        fixture
+            .store
+            .finish_attempt(&agent, &attempt, &[], &failed(1, 14))
+            .await
+            .unwrap(),
+        FinishOutcome::Requeued
+    );
+    // Attempt 2 loses its lease after its output: re-queued by the sweep.
+    claim_and_write(2, now_ms() - 1).await;
+    assert!(fixture.store.expire_leases(now_ms()).await.unwrap()[0].requeued);
+    // Attempt 3 starts empty again.
+    claim_and_write(3, now_ms() + 60_000).await;
+}
+
 #[tokio::test]
 async fn cancelling_a_queued_job_ends_it_and_a_running_one_asks_its_agent() {
     let fixture = fixture().await;
