@@ -22,7 +22,7 @@
 //! replica ([`replica_dispatch`]); with `--memory-peer-only`, only the control plane's memory per
 //! agent connection next to a bare quinn server's ([`quinn_peer`]). It prints a markdown summary and optionally
 //! writes the numbers as JSON. Everything it starts is stopped and removed when it ends, also on
-//! errors, panics and Ctrl-C. Benchmarks are not tests: run it on purpose
+//! errors, panics, Ctrl-C, SIGTERM and SIGHUP. Benchmarks are not tests: run it on purpose
 //! (see `/work/shared/design/TESTING.md`).
 
 mod api;
@@ -301,15 +301,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = &cli.quinn_peer_serve {
         return quinn_peer::serve(dir).await;
     }
-    // Dropping the benchmark future (Ctrl-C) or unwinding out of it (panic) drops every guard:
-    // the child processes are stopped and the temp dir removed.
-    tokio::select! {
-        result = bench(cli) => result,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted; cleaning up");
-            anyhow::bail!("interrupted")
-        }
-    }
+    // Dropping the benchmark future (Ctrl-C, SIGTERM, SIGHUP) or unwinding out of it (panic)
+    // drops every guard: the child processes are stopped and the temp dir removed.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    let stopped_by = tokio::select! {
+        result = bench(cli) => return result,
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = terminate.recv() => "terminated",
+        _ = hangup.recv() => "hung up",
+    };
+    eprintln!("{stopped_by}; cleaning up");
+    anyhow::bail!("{stopped_by}")
 }
 
 fn progress(message: &str) {
