@@ -452,16 +452,8 @@ async fn every_claimed_attempt_starts_with_an_empty_log() {
     };
     // Claims attempt `number`, checks that it opens at 0 and writes output to it.
     let claim_and_write = async |number: u32, lease_until: i64| {
-        let claimed = fixture
-            .store
-            .claim_jobs(&agent, 1, lease_until)
-            .await
-            .unwrap();
-        assert_eq!(claimed[0].attempt, number);
-        let attempt = Attempt {
-            job_id: job.clone(),
-            attempt: number,
-        };
+        let attempt = fixture.claim_one(&agent, lease_until).await;
+        assert_eq!((&attempt.job_id, attempt.attempt), (&job, number));
         assert_eq!(
             fixture.store.open_attempt(&agent, &attempt).await.unwrap(),
             OpenedAttempt::Current { log_len: 0 },
