@@ -38,6 +38,7 @@ mod procs;
 mod quinn_peer;
 mod replica_dispatch;
 mod report;
+mod scratch;
 mod ssh;
 mod ssh_fallback;
 mod stats;
@@ -223,6 +224,10 @@ struct Cli {
     /// drained by them, as the raw side drains its table (0 skips these rounds).
     #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pg_drain_jobs: u64,
+    /// Where the PostgreSQL phase's agents keep their state dirs (default: /dev/shm when it
+    /// exists; see `scratch.rs`).
+    #[arg(long)]
+    pg_agent_dir: Option<PathBuf>,
     /// Run only the cross-replica phase ([`replica_dispatch`]): two `cronium serve` replicas
     /// on a throwaway PostgreSQL, every agent connected to A, runs created and followed through
     /// B next to the same through A, none of the others.
@@ -343,6 +348,10 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             agents: cli.pg_agents as usize,
             capacity: cli.pg_capacity,
             drain_jobs: cli.pg_drain_jobs as usize,
+            agent_dir: cli
+                .pg_agent_dir
+                .clone()
+                .unwrap_or_else(|| scratch::tmpfs_or(root.join("postgres"))),
         };
         let figures = pg_claims::measure(&binaries, &root.join("postgres"), &options).await?;
         println!("{}", figures.markdown());
@@ -381,14 +390,10 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         if counts.is_empty() || counts.iter().any(|&count| count == 0 || count > 10_000) {
             anyhow::bail!("--memory-peer-agents must be numbers 1-10000, e.g. 500,10000");
         }
-        let base = cli.memory_peer_dir.clone().unwrap_or_else(|| {
-            let shm = PathBuf::from("/dev/shm");
-            if shm.is_dir() {
-                shm
-            } else {
-                root.to_path_buf()
-            }
-        });
+        let base = cli
+            .memory_peer_dir
+            .clone()
+            .unwrap_or_else(|| scratch::tmpfs_or(root.to_path_buf()));
         let identities = tempfile::Builder::new()
             .prefix("cronium-bench-memory-")
             .tempdir_in(&base)
@@ -565,14 +570,10 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                     SimulatedExecutorArg::Bash => fanout::simulated::Executor::RealBash,
                 })
                 .collect(),
-            simulated_dir: cli.fanout_simulated_dir.clone().unwrap_or_else(|| {
-                let shm = PathBuf::from("/dev/shm");
-                if shm.is_dir() {
-                    shm
-                } else {
-                    root.join("fanout")
-                }
-            }),
+            simulated_dir: cli
+                .fanout_simulated_dir
+                .clone()
+                .unwrap_or_else(|| scratch::tmpfs_or(root.join("fanout"))),
             salt,
         };
         let figures = fanout::measure(&binaries, &api, &root.join("fanout"), options).await?;

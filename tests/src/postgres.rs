@@ -28,6 +28,10 @@ pub const SELECT_VAR: &str = "CRONIUM_TEST_DATABASE";
 /// The URL of the PostgreSQL server the tests create their databases on (no database name:
 /// `postgres://USER@HOST:PORT`).
 pub const SERVER_URL_VAR: &str = "CRONIUM_TEST_POSTGRES_URL";
+/// More `postgres` server options for every throwaway cluster, appended to its command line
+/// (e.g. `-c shared_preload_libraries=pg_stat_statements -c log_min_duration_statement=30`): for
+/// looking into a test or benchmark run.
+pub const SERVER_OPTIONS_VAR: &str = "CRONIUM_TEST_POSTGRES_SERVER_OPTIONS";
 /// Databases created by this process (for unique names).
 static CREATED: AtomicU64 = AtomicU64::new(0);
 
@@ -231,11 +235,15 @@ impl PgCluster {
     }
 
     fn start_server(&self) -> Result<()> {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
             self.port,
             self.dir.path().display()
         );
+        if let Ok(extra) = std::env::var(SERVER_OPTIONS_VAR) {
+            options.push(' ');
+            options.push_str(&extra);
+        }
         let mut command = self.command("pg_ctl");
         command
             .arg("-D")

@@ -413,7 +413,7 @@ pub async fn measure(
             state_dir = format!(
                 "{} ({})",
                 options.simulated_dir.display(),
-                file_system(state.path())
+                crate::scratch::file_system(state.path())
             );
             let prefix = format!("bench-sim{index}-");
             let mut fleet =
@@ -505,27 +505,6 @@ async fn spawn_floor(script: &Path, count: usize, parallelism: usize) -> anyhow:
         .try_collect::<Vec<()>>()
         .await?;
     Ok(started.elapsed().as_secs_f64() * 1e3)
-}
-
-/// The type of the file system `path` is on (`tmpfs`, `ext4`, … or its magic number).
-fn file_system(path: &Path) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return "unknown".to_owned();
-    };
-    // SAFETY: statfs(2) with a NUL-terminated path and a zeroed struct it fills.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return "unknown".to_owned();
-    }
-    match stat.f_type as u64 {
-        0x0102_1994 => "tmpfs".to_owned(),
-        0xEF53 => "ext4".to_owned(),
-        0x9123_683E => "btrfs".to_owned(),
-        0x5846_5342 => "xfs".to_owned(),
-        0x794C_7630 => "overlayfs".to_owned(),
-        other => format!("file system type {other:#x}"),
-    }
 }
 
 /// Creates the bash event `echo hi` targeting the hosts labelled `bench-fanout=value`.
@@ -963,13 +942,5 @@ mod tests {
         assert_eq!(side.last.len(), 1);
         assert_eq!(side.last[0].0, "finished_at");
         assert_eq!(side.last[0].1.count, 1);
-    }
-
-    #[test]
-    fn tmpfs_is_recognised() {
-        if Path::new("/dev/shm").is_dir() {
-            assert_eq!(file_system(Path::new("/dev/shm")), "tmpfs");
-        }
-        assert_eq!(file_system(Path::new("/no/such/dir")), "unknown");
     }
 }
