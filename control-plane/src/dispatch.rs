@@ -34,6 +34,14 @@ const MAX_CHANGES: usize = 4096;
 /// gathered into the next pass. A change after a quiet moment is handled at once.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(5);
 
+/// Longest a change waits for the timers to be read again: a pass woken by job changes reads
+/// the due retries, the next due time and the offline waits only when they were last read at
+/// least this long ago (otherwise the next pass is due by then), so that a stream of changes
+/// (every few milliseconds while agents work through a queue) costs one query per pass rather
+/// than four. A retry queued by a change is thus found up to this much later than its
+/// `not_before`.
+const TIMER_READ_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Tells a runner that it may have work: an agent through its control stream, the SSH worker
 /// for `ssh:` runners, the control plane's own worker (`actions/`) for `control-plane`.
 pub fn wake_runner(state: &AppState, runner: &str) {
@@ -60,15 +68,24 @@ pub async fn run(state: AppState) {
     let mut watermark = i64::MIN;
     let mut lagged = true;
     let mut changed: Vec<Arc<str>> = Vec::new();
+    // When the timers (due retries, next due time, offline waits) were last read, and when they
+    // must be read next.
+    let mut timers_read_at: Option<tokio::time::Instant> = None;
+    let mut timers_due = tokio::time::Instant::now();
     loop {
         let last_pass = tokio::time::Instant::now();
         let now = now_ms();
-        match state.store.runners_due(watermark, now).await {
-            Ok(runners) => {
-                watermark = now;
-                wake_all(&state, runners);
+        let read_timers = lagged
+            || last_pass >= timers_due
+            || timers_read_at.is_none_or(|read| last_pass >= read + TIMER_READ_INTERVAL);
+        if read_timers {
+            match state.store.runners_due(watermark, now).await {
+                Ok(runners) => {
+                    watermark = now;
+                    wake_all(&state, runners);
+                }
+                Err(error) => warn!(%error, "could not read the due retries"),
             }
-            Err(error) => warn!(%error, "could not read the due retries"),
         }
         if lagged {
             match state.store.runners_held_back(now).await {
@@ -94,33 +111,16 @@ pub async fn run(state: AppState) {
                 }
             }
         }
-        let offline_waiting = match state.store.any_offline_wait().await {
-            Ok(waiting) => waiting,
-            Err(error) => {
-                warn!(%error, "could not read the jobs waiting for offline agents");
-                true
-            }
-        };
-        if offline_waiting {
-            skip_offline(&state, now).await;
-        }
-        let mut sleep = IDLE_CHECK;
-        if offline_waiting {
-            sleep = sleep.min(OFFLINE_CHECK);
-        }
-        match state.store.next_due(now).await {
-            Ok(Some(next)) => {
-                sleep = sleep.min(Duration::from_millis((next - now).max(0) as u64));
-            }
-            Ok(None) => {}
-            Err(error) => {
-                warn!(%error, "could not read the next due retry");
-                sleep = sleep.min(OFFLINE_CHECK);
-            }
+        if read_timers {
+            timers_read_at = Some(last_pass);
+            timers_due = last_pass + read_timers_once(&state, now).await;
+        } else if let Some(read) = timers_read_at {
+            // The changes may have queued a retry or a job that waits for an offline agent.
+            timers_due = timers_due.min(read + TIMER_READ_INTERVAL);
         }
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(sleep) => {}
+            _ = tokio::time::sleep_until(timers_due) => {}
             received = changes.recv() => {
                 match received {
                     Ok(id) => changed.push(id),
@@ -148,6 +148,37 @@ pub async fn run(state: AppState) {
             }
         }
     }
+}
+
+/// Skips the jobs of offline agents whose wait is over, and returns how long the dispatcher may
+/// sleep before the timers are due again: until the next due retry, at most [`IDLE_CHECK`], and
+/// at most [`OFFLINE_CHECK`] while jobs wait for offline agents.
+async fn read_timers_once(state: &AppState, now: i64) -> Duration {
+    let offline_waiting = match state.store.any_offline_wait().await {
+        Ok(waiting) => waiting,
+        Err(error) => {
+            warn!(%error, "could not read the jobs waiting for offline agents");
+            true
+        }
+    };
+    if offline_waiting {
+        skip_offline(state, now).await;
+    }
+    let mut sleep = IDLE_CHECK;
+    if offline_waiting {
+        sleep = sleep.min(OFFLINE_CHECK);
+    }
+    match state.store.next_due(now).await {
+        Ok(Some(next)) => {
+            sleep = sleep.min(Duration::from_millis((next - now).max(0) as u64));
+        }
+        Ok(None) => {}
+        Err(error) => {
+            warn!(%error, "could not read the next due retry");
+            sleep = sleep.min(OFFLINE_CHECK);
+        }
+    }
+    sleep
 }
 
 /// Skips the jobs whose batch started at least their offline wait ago while their agent (every

@@ -935,14 +935,13 @@ async fn trigger(
     })?;
     spec.pool = prepared.pool;
     let (run_id, jobs) = state.store.create_run_dispatched(spec, over, None).await?;
-    // The jobs are durable; now wake their agents (no agent polls) and the SSH worker, and
-    // tell the dispatcher (offline hosts of a rollout).
-    for (job_id, agent_id) in &jobs {
-        state.registry.wake(agent_id);
+    // The jobs are durable; now wake their runners (no agent polls; the SSH worker and the
+    // control plane's own worker only for jobs of theirs: each wake-up costs them a look at
+    // the queue), and tell the dispatcher (offline hosts of a rollout).
+    for (job_id, runner) in &jobs {
+        crate::dispatch::wake_runner(&state, runner);
         state.job_events.notify(job_id);
     }
-    state.ssh.wake();
-    state.actions.wake();
     if prepared.pool {
         // One job; the pairs name its candidates, woken above.
         let mut ids: Vec<&String> = jobs.iter().map(|(job_id, _)| job_id).collect();

@@ -193,22 +193,21 @@ impl Scheduler {
         })
     }
 
-    /// Commits a plan and wakes the agents of the jobs it created.
+    /// Commits a plan and wakes the runners of the jobs it created.
     pub async fn apply(&self, plan: SlotPlan) -> StoreResult<SlotOutcome> {
         let (event_id, slot_at) = (plan.event_id.clone(), plan.slot_at);
         let outcome = self.state.store.handle_slot(plan).await?;
         match &outcome {
             SlotOutcome::Fired { run_id, jobs } => {
                 info!(%event_id, slot_at, %run_id, "scheduled run created");
-                for (job_id, agent_id) in jobs {
-                    self.state.registry.wake(agent_id);
+                for (job_id, runner) in jobs {
+                    crate::dispatch::wake_runner(&self.state, runner);
                     // The new run and its next fire time, for the console's lists.
                     self.state.changes.touch(crate::changes::Kind::Job, job_id);
                 }
                 self.state
                     .changes
                     .touch(crate::changes::Kind::Event, &event_id);
-                self.state.actions.wake();
             }
             SlotOutcome::Recorded { reason } => {
                 info!(%event_id, slot_at, %reason, "slot recorded without a run")

@@ -29,7 +29,10 @@
 //!    lock is held). A
 //!    candidate skipped because another claim holds it is not read again; the claim reads the
 //!    next candidates until it has `limit` jobs or there are none, so a claimer behind another
-//!    on the same pool still gets the jobs after the ones the other holds.
+//!    on the same pool still gets the jobs after the ones the other holds. When the claim
+//!    locked no event, the read itself locks its rows with `SKIP LOCKED`
+//!    ([`oldest_claimable_locking`]): claimers of one pool walk past each other's rows instead
+//!    of all reading the same oldest jobs and then finding them taken.
 //!
 //! 3. **Reading stays cheap with a backlog.** A pool job wakes every candidate, so with a pool
 //!    backlog every claim used to rank the runner's whole backlog three times (the look before
@@ -43,6 +46,10 @@
 //!    so a plan made with stale statistics (a burst of jobs right after a quiet time) cannot
 //!    turn a claim quadratic. Only a claim that locked a limited event still ranks the runner's
 //!    whole backlog.
+//! 4. **Few round trips.** The look before the transaction also says whether any event has a
+//!    limit; when none has, the transaction skips [`limited_events`]. The transaction is begun
+//!    READ COMMITTED in its `BEGIN`, and the claimed jobs' secret environments are read in one
+//!    statement.
 //!
 //! Jobs skipped because another transaction held their row and then did not change it (a claim
 //! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
@@ -69,26 +76,59 @@ const EVENT_LOCK_CLASS: i64 = 0x6372_6f6e;
 /// small, PostgreSQL chose nested loops that rebuilt `string_to_array($n)` for every pair of
 /// rows, and four claims burnt a minute of CPU each on a backlog of 5,000 pool jobs.
 fn oldest_claimable(filter: &str, limit: &str) -> String {
-    let claimable = super::dispatch::claimable(2);
+    let (own, pooled) = claimable_arms(filter, limit, "");
     format!(
-        "SELECT id, queued_at FROM (
-           (SELECT j.id, j.queued_at FROM jobs j
-            WHERE j.runner = $1 AND {claimable} AND {filter}
-            ORDER BY j.queued_at, j.id LIMIT {limit})
-           UNION ALL
-           (SELECT j.id, j.queued_at FROM jobs j
-            WHERE j.runner IS NULL AND j.pool = 1 AND {claimable} AND {filter}
-              AND EXISTS (SELECT 1 FROM job_candidates c WHERE c.job_id = j.id AND c.agent_id = $1)
-            ORDER BY j.queued_at, j.id LIMIT {limit})
-         ) AS oldest ORDER BY queued_at, id LIMIT {limit}"
+        "SELECT id, queued_at FROM (({own}) UNION ALL ({pooled})) AS oldest
+         ORDER BY queued_at, id LIMIT {limit}"
+    )
+}
+
+/// [`oldest_claimable`] that locks what it returns, skipping rows another transaction holds
+/// (`FOR UPDATE SKIP LOCKED`, checked row by row as each index is walked, so claimers of one
+/// pool walk past each other's rows instead of all reading the same oldest ones and then finding
+/// them taken). Each arm locks up to `limit` rows; those the merge leaves out stay locked until
+/// the claim commits and are left to the next claim. (PostgreSQL allows no lock in the arms of
+/// a `UNION`, so each arm is a `CTE` of its own.)
+fn oldest_claimable_locking(filter: &str, limit: &str) -> String {
+    let (own, pooled) = claimable_arms(filter, limit, "FOR UPDATE OF j SKIP LOCKED");
+    format!(
+        "WITH own AS MATERIALIZED ({own}), pooled AS MATERIALIZED ({pooled})
+         SELECT id, queued_at FROM (SELECT id, queued_at FROM own UNION ALL SELECT id, queued_at FROM pooled) AS oldest
+         ORDER BY queued_at, id LIMIT {limit}"
+    )
+}
+
+/// The two walks of [`oldest_claimable`], each with `lock` (a locking clause, or nothing): the
+/// runner's own queued jobs and the queued pool jobs it is a candidate for.
+fn claimable_arms(filter: &str, limit: &str, lock: &str) -> (String, String) {
+    let claimable = super::dispatch::claimable(2);
+    (
+        format!(
+            "SELECT j.id, j.queued_at FROM jobs j
+             WHERE j.runner = $1 AND {claimable} AND {filter}
+             ORDER BY j.queued_at, j.id LIMIT {limit} {lock}"
+        ),
+        format!(
+            "SELECT j.id, j.queued_at FROM jobs j
+             WHERE j.runner IS NULL AND j.pool = 1 AND {claimable} AND {filter}
+               AND EXISTS (SELECT 1 FROM job_candidates c WHERE c.job_id = j.id AND c.agent_id = $1)
+             ORDER BY j.queued_at, j.id LIMIT {limit} {lock}"
+        ),
     )
 }
 
 /// Whether runner `$1` has a claimable job at time `$2` (one id, or none), the concurrency
 /// limits not counted: a cheap look before the claim's transaction, which a job of a full event
-/// only costs that transaction.
+/// only costs that transaction. With it, `limits`: whether any event has a concurrency limit at
+/// all; when none has, the transaction does not look for [`limited_events`] (an event given a
+/// limit in between is caught by [`unlimited_candidates`], which leaves its jobs to the next
+/// claim, as it does for one given a limit after [`limited_events`] ran).
 fn any_claimable() -> String {
-    format!("SELECT id FROM ({}) AS one", oldest_claimable("TRUE", "1"))
+    format!(
+        "SELECT id, EXISTS (SELECT 1 FROM event_dispatch WHERE max_concurrency IS NOT NULL) AS limits
+         FROM ({}) AS one",
+        oldest_claimable("TRUE", "1")
+    )
 }
 
 /// The events with a concurrency limit among the claimable jobs of runner `$1` at time `$2`,
@@ -135,8 +175,9 @@ fn candidates() -> String {
 }
 
 /// [`candidates`] when the claim locked no event (`$3` would be empty): the oldest `$4`
-/// claimable jobs never in `$3` (the ids never to take), read as [`oldest_claimable`] (O(limit),
-/// whatever the backlog), each with `limited`: whether its event has a concurrency limit (such
+/// claimable jobs never in `$3` (the ids never to take) that no other transaction holds, read
+/// and locked as [`oldest_claimable_locking`] (O(limit), whatever the backlog), each with
+/// `limited`: whether its event has a concurrency limit (such
 /// a job appeared after the claim looked for limited events, and is left to the next claim).
 /// The limit is looked up for those few rows only, after the `LIMIT`: as a filter inside the
 /// walk, PostgreSQL estimated from `event_dispatch`'s guessed statistics that hardly any job
@@ -148,7 +189,7 @@ fn unlimited_candidates() -> String {
                                         WHERE e.id = o.id AND d.max_concurrency IS NOT NULL)
                            THEN 1 ELSE 0 END AS limited
          FROM ({}) AS o",
-        oldest_claimable("j.id NOT IN (SELECT id FROM skipped)", "$4")
+        oldest_claimable_locking("j.id NOT IN (SELECT id FROM skipped)", "$4")
     )
 }
 
@@ -187,27 +228,32 @@ impl Store {
     ) -> StoreResult<Vec<ClaimedJob>> {
         debug_assert_eq!(self.backend(), Backend::Postgres);
         // Most claims find nothing: one read, no transaction.
-        let any: Option<String> = sqlx::query_scalar(AssertSqlSafe(any_claimable()))
+        let Some(look) = sqlx::query(AssertSqlSafe(any_claimable()))
             .bind(runner)
             .bind(now.unwrap_or_else(now_ms))
             .fetch_optional(&self.reader)
-            .await?;
-        if any.is_none() {
+            .await?
+        else {
             return Ok(Vec::new());
-        }
+        };
+        let limits: bool = look.try_get("limits")?;
         // Dropped before the commit (an error, or the caller gone), the transaction rolls back.
-        let mut tx = self.reader.begin().await?;
         // The locks below only work if each statement sees what committed before it began.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .execute(&mut *tx)
+        let mut tx = self
+            .reader
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
         let fixed_now = now;
         let now = now.unwrap_or_else(now_ms);
-        let events = sqlx::query(AssertSqlSafe(limited_events()))
-            .bind(runner)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
+        let events = if limits {
+            sqlx::query(AssertSqlSafe(limited_events()))
+                .bind(runner)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?
+        } else {
+            Vec::new()
+        };
         let mut locked = Vec::with_capacity(events.len());
         let mut last_key = None;
         for row in &events {
@@ -293,17 +339,24 @@ impl Store {
             );
             claimed.extend(taken);
         }
-        for job in &mut claimed {
+        if !claimed.is_empty() {
+            // Every claimed job's secret environment in one read.
+            let ids: Vec<&str> = claimed.iter().map(|job| job.id.as_str()).collect();
             let rows = sqlx::query(
-                "SELECT name, sealed_value FROM job_secret_env WHERE job_id = $1 ORDER BY name",
+                "WITH claimed AS MATERIALIZED (SELECT unnest(string_to_array($1, ',')) AS id)
+                 SELECT s.job_id, s.name, s.sealed_value FROM job_secret_env s
+                 WHERE s.job_id IN (SELECT id FROM claimed) ORDER BY s.job_id, s.name",
             )
-            .bind(&job.id)
+            .bind(ids.join(","))
             .fetch_all(&mut *tx)
             .await?;
-            job.secret_env = rows
-                .iter()
-                .map(|row| Ok((row.try_get("name")?, row.try_get("sealed_value")?)))
-                .collect::<StoreResult<Vec<_>>>()?;
+            for row in &rows {
+                let job_id: String = row.try_get("job_id")?;
+                if let Some(job) = claimed.iter_mut().find(|job| job.id == job_id) {
+                    job.secret_env
+                        .push((row.try_get("name")?, row.try_get("sealed_value")?));
+                }
+            }
         }
         tx.commit().await?;
         self.metrics.record(&observed);

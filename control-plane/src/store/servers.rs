@@ -315,19 +315,14 @@ impl Store {
         lease_until: i64,
     ) -> StoreResult<Option<(ClaimedJob, String)>> {
         // The oldest claimable job (see `super::dispatch`): a delayed retry, a closed batch or a
-        // full concurrency limit must not hold back the jobs behind it.
+        // full concurrency limit must not hold back the jobs behind it. The queued SSH jobs are
+        // walked in the order of their own index (migration 0027, `jobs_ssh`),
+        // never the agents' backlog.
         let now = super::now_ms();
-        let runner = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!(
-            "SELECT j.runner FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
-             WHERE j.agent_id IS NULL AND j.server_id IS NOT NULL AND {}
-               AND (d.max_concurrency IS NULL OR d.max_concurrency >
-                    (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running')))
-             ORDER BY j.queued_at, j.id LIMIT 1",
-            super::dispatch::claimable(1)
-        )))
-        .bind(now)
-        .fetch_optional(&self.reader)
-        .await?;
+        let runner = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(oldest_ssh_job()))
+            .bind(now)
+            .fetch_optional(&self.reader)
+            .await?;
         let Some(runner) = runner else {
             return Ok(None);
         };
@@ -335,4 +330,17 @@ impl Store {
         let mut claimed = self.claim_jobs(&runner, 1, lease_until).await?;
         Ok(claimed.pop().map(|job| (job, runner)))
     }
+}
+
+/// The runner key of the oldest claimable SSH fallback job at time `$1` (see
+/// [`Store::claim_ssh_job`]).
+pub(super) fn oldest_ssh_job() -> String {
+    format!(
+        "SELECT j.runner FROM jobs j LEFT JOIN event_dispatch d ON d.event_id = j.event_id
+         WHERE j.agent_id IS NULL AND j.server_id IS NOT NULL AND {}
+           AND (d.max_concurrency IS NULL OR d.max_concurrency >
+                (SELECT COUNT(*) FROM jobs a WHERE a.event_id = j.event_id AND a.status IN ('claimed', 'running')))
+         ORDER BY j.queued_at, j.id LIMIT 1",
+        super::dispatch::claimable(1)
+    )
 }

@@ -254,13 +254,9 @@ async fn node_run(
 /// plane's own executor (HTTP requests, tool actions).
 fn wake(state: &AppState, jobs: &[(String, String)]) {
     for (job_id, runner) in jobs {
-        state.registry.wake(runner);
+        crate::dispatch::wake_runner(state, runner);
         // The node runs' new jobs, for the console's lists.
         state.changes.touch(crate::changes::Kind::Job, job_id);
-    }
-    if !jobs.is_empty() {
-        state.ssh.wake();
-        state.actions.wake();
     }
 }
 
