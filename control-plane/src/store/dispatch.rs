@@ -323,15 +323,29 @@ fn policy_from_row(row: &sqlx::any::AnyRow) -> StoreResult<DispatchPolicy> {
     })
 }
 
-async fn policy_in(conn: &mut sqlx::AnyConnection, event_id: &str) -> StoreResult<DispatchPolicy> {
+/// The dispatch policy of `event_id`, and whether the event may have a secret environment to
+/// copy into a run's jobs (read in the same statement; true when the event has no policy row,
+/// so that the copy is never skipped on a guess).
+async fn policy_in(
+    conn: &mut sqlx::AnyConnection,
+    event_id: &str,
+) -> StoreResult<(DispatchPolicy, bool)> {
     let row = sqlx::query(
-        "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout FROM event_dispatch WHERE event_id = $1",
+        "SELECT backoff_ms, backoff_factor, max_backoff_ms, max_concurrency, rollout,
+                CASE WHEN EXISTS (SELECT 1 FROM event_secret_env s WHERE s.event_id = $2) THEN 1 ELSE 0 END AS secrets
+         FROM event_dispatch WHERE event_id = $1",
     )
+    .bind(event_id)
     .bind(event_id)
     .fetch_optional(&mut *conn)
     .await?;
-    row.as_ref()
-        .map_or_else(|| Ok(DispatchPolicy::default()), policy_from_row)
+    match row {
+        Some(row) => Ok((
+            policy_from_row(&row)?,
+            row.try_get::<i64, _>("secrets")? != 0,
+        )),
+        None => Ok((DispatchPolicy::default(), true)),
+    }
 }
 
 fn seconds_to_ms(seconds: f64) -> i64 {
@@ -359,6 +373,8 @@ pub(crate) struct RunPlan {
     pub rollout: Option<String>,
     /// `runs.batch_size`: jobs per rollout batch, `None` for one batch.
     pub batch_size: Option<usize>,
+    /// Whether the event may have a secret environment (false: there is none to copy).
+    pub secret_env: bool,
 }
 
 /// The [`RunPlan`] of a run of `event_id` over `hosts` jobs (one query), in the caller's
@@ -369,7 +385,7 @@ pub(crate) async fn plan_in(
     over: Option<&(Rollout, RolloutFields)>,
     hosts: usize,
 ) -> StoreResult<RunPlan> {
-    let policy = policy_in(conn, event_id).await?;
+    let (policy, secret_env) = policy_in(conn, event_id).await?;
     let rollout = match over {
         Some((over, given)) => policy.rollout.merged(over, given),
         None => policy.rollout.clone(),
@@ -389,6 +405,7 @@ pub(crate) async fn plan_in(
         offline_wait_ms,
         rollout: rollout_json(&rollout)?,
         batch_size: rollout.batch_size_for(hosts),
+        secret_env,
     })
 }
 

@@ -384,7 +384,8 @@ pub(crate) async fn create_run_in(
 
 /// [`create_run_in`] with a rollout override merged over the event's. The policy is read first
 /// and written with the run and its jobs, so a run over many hosts is a handful of statements:
-/// the policy, the run, its jobs ([`JOB_INSERT_ROWS`] per statement), their secret environment,
+/// the policy (with whether the event has a secret environment), the run, its jobs
+/// ([`JOB_INSERT_ROWS`] per statement), their secret environment only when the event has one,
 /// and the batch numbers only when the rollout has batches.
 pub(crate) async fn create_run_over_in(
     conn: &mut sqlx::AnyConnection,
@@ -413,7 +414,9 @@ pub(crate) async fn create_run_over_in(
     .await?;
     if spec.pool {
         let jobs = super::pool::insert_job_in(conn, &run_id, spec, &plan, now).await?;
-        super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
+        if plan.secret_env {
+            super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
+        }
         return Ok((run_id, jobs));
     }
     let jobs: Vec<(String, String)> = spec
@@ -473,7 +476,9 @@ pub(crate) async fn create_run_over_in(
         }
         query.execute(&mut *conn).await?;
     }
-    super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
+    if plan.secret_env {
+        super::secrets::copy_secret_env_to_run_in(conn, &spec.event_id, &run_id).await?;
+    }
     if let Some(size) = plan.batch_size {
         super::dispatch::number_batches_in(conn, &run_id, size).await?;
     }
