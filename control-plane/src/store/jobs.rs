@@ -460,19 +460,8 @@ pub(crate) async fn create_run_over_in(
                 .bind(&spec.event_id)
                 .bind(agent)
                 .bind(server)
-                .bind(i64::from(on_control_plane))
-                .bind(spec.max_attempts as i64)
-                .bind(&spec.kind)
-                .bind(&spec.script)
-                .bind(&spec.env)
-                .bind(&spec.input)
-                .bind(spec.timeout_seconds as i64)
-                .bind(now)
-                .bind(&spec.runtime_spec)
-                .bind(plan.backoff.0)
-                .bind(plan.backoff.1)
-                .bind(plan.backoff.2)
-                .bind(offline_wait_ms);
+                .bind(i64::from(on_control_plane));
+            query = bind_job_settings(query, spec, &plan, now).bind(offline_wait_ms);
         }
         query.execute(&mut *conn).await?;
     }
@@ -483,6 +472,29 @@ pub(crate) async fn create_run_over_in(
         super::dispatch::number_batches_in(conn, &run_id, size).await?;
     }
     Ok((run_id, jobs))
+}
+
+/// Binds what a new job copies of its run (`spec`, `plan`), in this column order: `max_attempts,
+/// kind, script, env, input, timeout_seconds, queued_at` (`now`)`, runtime_spec, backoff_ms,
+/// backoff_factor, max_backoff_ms`.
+pub(super) fn bind_job_settings<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    spec: &'q RunSpec,
+    plan: &super::dispatch::RunPlan,
+    now: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    query
+        .bind(spec.max_attempts as i64)
+        .bind(&spec.kind)
+        .bind(&spec.script)
+        .bind(&spec.env)
+        .bind(&spec.input)
+        .bind(spec.timeout_seconds as i64)
+        .bind(now)
+        .bind(&spec.runtime_spec)
+        .bind(plan.backoff.0)
+        .bind(plan.backoff.1)
+        .bind(plan.backoff.2)
 }
 
 /// Input to [`Store::create_run`]: the event's settings are copied into each job, so editing

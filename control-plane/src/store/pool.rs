@@ -50,28 +50,18 @@ pub(crate) async fn insert_job_in(
     now: i64,
 ) -> StoreResult<Vec<(String, String)>> {
     let job_id = super::new_id();
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO jobs (id, run_id, event_id, status, max_attempts, kind, script, env, input, timeout_seconds, queued_at, runtime_spec,
                            backoff_ms, backoff_factor, max_backoff_ms, offline_wait_ms, pool)
          VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1)",
     )
     .bind(&job_id)
     .bind(run_id)
-    .bind(&spec.event_id)
-    .bind(spec.max_attempts as i64)
-    .bind(&spec.kind)
-    .bind(&spec.script)
-    .bind(&spec.env)
-    .bind(&spec.input)
-    .bind(spec.timeout_seconds as i64)
-    .bind(now)
-    .bind(&spec.runtime_spec)
-    .bind(plan.backoff.0)
-    .bind(plan.backoff.1)
-    .bind(plan.backoff.2)
-    .bind(plan.offline_wait_ms)
-    .execute(&mut *conn)
-    .await?;
+    .bind(&spec.event_id);
+    super::jobs::bind_job_settings(query, spec, plan, now)
+        .bind(plan.offline_wait_ms)
+        .execute(&mut *conn)
+        .await?;
     let mut candidates = spec.agent_ids.clone();
     candidates.sort();
     candidates.dedup();
