@@ -394,10 +394,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
             .memory_peer_dir
             .clone()
             .unwrap_or_else(|| scratch::tmpfs_or(root.to_path_buf()));
-        let identities = tempfile::Builder::new()
-            .prefix("cronium-bench-memory-")
-            .tempdir_in(&base)
-            .with_context(|| format!("cannot create a temp dir in {}", base.display()))?;
+        let identities = scratch::temp_dir_in(&base, "cronium-bench-memory-")?;
         let figures =
             quinn_peer::measure(&binaries, &root.join("memory"), identities.path(), counts).await?;
         println!("{}", figures.markdown());

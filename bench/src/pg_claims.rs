@@ -340,15 +340,7 @@ pub async fn measure(
     ));
     let labels: BTreeMap<String, String> = [("bench".to_owned(), "postgres".to_owned())].into();
     let enrollment = enrollment_token(&api, options.agents).await?;
-    let agent_root = tempfile::Builder::new()
-        .prefix("cronium-bench-pg-agents-")
-        .tempdir_in(&options.agent_dir)
-        .with_context(|| {
-            format!(
-                "cannot create a temp dir in {}",
-                options.agent_dir.display()
-            )
-        })?;
+    let agent_root = crate::scratch::temp_dir_in(&options.agent_dir, "cronium-bench-pg-agents-")?;
     let agent_file_system = crate::scratch::file_system(agent_root.path());
     let identities = fleet::enroll(
         api.base(),

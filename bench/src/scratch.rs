@@ -6,10 +6,20 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+
 /// `/dev/shm` when it exists, else `fallback`.
 pub fn tmpfs_or(fallback: PathBuf) -> PathBuf {
     let shm = PathBuf::from("/dev/shm");
     if shm.is_dir() { shm } else { fallback }
+}
+
+/// A new temp dir named `prefix…` inside `dir`, removed when dropped.
+pub fn temp_dir_in(dir: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot create a temp dir in {}", dir.display()))
 }
 
 /// The type of the file system `path` is on (`tmpfs`, `ext4`, … or its magic number).

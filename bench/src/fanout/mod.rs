@@ -401,15 +401,8 @@ pub async fn measure(
             ));
             let labels = BTreeMap::from([(LABEL.to_owned(), value.clone())]);
             // Declared before the fleet, so removed after it stopped.
-            let state = tempfile::Builder::new()
-                .prefix("cronium-bench-simulated-")
-                .tempdir_in(&options.simulated_dir)
-                .with_context(|| {
-                    format!(
-                        "cannot create a temp dir in {}",
-                        options.simulated_dir.display()
-                    )
-                })?;
+            let state =
+                crate::scratch::temp_dir_in(&options.simulated_dir, "cronium-bench-simulated-")?;
             state_dir = format!(
                 "{} ({})",
                 options.simulated_dir.display(),
