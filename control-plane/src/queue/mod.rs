@@ -141,7 +141,8 @@ pub async fn sweep_leases(state: AppState, wake: Arc<Notify>) {
                 for job in expired {
                     info!(job_id = %job.job_id, agent_id = %job.agent_id, requeued = job.requeued, "lease expired");
                     if job.requeued && job.candidates.is_empty() {
-                        state.registry.wake(&job.agent_id);
+                        // Its runner: an agent, or the SSH or control-plane worker.
+                        crate::dispatch::wake_runner(&state, &job.agent_id);
                     } else if job.requeued {
                         // A pool job is back in the pool: any candidate may claim it.
                         for agent_id in &job.candidates {

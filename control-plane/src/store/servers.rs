@@ -316,8 +316,8 @@ impl Store {
     ) -> StoreResult<Option<(ClaimedJob, String)>> {
         // The oldest claimable job (see `super::dispatch`): a delayed retry, a closed batch or a
         // full concurrency limit must not hold back the jobs behind it. The queued SSH jobs are
-        // walked in the order of their own index (migration 0027, `jobs_ssh`),
-        // never the agents' backlog.
+        // walked in the order of their own index (migration 0027, `jobs_ssh`), never the
+        // agents' backlog.
         let now = super::now_ms();
         let runner = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(oldest_ssh_job()))
             .bind(now)
