@@ -7,7 +7,8 @@
 //! announced during a window of [`WINDOW`] (so each kind and id is sent at most once per
 //! window), looks the owners up in one query per kind, drops job notices whose state did not
 //! change (log appends), adds the run of every changed job, and broadcasts the notices. Each
-//! stream filters them by its caller and turns a lag into a `resync`.
+//! stream filters them by its caller and turns a lag into a `resync`. While no stream is
+//! subscribed, a window is only handed to the other replicas (below): nothing is looked up.
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] notices wait for a window (more become one
 //! resync), the broadcast keeps [`BUFFER`] notices, the job states remembered to filter log
@@ -281,6 +282,13 @@ pub async fn run(state: AppState) {
             debug!("too many changes at once; asking clients to resync");
             remembered.clear();
             changes.send(Notice::Resync);
+            continue;
+        }
+        if changes.subscribers() == 0 {
+            // Nobody watches: no owner to look up (a query per window, of up to thousands of
+            // jobs while agents drain a queue). A stream that subscribes later reads its lists
+            // afresh; the states remembered to filter log appends would be stale by then.
+            remembered.clear();
             continue;
         }
         match resolve(&state, pending.items, &mut remembered).await {

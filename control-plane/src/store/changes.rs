@@ -4,7 +4,7 @@
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::dispatch::placeholders;
+use super::dispatch::{padded, padded_len, placeholders};
 use super::{Store, StoreResult};
 
 /// Most ids bound in one query.
@@ -61,10 +61,14 @@ impl Store {
     ) -> StoreResult<Vec<(String, String)>> {
         let mut found = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
-            let sql = format!("{}{})", owned.select(), placeholders(1, chunk.len()));
+            let sql = format!(
+                "{}{})",
+                owned.select(),
+                placeholders(1, padded_len(chunk.len(), CHUNK))
+            );
             let mut query = sqlx::query(AssertSqlSafe(self.backend().positional(sql)));
-            for id in chunk {
-                query = query.bind(*id);
+            for id in padded(chunk, CHUNK) {
+                query = query.bind(id);
             }
             for row in query.fetch_all(&self.reader).await? {
                 found.push((row.try_get(0)?, row.try_get(1)?));
@@ -80,11 +84,11 @@ impl Store {
             let sql = format!(
                 "SELECT j.id, j.run_id, e.owner_id, j.status, j.attempt, j.cancel_requested \
                  FROM jobs j JOIN events e ON e.id = j.event_id WHERE j.id IN ({})",
-                placeholders(1, chunk.len())
+                placeholders(1, padded_len(chunk.len(), CHUNK))
             );
             let mut query = sqlx::query(AssertSqlSafe(self.backend().positional(sql)));
-            for id in chunk {
-                query = query.bind(*id);
+            for id in padded(chunk, CHUNK) {
+                query = query.bind(id);
             }
             for row in query.fetch_all(&self.reader).await? {
                 found.push(JobChange {

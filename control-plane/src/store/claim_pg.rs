@@ -35,21 +35,24 @@
 //!    of all reading the same oldest jobs and then finding them taken.
 //!
 //! 3. **Reading stays cheap with a backlog.** A pool job wakes every candidate, so with a pool
-//!    backlog every claim used to rank the runner's whole backlog three times (the look before
-//!    the transaction, the limited events, the candidates). Now the look takes one claimable
-//!    id, the limited events are found from `event_dispatch` (few rows), and when the claim
-//!    locked no event its candidates are read without the per-event ranking, oldest first.
-//!    Those reads ([`oldest_claimable`]) walk the runner's own queued jobs and the queued pool
-//!    jobs in the order of migration 0026's partial indexes (`jobs_queued_own`,
-//!    `jobs_queued_pool`) and stop at the limit, so they cost the same with
-//!    5,000 jobs queued as with 5; id lists are unnested once and the `UPDATE` starts from them,
-//!    so a plan made with stale statistics (a burst of jobs right after a quiet time) cannot
-//!    turn a claim quadratic. Only a claim that locked a limited event still ranks the runner's
-//!    whole backlog.
-//! 4. **Few round trips.** The look before the transaction also says whether any event has a
-//!    limit; when none has, the transaction skips [`limited_events`]. The transaction is begun
-//!    READ COMMITTED in its `BEGIN`, and the claimed jobs' secret environments are read in one
-//!    statement.
+//!    backlog every claim used to rank the runner's whole backlog three times (a look before
+//!    the transaction, the limited events, the candidates). Now the limited events are found
+//!    from `event_dispatch` (few rows), and unless the claim locked one its candidates are read
+//!    without the per-event ranking, oldest first. Those reads ([`oldest_claimable`]) walk the
+//!    runner's own queued jobs and the queued pool jobs in the order of migration 0026's
+//!    partial indexes (`jobs_queued_own`, `jobs_queued_pool`) and stop at the limit, so they
+//!    cost the same with 5,000 jobs queued as with 5; id lists are unnested once and the
+//!    `UPDATE` starts from them, so a plan made with stale statistics (a burst of jobs right
+//!    after a quiet time) cannot turn a claim quadratic. Only a claim that locked a limited
+//!    event still ranks the runner's whole backlog.
+//! 4. **One statement in the common case.** Most jobs belong to events without a limit, and
+//!    those need neither the advisory locks nor the ranking. So a claim is first one autocommit
+//!    statement ([`claim_at_once`]): it reads and locks the oldest claimable jobs as in point 2,
+//!    claims those whose event has no limit, and returns them with their secret environments.
+//!    Only when it left jobs of limited events (and the claim is not full) does the transaction
+//!    above run, for the rest. A claim that finds nothing is that one statement too. Before, a
+//!    claim was a look, `BEGIN`, the candidates, the `UPDATE`, the secrets and `COMMIT`: six
+//!    round trips, each a wake-up of a PostgreSQL backend and of the claiming task.
 //!
 //! Jobs skipped because another transaction held their row and then did not change it (a claim
 //! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
@@ -114,20 +117,6 @@ fn claimable_arms(filter: &str, limit: &str, lock: &str) -> (String, String) {
                AND EXISTS (SELECT 1 FROM job_candidates c WHERE c.job_id = j.id AND c.agent_id = $1)
              ORDER BY j.queued_at, j.id LIMIT {limit} {lock}"
         ),
-    )
-}
-
-/// Whether runner `$1` has a claimable job at time `$2` (one id, or none), the concurrency
-/// limits not counted: a cheap look before the claim's transaction, which a job of a full event
-/// only costs that transaction. With it, `limits`: whether any event has a concurrency limit at
-/// all; when none has, the transaction does not look for [`limited_events`] (an event given a
-/// limit in between is caught by [`unlimited_candidates`], which leaves its jobs to the next
-/// claim, as it does for one given a limit after [`limited_events`] ran).
-fn any_claimable() -> String {
-    format!(
-        "SELECT id, EXISTS (SELECT 1 FROM event_dispatch WHERE max_concurrency IS NOT NULL) AS limits
-         FROM ({}) AS one",
-        oldest_claimable("TRUE", "1")
     )
 }
 
@@ -210,15 +199,55 @@ fn take() -> String {
                  AND (j.status = 'queued') IS TRUE AND {}
                FOR UPDATE OF j SKIP LOCKED) AS locked
          WHERE jobs.id = locked.id
-         RETURNING jobs.id, jobs.attempt, jobs.run_id, jobs.event_id, jobs.kind, jobs.script, jobs.env, jobs.input,
-                   jobs.timeout_seconds, jobs.runtime_spec, jobs.queued_at",
+         RETURNING {CLAIMED_COLUMNS}",
         super::pool::bind_claimer(3),
         super::dispatch::due_and_open("$5")
     )
 }
 
+/// The whole claim in one statement, for the common case in which no job it finds has a
+/// concurrency limit: up to `$3` of the oldest claimable jobs of runner `$1` at time `$2` that
+/// no other transaction holds are read and locked as [`oldest_claimable_locking`] (O(limit),
+/// whatever the backlog), each flagged `limited` when its event has a limit, and those not
+/// flagged are claimed (claimed at `$2`, leased until `$4`, a pool job bound to `$1`). It returns
+/// one row per claimed job and secret (the job's columns repeated, `secret_name` and
+/// `secret_value` of one of its secrets, or NULL without any), and at least one row: with
+/// nothing claimed, one whose job columns are NULL. Every row carries `limited`, the number of
+/// jobs left alone because their event has a limit; the caller claims those through the
+/// transaction of [`Store::claim_with_limits_pg`].
+///
+/// One autocommit statement reads one snapshot: an event given a limit after it began is
+/// treated as having none, as a claim that committed just before the limit was set would be.
+fn claim_at_once() -> String {
+    format!(
+        "WITH picked AS MATERIALIZED (
+           SELECT o.id, EXISTS (SELECT 1 FROM jobs e JOIN event_dispatch d ON d.event_id = e.event_id
+                                WHERE e.id = o.id AND d.max_concurrency IS NOT NULL) AS limited
+           FROM ({}) AS o),
+         taken AS (
+           UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $2,
+                  lease_expires_at = $4, not_before = NULL, {}
+           FROM picked WHERE jobs.id = picked.id AND NOT picked.limited
+           RETURNING {CLAIMED_COLUMNS})
+         SELECT l.limited, t.*, s.name AS secret_name, s.sealed_value AS secret_value
+         FROM (SELECT COUNT(*) FILTER (WHERE limited) AS limited FROM picked) AS l
+         LEFT JOIN taken t ON TRUE
+         LEFT JOIN job_secret_env s ON s.job_id = t.id
+         ORDER BY t.id, s.name",
+        oldest_claimable_locking("TRUE", "$3"),
+        super::pool::bind_claimer(1),
+    )
+}
+
+/// What a claim returns of each job it takes (`jobs::claimed_job` reads them).
+const CLAIMED_COLUMNS: &str =
+    "jobs.id, jobs.attempt, jobs.run_id, jobs.event_id, jobs.kind, jobs.script, jobs.env,
+    jobs.input, jobs.timeout_seconds, jobs.runtime_spec, jobs.queued_at";
+
 impl Store {
-    /// `Store::claim_jobs_when` on PostgreSQL (see the module's documentation).
+    /// `Store::claim_jobs_when` on PostgreSQL (see the module's documentation): one statement
+    /// ([`claim_at_once`]) unless it leaves jobs of limited events, which the transaction of
+    /// [`Store::claim_with_limits_pg`] then claims.
     pub(super) async fn claim_jobs_pg(
         &self,
         runner: &str,
@@ -227,16 +256,56 @@ impl Store {
         now: Option<i64>,
     ) -> StoreResult<Vec<ClaimedJob>> {
         debug_assert_eq!(self.backend(), Backend::Postgres);
-        // Most claims find nothing: one read, no transaction.
-        let Some(look) = sqlx::query(AssertSqlSafe(any_claimable()))
+        let claimed_at = now.unwrap_or_else(now_ms);
+        let rows = sqlx::query(AssertSqlSafe(claim_at_once()))
             .bind(runner)
-            .bind(now.unwrap_or_else(now_ms))
-            .fetch_optional(&self.reader)
-            .await?
-        else {
-            return Ok(Vec::new());
-        };
-        let limits: bool = look.try_get("limits")?;
+            .bind(claimed_at)
+            .bind(i64::from(limit))
+            .bind(lease_until)
+            .fetch_all(&self.reader)
+            .await?;
+        let mut claimed: Vec<ClaimedJob> = Vec::new();
+        let mut observed = Vec::new();
+        let mut limited = 0;
+        for row in &rows {
+            limited = row.try_get::<i64, _>("limited")?;
+            let Some(id) = row.try_get::<Option<String>, _>("id")? else {
+                continue;
+            };
+            if claimed.last().is_none_or(|job| job.id != id) {
+                observed.push(Observation::Claimed {
+                    waited_ms: claimed_at - row.try_get::<i64, _>("queued_at")?,
+                });
+                claimed.push(super::jobs::claimed_job(row)?);
+            }
+            if let Some(name) = row.try_get::<Option<String>, _>("secret_name")? {
+                let value: Vec<u8> = row.try_get("secret_value")?;
+                if let Some(job) = claimed.last_mut() {
+                    job.secret_env.push((name, value));
+                }
+            }
+        }
+        self.metrics.record(&observed);
+        let left = limit - claimed.len() as u32;
+        if limited > 0 && left > 0 {
+            claimed.extend(
+                self.claim_with_limits_pg(runner, left, lease_until, now)
+                    .await?,
+            );
+            claimed.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        Ok(claimed)
+    }
+
+    /// A claim that may take jobs of events with a concurrency limit, in a transaction (see the
+    /// module's documentation).
+    async fn claim_with_limits_pg(
+        &self,
+        runner: &str,
+        limit: u32,
+        lease_until: i64,
+        now: Option<i64>,
+    ) -> StoreResult<Vec<ClaimedJob>> {
         // Dropped before the commit (an error, or the caller gone), the transaction rolls back.
         // The locks below only work if each statement sees what committed before it began.
         let mut tx = self
@@ -245,15 +314,11 @@ impl Store {
             .await?;
         let fixed_now = now;
         let now = now.unwrap_or_else(now_ms);
-        let events = if limits {
-            sqlx::query(AssertSqlSafe(limited_events()))
-                .bind(runner)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?
-        } else {
-            Vec::new()
-        };
+        let events = sqlx::query(AssertSqlSafe(limited_events()))
+            .bind(runner)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut locked = Vec::with_capacity(events.len());
         let mut last_key = None;
         for row in &events {

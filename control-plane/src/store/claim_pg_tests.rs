@@ -275,6 +275,16 @@ async fn explain_generic(
     .unwrap()
 }
 
+/// How many jobs `runner` (an SQL literal) holds claimed, as `conn` sees them.
+async fn claimed_by(conn: &mut sqlx::AnyConnection, runner: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM jobs WHERE status = 'claimed' AND agent_id = {runner}"
+    )))
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
 /// A burst of pool jobs right after a quiet time: the table's statistics (taken when every job
 /// had ended) say no job is queued, and PostgreSQL plans a statement used often enough once,
 /// generically, with them. The claim's reads and its `UPDATE` must still only touch about as
@@ -343,14 +353,23 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     let runner = format!("'{claimer}'");
     let now = now_ms();
 
-    let any = explain_generic(
+    // The whole claim in one statement, rolled back: it must take the limit's jobs.
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+    let at_once = explain_generic(
         &mut conn,
-        "any_claimable",
-        "text, bigint",
-        &super::any_claimable(),
-        &format!("{runner}, {now}"),
+        "claim_at_once",
+        "text, bigint, bigint, bigint",
+        &super::claim_at_once(),
+        &format!("{runner}, {now}, {LIMIT}, {}", now + 600_000),
     )
     .await;
+    let taken_at_once = claimed_by(&mut conn, &runner).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(
+        taken_at_once,
+        i64::from(LIMIT),
+        "the claim in one statement"
+    );
     let candidates = explain_generic(
         &mut conn,
         "unlimited_candidates",
@@ -395,12 +414,7 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
         ),
     )
     .await;
-    let taken: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT COUNT(*) FROM jobs WHERE status = 'claimed' AND agent_id = {runner}"
-    )))
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap();
+    let taken = claimed_by(&mut conn, &runner).await;
     sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
     assert_eq!(taken, i64::from(LIMIT), "the take claimed the candidates");
     // The runners to wake after a batch of results: here of 8 jobs of the burst's event,
@@ -444,14 +458,15 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
 
     // Each statement may pass over a few rows more than it returns (the own and the pool jobs'
     // branches each read and, for the candidates, lock up to the limit and are materialized
-    // before the merge; the candidates' look-ups), never the backlog (620+ rows).
-    let bound = 24 * u64::from(LIMIT);
-    for (statement, plan) in [
-        ("any_claimable", &any),
-        ("unlimited_candidates", &candidates),
-        ("take", &take),
+    // before the merge; the candidates' look-ups), never the backlog (620+ rows). The claim in
+    // one statement does all of that and the update, the limits' and the secrets' look-ups.
+    for (statement, plan, per_job) in [
+        ("claim_at_once", &at_once, 32),
+        ("unlimited_candidates", &candidates, 24),
+        ("take", &take, 24),
     ] {
         let rows = rows_processed(plan);
+        let bound = per_job * u64::from(LIMIT);
         assert!(
             rows > 0 && rows <= bound,
             "{statement} processed {rows} rows for a claim of {LIMIT} out of {BACKLOG}+ queued jobs (at most {bound}):\n{}",

@@ -566,6 +566,24 @@ pub(crate) async fn settled_in(conn: &mut sqlx::AnyConnection, job_id: &str) -> 
 }
 
 /// Placeholders `$first, $first+1, …` for `count` values.
+/// The length a list of `count` ids or rows (1 ≤ `count` ≤ `max`) is written with in a
+/// statement's text: the next power of two, at most `max`. Each length is a text of its own:
+/// prepared anew on every connection, and on PostgreSQL planned anew for its first five runs
+/// (until the plan cache settles on a generic plan). Batches of results and changes come in
+/// every length, and planning those statements took ~15% of PostgreSQL's time while agents
+/// drained a queue; rounded, a kind of statement has at most a handful of texts. The list is
+/// filled up with copies of its last entry ([`padded`]), which the statements ignore: `IN`
+/// and `DISTINCT` drop them, an `UPDATE … FROM` changes a row once.
+pub(crate) fn padded_len(count: usize, max: usize) -> usize {
+    count.next_power_of_two().min(max).max(count)
+}
+
+/// `items` (not empty) filled up to [`padded_len`] with copies of the last one.
+pub(crate) fn padded<T: Clone>(items: &[T], max: usize) -> impl Iterator<Item = T> + '_ {
+    let last = items.len().saturating_sub(1);
+    (0..padded_len(items.len(), max)).map(move |index| items[index.min(last)].clone())
+}
+
 pub(crate) fn placeholders(first: usize, count: usize) -> String {
     (first..first + count)
         .map(|n| format!("${n}"))
@@ -721,11 +739,12 @@ impl Store {
         if job_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = self
-            .backend()
-            .positional(wake_query(self.backend(), job_ids.len()));
+        let sql = self.backend().positional(wake_query(
+            self.backend(),
+            padded_len(job_ids.len(), usize::MAX),
+        ));
         let mut query = sqlx::query_scalar(AssertSqlSafe(sql));
-        for id in job_ids {
+        for id in padded(job_ids, usize::MAX) {
             query = query.bind(id);
         }
         Ok(query.bind(now).fetch_all(&self.reader).await?)

@@ -600,11 +600,11 @@ impl Store {
         let query = format!(
             "SELECT DISTINCT n.workflow_run_id FROM workflow_run_nodes n JOIN jobs j ON j.run_id = n.run_id
              WHERE n.state = 'running' AND j.id IN ({}) AND j.status IN ('completed', 'failed', 'cancelled')",
-            super::dispatch::placeholders(1, job_ids.len())
+            super::dispatch::placeholders(1, super::dispatch::padded_len(job_ids.len(), usize::MAX))
         );
         let mut query = sqlx::query_scalar(AssertSqlSafe(self.backend().positional(query)));
-        for id in job_ids {
-            query = query.bind(*id);
+        for id in super::dispatch::padded(job_ids, usize::MAX) {
+            query = query.bind(id);
         }
         Ok(query.fetch_all(&self.reader).await?)
     }
