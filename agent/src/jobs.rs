@@ -38,7 +38,8 @@ struct JobsInner {
     exit: CancellationToken,
     /// The current connection (`None` while disconnected), published by the connection loop.
     connection: watch::Receiver<Option<quinn::Connection>>,
-    /// Notified (one permit) whenever a job's process ends and a slot is free again.
+    /// Notified (one permit) whenever a job's process ends or an attempt is forgotten: a slot
+    /// may be free again.
     slot_freed: Notify,
 }
 
@@ -171,10 +172,20 @@ impl Jobs {
         self.inner.table.borrow().attempts.keys().cloned().collect()
     }
 
-    /// How many more jobs may run now.
+    /// How many more jobs may be claimed now: no more than `capacity` run at once, and no more
+    /// than `capacity` others wait for their results' acknowledgment. Without the second bound
+    /// an agent whose uploads fell behind (a control plane slow to record results) kept
+    /// claiming as fast as its jobs ended: agents draining a queue held hundreds of finished
+    /// attempts each, all renewed by every heartbeat and waiting for upload streams, while
+    /// their jobs' results reached the database seconds after they ended.
     pub(crate) fn free_slots(&self) -> u32 {
-        let active = u32::try_from(self.inner.table.borrow().active).unwrap_or(u32::MAX);
-        self.inner.capacity.saturating_sub(active)
+        let table = self.inner.table.borrow();
+        let active = u32::try_from(table.active).unwrap_or(u32::MAX);
+        let held = u32::try_from(table.attempts.len()).unwrap_or(u32::MAX);
+        let capacity = self.inner.capacity;
+        capacity
+            .saturating_sub(active)
+            .min(capacity.saturating_mul(2).saturating_sub(held))
     }
 
     /// How many job processes are running.
@@ -182,7 +193,7 @@ impl Jobs {
         self.inner.table.borrow().active
     }
 
-    /// Completes when a job's process ended since the last call.
+    /// Completes when a job's process ended or an attempt was forgotten since the last call.
     pub(crate) async fn slot_freed(&self) {
         self.inner.slot_freed.notified().await;
     }
@@ -251,11 +262,12 @@ impl Jobs {
         attempt.stop.send_if_modified(|stop| set_once(stop, reason));
     }
 
-    /// Forgets an attempt whose uploader is done.
+    /// Forgets an attempt whose uploader is done (which may free a slot: [`Jobs::free_slots`]).
     pub(crate) fn remove(&self, reference: &AttemptRef) {
         self.inner.table.send_modify(|table| {
             table.attempts.remove(reference);
         });
+        self.inner.slot_freed.notify_one();
     }
 
     fn lookup(&self, reference: &AttemptRef) -> Option<Arc<Attempt>> {
@@ -280,5 +292,105 @@ fn set_once(stop: &mut Option<StopReason>, reason: StopReason) -> bool {
         true
     } else {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use cronium_protocol::{FinalStatus, ScriptKind};
+    use futures_util::future::BoxFuture;
+
+    use super::*;
+    use crate::runner::StopSignal;
+    use crate::spool::Outcome;
+
+    /// Ends every job at once, completed, with no output.
+    struct Instant;
+
+    impl Runner for Instant {
+        fn run<'a>(
+            &'a self,
+            _spec: &'a JobSpec,
+            _spool: &'a AttemptSpool,
+            _stop: StopSignal,
+        ) -> BoxFuture<'a, Outcome> {
+            Box::pin(async {
+                Outcome {
+                    status: FinalStatus::Completed,
+                    reason: None,
+                    exit_code: Some(0),
+                }
+            })
+        }
+    }
+
+    fn spec(job_id: &str) -> JobSpec {
+        JobSpec {
+            job_id: job_id.to_string(),
+            attempt: 1,
+            run_id: "run".to_string(),
+            event_id: "event".to_string(),
+            kind: ScriptKind::Bash,
+            script: "true".to_string(),
+            env: Vec::new(),
+            timeout_ms: 0,
+            input: None,
+            runtime: Default::default(),
+            secret_env: Default::default(),
+        }
+    }
+
+    /// Finished attempts whose results nobody acknowledges (no connection: their uploaders
+    /// wait) hold slots too, up to the capacity; forgetting one frees a slot and says so.
+    #[tokio::test]
+    async fn unacknowledged_results_hold_back_claims_beyond_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_connection, receiver) = watch::channel(None);
+        let tracker = TaskTracker::new();
+        let exit = CancellationToken::new();
+        let jobs = Jobs::new(JobsOptions {
+            spool: Spool::open(dir.path().join("spool")).unwrap(),
+            runner: Arc::new(Instant),
+            capacity: 2,
+            max_log_bytes: 1024,
+            tracker: tracker.clone(),
+            exit: exit.clone(),
+            connection: receiver,
+        });
+        assert_eq!(jobs.free_slots(), 2);
+        for id in ["a", "b"] {
+            jobs.start(spec(id));
+        }
+        jobs.wait_idle().await;
+        // Both ended, neither acknowledged: two more may run.
+        assert_eq!(jobs.free_slots(), 2);
+        for id in ["c", "d"] {
+            jobs.start(spec(id));
+        }
+        jobs.wait_idle().await;
+        assert_eq!(jobs.held().len(), 4);
+        assert_eq!(
+            jobs.free_slots(),
+            0,
+            "nothing runs, but 4 results await acknowledgment"
+        );
+        // Drain the permits the ends left, then forget one attempt.
+        while tokio::time::timeout(Duration::from_millis(10), jobs.slot_freed())
+            .await
+            .is_ok()
+        {}
+        jobs.remove(&AttemptRef {
+            job_id: "a".to_string(),
+            attempt: 1,
+        });
+        tokio::time::timeout(Duration::from_secs(5), jobs.slot_freed())
+            .await
+            .expect("forgetting an attempt wakes the claimer");
+        assert_eq!(jobs.free_slots(), 1);
+        exit.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 }

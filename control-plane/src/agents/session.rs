@@ -158,9 +158,10 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) -> any
             }
         };
         let abandon = settle_hello(&state, &agent.id, &hello).await?;
-        // One stream per job the agent may run at once, plus the control stream and spares for
-        // reconnecting uploads.
-        connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) + STREAM_SPARES).into());
+        // Two streams per job the agent may run at once (a running job's upload and one of a
+        // finished job whose result awaits its acknowledgment: agents hold at most as many of
+        // those as they run), plus the control stream and spares for reconnecting uploads.
+        connection.set_max_concurrent_bi_streams((hello.capacity.clamp(1, MAX_CAPACITY) * 2 + STREAM_SPARES).into());
         let mut registration = state.registry.register(&agent.id, connection.clone(), established_at);
         crate::replicas::presence::connected(&state, &agent.id, established_at).await;
         state.changes.notify(crate::changes::Kind::Agent, &agent.id, crate::changes::Audience::Everyone);
