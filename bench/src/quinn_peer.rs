@@ -6,7 +6,7 @@
 //! control plane's TLS and transport shape (`control-plane/src/agents/mod.rs`: rustls TLS 1.3,
 //! client certificates required and verified against a CA, ALPN `cronium/1`, a server
 //! certificate of ECDSA P-256 for the agents' server name with the CA in its chain, idle timeout
-//! 20 s, keep-alive 5 s, 16 bidirectional and no unidirectional streams, lowered to 9 — what
+//! 20 s, keep-alive 5 s, 16 bidirectional and no unidirectional streams, lowered to 10 — what
 //! the control plane allows an agent of capacity 1 — once the first stream is open), on a
 //! multi-threaded tokio runtime like `cronium serve`. It has no database, no protocol and no
 //! state beyond quinn's: every stream it accepts is echoed back as it arrives.
@@ -64,8 +64,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 const INITIAL_STREAMS: u32 = 16;
-/// What the control plane allows an agent of capacity 1 after its hello (capacity + 8 spares).
-const STREAMS_AFTER_FIRST: u32 = 9;
+/// What the control plane allows an agent of capacity 1 after its hello (two per job slot + 8
+/// spares).
+const STREAMS_AFTER_FIRST: u32 = 10;
 /// The light agents' heartbeat interval against the peer: `cronium serve`'s default.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
