@@ -58,6 +58,8 @@
 //! that failed and rolled back) are not claimed by this claim; as on SQLite, the runner claims
 //! them when it is next woken.
 
+use std::sync::LazyLock;
+
 use sqlx::{AssertSqlSafe, Row};
 
 use super::jobs::ClaimedJob;
@@ -218,7 +220,14 @@ fn take() -> String {
 ///
 /// One autocommit statement reads one snapshot: an event given a limit after it began is
 /// treated as having none, as a claim that committed just before the limit was set would be.
-fn claim_at_once() -> String {
+///
+/// Every claim runs it: its text is made once.
+fn claim_at_once() -> &'static str {
+    static TEXT: LazyLock<String> = LazyLock::new(claim_at_once_text);
+    &TEXT
+}
+
+fn claim_at_once_text() -> String {
     format!(
         "WITH picked AS MATERIALIZED (
            SELECT o.id, EXISTS (SELECT 1 FROM jobs e JOIN event_dispatch d ON d.event_id = e.event_id

@@ -359,7 +359,7 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
         &mut conn,
         "claim_at_once",
         "text, bigint, bigint, bigint",
-        &super::claim_at_once(),
+        super::claim_at_once(),
         &format!("{runner}, {now}, {LIMIT}, {}", now + 600_000),
     )
     .await;
