@@ -169,71 +169,79 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
     )
     .await?;
 
-    // Where the new key goes before the database changes.
-    let staged = match (&source, &args.new_key_file) {
-        (KeySource::File(path), _) => Some(with_suffix(path, ".new")),
-        (KeySource::Environment, None) => Some(data_dir.join(format!("{KEY_FILE}.new"))),
-        (KeySource::Environment, Some(_)) => None,
-    };
+    // Released on every way out, errors included: a lock merely dropped is held until
+    // PostgreSQL notices its session ended, and a command run right after (the rotation
+    // retried with the right key) found it still held.
+    let outcome: anyhow::Result<()> = async {
+        // Where the new key goes before the database changes.
+        let staged = match (&source, &args.new_key_file) {
+            (KeySource::File(path), _) => Some(with_suffix(path, ".new")),
+            (KeySource::Environment, None) => Some(data_dir.join(format!("{KEY_FILE}.new"))),
+            (KeySource::Environment, Some(_)) => None,
+        };
 
-    let store = crate::open_store(data_dir, args.data.database_url.as_deref()).await?;
-    // Check first (no write): a wrong current key must not leave a staged file behind.
-    if let Some(sealed) = store.key_check().await?
-        && old_key.verify_key_check(&sealed).is_err()
-    {
+        let store = crate::open_store(data_dir, args.data.database_url.as_deref()).await?;
+        // Check first (no write): a wrong current key must not leave a staged file behind.
+        if let Some(sealed) = store.key_check().await?
+            && old_key.verify_key_check(&sealed).is_err()
+        {
+            store.close().await;
+            bail!(RotateError::WrongOldKey);
+        }
+        if let Some(staged) = &staged {
+            write_new_private_file(staged, format!("{new_text}\n").as_bytes())?;
+            sync_dir(staged)?;
+        }
+        let rotated = store.rotate_key(&old_key, &new_key).await;
         store.close().await;
-        bail!(RotateError::WrongOldKey);
-    }
-    if let Some(staged) = &staged {
-        write_new_private_file(staged, format!("{new_text}\n").as_bytes())?;
-        sync_dir(staged)?;
-    }
-    let rotated = store.rotate_key(&old_key, &new_key).await;
-    store.close().await;
-    let counts = match rotated {
-        Ok(counts) => counts,
-        Err(error) => {
-            if let Some(staged) = &staged {
-                let _ = std::fs::remove_file(staged);
+        let counts = match rotated {
+            Ok(counts) => counts,
+            Err(error) => {
+                if let Some(staged) = &staged {
+                    let _ = std::fs::remove_file(staged);
+                }
+                return Err(error.into());
             }
-            return Err(error.into());
-        }
-    };
+        };
 
-    println!("re-encrypted every stored secret of {database_name} under the new key:");
-    for (kind, count) in &counts {
-        println!("  {kind}: {count}");
-    }
-    match &source {
-        KeySource::File(path) => {
-            let staged = with_suffix(path, ".new");
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let backup = with_suffix(path, &format!(".before-rotation-{stamp}"));
-            std::fs::copy(path, &backup)
-                .with_context(|| format!("keeping the old key as {}", backup.display()))?;
-            std::fs::rename(&staged, path).with_context(|| {
-                format!(
-                    "replacing {} with {} (the database already uses the key in {})",
-                    path.display(),
-                    staged.display(),
-                    staged.display()
-                )
-            })?;
-            sync_dir(path)?;
-            println!("replaced the key file {}", path.display());
-            println!(
-                "the old key is kept in {} (delete it once backups made with it are gone)",
-                backup.display()
-            );
+        println!("re-encrypted every stored secret of {database_name} under the new key:");
+        for (kind, count) in &counts {
+            println!("  {kind}: {count}");
         }
-        KeySource::Environment => {
-            if let Some(staged) = &staged {
-                println!("the new key is in {}", staged.display());
+        match &source {
+            KeySource::File(path) => {
+                let staged = with_suffix(path, ".new");
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+                let backup = with_suffix(path, &format!(".before-rotation-{stamp}"));
+                std::fs::copy(path, &backup)
+                    .with_context(|| format!("keeping the old key as {}", backup.display()))?;
+                std::fs::rename(&staged, path).with_context(|| {
+                    format!(
+                        "replacing {} with {} (the database already uses the key in {})",
+                        path.display(),
+                        staged.display(),
+                        staged.display()
+                    )
+                })?;
+                sync_dir(path)?;
+                println!("replaced the key file {}", path.display());
+                println!(
+                    "the old key is kept in {} (delete it once backups made with it are gone)",
+                    backup.display()
+                );
             }
-            println!(
-                "set ENCRYPTION_KEY to the new key wherever the control plane is started, then start it"
-            );
+            KeySource::Environment => {
+                if let Some(staged) = &staged {
+                    println!("the new key is in {}", staged.display());
+                }
+                println!(
+                    "set ENCRYPTION_KEY to the new key wherever the control plane is started, then start it"
+                );
+            }
         }
+        Ok(())
     }
-    lock.release().await
+    .await;
+    let released = lock.release().await;
+    outcome.and(released)
 }
