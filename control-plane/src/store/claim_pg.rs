@@ -45,12 +45,13 @@
 //!    `UPDATE` starts from them, so a plan made with stale statistics (a burst of jobs right
 //!    after a quiet time) cannot turn a claim quadratic. Only a claim that locked a limited
 //!    event still ranks the runner's whole backlog.
-//! 4. **One statement in the common case.** Most jobs belong to events without a limit, and
-//!    those need neither the advisory locks nor the ranking. So a claim is first one autocommit
-//!    statement ([`claim_at_once`]): it reads and locks the oldest claimable jobs as in point 2,
-//!    claims those whose event has no limit, and returns them with their secret environments.
-//!    Only when it left jobs of limited events (and the claim is not full) does the transaction
-//!    above run, for the rest. A claim that finds nothing is that one statement too. Before, a
+//! 4. **One statement in the common case.** Most jobs belong to events without a limit and to
+//!    no later rollout batch, and those need neither the advisory locks, nor the ranking, nor a
+//!    claim time read after the candidates. So a claim is first one autocommit statement
+//!    ([`claim_at_once`]): it reads and locks the oldest claimable jobs as in point 2, claims
+//!    those of events without a limit outside later batches, and returns them with their
+//!    secret environments. Only when it left others (and the claim is not full) does the
+//!    transaction above run, for the rest. A claim that finds nothing is that one statement too. Before, a
 //!    claim was a look, `BEGIN`, the candidates, the `UPDATE`, the secrets and `COMMIT`: six
 //!    round trips, each a wake-up of a PostgreSQL backend and of the claiming task.
 //!
@@ -207,16 +208,18 @@ fn take() -> String {
     )
 }
 
-/// The whole claim in one statement, for the common case in which no job it finds has a
-/// concurrency limit: up to `$3` of the oldest claimable jobs of runner `$1` at time `$2` that
+/// The whole claim in one statement, for the common case in which no job it finds waited for
+/// other jobs to end: up to `$3` of the oldest claimable jobs of runner `$1` at time `$2` that
 /// no other transaction holds are read and locked as [`oldest_claimable_locking`] (O(limit),
-/// whatever the backlog), each flagged `limited` when its event has a limit, and those not
-/// flagged are claimed (claimed at `$2`, leased until `$4`, a pool job bound to `$1`). It returns
+/// whatever the backlog), each flagged `limited` when its event has a concurrency limit or it
+/// belongs to a rollout batch after the first, and those not flagged are claimed (claimed at `$2`, leased until `$4`, a pool job bound to `$1`). It returns
 /// one row per claimed job and secret (the job's columns repeated, `secret_name` and
 /// `secret_value` of one of its secrets, or NULL without any), and at least one row: with
 /// nothing claimed, one whose job columns are NULL. Every row carries `limited`, the number of
-/// jobs left alone because their event has a limit; the caller claims those through the
-/// transaction of [`Store::claim_with_limits_pg`].
+/// flagged jobs left alone; the caller claims those through the transaction of
+/// [`Store::claim_with_limits_pg`], which reads the claim's time after its candidates: a job
+/// made claimable by another's end is never recorded as claimed before that end (`$2` is read
+/// before this statement, and a batch's last result may commit in between).
 ///
 /// One autocommit statement reads one snapshot: an event given a limit after it began is
 /// treated as having none, as a claim that committed just before the limit was set would be.
@@ -230,8 +233,8 @@ fn claim_at_once() -> &'static str {
 fn claim_at_once_text() -> String {
     format!(
         "WITH picked AS MATERIALIZED (
-           SELECT o.id, EXISTS (SELECT 1 FROM jobs e JOIN event_dispatch d ON d.event_id = e.event_id
-                                WHERE e.id = o.id AND d.max_concurrency IS NOT NULL) AS limited
+           SELECT o.id, EXISTS (SELECT 1 FROM jobs e LEFT JOIN event_dispatch d ON d.event_id = e.event_id
+                                WHERE e.id = o.id AND (e.batch > 0 OR d.max_concurrency IS NOT NULL)) AS limited
            FROM ({}) AS o),
          taken AS (
            UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $2,
