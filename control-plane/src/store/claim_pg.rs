@@ -211,11 +211,11 @@ fn take() -> String {
 /// The whole claim in one statement, for the common case in which no job it finds waited for
 /// other jobs to end: up to `$3` of the oldest claimable jobs of runner `$1` at time `$2` that
 /// no other transaction holds are read and locked as [`oldest_claimable_locking`] (O(limit),
-/// whatever the backlog), each flagged `limited` when its event has a concurrency limit or it
+/// whatever the backlog), each flagged `deferred` when its event has a concurrency limit or it
 /// belongs to a rollout batch after the first, and those not flagged are claimed (claimed at `$2`, leased until `$4`, a pool job bound to `$1`). It returns
 /// one row per claimed job and secret (the job's columns repeated, `secret_name` and
 /// `secret_value` of one of its secrets, or NULL without any), and at least one row: with
-/// nothing claimed, one whose job columns are NULL. Every row carries `limited`, the number of
+/// nothing claimed, one whose job columns are NULL. Every row carries `deferred`, the number of
 /// flagged jobs left alone; the caller claims those through the transaction of
 /// [`Store::claim_with_limits_pg`], which reads the claim's time after its candidates: a job
 /// made claimable by another's end is never recorded as claimed before that end (`$2` is read
@@ -234,15 +234,15 @@ fn claim_at_once_text() -> String {
     format!(
         "WITH picked AS MATERIALIZED (
            SELECT o.id, EXISTS (SELECT 1 FROM jobs e LEFT JOIN event_dispatch d ON d.event_id = e.event_id
-                                WHERE e.id = o.id AND (e.batch > 0 OR d.max_concurrency IS NOT NULL)) AS limited
+                                WHERE e.id = o.id AND (e.batch > 0 OR d.max_concurrency IS NOT NULL)) AS deferred
            FROM ({}) AS o),
          taken AS (
            UPDATE jobs SET status = 'claimed', attempt = attempt + 1, helper_seq = 0, claimed_at = $2,
                   lease_expires_at = $4, not_before = NULL, {}
-           FROM picked WHERE jobs.id = picked.id AND NOT picked.limited
+           FROM picked WHERE jobs.id = picked.id AND NOT picked.deferred
            RETURNING {CLAIMED_COLUMNS})
-         SELECT l.limited, t.*, s.name AS secret_name, s.sealed_value AS secret_value
-         FROM (SELECT COUNT(*) FILTER (WHERE limited) AS limited FROM picked) AS l
+         SELECT l.deferred, t.*, s.name AS secret_name, s.sealed_value AS secret_value
+         FROM (SELECT COUNT(*) FILTER (WHERE deferred) AS deferred FROM picked) AS l
          LEFT JOIN taken t ON TRUE
          LEFT JOIN job_secret_env s ON s.job_id = t.id
          ORDER BY t.id, s.name",
@@ -258,8 +258,8 @@ const CLAIMED_COLUMNS: &str =
 
 impl Store {
     /// `Store::claim_jobs_when` on PostgreSQL (see the module's documentation): one statement
-    /// ([`claim_at_once`]) unless it leaves jobs of limited events, which the transaction of
-    /// [`Store::claim_with_limits_pg`] then claims.
+    /// ([`claim_at_once`]) unless it leaves jobs of limited events or later rollout batches,
+    /// which the transaction of [`Store::claim_with_limits_pg`] then claims.
     pub(super) async fn claim_jobs_pg(
         &self,
         runner: &str,
@@ -278,9 +278,9 @@ impl Store {
             .await?;
         let mut claimed: Vec<ClaimedJob> = Vec::new();
         let mut observed = Vec::new();
-        let mut limited = 0;
+        let mut deferred = 0;
         for row in &rows {
-            limited = row.try_get::<i64, _>("limited")?;
+            deferred = row.try_get::<i64, _>("deferred")?;
             let Some(id) = row.try_get::<Option<String>, _>("id")? else {
                 continue;
             };
@@ -299,7 +299,7 @@ impl Store {
         }
         self.metrics.record(&observed);
         let left = limit - claimed.len() as u32;
-        if limited > 0 && left > 0 {
+        if deferred > 0 && left > 0 {
             claimed.extend(
                 self.claim_with_limits_pg(runner, left, lease_until, now)
                     .await?,
