@@ -27,6 +27,7 @@
 
 mod api;
 mod cluster;
+mod cpu;
 mod docker;
 mod fanout;
 mod helpers;

@@ -47,6 +47,7 @@ use tokio::task::JoinSet;
 
 use crate::api::Api;
 use crate::cluster::{ControlPlane, Listen, enrollment_token, wait_online};
+use crate::cpu::CpuUse;
 use crate::procs::Binaries;
 use crate::stats::Summary;
 
@@ -83,6 +84,8 @@ pub struct Round {
     /// Cronium: jobs that needed more than one attempt (a claimed attempt that never reached
     /// its agent comes back after its lease); raw: 0.
     pub reattempted: usize,
+    /// CPU time of the processes that did the round's work.
+    pub cpu: CpuUse,
 }
 
 /// One round of Cronium draining a queue.
@@ -99,6 +102,16 @@ pub struct DrainRound {
 impl Round {
     fn per_second(&self) -> f64 {
         self.jobs as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// CPU microseconds per job: the database's, the control plane's and this process's.
+    fn cpu_per_job(&self) -> [f64; 3] {
+        let per_job = |time: Duration| time.as_secs_f64() * 1e6 / self.jobs as f64;
+        [
+            per_job(self.cpu.database),
+            per_job(self.cpu.control_plane),
+            per_job(self.cpu.bench),
+        ]
     }
 }
 
@@ -145,6 +158,29 @@ impl PgFigures {
 
     fn drained(&self) -> Vec<Round> {
         self.drain.iter().map(|drain| drain.round.clone()).collect()
+    }
+
+    /// Median CPU microseconds per job of `rounds`: the database's, the control plane's, this
+    /// process's.
+    fn median_cpu(rounds: &[Round]) -> [f64; 3] {
+        let pick = |index: usize| {
+            median(
+                &mut rounds
+                    .iter()
+                    .map(|round| round.cpu_per_job()[index])
+                    .collect::<Vec<_>>(),
+            )
+        };
+        [pick(0), pick(1), pick(2)]
+    }
+
+    /// The raw side's median database CPU per job over Cronium's draining one: the share of the
+    /// raw claim rate a database server doing nothing else could give Cronium (None without
+    /// draining rounds).
+    pub fn drain_database_ratio(&self) -> Option<f64> {
+        (!self.drain.is_empty()).then(|| {
+            PgFigures::median_cpu(&self.raw)[0] / PgFigures::median_cpu(&self.drained())[0]
+        })
     }
 
     /// Cronium's median draining rate over the raw median rate (None without draining rounds).
@@ -219,6 +255,23 @@ impl PgFigures {
                 PgFigures::median_of(&drained, |summary| summary.p99),
             ));
         }
+        out.push_str(
+            "\nCPU time per job, µs (median of rounds; from `/proc`: the PostgreSQL server's processes, \
+             `cronium serve`, and the benchmark process, which holds the raw side's connections or \
+             Cronium's agents and API clients; a draining round's count starts with the agents' start):\n\n\
+             | Side | PostgreSQL | Control plane | Benchmark process | Total |\n|---|---|---|---|---|\n",
+        );
+        let mut sides = vec![("raw", self.raw.clone()), ("Cronium", self.cronium.clone())];
+        if !drained.is_empty() {
+            sides.push(("Cronium draining", drained.clone()));
+        }
+        for (side, rounds) in sides {
+            let [database, control_plane, bench] = PgFigures::median_cpu(&rounds);
+            out.push_str(&format!(
+                "| {side} | {database:.0} | {control_plane:.0} | {bench:.0} | {:.0} |\n",
+                database + control_plane + bench
+            ));
+        }
         let reattempted: usize = self
             .cronium
             .iter()
@@ -236,6 +289,12 @@ impl PgFigures {
             out.push_str(&format!(", **{ratio:.3}×** draining a queue"));
         }
         out.push_str(" (target ≥ 0.5×).\n");
+        if let Some(ratio) = self.drain_database_ratio() {
+            out.push_str(&format!(
+                "PostgreSQL CPU per job, raw / Cronium draining: **{ratio:.3}×** (the jobs per second a \
+                 database server with nothing else on its cores would give Cronium, as a share of its raw rate).\n"
+            ));
+        }
         out
     }
 
@@ -250,6 +309,11 @@ impl PgFigures {
                         "jobs_per_second": round.per_second(),
                         "latency_ms": round.latency.to_json(),
                         "reattempted": round.reattempted,
+                        "cpu_us_per_job": {
+                            "database": round.cpu_per_job()[0],
+                            "control_plane": round.cpu_per_job()[1],
+                            "bench": round.cpu_per_job()[2],
+                        },
                     })
                 })
                 .collect::<Vec<_>>()
@@ -279,6 +343,7 @@ impl PgFigures {
             "drain_median_jobs_per_second": (!self.drain.is_empty()).then(|| PgFigures::median_rate(&self.drained())),
             "ratio": self.ratio(),
             "drain_ratio": self.drain_ratio(),
+            "drain_database_cpu_ratio": self.drain_database_ratio(),
         })
     }
 }
@@ -367,6 +432,9 @@ pub async fn measure(
     };
     let mut agents = Fleet::spawn(state_dirs.clone(), fleet_options);
     wait_online(&api, &names, Duration::from_secs(60)).await?;
+    let database_pid = cluster.server_pid()?;
+    let control_plane_pid = Some(control_plane.pid());
+    let cpu_now = || CpuUse::read(database_pid, control_plane_pid);
     let cronium = PgPoolOptions::new()
         .max_connections(1)
         .connect(&cronium_url)
@@ -392,7 +460,9 @@ pub async fn measure(
     )
     .await?;
     for round in 0..options.rounds {
-        let measured = raw_round(&raw, options.raw_jobs, options.connections).await?;
+        let before = cpu_now()?;
+        let mut measured = raw_round(&raw, options.raw_jobs, options.connections).await?;
+        measured.cpu = cpu_now()?.since(&before);
         progress(&format!(
             "round {}: raw {:.0} jobs/s",
             round + 1,
@@ -400,7 +470,8 @@ pub async fn measure(
         ));
         figures.raw.push(measured);
         agents.ensure_running()?;
-        let measured = cronium_round(
+        let before = cpu_now()?;
+        let mut measured = cronium_round(
             &api,
             &cronium,
             &format!("pg-round-{round}"),
@@ -414,6 +485,7 @@ pub async fn measure(
                 control_plane.process.tail()
             )
         })?;
+        measured.cpu = cpu_now()?.since(&before);
         progress(&format!(
             "round {}: Cronium {:.0} jobs/s, {} jobs needed a second attempt",
             round + 1,
@@ -446,6 +518,7 @@ pub async fn measure(
         if claimed > 0 {
             bail!("{claimed} jobs of {name} left the queue while every agent was stopped");
         }
+        let before = cpu_now()?;
         let started = Instant::now();
         agents = Fleet::spawn(state_dirs.clone(), fleet_options);
         tokio::time::timeout(
@@ -461,6 +534,7 @@ pub async fn measure(
             )
         })?;
         let wall = started.elapsed();
+        let cpu = cpu_now()?.since(&before);
         let (first_claim, last_result): (i64, i64) = sqlx::query_as(
             "SELECT MIN(claimed_at), MAX(finished_at) FROM jobs WHERE event_id = $1",
         )
@@ -468,15 +542,17 @@ pub async fn measure(
         .fetch_one(&cronium)
         .await?;
         let span = Duration::from_millis(u64::try_from(last_result - first_claim)?.max(1));
+        let mut drained = job_figures(
+            &cronium,
+            &event_id,
+            options.drain_jobs,
+            span,
+            Since::Claimed,
+        )
+        .await?;
+        drained.cpu = cpu;
         let measured = DrainRound {
-            round: job_figures(
-                &cronium,
-                &event_id,
-                options.drain_jobs,
-                span,
-                Since::Claimed,
-            )
-            .await?,
+            round: drained,
             wall,
             created_in,
         };
@@ -560,6 +636,7 @@ async fn raw_round(pool: &PgPool, jobs: usize, connections: usize) -> anyhow::Re
         elapsed,
         latency: Summary::of(&samples),
         reattempted: 0,
+        cpu: CpuUse::default(),
     })
 }
 
@@ -697,6 +774,7 @@ async fn job_figures(
         elapsed,
         latency: Summary::of(&samples),
         reattempted: reattempted as usize,
+        cpu: CpuUse::default(),
     })
 }
 

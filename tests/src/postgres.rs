@@ -188,6 +188,18 @@ impl PgCluster {
         Err(last_error.expect("at least one attempt"))
     }
 
+    /// The pid of the server's postmaster (its backends are its children).
+    pub fn server_pid(&self) -> Result<u32> {
+        let path = self.data_dir().join("postmaster.pid");
+        let contents = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        contents
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("no pid in {}", path.display()))
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -1,0 +1,159 @@
+//! CPU time of processes, read from `/proc` (Linux): what a round cost each side, so that a
+//! comparison of throughput on one shared machine can also be read as cost per job.
+
+use std::time::Duration;
+
+/// CPU time (user + system) of the processes that did a round's work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    /// The PostgreSQL server: the postmaster and every backend and helper process.
+    pub database: Duration,
+    /// `cronium serve` (zero on the raw side).
+    pub control_plane: Duration,
+    /// This process: the raw side's connections, or the in-process agents (and the clients'
+    /// and the progress reads' share, small next to them).
+    pub bench: Duration,
+}
+
+impl CpuUse {
+    /// The CPU time used since `earlier`, a reading of the same processes.
+    pub fn since(&self, earlier: &CpuUse) -> CpuUse {
+        CpuUse {
+            database: self.database.saturating_sub(earlier.database),
+            control_plane: self.control_plane.saturating_sub(earlier.control_plane),
+            bench: self.bench.saturating_sub(earlier.bench),
+        }
+    }
+
+    /// Reads the current totals: the server whose postmaster is `database`, the control plane
+    /// `control_plane` (if any), and this process.
+    pub fn read(database: u32, control_plane: Option<u32>) -> anyhow::Result<CpuUse> {
+        Ok(CpuUse {
+            database: tree_time(database)?,
+            control_plane: match control_plane {
+                Some(pid) => process_time(pid, true)?,
+                None => Duration::ZERO,
+            },
+            bench: process_time(std::process::id(), true)?,
+        })
+    }
+}
+
+/// The fields of `/proc/{pid}/stat` after the command name (which is in parentheses and may
+/// itself contain spaces and parentheses): field 3 (the state) is index 0.
+fn stat_fields(pid: u32) -> std::io::Result<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat
+        .rfind(')')
+        .map(|end| &stat[end + 1..])
+        .ok_or_else(|| std::io::Error::other(format!("unreadable /proc/{pid}/stat")))?;
+    // The state is a letter; it is kept as 0 so that indexes stay those of the fields.
+    Ok(after_name
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect())
+}
+
+/// Index (in [`stat_fields`]) of the parent's pid, then of utime, stime, cutime and cstime.
+const PPID: usize = 1;
+const UTIME: usize = 11;
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+fn ticks(ticks: u64) -> Duration {
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second())
+}
+
+/// CPU time of `pid`, with that of the children it waited for when `reaped`.
+fn process_time(pid: u32, reaped: bool) -> anyhow::Result<Duration> {
+    let fields =
+        stat_fields(pid).map_err(|error| anyhow::anyhow!("reading process {pid}: {error}"))?;
+    let counted = if reaped { 4 } else { 2 };
+    let used = fields
+        .get(UTIME..UTIME + counted)
+        .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+        .iter()
+        .sum();
+    Ok(ticks(used))
+}
+
+/// CPU time of `pid`, of the children it waited for, and of its live children: a server that
+/// forks a process per connection, whose ended processes' time moves to the parent's.
+fn tree_time(pid: u32) -> anyhow::Result<Duration> {
+    let mut total = process_time(pid, true)?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read: it is then counted in its
+        // parent's reaped time instead.
+        if let Ok(fields) = stat_fields(child)
+            && fields.get(PPID) == Some(&u64::from(pid))
+            && let Ok(used) = process_time(child, false)
+        {
+            total += used;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tree's time less the process's own (its children it waited for included).
+    fn children_time() -> Duration {
+        let pid = std::process::id();
+        tree_time(pid).unwrap() - process_time(pid, false).unwrap()
+    }
+
+    #[test]
+    fn live_and_ended_children_are_counted_in_their_parents_tree() {
+        let busy = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done";
+        let before = children_time();
+        let mut live = std::process::Command::new("sh")
+            .args(["-c", &format!("{busy}; exec sleep 30")])
+            .spawn()
+            .unwrap();
+        let mut child_time = Duration::ZERO;
+        for _ in 0..600 {
+            child_time = process_time(live.id(), false).unwrap_or_default();
+            let sleeping = std::fs::read_to_string(format!("/proc/{}/cmdline", live.id()))
+                .is_ok_and(|cmdline| cmdline.starts_with("sleep"));
+            if sleeping {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let with_live = children_time();
+        live.kill().unwrap();
+        live.wait().unwrap();
+        assert!(
+            child_time >= Duration::from_millis(50),
+            "the busy child used {child_time:?}: too little to tell"
+        );
+        assert!(
+            with_live - before >= child_time,
+            "a live child's {child_time:?} was not counted: {before:?} then {with_live:?}"
+        );
+
+        let mut ended = std::process::Command::new("sh")
+            .args(["-c", busy])
+            .spawn()
+            .unwrap();
+        ended.wait().unwrap();
+        let with_ended = children_time();
+        assert!(
+            with_ended - with_live >= Duration::from_millis(50),
+            "an ended child's time was not counted: {with_live:?} then {with_ended:?}"
+        );
+    }
+}
