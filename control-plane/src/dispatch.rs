@@ -23,7 +23,9 @@ use crate::store::now_ms;
 /// Longest sleep without a check (a safety net; every change also wakes the task).
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
-/// How often jobs waiting for an offline agent are checked against their deadline.
+/// How often jobs waiting for an offline agent are looked for and checked against their
+/// deadline (not at every read of the timers: while agents work through a queue, the timers are
+/// read ten times a second).
 const OFFLINE_CHECK: Duration = Duration::from_secs(1);
 
 /// Most change notifications handled in one pass.
@@ -72,6 +74,7 @@ pub async fn run(state: AppState) {
     // must be read next.
     let mut timers_read_at: Option<tokio::time::Instant> = None;
     let mut timers_due = tokio::time::Instant::now();
+    let mut offline = OfflineCheck::default();
     loop {
         let last_pass = tokio::time::Instant::now();
         let now = now_ms();
@@ -113,7 +116,7 @@ pub async fn run(state: AppState) {
         }
         if read_timers {
             timers_read_at = Some(last_pass);
-            timers_due = last_pass + read_timers_once(&state, now).await;
+            timers_due = last_pass + read_timers_once(&state, now, &mut offline).await;
         } else if let Some(read) = timers_read_at {
             // The changes may have queued a retry or a job that waits for an offline agent.
             timers_due = timers_due.min(read + TIMER_READ_INTERVAL);
@@ -150,24 +153,53 @@ pub async fn run(state: AppState) {
     }
 }
 
-/// Skips the jobs of offline agents whose wait is over, and returns how long the dispatcher may
-/// sleep before the timers are due again: until the next due retry, at most [`IDLE_CHECK`], and
-/// at most [`OFFLINE_CHECK`] while jobs wait for offline agents.
-async fn read_timers_once(state: &AppState, now: i64) -> Duration {
-    let offline_waiting = match state.store.any_offline_wait().await {
-        Ok(waiting) => waiting,
-        Err(error) => {
-            warn!(%error, "could not read the jobs waiting for offline agents");
-            true
+/// When the jobs waiting for offline agents were last looked for, and whether there were any.
+#[derive(Default)]
+struct OfflineCheck {
+    read_at: Option<tokio::time::Instant>,
+    waiting: bool,
+}
+
+impl OfflineCheck {
+    /// Whether a look is due at `now`: the first one, then every [`OFFLINE_CHECK`].
+    fn due(&self, now: tokio::time::Instant) -> bool {
+        self.read_at.is_none_or(|read| now >= read + OFFLINE_CHECK)
+    }
+
+    /// The longest sleep from `now` that does not delay the next look: until it is due while
+    /// jobs wait or when the look was skipped at `now` (a job created since may wait), any
+    /// length right after a look that found nothing waiting.
+    fn sleep_cap(&self, now: tokio::time::Instant) -> Duration {
+        match self.read_at {
+            None => Duration::ZERO,
+            Some(read) if self.waiting || read != now => {
+                (read + OFFLINE_CHECK).saturating_duration_since(now)
+            }
+            Some(_) => Duration::MAX,
         }
-    };
-    if offline_waiting {
-        skip_offline(state, now).await;
     }
-    let mut sleep = IDLE_CHECK;
-    if offline_waiting {
-        sleep = sleep.min(OFFLINE_CHECK);
+}
+
+/// Skips the jobs of offline agents whose wait is over (looked for at most every
+/// [`OFFLINE_CHECK`]), and returns how long the dispatcher may sleep before the timers are due
+/// again: until the next due retry, at most [`IDLE_CHECK`], at most [`OFFLINE_CHECK`] while
+/// jobs wait for offline agents, and no later than the next look when this one was skipped.
+async fn read_timers_once(state: &AppState, now: i64, offline: &mut OfflineCheck) -> Duration {
+    let started = tokio::time::Instant::now();
+    if offline.due(started) {
+        offline.read_at = Some(started);
+        offline.waiting = match state.store.any_offline_wait().await {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                warn!(%error, "could not read the jobs waiting for offline agents");
+                true
+            }
+        };
+        if offline.waiting {
+            skip_offline(state, now).await;
+        }
     }
+    let mut sleep = IDLE_CHECK.min(offline.sleep_cap(started));
     match state.store.next_due(now).await {
         Ok(Some(next)) => {
             sleep = sleep.min(Duration::from_millis((next - now).max(0) as u64));
@@ -228,5 +260,36 @@ async fn skip_offline(state: &AppState, now: i64) {
             }
         }
         Err(error) => warn!(%error, "could not skip the jobs of offline agents"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_waiting_for_offline_agents_are_looked_for_at_most_every_offline_check() {
+        let start = tokio::time::Instant::now();
+        let mut check = OfflineCheck::default();
+        assert!(check.due(start), "the first pass looks");
+        assert_eq!(check.sleep_cap(start), Duration::ZERO);
+
+        // A look that found nothing: the dispatcher may sleep as long as it likes.
+        check.read_at = Some(start);
+        check.waiting = false;
+        assert_eq!(check.sleep_cap(start), Duration::MAX);
+
+        // A pass soon after does not look again, and sleeps no longer than until the next look.
+        let soon = start + Duration::from_millis(300);
+        assert!(!check.due(soon));
+        assert_eq!(check.sleep_cap(soon), Duration::from_millis(700));
+        let later = start + OFFLINE_CHECK;
+        assert!(check.due(later));
+
+        // While jobs wait, every look is followed by the next one an OFFLINE_CHECK later.
+        check.waiting = true;
+        assert_eq!(check.sleep_cap(start), OFFLINE_CHECK);
+        assert_eq!(check.sleep_cap(soon), Duration::from_millis(700));
+        assert_eq!(check.sleep_cap(later + OFFLINE_CHECK), Duration::ZERO);
     }
 }
