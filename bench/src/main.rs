@@ -205,8 +205,8 @@ struct Cli {
     /// Queued rows per raw round of the PostgreSQL phase.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pg_raw_jobs: u64,
-    /// Connections claiming in the raw rounds (default: as many as one control plane's store
-    /// opens, its writer and four readers).
+    /// Connections claiming in the raw rounds (default: the writer and four readers of one
+    /// control plane's store; it also has four connections for its claims).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=256))]
     pg_connections: u64,
     /// Runs (one no-op job each) per Cronium round of the PostgreSQL phase.

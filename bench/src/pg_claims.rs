@@ -22,7 +22,9 @@
 //! - **Cronium, draining a queue** (`--pg-drain-jobs`, the raw side's shape): the agents are
 //!   stopped, the same clients create that many runs of a new pool event (timed apart: the API's
 //!   rate of run creation with nothing claiming), then the agents start again and drain the
-//!   queue. Jobs/s = jobs / (first `claimed_at` → last `finished_at`, the server's timestamps,
+//!   queue (the database vacuumed and analyzed first, as the raw table is before each raw round,
+//!   so both sides are planned with statistics that know their queue). Jobs/s = jobs / (first
+//!   `claimed_at` → last `finished_at`, the server's timestamps,
 //!   so the agents' reconnects are not counted; the wall time from their start to the last
 //!   completion read is shown next to it); per job `claimed_at` → `finished_at` p50/p99.
 //!
@@ -518,6 +520,9 @@ pub async fn measure(
         if claimed > 0 {
             bail!("{claimed} jobs of {name} left the queue while every agent was stopped");
         }
+        // As the raw table before each raw round: statistics that know the queue, as
+        // autovacuum has them in a deployment a minute after a burst.
+        sqlx::query("VACUUM ANALYZE").execute(&cronium).await?;
         let before = cpu_now()?;
         let started = Instant::now();
         agents = Fleet::spawn(state_dirs.clone(), fleet_options);

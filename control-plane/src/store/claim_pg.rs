@@ -274,7 +274,7 @@ impl Store {
             .bind(claimed_at)
             .bind(i64::from(limit))
             .bind(lease_until)
-            .fetch_all(&self.reader)
+            .fetch_all(&self.hot)
             .await?;
         let mut claimed: Vec<ClaimedJob> = Vec::new();
         let mut observed = Vec::new();
@@ -321,7 +321,7 @@ impl Store {
         // Dropped before the commit (an error, or the caller gone), the transaction rolls back.
         // The locks below only work if each statement sees what committed before it began.
         let mut tx = self
-            .reader
+            .hot
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
         let fixed_now = now;

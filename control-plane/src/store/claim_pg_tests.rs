@@ -285,6 +285,72 @@ async fn claimed_by(conn: &mut sqlx::AnyConnection, runner: &str) -> i64 {
     .unwrap()
 }
 
+/// With statistics taken after a burst was queued (as autovacuum takes them in a deployment),
+/// the one-statement claim keeps its generic plan rather than being planned anew on every claim
+/// (see `store::force_generic_plans`: on a connection left to PostgreSQL's default, all eight
+/// runs below were custom plans). Eight claims on a connection of the pool the store claims
+/// through, each rolled back so that the backlog stays, then that session's
+/// `pg_prepared_statements`.
+#[tokio::test]
+async fn the_claim_keeps_a_generic_plan_with_statistics_that_know_the_backlog() {
+    let (_db, store) = super::super::test_db::open_test_store().await;
+    if store.backend() != super::super::Backend::Postgres {
+        return;
+    }
+    const CLAIM: u32 = 8;
+    let owner = store
+        .create_user("owner", "hash", Role::User)
+        .await
+        .unwrap()
+        .id;
+    let free = event(&store, &owner, "free", None).await;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        agents.push(store.enroll_test_agent(name).await.id);
+    }
+    runs(&store, &owner, &free, &agents, true, 600).await;
+    let mut conn = store.hot.acquire().await.unwrap();
+    sqlx::raw_sql("ANALYZE jobs; ANALYZE job_candidates;")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let sql = super::claim_at_once();
+    let now = now_ms();
+    for _ in 0..8 {
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+        let ids: BTreeSet<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&agents[0])
+            .bind(now)
+            .bind(i64::from(CLAIM))
+            .bind(now + 600_000)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|row| sqlx::Row::try_get::<Option<String>, _>(row, "id").unwrap())
+            .collect();
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+        assert_eq!(ids.len(), CLAIM as usize, "one claim took {ids:?}");
+    }
+    let plans: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+    )
+    .bind(sql)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        plans.len(),
+        1,
+        "the claim is prepared once on the connection"
+    );
+    let (generic, custom) = plans[0];
+    assert!(
+        generic == 8 && custom == 0,
+        "eight claims were {custom} custom and {generic} generic plans"
+    );
+}
+
 /// A burst of pool jobs right after a quiet time: the table's statistics (taken when every job
 /// had ended) say no job is queued, and PostgreSQL plans a statement used often enough once,
 /// generically, with them. The claim's reads and its `UPDATE` must still only touch about as

@@ -747,7 +747,7 @@ impl Store {
         for id in padded(job_ids, usize::MAX) {
             query = query.bind(id);
         }
-        Ok(query.bind(now).fetch_all(&self.reader).await?)
+        Ok(query.bind(now).fetch_all(&self.hot).await?)
     }
 
     /// Every runner with a claimable job held back by a batch or a concurrency limit (after
