@@ -509,10 +509,31 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
         ),
     )
     .await;
+    // The result batch's read of those jobs (locking them): a look-up by key of each job, its
+    // event and its run.
+    let read = explain_generic(
+        &mut conn,
+        "read_current",
+        &["text"; CHANGED].join(", "),
+        &super::super::result_batch::read_current_query(super::super::Backend::Postgres, CHANGED),
+        &changed
+            .iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+    .await;
     sqlx::raw_sql("DEALLOCATE ALL; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await
         .unwrap();
+    let rows = rows_processed(&read);
+    let read_bound = 16 * CHANGED as u64;
+    assert!(
+        rows > 0 && rows <= read_bound,
+        "the result batch's read processed {rows} rows for {CHANGED} jobs with {BACKLOG}+ queued (at most {read_bound}):\n{}",
+        read.join("\n")
+    );
     // A primary-key look-up per changed job, one per changed run, and the joins above them.
     let rows = rows_processed(&wake);
     let wake_bound = 16 * CHANGED as u64;
