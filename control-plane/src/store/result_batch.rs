@@ -188,8 +188,9 @@ async fn finish_all_in(
 /// last id find the row it already locked). A join of `jobs`, `events` and `runs` on an `IN`
 /// list was planned on whatever statistics the table had when its text was first run: made on
 /// a small table and cached, its plan read the whole of `jobs` and `runs` in one sampled batch
-/// (33 ms, on the writer's connection, which every write waits for). A look-up by key has no
-/// cheaper plan to flip to, and a handful of texts are planned a handful of times.
+/// (33 ms, on the writer's connection, which every write waits for). Look-ups by key keep
+/// their indexes on such statistics too (`claim_pg_tests.rs` counts this read's rows on them),
+/// and a handful of texts are planned a handful of times.
 pub(super) fn read_current_query(backend: Backend, ids: usize) -> String {
     const COLUMNS: &str =
         "j.id, j.runner, j.status, j.attempt, j.max_attempts, j.cancel_requested, j.log_len,
