@@ -65,6 +65,21 @@ async fn active_in_database(store: &Store, event_id: &str) -> i64 {
     .unwrap()
 }
 
+/// The plan tests' setting: a user, their event "free" without a limit, and four agents.
+async fn owner_event_and_agents(store: &Store) -> (String, String, Vec<String>) {
+    let owner = store
+        .create_user("owner", "hash", Role::User)
+        .await
+        .unwrap()
+        .id;
+    let free = event(store, &owner, "free", None).await;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        agents.push(store.enroll_test_agent(name).await.id);
+    }
+    (owner, free, agents)
+}
+
 /// One claim as a claimer saw it.
 #[derive(Debug, Clone)]
 struct Claim {
@@ -298,16 +313,7 @@ async fn the_claim_keeps_a_generic_plan_with_statistics_that_know_the_backlog() 
         return;
     }
     const CLAIM: u32 = 8;
-    let owner = store
-        .create_user("owner", "hash", Role::User)
-        .await
-        .unwrap()
-        .id;
-    let free = event(&store, &owner, "free", None).await;
-    let mut agents = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        agents.push(store.enroll_test_agent(name).await.id);
-    }
+    let (owner, free, agents) = owner_event_and_agents(&store).await;
     runs(&store, &owner, &free, &agents, true, 600).await;
     let mut conn = store.hot.acquire().await.unwrap();
     sqlx::raw_sql("ANALYZE jobs; ANALYZE job_candidates;")
@@ -367,16 +373,7 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     }
     const BACKLOG: usize = 600;
     const LIMIT: u32 = 8;
-    let owner = store
-        .create_user("owner", "hash", Role::User)
-        .await
-        .unwrap()
-        .id;
-    let free = event(&store, &owner, "free", None).await;
-    let mut agents = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        agents.push(store.enroll_test_agent(name).await.id);
-    }
+    let (owner, free, agents) = owner_event_and_agents(&store).await;
     let claimer = agents[0].clone();
     // A quiet past: jobs that all ended, and statistics that say so, kept while the burst comes.
     runs(&store, &owner, &free, &agents, true, 30).await;
