@@ -693,16 +693,35 @@ async fn create_runs(
 }
 
 /// Waits until the database holds the `jobs` jobs of `event_id` completed (read every
-/// [`POLL`]); fails if any of them ended failed or cancelled. While a job of the event is not
-/// final, each read looks for one such job only (an index look-up), so that polling costs the
-/// server being measured next to nothing (counting every job each time took ~3 ms of it per
-/// read with 5,000 jobs); the jobs are counted once none is left.
+/// [`POLL`]); fails if any of them ended failed or cancelled. Called once every job exists.
+/// Polling must cost the server being measured next to nothing: it first waits for the newest
+/// job (claims take the oldest first, so it is among the last to end) by its primary key, then
+/// looks for any other unfinished job, and counts the jobs once none is left. Looking for an
+/// unfinished job on every poll cost ~2 ms each in a 20,000-job drain: on fresh statistics
+/// PostgreSQL reads `jobs` from its start, past every job that already ended (8% of a core).
 async fn wait_completed(
     database: &PgPool,
     event_id: &str,
     jobs: usize,
     name: &str,
 ) -> anyhow::Result<()> {
+    let newest: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE event_id = $1 ORDER BY queued_at DESC, id DESC LIMIT 1",
+    )
+    .bind(event_id)
+    .fetch_optional(database)
+    .await?;
+    if let Some(newest) = newest {
+        while sqlx::query_scalar::<_, bool>(
+            "SELECT status IN ('queued', 'claimed', 'running') FROM jobs WHERE id = $1",
+        )
+        .bind(&newest)
+        .fetch_one(database)
+        .await?
+        {
+            tokio::time::sleep(POLL).await;
+        }
+    }
     loop {
         let unfinished: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE event_id = $1 AND status IN ('queued', 'claimed', 'running'))",
