@@ -313,8 +313,11 @@ async fn the_claim_keeps_a_generic_plan_with_statistics_that_know_the_backlog() 
         return;
     }
     const CLAIM: u32 = 8;
+    // Large enough that reading `jobs` whole is costlier than a look-up per row by PostgreSQL's
+    // own estimate, as in any backlog worth a plan test.
+    const BACKLOG: usize = 3_000;
     let (owner, free, agents) = owner_event_and_agents(&store).await;
-    runs(&store, &owner, &free, &agents, true, 600).await;
+    runs(&store, &owner, &free, &agents, true, BACKLOG).await;
     let mut conn = store.hot.acquire().await.unwrap();
     sqlx::raw_sql("ANALYZE jobs; ANALYZE job_candidates;")
         .execute(&mut *conn)
@@ -355,17 +358,11 @@ async fn the_claim_keeps_a_generic_plan_with_statistics_that_know_the_backlog() 
         generic == 8 && custom == 0,
         "eight claims were {custom} custom and {generic} generic plans"
     );
-    // And those generic plans, made on statistics that know the backlog, still stop at the
-    // limit: PostgreSQL estimates a bound `LIMIT` at a tenth of the rows below it, which once
-    // made it hash the whole `jobs` table to flag the few claimed ones (20,550 rows read per
-    // claim in a 20,000-job drain).
-    let (at_once, candidates) =
-        explain_claims(&mut conn, &format!("'{}'", agents[0]), now, CLAIM).await;
-    sqlx::raw_sql("DEALLOCATE claim_at_once; DEALLOCATE unlimited_candidates;")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    assert_claims_bounded(&at_once, &candidates, CLAIM, 600);
+    // And the generic plans made on statistics that know the backlog still touch rows in
+    // proportion to the jobs handled: PostgreSQL estimates a bound `LIMIT` at a tenth of the
+    // rows below it, which once made it hash the whole `jobs` table to flag the few claimed
+    // ones (20,550 rows read per claim in a 20,000-job drain).
+    assert_hot_statements_bounded(&mut conn, &agents[0], CLAIM, BACKLOG).await;
 }
 
 /// A burst of pool jobs right after a quiet time: the table's statistics (taken when every job
@@ -424,14 +421,31 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
         .execute(&mut *conn)
         .await
         .unwrap();
+    assert_hot_statements_bounded(&mut conn, &claimer, LIMIT, BACKLOG).await;
+    sqlx::raw_sql("RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// Runs every statement of the claims' and results' hot paths once with `claimer`'s backlog
+/// of at least `backlog` queued jobs, on `conn` (set to generic plans), and checks that each
+/// one's plan touches rows in proportion to the jobs it handles (`limit` per claim), not to
+/// the backlog.
+async fn assert_hot_statements_bounded(
+    conn: &mut sqlx::AnyConnection,
+    claimer: &str,
+    limit: u32,
+    backlog: usize,
+) {
     let runner = format!("'{claimer}'");
     let now = now_ms();
 
-    let (at_once, candidates) = explain_claims(&mut conn, &runner, now, LIMIT).await;
+    let (at_once, candidates) = explain_claims(conn, &runner, now, limit).await;
     // The SSH worker's look at its queue, which every run with SSH jobs wakes: with no SSH job
     // queued it must find that out without walking the agents' backlog.
     let ssh = explain_generic(
-        &mut conn,
+        conn,
         "oldest_ssh_job",
         "bigint",
         &super::super::servers::oldest_ssh_job(),
@@ -441,19 +455,19 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     let ssh_rows = rows_processed(&ssh);
     assert!(
         ssh_rows <= 16,
-        "the SSH worker's look processed {ssh_rows} rows with {BACKLOG}+ agent jobs and no SSH job queued:\n{}",
+        "the SSH worker's look processed {ssh_rows} rows with {backlog}+ agent jobs and no SSH job queued:\n{}",
         ssh.join("\n")
     );
     let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "EXECUTE unlimited_candidates ({runner}, {now}, '', {LIMIT})"
+        "EXECUTE unlimited_candidates ({runner}, {now}, '', {limit})"
     )))
     .fetch_all(&mut *conn)
     .await
     .unwrap();
-    assert_eq!(ids.len(), LIMIT as usize, "the candidates: {ids:?}");
+    assert_eq!(ids.len(), limit as usize, "the candidates: {ids:?}");
     sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
     let take = explain_generic(
-        &mut conn,
+        conn,
         "take",
         "bigint, bigint, text, text, bigint",
         &super::take(),
@@ -464,9 +478,9 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
         ),
     )
     .await;
-    let taken = claimed_by(&mut conn, &runner).await;
+    let taken = claimed_by(conn, &runner).await;
     sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
-    assert_eq!(taken, i64::from(LIMIT), "the take claimed the candidates");
+    assert_eq!(taken, i64::from(limit), "the take claimed the candidates");
     // The runners to wake after a batch of results: here of 8 jobs of the burst's event,
     // which has no limit and no batches, so nothing is held back and nobody is woken; the
     // look must not read the event's queue to find that out.
@@ -479,7 +493,7 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     .unwrap();
     assert_eq!(changed.len(), CHANGED);
     let wake = explain_generic(
-        &mut conn,
+        conn,
         "wake",
         &format!("{}, bigint", ["text"; CHANGED].join(", ")),
         &super::super::dispatch::wake_query(super::super::Backend::Postgres, CHANGED),
@@ -496,7 +510,7 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     // The result batch's read of those jobs (locking them): a look-up by key of each job, its
     // event and its run.
     let read = explain_generic(
-        &mut conn,
+        conn,
         "read_current",
         &["text"; CHANGED].join(", "),
         &super::super::result_batch::read_current_query(super::super::Backend::Postgres, CHANGED),
@@ -507,15 +521,18 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
             .join(", "),
     )
     .await;
-    sqlx::raw_sql("DEALLOCATE ALL; RESET plan_cache_mode")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "DEALLOCATE claim_at_once; DEALLOCATE unlimited_candidates; DEALLOCATE oldest_ssh_job;
+         DEALLOCATE take; DEALLOCATE wake; DEALLOCATE read_current;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
     let rows = rows_processed(&read);
     let read_bound = 16 * CHANGED as u64;
     assert!(
         rows > 0 && rows <= read_bound,
-        "the result batch's read processed {rows} rows for {CHANGED} jobs with {BACKLOG}+ queued (at most {read_bound}):\n{}",
+        "the result batch's read processed {rows} rows for {CHANGED} jobs with {backlog}+ queued (at most {read_bound}):\n{}",
         read.join("\n")
     );
     // A primary-key look-up per changed job, one per changed run, and the joins above them.
@@ -523,12 +540,12 @@ async fn pg_claims_touch_rows_in_proportion_to_the_limit_with_a_backlog_planned_
     let wake_bound = 16 * CHANGED as u64;
     assert!(
         rows > 0 && rows <= wake_bound,
-        "runners_to_wake processed {rows} rows for {CHANGED} changed jobs with {BACKLOG}+ queued (at most {wake_bound}):\n{}",
+        "runners_to_wake processed {rows} rows for {CHANGED} changed jobs with {backlog}+ queued (at most {wake_bound}):\n{}",
         wake.join("\n")
     );
 
-    assert_claims_bounded(&at_once, &candidates, LIMIT, BACKLOG);
-    assert_bounded("take", &take, 24, LIMIT, BACKLOG);
+    assert_claims_bounded(&at_once, &candidates, limit, backlog);
+    assert_bounded("take", &take, 24, limit, backlog);
 }
 
 /// The generic plans of the claim in one statement (run and rolled back: it must take `limit`

@@ -900,7 +900,8 @@ impl Store {
 /// joins from the changed jobs by itself.
 pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
     const SETTLED: &str = "status IN ('queued', 'completed', 'failed', 'cancelled')";
-    let (changed, per_run, per_limited_event) = match backend {
+    let now = ids + 1;
+    let (changed, per_run, per_limited_event, runners) = match backend {
         super::Backend::Postgres => (
             format!(
                 "SELECT DISTINCT j.run_id, j.event_id FROM (VALUES {}) AS w (id)
@@ -916,6 +917,14 @@ pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
                                              AND (q.status = 'queued') IS TRUE AND q.batch > 0 OFFSET 0) AS q",
             "limited l CROSS JOIN LATERAL (SELECT q.id FROM jobs q WHERE q.event_id = l.event_id
                                              AND q.status = 'queued' OFFSET 0) AS q",
+            // Each held job and its candidates looked up by key: joined, the generic plan made
+            // on statistics that knew a backlog hashed all of `jobs` and `job_candidates`.
+            format!(
+                "held h CROSS JOIN LATERAL (SELECT j.id, j.runner FROM jobs j WHERE j.id = h.id
+                                              AND (j.not_before IS NULL OR j.not_before <= ${now}) OFFSET 0) AS q
+                 LEFT JOIN LATERAL (SELECT c.agent_id FROM job_candidates c
+                                    WHERE q.runner IS NULL AND c.job_id = q.id OFFSET 0) AS c ON TRUE"
+            ),
         ),
         super::Backend::Sqlite => (
             format!(
@@ -924,18 +933,20 @@ pub(crate) fn wake_query(backend: super::Backend, ids: usize) -> String {
             ),
             "changed s JOIN jobs q ON q.run_id = s.run_id AND q.status = 'queued' AND q.batch > 0",
             "limited l JOIN jobs q ON q.event_id = l.event_id AND q.status = 'queued'",
+            format!(
+                "held h JOIN jobs q ON q.id = h.id AND (q.not_before IS NULL OR q.not_before <= ${now})
+                 LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id"
+            ),
         ),
     };
-    let now = ids + 1;
     format!(
         "WITH changed AS MATERIALIZED ({changed}),
          limited AS MATERIALIZED (
            SELECT d.event_id FROM event_dispatch d
            WHERE d.max_concurrency IS NOT NULL AND d.event_id IN (SELECT event_id FROM changed)),
          held AS (SELECT q.id FROM {per_run} UNION SELECT q.id FROM {per_limited_event})
-         SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM held h JOIN jobs q ON q.id = h.id
-           LEFT JOIN job_candidates c ON q.runner IS NULL AND c.job_id = q.id
-         WHERE (q.not_before IS NULL OR q.not_before <= ${now}) AND COALESCE(q.runner, c.agent_id) IS NOT NULL"
+         SELECT DISTINCT COALESCE(q.runner, c.agent_id) FROM {runners}
+         WHERE COALESCE(q.runner, c.agent_id) IS NOT NULL"
     )
 }
 
