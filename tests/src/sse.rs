@@ -86,7 +86,9 @@ async fn follow(api: &Api, job_id: &str) -> Result<FollowedLog> {
 /// keep-alives are skipped.
 pub struct EventStream {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    /// Bytes received and not yet returned as events, from `start` on.
     buffer: Vec<u8>,
+    start: usize,
 }
 
 impl EventStream {
@@ -121,6 +123,7 @@ impl EventStream {
                 .map(|chunk| chunk.map(|bytes| bytes.to_vec()))
                 .boxed(),
             buffer: Vec::new(),
+            start: 0,
         })
     }
 
@@ -134,12 +137,18 @@ impl EventStream {
     /// The next event as `(name, data)`; an error when the stream closes first.
     pub async fn next_event(&mut self) -> Result<(String, String)> {
         loop {
-            while let Some((block, rest)) = split_event(&self.buffer) {
-                self.buffer = rest;
-                if let Some(event) = parse_event(&block)? {
+            while let Some((end, next)) = event_end(&self.buffer[self.start..]) {
+                let block = &self.buffer[self.start..self.start + end];
+                let event = parse_event(&String::from_utf8_lossy(block))?;
+                self.start += next;
+                if let Some(event) = event {
                     return Ok(event);
                 }
             }
+            // Only an incomplete event is left: moved to the front once per chunk received,
+            // not once per event taken (a burst of events in one chunk stays linear).
+            self.buffer.drain(..self.start);
+            self.start = 0;
             match self.body.next().await {
                 Some(chunk) => self
                     .buffer
@@ -150,32 +159,19 @@ impl EventStream {
     }
 }
 
-/// Splits the first complete event block (terminated by a blank line) off `buffer`.
-fn split_event(buffer: &[u8]) -> Option<(String, Vec<u8>)> {
-    let text_end = buffer
-        .windows(2)
-        .position(|pair| pair == b"\n\n")
-        .map(|index| (index, index + 2));
-    let crlf_end = buffer
-        .windows(4)
-        .position(|quad| quad == b"\r\n\r\n")
-        .map(|index| (index, index + 4));
-    let (end, next) = match (text_end, crlf_end) {
-        (Some(a), Some(b)) => {
-            if a.0 < b.0 {
-                a
-            } else {
-                b
-            }
-        }
-        (Some(a), None) => a,
-        (None, Some(b)) => b,
-        (None, None) => return None,
+/// Where the first complete event block of `buffer` ends (a blank line, `\n\n` or
+/// `\r\n\r\n`): the block's length and where the next one starts.
+fn event_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    let find = |haystack: &[u8], needle: &[u8]| {
+        haystack
+            .windows(needle.len())
+            .position(|window| window == needle)
     };
-    Some((
-        String::from_utf8_lossy(&buffer[..end]).into_owned(),
-        buffer[next..].to_vec(),
-    ))
+    let text = find(buffer, b"\n\n").map(|at| (at, at + 2));
+    // A CRLF blank line comes first only if it starts before the LF one: look no further.
+    let crlf_scope = text.map_or(buffer.len(), |(at, _)| (at + 3).min(buffer.len()));
+    let crlf = find(&buffer[..crlf_scope], b"\r\n\r\n").map(|at| (at, at + 4));
+    crlf.or(text)
 }
 
 /// Parses one event block into `(event name, data)`; `None` for a block with no data (a comment).
@@ -207,20 +203,31 @@ mod tests {
 
     #[test]
     fn events_are_split_and_parsed() {
-        let stream = b": keep-alive\n\nevent: log\ndata: {\"offset\":0}\n\nevent: end\r\ndata: {}\r\n\r\nrest";
-        let (first, rest) = split_event(stream).unwrap();
+        let stream: &[u8] = b": keep-alive\n\nevent: log\ndata: {\"offset\":0}\n\nevent: end\r\ndata: {}\r\n\r\nrest";
+        let split = |buffer: &[u8]| {
+            event_end(buffer).map(|(end, next)| {
+                (
+                    String::from_utf8_lossy(&buffer[..end]).into_owned(),
+                    buffer[next..].to_vec(),
+                )
+            })
+        };
+        let (first, rest) = split(stream).unwrap();
         assert_eq!(parse_event(&first).unwrap(), None);
-        let (second, rest) = split_event(&rest).unwrap();
+        let (second, rest) = split(&rest).unwrap();
         assert_eq!(
             parse_event(&second).unwrap(),
             Some(("log".into(), "{\"offset\":0}".into()))
         );
-        let (third, rest) = split_event(&rest).unwrap();
+        let (third, rest) = split(&rest).unwrap();
         assert_eq!(
             parse_event(&third).unwrap(),
             Some(("end".into(), "{}".into()))
         );
         assert_eq!(rest, b"rest");
-        assert!(split_event(&rest).is_none());
+        assert!(event_end(&rest).is_none());
+        // A CRLF blank line before an LF one ends the first block, and one after it does not.
+        assert_eq!(event_end(b"a\r\n\r\nb\n\n"), Some((1, 5)));
+        assert_eq!(event_end(b"a\n\nb\r\n\r\n"), Some((1, 3)));
     }
 }
