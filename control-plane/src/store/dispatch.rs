@@ -893,8 +893,9 @@ impl Store {
 /// The query of [`Store::runners_to_wake`] for `ids` changed jobs: `$1…$ids` the ids, then the
 /// time.
 ///
-/// On PostgreSQL the changed jobs are looked up one by one, and the queued jobs per changed run
-/// and per limited event, in `LATERAL` subqueries kept apart from the joins (`OFFSET 0`), so
+/// On PostgreSQL the changed jobs are looked up one by one, the queued jobs per changed run
+/// and per limited event, and each held job's runner or candidates, in `LATERAL` subqueries
+/// kept apart from the joins (`OFFSET 0`), so
 /// the plan has to start from the few changed jobs: with statistics that said nothing was queued, PostgreSQL otherwise read the
 /// whole queue first and joined the changed runs to it. SQLite has no `LATERAL` and plans these
 /// joins from the changed jobs by itself.
