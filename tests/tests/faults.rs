@@ -183,14 +183,20 @@ async fn a_partition_longer_than_the_lease_settles_the_job_and_refuses_and_audit
 }
 
 /// Reads the shell's pid from a terminal: `echo` of `$$` followed by a computed marker, so the
-/// echoed command line (which shows `$$` and the arithmetic) cannot match.
+/// echoed command line (which shows `$$` and the arithmetic) cannot match. The marker ends in
+/// a `.`, which no pid contains: `-42` alone also matched the start of a pid such as 4217 when
+/// the output arrived split after it.
 async fn shell_pid(terminal: &mut Terminal) -> Result<u32> {
-    terminal.send(b"echo \"shell-$$-$((6*7))\"\r").await?;
-    let output = terminal.read_until("-42").await?;
-    let start = output
+    const END: &str = "-42.";
+    terminal.send(b"echo \"shell-$$-$((6*7)).\"\r").await?;
+    let output = terminal.read_until(END).await?;
+    let end = output
+        .rfind(END)
+        .with_context(|| format!("no marker in {output:?}"))?;
+    let start = output[..end]
         .rfind("shell-")
         .with_context(|| format!("no shell pid in {output:?}"))?;
-    output[start + "shell-".len()..output.len() - "-42".len()]
+    output[start + "shell-".len()..end]
         .parse()
         .with_context(|| format!("no shell pid in {output:?}"))
 }
