@@ -65,7 +65,7 @@ async fn active_in_database(store: &Store, event_id: &str) -> i64 {
     .unwrap()
 }
 
-/// The plan tests' setting: a user, their event "free" without a limit, and four agents.
+/// The tests' setting: a user, their event "free" without a limit, and four agents.
 async fn owner_event_and_agents(store: &Store) -> (String, String, Vec<String>) {
     let owner = store
         .create_user("owner", "hash", Role::User)
@@ -93,17 +93,8 @@ struct Claim {
 async fn claims_from_two_stores_on_one_database_take_each_job_once_within_max_concurrency() {
     let (_db, stores) = super::super::test_db::open_test_stores(2).await;
     let first = &stores[0];
-    let owner = first
-        .create_user("owner", "hash", Role::User)
-        .await
-        .unwrap()
-        .id;
-    let free = event(first, &owner, "free", None).await;
+    let (owner, free, agents) = owner_event_and_agents(first).await;
     let limited = event(first, &owner, "limited", Some(LIMIT)).await;
-    let mut agents = Vec::new();
-    for name in ["a", "b", "c", "d"] {
-        agents.push(first.enroll_test_agent(name).await.id);
-    }
     // Pool jobs with four candidates, jobs of one agent (its runner claims through both stores,
     // as the SSH worker and the control plane's own worker of every replica do), and pool jobs
     // of the limited event.
