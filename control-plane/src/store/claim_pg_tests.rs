@@ -349,6 +349,12 @@ async fn the_claim_keeps_a_generic_plan_with_statistics_that_know_the_backlog() 
         generic == 8 && custom == 0,
         "eight claims were {custom} custom and {generic} generic plans"
     );
+    // Nor is any of them compiled (JIT): a generic plan's cost is a guess.
+    let jit: String = sqlx::query_scalar("SELECT current_setting('jit')")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off", "JIT on the claims' connections");
     // And the generic plans made on statistics that know the backlog still touch rows in
     // proportion to the jobs handled: PostgreSQL estimates a bound `LIMIT` at a tenth of the
     // rows below it, which once made it hash the whole `jobs` table to flag the few claimed
