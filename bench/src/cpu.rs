@@ -72,13 +72,13 @@ fn ticks(ticks: u64) -> Duration {
 fn process_time(pid: u32, reaped: bool) -> anyhow::Result<Duration> {
     let fields =
         stat_fields(pid).map_err(|error| anyhow::anyhow!("reading process {pid}: {error}"))?;
+    time_in(&fields, reaped).ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))
+}
+
+/// [`process_time`] from the process's [`stat_fields`]; `None` if they are too few.
+fn time_in(fields: &[u64], reaped: bool) -> Option<Duration> {
     let counted = if reaped { 4 } else { 2 };
-    let used = fields
-        .get(UTIME..UTIME + counted)
-        .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
-        .iter()
-        .sum();
-    Ok(ticks(used))
+    Some(ticks(fields.get(UTIME..UTIME + counted)?.iter().sum()))
 }
 
 /// CPU time of `pid`, of the children it waited for, and of its live children: a server that
@@ -97,7 +97,7 @@ fn tree_time(pid: u32) -> anyhow::Result<Duration> {
         // parent's reaped time instead.
         if let Ok(fields) = stat_fields(child)
             && fields.get(PPID) == Some(&u64::from(pid))
-            && let Ok(used) = process_time(child, false)
+            && let Some(used) = time_in(&fields, false)
         {
             total += used;
         }
