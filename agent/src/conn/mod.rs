@@ -497,7 +497,7 @@ impl Session {
         {
             return Ok(());
         }
-        let slots = self.jobs.free_slots();
+        let slots = self.jobs.slots_to_claim();
         if slots == 0 {
             return Ok(());
         }
