@@ -459,18 +459,7 @@ mod tests {
     #[tokio::test]
     async fn unacknowledged_results_hold_back_claims_beyond_the_capacity() {
         let dir = tempfile::tempdir().unwrap();
-        let (_connection, receiver) = watch::channel(None);
-        let tracker = TaskTracker::new();
-        let exit = CancellationToken::new();
-        let jobs = Jobs::new(JobsOptions {
-            spool: Spool::open(dir.path().join("spool")).unwrap(),
-            runner: Arc::new(Instant),
-            capacity: 2,
-            max_log_bytes: 1024,
-            tracker: tracker.clone(),
-            exit: exit.clone(),
-            connection: receiver,
-        });
+        let (jobs, tracker, exit) = jobs_with(Arc::new(Instant), 2, dir.path());
         assert_eq!(jobs.free_slots(), 2);
         for id in ["a", "b"] {
             jobs.start(spec(id));
@@ -493,16 +482,11 @@ mod tests {
             .await
             .is_ok()
         {}
-        jobs.remove(&AttemptRef {
-            job_id: "a".to_string(),
-            attempt: 1,
-        });
+        forget(&jobs, "a");
         tokio::time::timeout(Duration::from_secs(5), jobs.slot_freed())
             .await
             .expect("forgetting an attempt wakes the claimer");
         assert_eq!(jobs.free_slots(), 1);
-        exit.cancel();
-        tracker.close();
-        tracker.wait().await;
+        end(&jobs, tracker, exit).await;
     }
 }
