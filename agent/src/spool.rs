@@ -2,16 +2,22 @@
 //!
 //! Each attempt gets `<state>/spool/<job_id>-<attempt>/` holding:
 //! - `spec.json`: which job, attempt, run and event this is;
-//! - `pid`: the process id (and process group id) once the process started;
+//! - `pid`: the process id (and process group id) once the process started (0: no process);
 //! - `log`: append-only records `[u8 stream][u32 BE length][data]`. The log offset of a byte is
 //!   the sum of the data lengths before it, which is the offset the protocol speaks of;
 //! - `output.json`, `condition`: what the script set through the runtime helpers (`output`,
 //!   `set_condition`), each written with an atomic rename (last write wins);
 //! - `helper-writes.jsonl`, `helper-acked`: the helper writes on their way to the control plane
 //!   (see [`HelperJournal`]);
-//! - `result.json`: written with an atomic rename when the attempt ended.
+//! - `result.json`: written when the attempt ended.
 //!
-//! Nothing here is fsynced: see [`write_atomically`] for why the page cache is enough.
+//! `spec.json`, `pid` and `result.json` are each written once, straight into the attempt's new
+//! directory ([`write_once`]): an agent killed while writing one leaves it empty or short, which
+//! recovery reads as not written (no spec: the directory is removed and the control plane
+//! settles the attempt through its lease; no pid: nothing to kill; no result: settled as lost).
+//! A temporary file and a rename each, as for the files written again and again, cost three
+//! more file-system operations per attempt for that one case. Nothing here is fsynced: see
+//! [`write_atomically`] for why the page cache is enough.
 //!
 //! Output past `max_log_bytes` is dropped after one [`LogStream::System`] marker record.
 //!
@@ -35,6 +41,11 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use crate::helper::journal::HelperJournal;
+
+/// The attempt's files written once ([`write_once`]).
+const SPEC_FILE: &str = "spec.json";
+const PID_FILE: &str = "pid";
+const RESULT_FILE: &str = "result.json";
 
 /// Bytes of a log record header: one stream byte and a 32-bit length.
 const RECORD_HEADER_LEN: u64 = 5;
@@ -265,10 +276,7 @@ impl Spool {
             attempt: spec.attempt,
         };
         let dir = self.root.join(attempt_dir_name(&attempt));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|source| io_error(&dir, source))?;
-        }
-        create_private_dir(&dir)?;
+        create_attempt_dir(&dir)?;
         let spec_file = SpecFile {
             job_id: spec.job_id.clone(),
             attempt: spec.attempt,
@@ -276,7 +284,7 @@ impl Spool {
             event_id: spec.event_id.clone(),
         };
         let json = serde_json::to_vec_pretty(&spec_file).map_err(|error| corrupt(&dir, error))?;
-        write_atomically(&dir.join("spec.json"), &json)?;
+        write_once(&dir.join(SPEC_FILE), &json)?;
         let log_path = dir.join("log");
         let log = open_log_for_append(&log_path)?;
         let journal = HelperJournal::new(&dir);
@@ -380,9 +388,9 @@ impl Spool {
             }
             // Kill a job a dead agent left running first, even if the rest of its spool turns
             // out to be unreadable.
-            if !dir.join("result.json").exists()
+            if !dir.join(RESULT_FILE).exists()
                 && let Some(name) = dir.file_name()
-                && let Some(pid) = fs::read_to_string(dir.join("pid"))
+                && let Some(pid) = fs::read_to_string(dir.join(PID_FILE))
                     .ok()
                     .and_then(|text| text.trim().parse::<u32>().ok())
             {
@@ -403,7 +411,7 @@ impl Spool {
     }
 
     fn recover_one(&self, dir: &Path, max_log_bytes: u64) -> Result<AttemptSpool, SpoolError> {
-        let spec_path = dir.join("spec.json");
+        let spec_path = dir.join(SPEC_FILE);
         let spec_bytes = fs::read(&spec_path).map_err(|source| io_error(&spec_path, source))?;
         let spec: SpecFile =
             serde_json::from_slice(&spec_bytes).map_err(|error| corrupt(&spec_path, error))?;
@@ -424,27 +432,31 @@ impl Spool {
         let log = open_log_for_append(&log_path)?;
         let (file_len, log_len) = repair_log(&log, &log_path)?;
 
-        let pid_path = dir.join("pid");
+        let pid_path = dir.join(PID_FILE);
         let pid = match fs::read_to_string(&pid_path) {
             Ok(text) => text.trim().parse::<u32>().ok(),
             Err(error) if error.kind() == io::ErrorKind::NotFound => None,
             Err(source) => return Err(io_error(&pid_path, source)),
         };
 
-        let result_path = dir.join("result.json");
+        let result_path = dir.join(RESULT_FILE);
         let result = match fs::read(&result_path) {
-            Ok(bytes) => {
-                let file: ResultFile =
-                    serde_json::from_slice(&bytes).map_err(|error| corrupt(&result_path, error))?;
-                Some(AttemptResult {
+            Ok(bytes) => match serde_json::from_slice::<ResultFile>(&bytes) {
+                Ok(file) => Some(AttemptResult {
                     outcome: Outcome {
                         status: file.status,
                         reason: file.reason,
                         exit_code: file.exit_code,
                     },
                     log_len: file.log_len,
-                })
-            }
+                }),
+                // Cut short by an agent killed while writing it (see the module's
+                // documentation): the attempt is settled below as one without a result.
+                Err(error) => {
+                    tracing::warn!(path = %result_path.display(), %error, "ignoring a torn result file");
+                    None
+                }
+            },
             Err(error) if error.kind() == io::ErrorKind::NotFound => None,
             Err(source) => return Err(io_error(&result_path, source)),
         };
@@ -615,7 +627,7 @@ impl AttemptSpool {
 
     /// Records the process id.
     pub fn record_pid(&self, pid: u32) -> Result<(), SpoolError> {
-        write_atomically(&self.inner.dir.join("pid"), pid.to_string().as_bytes())?;
+        write_once(&self.inner.dir.join(PID_FILE), pid.to_string().as_bytes())?;
         self.lock().pid = Some(pid);
         self.inner.changed.notify_waiters();
         Ok(())
@@ -686,7 +698,7 @@ impl AttemptSpool {
         };
         let written = serde_json::to_vec_pretty(&file)
             .map_err(|error| corrupt(&self.inner.dir, error))
-            .and_then(|json| write_atomically(&self.inner.dir.join("result.json"), &json));
+            .and_then(|json| write_once(&self.inner.dir.join(RESULT_FILE), &json));
         // The result is kept in memory even when it could not be stored, so it is still
         // reported; only a restart of the agent before the upload would lose it.
         state.result = Some(result);
@@ -713,13 +725,37 @@ impl AttemptSpool {
         LogReader::open(source, path, offset, progress.file_len)
     }
 
-    /// Deletes the spool directory.
+    /// Deletes the spool directory: the files every attempt has, then the directory; only when
+    /// it holds more (the helpers' files, a temporary file left by a crash) is it listed and
+    /// emptied (most attempts use no helper, and listing costs four more system calls).
     pub fn remove(&self) -> Result<(), SpoolError> {
-        self.lock().log = None;
-        match fs::remove_dir_all(&self.inner.dir) {
+        let (pid, result) = {
+            let mut state = self.lock();
+            state.log = None;
+            (state.pid.is_some(), state.result.is_some())
+        };
+        let dir = &self.inner.dir;
+        let known = [
+            (SPEC_FILE, true),
+            ("log", true),
+            (PID_FILE, pid),
+            (RESULT_FILE, result),
+        ];
+        for (name, _) in known.iter().filter(|(_, present)| *present) {
+            match fs::remove_file(dir.join(name)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => break,
+            }
+        }
+        match fs::remove_dir(dir) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(io_error(&self.inner.dir, source)),
+            Err(_) => match fs::remove_dir_all(dir) {
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(io_error(dir, source)),
+            },
         }
     }
 
@@ -997,6 +1033,23 @@ fn kill_orphaned_group(pgid: u32, work_dir: &Path) {
     }
 }
 
+/// Creates the directory of a new attempt, private to the agent's user (mode 0700, which the
+/// umask can only narrow), replacing one left by an earlier claim of the same attempt. One
+/// `mkdir` in the common case: no look first, no `chmod` after.
+fn create_attempt_dir(dir: &Path) -> Result<(), SpoolError> {
+    let create = || fs::DirBuilder::new().mode(0o700).create(dir);
+    match create() {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_dir_all(dir).map_err(|source| io_error(dir, source))?;
+            create().map_err(|source| io_error(dir, source))
+        }
+        // The spool's root is gone (removed by hand): made again, as `Spool::open` does.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => create_private_dir(dir),
+        Err(source) => Err(io_error(dir, source)),
+    }
+}
+
 /// Creates a directory (and its parents) and makes it private to the agent's user.
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
     fs::DirBuilder::new()
@@ -1016,6 +1069,19 @@ fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
         .append(true)
         .mode(0o600)
         .open(path)
+        .map_err(|source| io_error(path, source))
+}
+
+/// Writes a file of an attempt that is written once (`spec.json`, `pid`, `result.json`; see the
+/// module's documentation for what a crash while writing leaves), replacing any earlier one.
+fn write_once(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents))
         .map_err(|source| io_error(path, source))
 }
 
@@ -1281,6 +1347,104 @@ mod tests {
                 condition: Some(false),
             }
         );
+    }
+
+    #[test]
+    fn files_cut_short_by_a_crash_read_as_not_written() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        let work = temp.path().join("work");
+        {
+            let spool = Spool::open(root.clone()).unwrap();
+            let torn = spool.create(&spec("torn"), 1 << 20).unwrap();
+            torn.append(LogStream::Stdout, b"all of it\n").unwrap();
+            torn.finish(Outcome {
+                status: FinalStatus::Completed,
+                reason: None,
+                exit_code: Some(0),
+            })
+            .unwrap();
+            spool.create(&spec("unnamed"), 1 << 20).unwrap();
+        }
+        // The agent died while writing each file: one cut in half, one left empty.
+        let result = fs::read(root.join("torn-1/result.json")).unwrap();
+        fs::write(root.join("torn-1/result.json"), &result[..result.len() / 2]).unwrap();
+        fs::write(root.join("unnamed-1/spec.json"), b"").unwrap();
+
+        let spool = Spool::open(root.clone()).unwrap();
+        let recovered = spool.recover(1 << 20, &work).unwrap();
+        // Without its spec the attempt cannot be named: removed, left to the lease.
+        assert!(!root.join("unnamed-1").exists());
+        assert_eq!(recovered.len(), 1);
+        // Without a readable result the attempt is settled as lost, its log kept.
+        let progress = recovered[0].progress();
+        assert_eq!(
+            progress.result.unwrap().outcome,
+            Outcome {
+                status: FinalStatus::Failed,
+                reason: Some(FailReason::Lost),
+                exit_code: None
+            }
+        );
+        let text = String::from_utf8(concat(&read_all(&recovered[0], 0, 1024))).unwrap();
+        assert!(text.starts_with("all of it\n"), "{text:?}");
+        // Settled once: the rewritten result is read back as it is.
+        let again = spool.recover(1 << 20, &work).unwrap();
+        assert_eq!(again[0].progress().result, progress.result);
+    }
+
+    #[test]
+    fn removal_takes_the_whole_directory_whatever_the_attempt_wrote() {
+        let temp = tempfile::tempdir().unwrap();
+        let spool = Spool::open(temp.path().join("spool")).unwrap();
+        let finish = |attempt: &AttemptSpool| {
+            attempt
+                .finish(Outcome {
+                    status: FinalStatus::Completed,
+                    reason: None,
+                    exit_code: Some(0),
+                })
+                .unwrap()
+        };
+        // The common case: spec, pid, log and result.
+        let plain = spool.create(&spec("plain"), 1 << 20).unwrap();
+        plain.record_pid(0).unwrap();
+        plain.append(LogStream::Stdout, b"hi\n").unwrap();
+        finish(&plain);
+        // Files of the helpers, and one left behind by a crash.
+        let helped = spool.create(&spec("helped"), 1 << 20).unwrap();
+        helped.set_output("{\"a\":1}").unwrap();
+        helped.set_condition(true).unwrap();
+        fs::write(helped.dir().join("output.tmp"), b"{").unwrap();
+        finish(&helped);
+        // Removed before it ever started or ended.
+        let early = spool.create(&spec("early"), 1 << 20).unwrap();
+        for attempt in [&plain, &helped, &early] {
+            attempt.remove().unwrap();
+            assert!(!attempt.dir().exists(), "{}", attempt.dir().display());
+            // Removing again is not an error.
+            attempt.remove().unwrap();
+        }
+    }
+
+    #[test]
+    fn creating_an_attempt_again_starts_it_afresh() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        let spool = Spool::open(root.clone()).unwrap();
+        let first = spool.create(&spec("again"), 1 << 20).unwrap();
+        first.append(LogStream::Stdout, b"old output\n").unwrap();
+        first.set_condition(false).unwrap();
+        let second = spool.create(&spec("again"), 1 << 20).unwrap();
+        assert_eq!(second.progress().log_len, 0);
+        assert!(!second.dir().join("condition").exists());
+        // Its directory is private, and made again if the spool's root was removed by hand.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(second.dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+        fs::remove_dir_all(&root).unwrap();
+        let third = spool.create(&spec("again"), 1 << 20).unwrap();
+        assert!(third.dir().join("spec.json").exists());
     }
 
     #[test]
