@@ -35,6 +35,7 @@ mod install;
 mod load;
 mod pg_claims;
 mod phases;
+mod pin;
 mod procs;
 mod quinn_peer;
 mod replica_dispatch;
@@ -229,6 +230,11 @@ struct Cli {
     /// exists; see `scratch.rs`).
     #[arg(long)]
     pg_agent_dir: Option<PathBuf>,
+    /// Run PostgreSQL's processes on the first half of the cores and the control plane and
+    /// this process (the raw side's connections, the agents and API clients) on the rest, so
+    /// that both sides get the same database server with cores of its own.
+    #[arg(long)]
+    pg_split_cores: bool,
     /// Run only the cross-replica phase ([`replica_dispatch`]): two `cronium serve` replicas
     /// on a throwaway PostgreSQL, every agent connected to A, runs created and followed through
     /// B next to the same through A, none of the others.
@@ -353,6 +359,7 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
                 .pg_agent_dir
                 .clone()
                 .unwrap_or_else(|| scratch::tmpfs_or(root.join("postgres"))),
+            split_cores: cli.pg_split_cores,
         };
         let figures = pg_claims::measure(&binaries, &root.join("postgres"), &options).await?;
         println!("{}", figures.markdown());

@@ -74,6 +74,8 @@ pub struct PgOptions {
     pub drain_jobs: usize,
     /// Where the agents' state dirs are made (a temp dir inside it).
     pub agent_dir: PathBuf,
+    /// PostgreSQL on the first half of the cores, everything else on the rest ([`crate::pin`]).
+    pub split_cores: bool,
 }
 
 /// One round of either side.
@@ -127,6 +129,8 @@ pub struct PgFigures {
     pub raw: Vec<Round>,
     pub cronium: Vec<Round>,
     pub drain: Vec<DrainRound>,
+    /// With `--pg-split-cores`: the cores of PostgreSQL, and of everything else.
+    pub cores: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -199,6 +203,12 @@ impl PgFigures {
              Same server, same run ({}; throwaway cluster, fsync off), {} alternated rounds.\n\n",
             self.server_version, options.rounds
         ));
+        if let Some((database, rest)) = &self.cores {
+            out.push_str(&format!(
+                "Cores split (`--pg-split-cores`): PostgreSQL's processes on {database:?}, the control plane \
+                 and the benchmark process (the raw side's connections; Cronium's agents and API clients) on {rest:?}.\n\n"
+            ));
+        }
         out.push_str("| Side | Setup | Jobs per round | Jobs/s (median; rounds) | Per job p50 / p99 ms (median of rounds) |\n|---|---|---|---|---|\n");
         let rates = |rounds: &[Round]| {
             rounds
@@ -331,6 +341,7 @@ impl PgFigures {
                 "agents": self.options.agents,
                 "capacity": self.options.capacity,
                 "drain_jobs": self.options.drain_jobs,
+                "split_cores": self.cores.as_ref().map(|(database, rest)| json!({"database": database, "rest": rest})),
                 "executor": Executor::SimulatedInProcess.key(),
                 "agent_dir": self.options.agent_dir,
                 "agent_file_system": self.agent_file_system,
@@ -435,6 +446,20 @@ pub async fn measure(
     let mut agents = Fleet::spawn(state_dirs.clone(), fleet_options);
     wait_online(&api, &names, Duration::from_secs(60)).await?;
     let database_pid = cluster.server_pid()?;
+    let cores = if options.split_cores {
+        let (database, rest) = crate::pin::split(&crate::pin::allowed_cores()?)?;
+        // The backends already connected are the postmaster's children; later ones inherit.
+        crate::pin::bind_tree(database_pid, &database).context("binding PostgreSQL")?;
+        crate::pin::bind_process(control_plane.pid(), &rest)
+            .context("binding the control plane")?;
+        crate::pin::bind_process(std::process::id(), &rest).context("binding this process")?;
+        progress(&format!(
+            "cores split: PostgreSQL on {database:?}, the rest on {rest:?}"
+        ));
+        Some((database, rest))
+    } else {
+        None
+    };
     let control_plane_pid = Some(control_plane.pid());
     let cpu_now = || CpuUse::read(database_pid, control_plane_pid);
     let cronium = PgPoolOptions::new()
@@ -450,6 +475,7 @@ pub async fn measure(
         raw: Vec::new(),
         cronium: Vec::new(),
         drain: Vec::new(),
+        cores,
     };
     // A short warm-up of both sides (connections, statement caches), not counted.
     raw_round(&raw, 200.min(options.raw_jobs), options.connections).await?;
