@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use sqlx::AssertSqlSafe;
+
 use super::Store;
 use super::agents::{Labels, NewAgent, TokenRefusal};
 use super::events::{EventFields, EventKind, Runtime, Targets};
@@ -1290,4 +1292,53 @@ fn sqlite_batch_statements_get_anonymous_placeholders_in_text_order() {
     assert_eq!(super::anonymous_placeholders("SELECT $2, $1"), None);
     assert_eq!(super::anonymous_placeholders("SELECT $1, $1"), None);
     assert_eq!(super::anonymous_placeholders("SELECT $1, $3"), None);
+}
+
+/// Every rule of a job row is the database's too, the same on both (the CHECKs of `jobs`): each
+/// broken rule is refused as a check violation, and a row that keeps them all is written.
+#[tokio::test]
+async fn every_rule_of_a_job_row_is_enforced_by_the_database() {
+    let fixture = fixture().await;
+    let agent = fixture.agent("rules").await;
+    let job = fixture.jobs(&agent, 1, 1).await.remove(0);
+    // The writer's own connection (SQLite's others are read-only), taken while no write runs.
+    let mut conn = fixture.store.writer.acquire().await.unwrap();
+    let broken = [
+        "status = 'paused'",
+        "reason = 'bored'",
+        "max_attempts = 0",
+        "kind = 'ruby'",
+        "settled_by = 'someone'",
+        "condition = 2",
+        "on_control_plane = 2",
+        "pool = 2",
+        "skip_reason = 'tired'",
+        // The job has an agent: neither a server nor the control plane may run it too.
+        "server_id = 'no-such-server'",
+        "on_control_plane = 1",
+    ];
+    for assignment in broken {
+        let error = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE jobs SET {assignment} WHERE id = $1"
+        )))
+        .bind(&job)
+        .execute(&mut *conn)
+        .await
+        .expect_err(assignment);
+        let kind = error.as_database_error().map(|error| error.kind());
+        assert_eq!(
+            kind,
+            Some(sqlx::error::ErrorKind::CheckViolation),
+            "{assignment}: {error}"
+        );
+    }
+    let kept = "status = 'failed', reason = 'delivery', settled_by = 'api', condition = 1, \
+                skip_reason = 'offline', max_attempts = 3, kind = 'tool_action', pool = 1";
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE jobs SET {kept} WHERE id = $1"
+    )))
+    .bind(&job)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
 }
