@@ -1124,6 +1124,15 @@ pub(crate) fn corrupt(path: &Path, detail: impl ToString) -> SpoolError {
 mod tests {
     use super::*;
 
+    /// The outcome of a script that exited 0.
+    fn completed() -> Outcome {
+        Outcome {
+            status: FinalStatus::Completed,
+            reason: None,
+            exit_code: Some(0),
+        }
+    }
+
     fn spec(job_id: &str) -> SpoolSpec {
         SpoolSpec {
             job_id: job_id.into(),
@@ -1211,13 +1220,7 @@ mod tests {
         attempt
             .set_output(&serde_json::json!({"token": canary, "n": 1, canary: [canary]}).to_string())
             .unwrap();
-        let result = attempt
-            .finish(Outcome {
-                status: FinalStatus::Completed,
-                reason: None,
-                exit_code: Some(0),
-            })
-            .unwrap();
+        let result = attempt.finish(completed()).unwrap();
         let log = String::from_utf8(concat(&read_all(&attempt, 0, 1 << 20))).unwrap();
         assert_eq!(
             log,
@@ -1327,13 +1330,7 @@ mod tests {
             attempt.set_output("1").unwrap();
             attempt.set_output(r#"{"a":2}"#).unwrap();
             attempt.set_condition(false).unwrap();
-            attempt
-                .finish(Outcome {
-                    status: FinalStatus::Completed,
-                    reason: None,
-                    exit_code: Some(0),
-                })
-                .unwrap();
+            attempt.finish(completed()).unwrap();
             // After the result, the values no longer change.
             attempt.set_output("3").unwrap();
             attempt.set_condition(true).unwrap();
@@ -1358,12 +1355,7 @@ mod tests {
             let spool = Spool::open(root.clone()).unwrap();
             let torn = spool.create(&spec("torn"), 1 << 20).unwrap();
             torn.append(LogStream::Stdout, b"all of it\n").unwrap();
-            torn.finish(Outcome {
-                status: FinalStatus::Completed,
-                reason: None,
-                exit_code: Some(0),
-            })
-            .unwrap();
+            torn.finish(completed()).unwrap();
             spool.create(&spec("unnamed"), 1 << 20).unwrap();
         }
         // The agent died while writing each file: one cut in half, one left empty.
@@ -1397,15 +1389,7 @@ mod tests {
     fn removal_takes_the_whole_directory_whatever_the_attempt_wrote() {
         let temp = tempfile::tempdir().unwrap();
         let spool = Spool::open(temp.path().join("spool")).unwrap();
-        let finish = |attempt: &AttemptSpool| {
-            attempt
-                .finish(Outcome {
-                    status: FinalStatus::Completed,
-                    reason: None,
-                    exit_code: Some(0),
-                })
-                .unwrap()
-        };
+        let finish = |attempt: &AttemptSpool| attempt.finish(completed()).unwrap();
         // The common case: spec, pid, log and result.
         let plain = spool.create(&spec("plain"), 1 << 20).unwrap();
         plain.record_pid(0).unwrap();
@@ -1463,13 +1447,7 @@ mod tests {
             running.record_pid(std::process::id()).unwrap();
             let finished = spool.create(&spec("finished"), 1 << 20).unwrap();
             finished.append(LogStream::Stdout, b"done\n").unwrap();
-            finished
-                .finish(Outcome {
-                    status: FinalStatus::Completed,
-                    reason: None,
-                    exit_code: Some(0),
-                })
-                .unwrap();
+            finished.finish(completed()).unwrap();
         }
         // Simulate a crash in the middle of a record write.
         let mut log = OpenOptions::new()
