@@ -41,21 +41,41 @@ impl CpuUse {
 
 /// The fields of `/proc/{pid}/stat` after the command name (which is in parentheses and may
 /// itself contain spaces and parentheses): field 3 (the state) is index 0.
-fn stat_fields(pid: u32) -> std::io::Result<Vec<u64>> {
+pub(crate) fn stat_fields(pid: u32) -> std::io::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat
-        .rfind(')')
-        .map(|end| &stat[end + 1..])
-        .ok_or_else(|| std::io::Error::other(format!("unreadable /proc/{pid}/stat")))?;
+    parse_stat(&stat).ok_or_else(|| std::io::Error::other(format!("unreadable /proc/{pid}/stat")))
+}
+
+/// [`stat_fields`] of a stat line; `None` without the name's closing parenthesis.
+fn parse_stat(stat: &str) -> Option<Vec<u64>> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
     // The state is a letter; it is kept as 0 so that indexes stay those of the fields.
-    Ok(after_name
-        .split_whitespace()
-        .map(|field| field.parse().unwrap_or(0))
-        .collect())
+    Some(
+        after_name
+            .split_whitespace()
+            .map(|field| field.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// The names of `dir`'s entries that are numbers: the processes in `/proc`, the threads in
+/// `/proc/<pid>/task`.
+pub(crate) fn numbered_entries(dir: &str) -> anyhow::Result<Vec<u32>> {
+    let mut numbers = Vec::new();
+    // An entry that cannot be read (a process ending during the listing) is skipped.
+    for entry in std::fs::read_dir(dir)
+        .map_err(|error| anyhow::anyhow!("reading {dir}: {error}"))?
+        .flatten()
+    {
+        if let Some(number) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            numbers.push(number);
+        }
+    }
+    Ok(numbers)
 }
 
 /// Index (in [`stat_fields`]) of the parent's pid, then of utime, stime, cutime and cstime.
-const PPID: usize = 1;
+pub(crate) const PPID: usize = 1;
 const UTIME: usize = 11;
 
 fn ticks_per_second() -> f64 {
@@ -85,14 +105,7 @@ fn time_in(fields: &[u64], reaped: bool) -> Option<Duration> {
 /// forks a process per connection, whose ended processes' time moves to the parent's.
 fn tree_time(pid: u32) -> anyhow::Result<Duration> {
     let mut total = process_time(pid, true)?;
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for child in numbered_entries("/proc")? {
         // A process may end between the listing and the read: it is then counted in its
         // parent's reaped time instead.
         if let Ok(fields) = stat_fields(child)
@@ -108,6 +121,14 @@ fn tree_time(pid: u32) -> anyhow::Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_pid_is_read_past_a_name_with_spaces_and_parentheses() {
+        let parent = |stat: &str| parse_stat(stat).map(|fields| fields[PPID]);
+        assert_eq!(parent("42 (postgres) S 7 42 42 0"), Some(7));
+        assert_eq!(parent("43 (a (b) c) R 1 43 43 0"), Some(1));
+        assert_eq!(parent("garbage"), None);
+    }
 
     /// The tree's time less the process's own (its children it waited for included). Each is
     /// counted in ticks and read at its own moment, so two readings may differ by a tick or two

@@ -11,6 +11,8 @@ use std::collections::BTreeSet;
 
 use anyhow::{Context, bail, ensure};
 
+use crate::cpu::{PPID, numbered_entries, stat_fields};
+
 /// The cores this process may run on now, ascending.
 pub fn allowed_cores() -> anyhow::Result<Vec<usize>> {
     // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity writes at most its size.
@@ -81,32 +83,13 @@ fn parent_pids() -> anyhow::Result<Vec<(u32, u32)>> {
     let mut pairs = Vec::new();
     for pid in numbered_entries("/proc")? {
         // A process that ended since the listing has no stat.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if let Some(parent) = parent_of(&stat) {
-            pairs.push((pid, parent));
+        if let Ok(fields) = stat_fields(pid)
+            && let Some(&parent) = fields.get(PPID)
+        {
+            pairs.push((pid, parent as u32));
         }
     }
     Ok(pairs)
-}
-
-/// The names of `dir`'s entries that are numbers (process or thread ids under `/proc`).
-fn numbered_entries(dir: &str) -> anyhow::Result<Vec<u32>> {
-    let mut numbers = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {dir}"))? {
-        if let Some(number) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
-            numbers.push(number);
-        }
-    }
-    Ok(numbers)
-}
-
-/// The parent pid in a `/proc/<pid>/stat` line (the field after the state, which follows the
-/// command name in parentheses; the name may itself hold spaces and parentheses).
-fn parent_of(stat: &str) -> Option<u32> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn bind_thread(tid: i32, cores: &[usize]) -> std::io::Result<()> {
@@ -128,13 +111,6 @@ fn bind_thread(tid: i32, cores: &[usize]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_parent_pid_is_read_past_a_name_with_spaces_and_parentheses() {
-        assert_eq!(parent_of("42 (postgres) S 7 42 42 0"), Some(7));
-        assert_eq!(parent_of("43 (a (b) c) R 1 43 43 0"), Some(1));
-        assert_eq!(parent_of("garbage"), None);
-    }
 
     #[test]
     fn cores_split_in_two_non_empty_halves() {
