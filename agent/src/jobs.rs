@@ -58,6 +58,27 @@ pub(crate) struct Attempt {
     /// Cancelled when the control plane no longer wants the attempt: its uploader stops the
     /// process, deletes the spool and ends.
     pub(crate) discard: CancellationToken,
+    /// Assigned to this process, which has sent none of its output yet: the control plane
+    /// holds none of it, so the first upload pass sends from the start without waiting to be
+    /// told the offset. False for an attempt recovered from the spool after a restart.
+    pub(crate) fresh: bool,
+}
+
+impl Attempt {
+    /// An attempt and the receiving end of its stop requests (for its runner).
+    pub(crate) fn new(
+        spool: AttemptSpool,
+        fresh: bool,
+    ) -> (Attempt, watch::Receiver<Option<StopReason>>) {
+        let (stop, stop_receiver) = watch::channel(None);
+        let attempt = Attempt {
+            spool,
+            stop,
+            discard: CancellationToken::new(),
+            fresh,
+        };
+        (attempt, stop_receiver)
+    }
 }
 
 /// Settings of [`Jobs`].
@@ -90,12 +111,8 @@ impl Jobs {
 
     /// Takes over an attempt recovered from the spool (it already has its result) and uploads it.
     pub(crate) fn adopt(&self, spool: AttemptSpool) {
-        let (stop, _) = watch::channel(None);
-        let attempt = Arc::new(Attempt {
-            spool,
-            stop,
-            discard: CancellationToken::new(),
-        });
+        let (attempt, _) = Attempt::new(spool, false);
+        let attempt = Arc::new(attempt);
         let reference = attempt.spool.attempt().clone();
         self.inner.table.send_modify(|table| {
             table.attempts.insert(reference, attempt.clone());
@@ -140,12 +157,8 @@ impl Jobs {
             }
         };
         spool.set_masker(spec.secret_env.masker());
-        let (stop, stop_receiver) = watch::channel(None);
-        let attempt = Arc::new(Attempt {
-            spool: spool.clone(),
-            stop,
-            discard: CancellationToken::new(),
-        });
+        let (attempt, stop_receiver) = Attempt::new(spool.clone(), true);
+        let attempt = Arc::new(attempt);
         self.inner.table.send_modify(|table| {
             table.attempts.insert(reference.clone(), attempt.clone());
             table.active += 1;

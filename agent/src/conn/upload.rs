@@ -2,7 +2,10 @@
 //!
 //! It waits for a connection, opens a job stream with `JobOpen`, and sends from the offset the
 //! control plane asks for: `JobStarted`, the log as `LogChunk`s (following the spool as the job
-//! writes it), then `JobFinished` once the result is stored and every byte was sent. A
+//! writes it), then `JobFinished` once the result is stored and every byte was sent. The first
+//! pass of an attempt assigned to this process sends from offset 0 right after `JobOpen`, without
+//! waiting for `JobOpened`: the control plane holds none of its output yet, and reads `JobOpened`'s
+//! answer with the others (a no-op job's whole upload is then one flight each way). A
 //! `FinishAck` (whatever the verdict) or `JobOpened::Stale` ends the attempt and deletes its
 //! spool. Helper writes the script made while the link was down (the attempt's journal) are sent
 //! when a pass starts and, at the latest, before `JobFinished`, so the control plane applies them
@@ -17,7 +20,7 @@ use cronium_protocol::{
     FinishVerdict, FrameDecoder, JobFinished, JobOpen, JobOpened, JobStarted, LogChunk,
     MAX_LOG_CHUNK, Message,
 };
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream, WriteError};
 use thiserror::Error;
 
 use super::backoff::Backoff;
@@ -60,6 +63,8 @@ pub(crate) async fn upload_attempt(jobs: Jobs, attempt: Arc<Attempt>) {
     let mut retry = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let exit = jobs.exit_token().clone();
     let discard = attempt.discard.clone();
+    // Until a pass has run, the control plane holds none of a fresh attempt's output.
+    let mut nothing_sent = attempt.fresh;
 
     let end = loop {
         // Wait for a live connection.
@@ -76,8 +81,9 @@ pub(crate) async fn upload_attempt(jobs: Jobs, attempt: Arc<Attempt>) {
         };
         let Some(current) = current else { continue };
 
+        let from_start = std::mem::take(&mut nothing_sent);
         let pass = tokio::select! {
-            pass = upload_once(&current, &attempt) => pass,
+            pass = upload_once(&current, &attempt, from_start) => pass,
             () = discard.cancelled() => break None,
             () = exit.cancelled() => return,
         };
@@ -129,8 +135,14 @@ pub(crate) async fn upload_attempt(jobs: Jobs, attempt: Arc<Attempt>) {
     jobs.remove(&reference);
 }
 
-/// One pass over a fresh job stream.
-async fn upload_once(connection: &Connection, attempt: &Attempt) -> Result<UploadEnd, UploadError> {
+/// One pass over a fresh job stream. With `from_start` (the control plane holds none of the
+/// attempt's output) the log is sent from offset 0 at once and `JobOpened` is read with the other
+/// answers; otherwise the pass waits for `JobOpened` and sends from the offset it names.
+async fn upload_once(
+    connection: &Connection,
+    attempt: &Attempt,
+    from_start: bool,
+) -> Result<UploadEnd, UploadError> {
     flush(connection, attempt.spool.journal(), attempt.spool.attempt()).await?;
     let (mut send, mut recv) = connection.open_bi().await?;
     let mut decoder = FrameDecoder::new();
@@ -141,28 +153,47 @@ async fn upload_once(connection: &Connection, attempt: &Attempt) -> Result<Uploa
         }),
     )
     .await?;
-    let next_offset = match read_message(&mut recv, &mut decoder).await? {
-        Some(Message::JobOpened(JobOpened::Resume { next_offset })) => next_offset,
-        Some(Message::JobOpened(JobOpened::Stale)) => {
-            let _ = send.finish();
-            return Ok(UploadEnd::Stale);
+    let next_offset = if from_start {
+        0
+    } else {
+        match read_opened(&mut recv, &mut decoder).await? {
+            Some(next_offset) => next_offset,
+            None => {
+                let _ = send.finish();
+                return Ok(UploadEnd::Stale);
+            }
         }
-        Some(other) => return Err(UploadError::Unexpected(other.name())),
-        None => return Err(UploadError::Closed),
     };
 
     let sender = pin!(send_from(connection, &mut send, attempt, next_offset));
-    let mut receiver = pin!(receive_answers(&mut recv, &mut decoder));
+    let mut receiver = pin!(receive_answers(&mut recv, &mut decoder, from_start));
     tokio::select! {
-        sent = sender => {
-            sent?;
+        sent = sender => match sent {
             // Everything is sent; the answer to `JobFinished` decides.
-            receiver.await.map(UploadEnd::Acknowledged)
-        }
-        received = &mut receiver => {
-            // A `FinishAck` can only answer our `JobFinished`, so the sender is done too.
-            received.map(UploadEnd::Acknowledged)
-        }
+            Ok(()) => receiver.await,
+            // The control plane stopped reading before `JobOpened` was read: a stale attempt's
+            // stream is closed that way, and the answer says so.
+            Err(UploadError::Frame(FrameIoError::Write(WriteError::Stopped(_)))) if from_start => {
+                receiver.await
+            }
+            Err(error) => Err(error),
+        },
+        // A `FinishAck` can only answer our `JobFinished`, so the sender is done too; `Stale`
+        // ends the pass whatever is left to send.
+        received = &mut receiver => received,
+    }
+}
+
+/// Reads `JobOpened`: the offset to send from, or None when the attempt is stale.
+async fn read_opened(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<u64>, UploadError> {
+    match read_message(recv, decoder).await? {
+        Some(Message::JobOpened(JobOpened::Resume { next_offset })) => Ok(Some(next_offset)),
+        Some(Message::JobOpened(JobOpened::Stale)) => Ok(None),
+        Some(other) => Err(UploadError::Unexpected(other.name())),
+        None => Err(UploadError::Closed),
     }
 }
 
@@ -216,17 +247,243 @@ async fn send_from(
     }
 }
 
-/// Reads the control plane's answers until the `FinishAck`.
+/// Reads the control plane's answers until the `FinishAck`, starting with `JobOpened` when
+/// `opened_unread` (the pass sent without waiting for it).
 async fn receive_answers(
     recv: &mut RecvStream,
     decoder: &mut FrameDecoder,
-) -> Result<FinishVerdict, UploadError> {
+    opened_unread: bool,
+) -> Result<UploadEnd, UploadError> {
+    // Whatever offset it names, the control plane skips the bytes it already holds.
+    if opened_unread && read_opened(recv, decoder).await?.is_none() {
+        return Ok(UploadEnd::Stale);
+    }
     loop {
         match read_message(recv, decoder).await? {
             Some(Message::LogAck(_)) => {}
-            Some(Message::FinishAck(ack)) => return Ok(ack.verdict),
+            Some(Message::FinishAck(ack)) => return Ok(UploadEnd::Acknowledged(ack.verdict)),
             Some(other) => return Err(UploadError::Unexpected(other.name())),
             None => return Err(UploadError::Closed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use cronium_protocol::{FinalStatus, FinishAck, LogStream};
+
+    use super::*;
+    use crate::spool::{AttemptSpool, Outcome, Spool, SpoolSpec};
+
+    /// A QUIC server on loopback that accepts one connection, and a client connected to it.
+    struct Link {
+        server: quinn::Endpoint,
+        client: quinn::Endpoint,
+        connection: Connection,
+        accepted: Connection,
+    }
+
+    async fn link() -> Link {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = key.cert.der().clone();
+        let private =
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+        let tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], private)
+            .unwrap();
+        let server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+        ));
+        let server =
+            quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            quinn::Endpoint::client("127.0.0.1:0".parse::<SocketAddr>().unwrap()).unwrap();
+        client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        )));
+        let connecting = client
+            .connect(server.local_addr().unwrap(), "localhost")
+            .unwrap();
+        let accepting = async { server.accept().await.unwrap().await.unwrap() };
+        let (connection, accepted) = tokio::join!(connecting, accepting);
+        Link {
+            server,
+            client,
+            connection: connection.unwrap(),
+            accepted,
+        }
+    }
+
+    impl Drop for Link {
+        fn drop(&mut self) {
+            self.client.close(0u32.into(), b"");
+            self.server.close(0u32.into(), b"");
+        }
+    }
+
+    /// An attempt that wrote `hello` and exited 0.
+    fn ended_attempt(dir: &std::path::Path, fresh: bool) -> Attempt {
+        let spool = Spool::open(dir.to_path_buf()).unwrap();
+        let attempt: AttemptSpool = spool
+            .create(
+                &SpoolSpec {
+                    job_id: "job-1".into(),
+                    attempt: 1,
+                    run_id: "run".into(),
+                    event_id: "event".into(),
+                },
+                1024,
+            )
+            .unwrap();
+        attempt.append(LogStream::Stdout, b"hello").unwrap();
+        attempt
+            .finish(Outcome {
+                status: FinalStatus::Completed,
+                reason: None,
+                exit_code: Some(0),
+            })
+            .unwrap();
+        Attempt::new(attempt, fresh).0
+    }
+
+    /// Reads messages until `JobFinished`, returning what came.
+    async fn read_until_finished(
+        recv: &mut RecvStream,
+        decoder: &mut FrameDecoder,
+    ) -> Vec<Message> {
+        let mut messages = Vec::new();
+        loop {
+            let message = read_message(recv, decoder).await.unwrap().unwrap();
+            let finished = matches!(message, Message::JobFinished(_));
+            messages.push(message);
+            if finished {
+                return messages;
+            }
+        }
+    }
+
+    fn chunks(messages: &[Message]) -> Vec<(u64, Vec<u8>)> {
+        messages
+            .iter()
+            .filter_map(|message| match message {
+                Message::LogChunk(chunk) => Some((chunk.offset, chunk.data.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The first pass of an attempt assigned to this process sends its whole upload before any
+    /// answer: a control plane that answers only once it has read `JobFinished` still gets it.
+    #[tokio::test]
+    async fn a_fresh_attempt_is_sent_whole_without_waiting_for_job_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempt = ended_attempt(dir.path(), true);
+        let link = link().await;
+        let control_plane = async {
+            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+            let mut decoder = FrameDecoder::new();
+            let messages = read_until_finished(&mut recv, &mut decoder).await;
+            for answer in [
+                Message::JobOpened(JobOpened::Resume { next_offset: 0 }),
+                Message::FinishAck(FinishAck {
+                    verdict: FinishVerdict::Recorded,
+                }),
+            ] {
+                write_message(&mut send, &answer).await.unwrap();
+            }
+            let _ = send.finish();
+            messages
+        };
+        let (end, messages) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(upload_once(&link.connection, &attempt, true), control_plane)
+        })
+        .await
+        .expect("the upload waited for an answer the control plane gives only at the end");
+        assert!(matches!(
+            end.unwrap(),
+            UploadEnd::Acknowledged(FinishVerdict::Recorded)
+        ));
+        assert!(matches!(messages.first(), Some(Message::JobOpen(_))));
+        assert_eq!(chunks(&messages), vec![(0, b"hello".to_vec())]);
+    }
+
+    /// A pass that may not start from 0 sends from the offset `JobOpened` names.
+    #[tokio::test]
+    async fn a_recovered_attempt_is_sent_from_the_offset_the_control_plane_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempt = ended_attempt(dir.path(), false);
+        let link = link().await;
+        let control_plane = async {
+            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+            let mut decoder = FrameDecoder::new();
+            let open = read_message(&mut recv, &mut decoder)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(open, Message::JobOpen(_)));
+            let resume = Message::JobOpened(JobOpened::Resume { next_offset: 3 });
+            write_message(&mut send, &resume).await.unwrap();
+            let messages = read_until_finished(&mut recv, &mut decoder).await;
+            let ack = Message::FinishAck(FinishAck {
+                verdict: FinishVerdict::Duplicate,
+            });
+            write_message(&mut send, &ack).await.unwrap();
+            let _ = send.finish();
+            messages
+        };
+        let (end, messages) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(
+                upload_once(&link.connection, &attempt, false),
+                control_plane
+            )
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            end.unwrap(),
+            UploadEnd::Acknowledged(FinishVerdict::Duplicate)
+        ));
+        assert_eq!(chunks(&messages), vec![(3, b"lo".to_vec())]);
+    }
+
+    /// A control plane that no longer wants the attempt answers `Stale` and stops reading; the
+    /// first pass, which sent without waiting, ends as stale rather than as an error.
+    #[tokio::test]
+    async fn a_fresh_attempt_answered_stale_ends_as_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempt = ended_attempt(dir.path(), true);
+        let link = link().await;
+        let control_plane = async {
+            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+            let mut decoder = FrameDecoder::new();
+            let open = read_message(&mut recv, &mut decoder)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(open, Message::JobOpen(_)));
+            let stale = Message::JobOpened(JobOpened::Stale);
+            write_message(&mut send, &stale).await.unwrap();
+            let _ = send.finish();
+            let _ = recv.stop(0u32.into());
+        };
+        let (end, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(upload_once(&link.connection, &attempt, true), control_plane)
+        })
+        .await
+        .unwrap();
+        assert!(matches!(end.unwrap(), UploadEnd::Stale));
     }
 }
