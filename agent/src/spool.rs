@@ -1,23 +1,30 @@
 //! The on-disk buffer of every attempt the agent runs or still has to report.
 //!
 //! Each attempt gets `<state>/spool/<job_id>-<attempt>/` holding:
-//! - `spec.json`: which job, attempt, run and event this is;
-//! - `pid`: the process id (and process group id) once the process started (0: no process);
-//! - `log`: append-only records `[u8 stream][u32 BE length][data]`. The log offset of a byte is
-//!   the sum of the data lengths before it, which is the offset the protocol speaks of;
+//! - `log`: append-only records `[u8 kind][u32 BE length][data]`, which hold the attempt's
+//!   output (kinds 0–2: stdout, stderr, system) and, between them, what is written once:
+//!   - the spec (kind 16, JSON, always the first record): which job, attempt, run and event
+//!     this is;
+//!   - the pid (kind 17, u32 BE): the process id (and process group id) once the process
+//!     started (0: no process);
+//!   - the result (kind 18, JSON): written when the attempt ended, after all of its output.
+//!
+//!   The log offset of a byte of output is the sum of the output lengths before it, which is
+//!   the offset the protocol speaks of; readers skip the other records;
 //! - `output.json`, `condition`: what the script set through the runtime helpers (`output`,
 //!   `set_condition`), each written with an atomic rename (last write wins);
 //! - `helper-writes.jsonl`, `helper-acked`: the helper writes on their way to the control plane
-//!   (see [`HelperJournal`]);
-//! - `result.json`: written when the attempt ended.
+//!   (see [`HelperJournal`]).
 //!
-//! `spec.json`, `pid` and `result.json` are each written once, straight into the attempt's new
-//! directory ([`write_once`]): an agent killed while writing one leaves it empty or short, which
-//! recovery reads as not written (no spec: the directory is removed and the control plane
-//! settles the attempt through its lease; no pid: nothing to kill; no result: settled as lost).
-//! A temporary file and a rename each, as for the files written again and again, cost three
-//! more file-system operations per attempt for that one case. Nothing here is fsynced: see
-//! [`write_atomically`] for why the page cache is enough.
+//! One file for all of it, so an attempt that uses no helper costs one `mkdir`, one `openat`,
+//! its writes, one `unlink` and one `rmdir` (the spec, pid and result were files of their own,
+//! created and deleted per attempt, half of a drained no-op job's CPU in the agent). An agent
+//! killed in the middle of a write leaves a last record cut short, which recovery cuts off: it
+//! reads as not written (no spec: the directory is removed and the control plane settles the
+//! attempt through its lease; no pid: nothing to kill; no result: settled as lost). Recovery
+//! also reads the `spec.json`, `pid` and `result.json` files of attempts spooled by an agent
+//! built before this layout. Nothing here is fsynced: see [`write_atomically`] for why the page
+//! cache is enough.
 //!
 //! Output past `max_log_bytes` is dropped after one [`LogStream::System`] marker record.
 //!
@@ -42,13 +49,55 @@ use tokio::sync::Notify;
 
 use crate::helper::journal::HelperJournal;
 
-/// The attempt's files written once ([`write_once`]).
-const SPEC_FILE: &str = "spec.json";
-const PID_FILE: &str = "pid";
-const RESULT_FILE: &str = "result.json";
+/// The attempt's log file.
+const LOG_FILE: &str = "log";
 
-/// Bytes of a log record header: one stream byte and a 32-bit length.
+/// The files in which agents built before the records of [`Record`] kept the spec, the pid and
+/// the result; recovery still reads them.
+const LEGACY_SPEC_FILE: &str = "spec.json";
+const LEGACY_PID_FILE: &str = "pid";
+const LEGACY_RESULT_FILE: &str = "result.json";
+
+/// Bytes of a log record header: one kind byte and a 32-bit length.
 const RECORD_HEADER_LEN: u64 = 5;
+
+/// What a log record holds (its first byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// Output of one stream; only these count in log offsets.
+    Output(LogStream),
+    /// [`SpecFile`] as JSON; the first record.
+    Spec,
+    /// The process id, 4 bytes big-endian.
+    Pid,
+    /// [`ResultFile`] as JSON, after all of the output.
+    Result,
+}
+
+impl Record {
+    fn byte(self) -> u8 {
+        match self {
+            Record::Output(LogStream::Stdout) => 0,
+            Record::Output(LogStream::Stderr) => 1,
+            Record::Output(LogStream::System) => 2,
+            Record::Spec => 16,
+            Record::Pid => 17,
+            Record::Result => 18,
+        }
+    }
+
+    fn parse(byte: u8) -> Option<Record> {
+        match byte {
+            0 => Some(Record::Output(LogStream::Stdout)),
+            1 => Some(Record::Output(LogStream::Stderr)),
+            2 => Some(Record::Output(LogStream::System)),
+            16 => Some(Record::Spec),
+            17 => Some(Record::Pid),
+            18 => Some(Record::Result),
+            _ => None,
+        }
+    }
+}
 
 /// Largest data part of one record the writer produces.
 const MAX_RECORD_DATA: usize = cronium_protocol::MAX_LOG_CHUNK;
@@ -140,8 +189,11 @@ struct SpoolInner {
 
 #[derive(Debug)]
 struct SpoolState {
-    /// The log opened for appending; `None` for a spool recovered with its result already written.
-    log: Option<File>,
+    /// The log opened for appending; `None` once the attempt has its result.
+    log: Option<Arc<File>>,
+    /// The same file for the readers (each pass of the uploader), so they open nothing; `None`
+    /// for an attempt without a spool on disk, or once the spool is removed.
+    readable: Option<Arc<File>>,
     file_len: u64,
     log_len: u64,
     truncated: bool,
@@ -197,7 +249,7 @@ pub struct LogReader {
 #[derive(Debug)]
 enum LogSource {
     /// The attempt's `log` file.
-    File(File),
+    File(Arc<File>),
     /// The records of an attempt whose spool could not be written ([`Spool::unstored`]).
     Memory(Arc<[u8]>),
 }
@@ -276,25 +328,24 @@ impl Spool {
             attempt: spec.attempt,
         };
         let dir = self.root.join(attempt_dir_name(&attempt));
-        create_attempt_dir(&dir)?;
         let spec_file = SpecFile {
             job_id: spec.job_id.clone(),
             attempt: spec.attempt,
             run_id: spec.run_id.clone(),
             event_id: spec.event_id.clone(),
         };
-        let json = serde_json::to_vec_pretty(&spec_file).map_err(|error| corrupt(&dir, error))?;
-        write_once(&dir.join(SPEC_FILE), &json)?;
-        let log_path = dir.join("log");
-        let log = open_log_for_append(&log_path)?;
+        let json = serde_json::to_vec(&spec_file).map_err(|error| corrupt(&dir, error))?;
+        create_attempt_dir(&dir)?;
+        let log = Arc::new(open_log_for_append(&dir.join(LOG_FILE))?);
         let journal = HelperJournal::new(&dir);
-        Ok(AttemptSpool::new(
+        let spool = AttemptSpool::new(
             attempt,
             dir,
             journal,
             max_log_bytes,
             SpoolState {
-                log: Some(log),
+                log: Some(Arc::clone(&log)),
+                readable: Some(log),
                 file_len: 0,
                 log_len: 0,
                 truncated: false,
@@ -304,7 +355,9 @@ impl Spool {
                 condition: None,
                 masking: Masking::default(),
             },
-        ))
+        );
+        spool.write_record(&mut spool.lock(), Record::Spec, &json)?;
+        Ok(spool)
     }
 
     /// The attempt of `spec` when its spool cannot be written ([`create`](Self::create) failed
@@ -329,7 +382,7 @@ impl Spool {
         );
         let mut records = Vec::new();
         for piece in message.as_bytes().chunks(MAX_RECORD_DATA) {
-            records.push(stream_byte(LogStream::System));
+            records.push(Record::Output(LogStream::System).byte());
             // A piece is at most MAX_RECORD_DATA bytes, far below u32::MAX.
             records.extend_from_slice(&(piece.len() as u32).to_be_bytes());
             records.extend_from_slice(piece);
@@ -351,6 +404,7 @@ impl Spool {
             log_len,
             SpoolState {
                 log: None,
+                readable: None,
                 file_len: records.len() as u64,
                 log_len,
                 truncated: false,
@@ -386,17 +440,7 @@ impl Spool {
             if !dir.is_dir() {
                 continue;
             }
-            // Kill a job a dead agent left running first, even if the rest of its spool turns
-            // out to be unreadable.
-            if !dir.join(RESULT_FILE).exists()
-                && let Some(name) = dir.file_name()
-                && let Some(pid) = fs::read_to_string(dir.join(PID_FILE))
-                    .ok()
-                    .and_then(|text| text.trim().parse::<u32>().ok())
-            {
-                kill_orphaned_group(pid, &work_root.join(name));
-            }
-            match self.recover_one(&dir, max_log_bytes) {
+            match self.recover_one(&dir, max_log_bytes, work_root) {
                 Ok(spool) => recovered.push(spool),
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), %error, "removing an unreadable spool directory");
@@ -410,11 +454,43 @@ impl Spool {
         Ok(recovered)
     }
 
-    fn recover_one(&self, dir: &Path, max_log_bytes: u64) -> Result<AttemptSpool, SpoolError> {
-        let spec_path = dir.join(SPEC_FILE);
-        let spec_bytes = fs::read(&spec_path).map_err(|source| io_error(&spec_path, source))?;
+    fn recover_one(
+        &self,
+        dir: &Path,
+        max_log_bytes: u64,
+        work_root: &Path,
+    ) -> Result<AttemptSpool, SpoolError> {
+        let log_path = dir.join(LOG_FILE);
+        let log = open_log_for_append(&log_path)?;
+        let scan = repair_log(&log, &log_path)?;
+        // An attempt spooled by an agent built before the spec, pid and result were records
+        // has them in files of their own.
+        let pid = match scan.pid {
+            Some(pid) => Some(pid),
+            None => read_legacy(dir, LEGACY_PID_FILE)?
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|text| text.trim().parse::<u32>().ok()),
+        };
+        let result_bytes = match scan.result {
+            Some(bytes) => Some(bytes),
+            None => read_legacy(dir, LEGACY_RESULT_FILE)?,
+        };
+        // Kill a job a dead agent left running first, even if the rest of its spool turns out
+        // to be unreadable.
+        if result_bytes.is_none()
+            && let Some(pid) = pid
+            && let Some(name) = dir.file_name()
+        {
+            kill_orphaned_group(pid, &work_root.join(name));
+        }
+
+        let spec_bytes = match scan.spec {
+            Some(bytes) => bytes,
+            None => read_legacy(dir, LEGACY_SPEC_FILE)?
+                .ok_or_else(|| corrupt(&log_path, "the attempt has no spec"))?,
+        };
         let spec: SpecFile =
-            serde_json::from_slice(&spec_bytes).map_err(|error| corrupt(&spec_path, error))?;
+            serde_json::from_slice(&spec_bytes).map_err(|error| corrupt(&log_path, error))?;
         validate_job_id(&spec.job_id)?;
         let attempt = AttemptRef {
             job_id: spec.job_id,
@@ -422,44 +498,20 @@ impl Spool {
         };
         let dir_name = attempt_dir_name(&attempt);
         if dir.file_name().and_then(|name| name.to_str()) != Some(dir_name.as_str()) {
-            return Err(corrupt(
-                &spec_path,
-                "spec does not match the directory name",
-            ));
+            return Err(corrupt(&log_path, "spec does not match the directory name"));
         }
 
-        let log_path = dir.join("log");
-        let log = open_log_for_append(&log_path)?;
-        let (file_len, log_len) = repair_log(&log, &log_path)?;
-
-        let pid_path = dir.join(PID_FILE);
-        let pid = match fs::read_to_string(&pid_path) {
-            Ok(text) => text.trim().parse::<u32>().ok(),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => return Err(io_error(&pid_path, source)),
-        };
-
-        let result_path = dir.join(RESULT_FILE);
-        let result = match fs::read(&result_path) {
-            Ok(bytes) => match serde_json::from_slice::<ResultFile>(&bytes) {
-                Ok(file) => Some(AttemptResult {
-                    outcome: Outcome {
-                        status: file.status,
-                        reason: file.reason,
-                        exit_code: file.exit_code,
-                    },
-                    log_len: file.log_len,
-                }),
-                // Cut short by an agent killed while writing it (see the module's
-                // documentation): the attempt is settled below as one without a result.
+        let result = result_bytes.and_then(|bytes| {
+            match serde_json::from_slice::<ResultFile>(&bytes) {
+                Ok(file) => Some(file.into()),
+                // A legacy `result.json` cut short by an agent killed while writing it (a
+                // record cut short is already gone): settled below as one without a result.
                 Err(error) => {
-                    tracing::warn!(path = %result_path.display(), %error, "ignoring a torn result file");
+                    tracing::warn!(dir = %dir.display(), %error, "ignoring a torn result");
                     None
                 }
-            },
-            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-            Err(source) => return Err(io_error(&result_path, source)),
-        };
+            }
+        });
 
         let output_path = dir.join("output.json");
         let output = match fs::read_to_string(&output_path) {
@@ -484,16 +536,18 @@ impl Spool {
         };
 
         let journal = HelperJournal::load(dir)?;
-        let truncated = log_len >= max_log_bytes;
+        let truncated = scan.log_len >= max_log_bytes;
+        let log = Arc::new(log);
         let spool = AttemptSpool::new(
             attempt,
             dir.to_path_buf(),
             journal,
             max_log_bytes,
             SpoolState {
-                log: Some(log),
-                file_len,
-                log_len,
+                log: Some(Arc::clone(&log)),
+                readable: Some(log),
+                file_len: scan.file_len,
+                log_len: scan.log_len,
                 truncated,
                 pid,
                 result,
@@ -627,8 +681,10 @@ impl AttemptSpool {
 
     /// Records the process id.
     pub fn record_pid(&self, pid: u32) -> Result<(), SpoolError> {
-        write_once(&self.inner.dir.join(PID_FILE), pid.to_string().as_bytes())?;
-        self.lock().pid = Some(pid);
+        let mut state = self.lock();
+        self.write_record(&mut state, Record::Pid, &pid.to_be_bytes())?;
+        state.pid = Some(pid);
+        drop(state);
         self.inner.changed.notify_waiters();
         Ok(())
     }
@@ -668,8 +724,8 @@ impl AttemptSpool {
         }
     }
 
-    /// Stores the result (`result.json`, written atomically after the whole log). A spool that
-    /// already has a result keeps it. On a write error the result is still kept in memory.
+    /// Stores the result (a record after the whole output). A spool that already has a result
+    /// keeps it. On a write error the result is still kept in memory.
     pub fn finish(&self, outcome: Outcome) -> Result<AttemptResult, SpoolError> {
         let mut state = self.lock();
         if let Some(result) = state.result {
@@ -696,9 +752,9 @@ impl AttemptSpool {
             exit_code: outcome.exit_code,
             log_len: state.log_len,
         };
-        let written = serde_json::to_vec_pretty(&file)
+        let written = serde_json::to_vec(&file)
             .map_err(|error| corrupt(&self.inner.dir, error))
-            .and_then(|json| write_once(&self.inner.dir.join(RESULT_FILE), &json));
+            .and_then(|json| self.write_record(&mut state, Record::Result, &json));
         // The result is kept in memory even when it could not be stored, so it is still
         // reported; only a restart of the agent before the upload would lose it.
         state.result = Some(result);
@@ -717,37 +773,31 @@ impl AttemptSpool {
                 available: progress.log_len,
             });
         }
-        let path = self.inner.dir.join("log");
-        let source = match &self.inner.memory_log {
-            Some(records) => LogSource::Memory(Arc::clone(records)),
-            None => LogSource::File(File::open(&path).map_err(|source| io_error(&path, source))?),
+        let path = self.inner.dir.join(LOG_FILE);
+        let source = match (&self.inner.memory_log, self.lock().readable.clone()) {
+            (Some(records), _) => LogSource::Memory(Arc::clone(records)),
+            (None, Some(file)) => LogSource::File(file),
+            // Removed: nothing left to read.
+            (None, None) => {
+                return Err(io_error(&path, io::Error::from(io::ErrorKind::NotFound)));
+            }
         };
         LogReader::open(source, path, offset, progress.file_len)
     }
 
-    /// Deletes the spool directory: the files every attempt has, then the directory; only when
-    /// it holds more (the helpers' files, a temporary file left by a crash) is it listed and
-    /// emptied (most attempts use no helper, and listing costs four more system calls).
+    /// Deletes the spool directory: its log, then the directory; only when it holds more (the
+    /// helpers' files, a temporary file left by a crash, the files of an older agent) is it
+    /// listed and emptied (most attempts use no helper, and listing costs four more system
+    /// calls).
     pub fn remove(&self) -> Result<(), SpoolError> {
-        let (pid, result) = {
+        {
             let mut state = self.lock();
             state.log = None;
-            (state.pid.is_some(), state.result.is_some())
-        };
-        let dir = &self.inner.dir;
-        let known = [
-            (SPEC_FILE, true),
-            ("log", true),
-            (PID_FILE, pid),
-            (RESULT_FILE, result),
-        ];
-        for (name, _) in known.iter().filter(|(_, present)| *present) {
-            match fs::remove_file(dir.join(name)) {
-                Ok(()) => {}
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(_) => break,
-            }
+            state.readable = None;
         }
+        let dir = &self.inner.dir;
+        // A failure here leaves the log to `remove_dir_all` below.
+        let _ = fs::remove_file(dir.join(LOG_FILE));
         match fs::remove_dir(dir) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -768,30 +818,43 @@ impl AttemptSpool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Appends output as records of at most [`MAX_RECORD_DATA`] bytes.
     fn write_records(
         &self,
         state: &mut SpoolState,
         stream: LogStream,
         data: &[u8],
     ) -> Result<(), SpoolError> {
-        let path = self.inner.dir.join("log");
-        let Some(log) = state.log.as_mut() else {
-            return Err(corrupt(&path, "the attempt already has a result"));
-        };
         for piece in data.chunks(MAX_RECORD_DATA) {
-            let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + piece.len());
-            record.push(stream_byte(stream));
-            // A piece is at most MAX_RECORD_DATA bytes, far below u32::MAX.
-            record.extend_from_slice(&(piece.len() as u32).to_be_bytes());
-            record.extend_from_slice(piece);
-            if let Err(source) = log.write_all(&record) {
-                // Cut a partly written record off so the log stays a sequence of whole records.
-                let _ = log.set_len(state.file_len);
-                return Err(io_error(&path, source));
-            }
-            state.file_len += record.len() as u64;
+            self.write_record(state, Record::Output(stream), piece)?;
             state.log_len += piece.len() as u64;
         }
+        Ok(())
+    }
+
+    /// Appends one record (`data` of at most `u32::MAX` bytes) in one write.
+    fn write_record(
+        &self,
+        state: &mut SpoolState,
+        kind: Record,
+        data: &[u8],
+    ) -> Result<(), SpoolError> {
+        let path = || self.inner.dir.join(LOG_FILE);
+        let Some(log) = state.log.as_deref() else {
+            return Err(corrupt(&path(), "the attempt already has a result"));
+        };
+        let len = u32::try_from(data.len()).map_err(|_| corrupt(&path(), "record too long"))?;
+        let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + data.len());
+        record.push(kind.byte());
+        record.extend_from_slice(&len.to_be_bytes());
+        record.extend_from_slice(data);
+        let mut writer = log;
+        if let Err(source) = writer.write_all(&record) {
+            // Cut a partly written record off so the log stays a sequence of whole records.
+            let _ = log.set_len(state.file_len);
+            return Err(io_error(&path(), source));
+        }
+        state.file_len += record.len() as u64;
         Ok(())
     }
 }
@@ -867,24 +930,30 @@ impl LogReader {
         Ok(Some(piece))
     }
 
+    /// The header of the next output record, past the spec, pid and result records.
     fn read_header(&mut self, file_len: u64) -> Result<Option<(LogStream, u64)>, SpoolError> {
-        if self.position + RECORD_HEADER_LEN > file_len {
-            return Ok(None);
+        loop {
+            if self.position + RECORD_HEADER_LEN > file_len {
+                return Ok(None);
+            }
+            let mut header = [0u8; RECORD_HEADER_LEN as usize];
+            self.source
+                .read_exact_at(&mut header, self.position)
+                .map_err(|source| io_error(&self.path, source))?;
+            let kind = Record::parse(header[0])
+                .ok_or_else(|| corrupt(&self.path, "unknown record kind"))?;
+            let len = u64::from(u32::from_be_bytes([
+                header[1], header[2], header[3], header[4],
+            ]));
+            if self.position + RECORD_HEADER_LEN + len > file_len {
+                return Err(corrupt(&self.path, "record runs past the end of the log"));
+            }
+            self.position += RECORD_HEADER_LEN;
+            match kind {
+                Record::Output(stream) => return Ok(Some((stream, len))),
+                Record::Spec | Record::Pid | Record::Result => self.position += len,
+            }
         }
-        let mut header = [0u8; RECORD_HEADER_LEN as usize];
-        self.source
-            .read_exact_at(&mut header, self.position)
-            .map_err(|source| io_error(&self.path, source))?;
-        let stream = parse_stream_byte(header[0])
-            .ok_or_else(|| corrupt(&self.path, "unknown stream byte"))?;
-        let len = u64::from(u32::from_be_bytes([
-            header[1], header[2], header[3], header[4],
-        ]));
-        if self.position + RECORD_HEADER_LEN + len > file_len {
-            return Err(corrupt(&self.path, "record runs past the end of the log"));
-        }
-        self.position += RECORD_HEADER_LEN;
-        Ok(Some((stream, len)))
     }
 }
 
@@ -930,52 +999,118 @@ pub fn mask_json(masker: &Masker, json: &str) -> String {
     }
 }
 
-fn stream_byte(stream: LogStream) -> u8 {
-    match stream {
-        LogStream::Stdout => 0,
-        LogStream::Stderr => 1,
-        LogStream::System => 2,
-    }
+/// What [`scan_log`] found in a log.
+struct LogScan {
+    /// Bytes of the file.
+    actual_len: u64,
+    /// Bytes of whole records.
+    file_len: u64,
+    /// Bytes of output.
+    log_len: u64,
+    spec: Option<Vec<u8>>,
+    pid: Option<u32>,
+    result: Option<Vec<u8>>,
 }
 
-fn parse_stream_byte(byte: u8) -> Option<LogStream> {
-    match byte {
-        0 => Some(LogStream::Stdout),
-        1 => Some(LogStream::Stderr),
-        2 => Some(LogStream::System),
-        _ => None,
-    }
-}
-
-/// Walks the records of a log, cuts off a trailing partial record (left by a crash in the middle
-/// of a write) and returns the file length and the data length.
-fn repair_log(log: &File, path: &Path) -> Result<(u64, u64), SpoolError> {
+/// Walks the records of a log: the lengths and the spec, pid and result records. The whole
+/// records end before a trailing partial one (left by a crash in the middle of a write), a
+/// record of an unknown kind or a pid that is not 4 bytes.
+fn scan_log(log: &File, path: &Path) -> Result<LogScan, SpoolError> {
     let actual_len = log
         .metadata()
         .map_err(|source| io_error(path, source))?
         .len();
-    let mut position = 0u64;
-    let mut log_len = 0u64;
+    let mut scan = LogScan {
+        actual_len,
+        file_len: 0,
+        log_len: 0,
+        spec: None,
+        pid: None,
+        result: None,
+    };
     let mut header = [0u8; RECORD_HEADER_LEN as usize];
-    while position + RECORD_HEADER_LEN <= actual_len {
+    let read = |position: u64, len: u64| -> Result<Vec<u8>, SpoolError> {
+        // `len` is within the file's length (checked by the caller).
+        let mut data = vec![0; len as usize];
+        log.read_exact_at(&mut data, position)
+            .map_err(|source| io_error(path, source))?;
+        Ok(data)
+    };
+    while scan.file_len + RECORD_HEADER_LEN <= actual_len {
+        let position = scan.file_len;
         log.read_exact_at(&mut header, position)
             .map_err(|source| io_error(path, source))?;
         let len = u64::from(u32::from_be_bytes([
             header[1], header[2], header[3], header[4],
         ]));
-        if parse_stream_byte(header[0]).is_none() || position + RECORD_HEADER_LEN + len > actual_len
-        {
+        let data_at = position + RECORD_HEADER_LEN;
+        if data_at + len > actual_len {
             break;
         }
-        position += RECORD_HEADER_LEN + len;
-        log_len += len;
+        match Record::parse(header[0]) {
+            Some(Record::Output(_)) => scan.log_len += len,
+            Some(Record::Spec) => scan.spec = Some(read(data_at, len)?),
+            Some(Record::Result) => scan.result = Some(read(data_at, len)?),
+            Some(Record::Pid) if len == 4 => {
+                let bytes = read(data_at, len)?;
+                scan.pid = Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+            }
+            Some(Record::Pid) | None => break,
+        }
+        scan.file_len = data_at + len;
     }
-    if position != actual_len {
-        tracing::warn!(path = %path.display(), kept = position, dropped = actual_len - position, "cutting a partial record off a spool log");
-        log.set_len(position)
+    Ok(scan)
+}
+
+/// [`scan_log`] that cuts off what follows the whole records, so appends continue after them.
+fn repair_log(log: &File, path: &Path) -> Result<LogScan, SpoolError> {
+    let scan = scan_log(log, path)?;
+    if scan.file_len != scan.actual_len {
+        tracing::warn!(path = %path.display(), kept = scan.file_len, dropped = scan.actual_len - scan.file_len, "cutting a partial record off a spool log");
+        log.set_len(scan.file_len)
             .map_err(|source| io_error(path, source))?;
     }
-    Ok((position, log_len))
+    Ok(scan)
+}
+
+/// The result stored in the spool directory `dir` of an attempt, if it has one yet: for tools
+/// and tests that look at a spool from outside the agent (read only; nothing is repaired).
+pub fn stored_result(dir: &Path) -> Result<Option<AttemptResult>, SpoolError> {
+    let path = dir.join(LOG_FILE);
+    let log = File::open(&path).map_err(|source| io_error(&path, source))?;
+    let bytes = match scan_log(&log, &path)?.result {
+        Some(bytes) => Some(bytes),
+        None => read_legacy(dir, LEGACY_RESULT_FILE)?,
+    };
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let file: ResultFile = serde_json::from_slice(&bytes).map_err(|error| corrupt(&path, error))?;
+    Ok(Some(file.into()))
+}
+
+impl From<ResultFile> for AttemptResult {
+    fn from(file: ResultFile) -> AttemptResult {
+        AttemptResult {
+            outcome: Outcome {
+                status: file.status,
+                reason: file.reason,
+                exit_code: file.exit_code,
+            },
+            log_len: file.log_len,
+        }
+    }
+}
+
+/// The contents of a file an agent built before the log's spec, pid and result records wrote
+/// into the attempt's directory, or None when there is none.
+fn read_legacy(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(io_error(&path, source)),
+    }
 }
 
 /// Kills the process group `pgid` if one of its members still works inside `work_dir`, which
@@ -1069,19 +1204,6 @@ fn open_log_for_append(path: &Path) -> Result<File, SpoolError> {
         .append(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| io_error(path, source))
-}
-
-/// Writes a file of an attempt that is written once (`spec.json`, `pid`, `result.json`; see the
-/// module's documentation for what a crash while writing leaves), replacing any earlier one.
-fn write_once(path: &Path, contents: &[u8]) -> Result<(), SpoolError> {
-    OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(contents))
         .map_err(|source| io_error(path, source))
 }
 
@@ -1253,6 +1375,8 @@ mod tests {
         let spool = Spool::open(temp.path().join("spool")).unwrap();
         let attempt = spool.create(&spec("job-1"), 1 << 20).unwrap();
         attempt.append(LogStream::Stdout, b"hello ").unwrap();
+        // The spec, pid and result records between the output are not output.
+        attempt.record_pid(42).unwrap();
         attempt.append(LogStream::Stderr, b"oops\n").unwrap();
         attempt.append(LogStream::Stdout, b"world\n").unwrap();
         let all = b"hello oops\nworld\n";
@@ -1282,6 +1406,10 @@ mod tests {
             attempt.reader(all.len() as u64 + 1),
             Err(SpoolError::OffsetBeyondLog { .. })
         ));
+        attempt.finish(completed()).unwrap();
+        assert_eq!(concat(&read_all(&attempt, 0, 1024)), all);
+        assert_eq!(concat(&read_all(&attempt, 6, 1024)), &all[6..]);
+        assert_eq!(attempt.progress().pid, Some(42));
     }
 
     #[test]
@@ -1346,22 +1474,38 @@ mod tests {
         );
     }
 
+    /// Cuts the last `bytes` bytes off a file.
+    fn cut(path: &Path, bytes: u64) {
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len - bytes).unwrap();
+    }
+
     #[test]
-    fn files_cut_short_by_a_crash_read_as_not_written() {
+    fn records_cut_short_by_a_crash_read_as_not_written() {
         let temp = tempfile::tempdir().unwrap();
         let root = temp.path().join("spool");
         let work = temp.path().join("work");
         {
             let spool = Spool::open(root.clone()).unwrap();
             let torn = spool.create(&spec("torn"), 1 << 20).unwrap();
+            torn.record_pid(0).unwrap();
             torn.append(LogStream::Stdout, b"all of it\n").unwrap();
             torn.finish(completed()).unwrap();
-            spool.create(&spec("unnamed"), 1 << 20).unwrap();
+            assert_eq!(
+                stored_result(torn.dir())
+                    .unwrap()
+                    .map(|result| result.outcome),
+                Some(completed())
+            );
+            let unnamed = spool.create(&spec("unnamed"), 1 << 20).unwrap();
+            assert_eq!(stored_result(unnamed.dir()).unwrap(), None);
         }
-        // The agent died while writing each file: one cut in half, one left empty.
-        let result = fs::read(root.join("torn-1/result.json")).unwrap();
-        fs::write(root.join("torn-1/result.json"), &result[..result.len() / 2]).unwrap();
-        fs::write(root.join("unnamed-1/spec.json"), b"").unwrap();
+        // The agent died while writing each last record: the result cut in half, the spec
+        // (the first record) cut before its end.
+        cut(&root.join("torn-1/log"), 20);
+        assert_eq!(stored_result(&root.join("torn-1")).unwrap(), None);
+        cut(&root.join("unnamed-1/log"), 1);
 
         let spool = Spool::open(root.clone()).unwrap();
         let recovered = spool.recover(1 << 20, &work).unwrap();
@@ -1428,7 +1572,76 @@ mod tests {
         assert_eq!(mode & 0o077, 0, "{mode:o}");
         fs::remove_dir_all(&root).unwrap();
         let third = spool.create(&spec("again"), 1 << 20).unwrap();
-        assert!(third.dir().join("spec.json").exists());
+        assert!(third.dir().join(LOG_FILE).exists());
+    }
+
+    /// An attempt spooled by an agent built before the spec, pid and result were records of the
+    /// log (an update installed while results waited for the control plane) is recovered.
+    #[test]
+    fn attempts_spooled_in_files_of_their_own_are_recovered() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("spool");
+        let work = temp.path().join("work");
+        let spec_json = |job: &str| {
+            format!(r#"{{"job_id":"{job}","attempt":1,"run_id":"run","event_id":"event"}}"#)
+        };
+        let output = |data: &[u8]| {
+            let mut record = vec![0];
+            record.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            record.extend_from_slice(data);
+            record
+        };
+        for job in ["ended", "cut-off"] {
+            let dir = root.join(format!("{job}-1"));
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join(LEGACY_SPEC_FILE), spec_json(job)).unwrap();
+            fs::write(dir.join(LEGACY_PID_FILE), "0").unwrap();
+            fs::write(dir.join(LOG_FILE), output(b"old output\n")).unwrap();
+        }
+        fs::write(
+            root.join("ended-1").join(LEGACY_RESULT_FILE),
+            r#"{"status":"Completed","reason":null,"exit_code":0,"log_len":11}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            stored_result(&root.join("ended-1"))
+                .unwrap()
+                .map(|result| result.log_len),
+            Some(11)
+        );
+
+        let spool = Spool::open(root.clone()).unwrap();
+        let recovered = spool.recover(1 << 20, &work).unwrap();
+        let names: Vec<&str> = recovered
+            .iter()
+            .map(|spool| spool.attempt().job_id.as_str())
+            .collect();
+        assert_eq!(names, ["cut-off", "ended"]);
+        let ended = recovered[1].progress();
+        assert_eq!(ended.pid, Some(0));
+        assert_eq!(
+            ended.result,
+            Some(AttemptResult {
+                outcome: completed(),
+                log_len: 11
+            })
+        );
+        assert_eq!(concat(&read_all(&recovered[1], 0, 1024)), b"old output\n");
+        // Without its result the attempt is settled as lost, its log kept, as in the new layout.
+        let cut_off = recovered[0].progress().result.unwrap();
+        assert_eq!(cut_off.outcome.reason, Some(FailReason::Lost));
+        let text = String::from_utf8(concat(&read_all(&recovered[0], 0, 1024))).unwrap();
+        assert_eq!(
+            text,
+            "old output\n\n[cronium: agent restarted while the job ran]\n"
+        );
+        // Settled once, and removed whole.
+        let again = spool.recover(1 << 20, &work).unwrap();
+        assert_eq!(again[0].progress().result, Some(cut_off));
+        for attempt in &again {
+            attempt.remove().unwrap();
+            assert!(!attempt.dir().exists());
+        }
     }
 
     #[test]

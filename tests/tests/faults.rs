@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use cronium_agent::spool;
 use cronium_e2e::cluster::json_str;
 use cronium_e2e::lab::{
     agent_status, control_plane_in, install_agent, installer_script, processes_in_agent_namespace,
@@ -105,14 +106,10 @@ async fn a_partition_longer_than_the_lease_settles_the_job_and_refuses_and_audit
 
     // The job finishes on the cut-off agent: its result waits in the agent's spool.
     std::fs::write(&release, b"")?;
-    let spooled_result = agent
-        .state_dir()
-        .join("spool")
-        .join(format!("{job}-1"))
-        .join("result.json");
+    let spool_dir = agent.state_dir().join("spool").join(format!("{job}-1"));
     cluster
         .wait_until(DEADLINE, "the result in the agent's spool", || async {
-            Ok(spooled_result.is_file().then_some(()))
+            Ok(spool::stored_result(&spool_dir).ok().flatten().map(|_| ()))
         })
         .await?;
     ensure!(
@@ -148,9 +145,7 @@ async fn a_partition_longer_than_the_lease_settles_the_job_and_refuses_and_audit
         .wait_until(
             DEADLINE,
             "the agent to drop the refused attempt",
-            || async {
-                Ok((!spooled_result.parent().unwrap_or(&spooled_result).exists()).then_some(()))
-            },
+            || async { Ok((!spool_dir.exists()).then_some(())) },
         )
         .await?;
 

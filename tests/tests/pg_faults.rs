@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use cronium_agent::spool;
 use cronium_e2e::api::{Api, ApiResponse};
 use cronium_e2e::cluster::json_str;
 use cronium_e2e::postgres::PgCluster;
@@ -316,16 +317,12 @@ async fn postgres_restarted_under_load_answers_503_then_serves_again_losing_noth
     // acknowledges them.
     std::fs::write(&release, b"")?;
     for job in &held {
-        let spooled = agent
-            .state_dir
-            .join("spool")
-            .join(format!("{job}-1"))
-            .join("result.json");
+        let spool_dir = agent.state_dir.join("spool").join(format!("{job}-1"));
         cluster
             .wait_until(
                 DEADLINE,
                 "a held job's result in the agent's spool",
-                || async { Ok(spooled.is_file().then_some(())) },
+                || async { Ok(spool::stored_result(&spool_dir).ok().flatten().map(|_| ())) },
             )
             .await?;
     }
