@@ -544,7 +544,7 @@ impl Spool {
             journal,
             max_log_bytes,
             SpoolState {
-                log: Some(Arc::clone(&log)),
+                log: result.is_none().then(|| Arc::clone(&log)),
                 readable: Some(log),
                 file_len: scan.file_len,
                 log_len: scan.log_len,
