@@ -385,15 +385,44 @@ mod tests {
             .collect()
     }
 
+    /// Runs one upload pass of `attempt` over a fresh link, with `peer` serving the control
+    /// plane's end of the job stream; both must end within 20 s.
+    async fn pass<T, F>(
+        attempt: &Attempt,
+        from_start: bool,
+        peer: impl FnOnce(SendStream, RecvStream) -> F,
+    ) -> (Result<UploadEnd, UploadError>, T)
+    where
+        F: Future<Output = T>,
+    {
+        let link = link().await;
+        let control_plane = async {
+            let (send, recv) = link.accepted.accept_bi().await.unwrap();
+            peer(send, recv).await
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(
+                upload_once(&link.connection, attempt, from_start),
+                control_plane
+            )
+        })
+        .await
+        .expect("the pass ended: neither side waited for an answer that never comes")
+    }
+
+    /// Reads the stream's first message, which must be `JobOpen`.
+    async fn read_open(recv: &mut RecvStream, decoder: &mut FrameDecoder) {
+        let open = read_message(recv, decoder).await.unwrap().unwrap();
+        assert!(matches!(open, Message::JobOpen(_)), "{open:?}");
+    }
+
     /// The first pass of an attempt assigned to this process sends its whole upload before any
     /// answer: a control plane that answers only once it has read `JobFinished` still gets it.
     #[tokio::test]
     async fn a_fresh_attempt_is_sent_whole_without_waiting_for_job_opened() {
         let dir = tempfile::tempdir().unwrap();
         let attempt = ended_attempt(dir.path(), true);
-        let link = link().await;
-        let control_plane = async {
-            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+        let (end, messages) = pass(&attempt, true, |mut send, mut recv| async move {
             let mut decoder = FrameDecoder::new();
             let messages = read_until_finished(&mut recv, &mut decoder).await;
             for answer in [
@@ -406,12 +435,8 @@ mod tests {
             }
             let _ = send.finish();
             messages
-        };
-        let (end, messages) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(upload_once(&link.connection, &attempt, true), control_plane)
         })
-        .await
-        .expect("the upload waited for an answer the control plane gives only at the end");
+        .await;
         assert!(matches!(
             end.unwrap(),
             UploadEnd::Acknowledged(FinishVerdict::Recorded)
@@ -425,15 +450,9 @@ mod tests {
     async fn a_recovered_attempt_is_sent_from_the_offset_the_control_plane_holds() {
         let dir = tempfile::tempdir().unwrap();
         let attempt = ended_attempt(dir.path(), false);
-        let link = link().await;
-        let control_plane = async {
-            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+        let (end, messages) = pass(&attempt, false, |mut send, mut recv| async move {
             let mut decoder = FrameDecoder::new();
-            let open = read_message(&mut recv, &mut decoder)
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(matches!(open, Message::JobOpen(_)));
+            read_open(&mut recv, &mut decoder).await;
             let resume = Message::JobOpened(JobOpened::Resume { next_offset: 3 });
             write_message(&mut send, &resume).await.unwrap();
             let messages = read_until_finished(&mut recv, &mut decoder).await;
@@ -443,15 +462,8 @@ mod tests {
             write_message(&mut send, &ack).await.unwrap();
             let _ = send.finish();
             messages
-        };
-        let (end, messages) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(
-                upload_once(&link.connection, &attempt, false),
-                control_plane
-            )
         })
-        .await
-        .unwrap();
+        .await;
         assert!(matches!(
             end.unwrap(),
             UploadEnd::Acknowledged(FinishVerdict::Duplicate)
@@ -465,25 +477,15 @@ mod tests {
     async fn a_fresh_attempt_answered_stale_ends_as_stale() {
         let dir = tempfile::tempdir().unwrap();
         let attempt = ended_attempt(dir.path(), true);
-        let link = link().await;
-        let control_plane = async {
-            let (mut send, mut recv) = link.accepted.accept_bi().await.unwrap();
+        let (end, ()) = pass(&attempt, true, |mut send, mut recv| async move {
             let mut decoder = FrameDecoder::new();
-            let open = read_message(&mut recv, &mut decoder)
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(matches!(open, Message::JobOpen(_)));
+            read_open(&mut recv, &mut decoder).await;
             let stale = Message::JobOpened(JobOpened::Stale);
             write_message(&mut send, &stale).await.unwrap();
             let _ = send.finish();
             let _ = recv.stop(0u32.into());
-        };
-        let (end, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(upload_once(&link.connection, &attempt, true), control_plane)
         })
-        .await
-        .unwrap();
+        .await;
         assert!(matches!(end.unwrap(), UploadEnd::Stale));
     }
 }
