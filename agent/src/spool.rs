@@ -207,6 +207,17 @@ struct SpoolState {
     masking: Masking,
 }
 
+impl SpoolState {
+    fn progress(&self) -> Progress {
+        Progress {
+            file_len: self.file_len,
+            log_len: self.log_len,
+            pid: self.pid,
+            result: self.result,
+        }
+    }
+}
+
 /// The secret values of an attempt and the per-stream state of their masking.
 #[derive(Debug, Default)]
 struct Masking {
@@ -462,19 +473,9 @@ impl Spool {
     ) -> Result<AttemptSpool, SpoolError> {
         let log_path = dir.join(LOG_FILE);
         let log = open_log_for_append(&log_path)?;
-        let scan = repair_log(&log, &log_path)?;
-        // An attempt spooled by an agent built before the spec, pid and result were records
-        // has them in files of their own.
-        let pid = match scan.pid {
-            Some(pid) => Some(pid),
-            None => read_legacy(dir, LEGACY_PID_FILE)?
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-                .and_then(|text| text.trim().parse::<u32>().ok()),
-        };
-        let result_bytes = match scan.result {
-            Some(bytes) => Some(bytes),
-            None => read_legacy(dir, LEGACY_RESULT_FILE)?,
-        };
+        let mut scan = repair_log(&log, &log_path)?.with_legacy_files(dir)?;
+        let pid = scan.pid;
+        let result_bytes = scan.result.take();
         // Kill a job a dead agent left running first, even if the rest of its spool turns out
         // to be unreadable.
         if result_bytes.is_none()
@@ -484,11 +485,10 @@ impl Spool {
             kill_orphaned_group(pid, &work_root.join(name));
         }
 
-        let spec_bytes = match scan.spec {
-            Some(bytes) => bytes,
-            None => read_legacy(dir, LEGACY_SPEC_FILE)?
-                .ok_or_else(|| corrupt(&log_path, "the attempt has no spec"))?,
-        };
+        let spec_bytes = scan
+            .spec
+            .take()
+            .ok_or_else(|| corrupt(&log_path, "the attempt has no spec"))?;
         let spec: SpecFile =
             serde_json::from_slice(&spec_bytes).map_err(|error| corrupt(&log_path, error))?;
         validate_job_id(&spec.job_id)?;
@@ -613,13 +613,7 @@ impl AttemptSpool {
 
     /// The current lengths, pid and result.
     pub fn progress(&self) -> Progress {
-        let state = self.lock();
-        Progress {
-            file_len: state.file_len,
-            log_len: state.log_len,
-            pid: state.pid,
-            result: state.result,
-        }
+        self.lock().progress()
     }
 
     /// Appends output. Stdout and stderr count against `max_log_bytes`: the first write past it
@@ -766,7 +760,10 @@ impl AttemptSpool {
 
     /// Opens a reader positioned at log offset `offset`.
     pub fn reader(&self, offset: u64) -> Result<LogReader, SpoolError> {
-        let progress = self.progress();
+        let (progress, readable) = {
+            let state = self.lock();
+            (state.progress(), state.readable.clone())
+        };
         if offset > progress.log_len {
             return Err(SpoolError::OffsetBeyondLog {
                 requested: offset,
@@ -774,7 +771,7 @@ impl AttemptSpool {
             });
         }
         let path = self.inner.dir.join(LOG_FILE);
-        let source = match (&self.inner.memory_log, self.lock().readable.clone()) {
+        let source = match (&self.inner.memory_log, readable) {
             (Some(records), _) => LogSource::Memory(Arc::clone(records)),
             (None, Some(file)) => LogSource::File(file),
             // Removed: nothing left to read.
@@ -1078,11 +1075,7 @@ fn repair_log(log: &File, path: &Path) -> Result<LogScan, SpoolError> {
 pub fn stored_result(dir: &Path) -> Result<Option<AttemptResult>, SpoolError> {
     let path = dir.join(LOG_FILE);
     let log = File::open(&path).map_err(|source| io_error(&path, source))?;
-    let bytes = match scan_log(&log, &path)?.result {
-        Some(bytes) => Some(bytes),
-        None => read_legacy(dir, LEGACY_RESULT_FILE)?,
-    };
-    let Some(bytes) = bytes else {
+    let Some(bytes) = scan_log(&log, &path)?.with_legacy_files(dir)?.result else {
         return Ok(None);
     };
     let file: ResultFile = serde_json::from_slice(&bytes).map_err(|error| corrupt(&path, error))?;
@@ -1102,14 +1095,30 @@ impl From<ResultFile> for AttemptResult {
     }
 }
 
-/// The contents of a file an agent built before the log's spec, pid and result records wrote
-/// into the attempt's directory, or None when there is none.
-fn read_legacy(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
-    let path = dir.join(name);
-    match fs::read(&path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(io_error(&path, source)),
+impl LogScan {
+    /// Fills in the spec, pid and result the log has no record of from the files in which an
+    /// agent built before those records kept them in the attempt's directory `dir`.
+    fn with_legacy_files(mut self, dir: &Path) -> Result<LogScan, SpoolError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            match fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(io_error(&path, source)),
+            }
+        };
+        if self.spec.is_none() {
+            self.spec = read(LEGACY_SPEC_FILE)?;
+        }
+        if self.pid.is_none() {
+            self.pid = read(LEGACY_PID_FILE)?
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|text| text.trim().parse::<u32>().ok());
+        }
+        if self.result.is_none() {
+            self.result = read(LEGACY_RESULT_FILE)?;
+        }
+        Ok(self)
     }
 }
 
